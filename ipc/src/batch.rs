@@ -1,0 +1,433 @@
+//! The batch format: what one queue entry holds.
+//!
+//! Design constraints:
+//! - A batch is written once (by the stage that produces it) and read many times, in place, from
+//!   LMDB's memory map by the stages that consume it. Readers use checked access
+//!   ([`rkyv::access`]), so a torn or corrupted page is an error, never undefined behaviour.
+//! - LMDB does not promise aligned values, so the archive uses rkyv's `unaligned` format (fixed
+//!   by the workspace features `unaligned`, `little_endian`, `pointer_width_32`).
+//! - OTLP payloads are carried as their protobuf wire bytes (the encoded `Span`, `LogRecord`,
+//!   `Resource`, `InstrumentationScope`): receive transcodes once from the wire into this format,
+//!   export writes the bytes back out without decoding them. Only the fields a stage decides on
+//!   (ids, times, status, severity, names) are lifted out beside the bytes.
+//!
+//! Layout of a stored value: an 8-byte [`BatchHeader`] followed by the rkyv archive.
+//! The header lets the queue count items without touching the archive.
+
+use rkyv::rancor;
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Format version written into every header; a reader rejects any other.
+pub const BATCH_FORMAT_VERSION: u16 = 1;
+
+/// Size of the header that precedes every archive in the queue.
+pub const HEADER_LEN: usize = 8;
+
+/// What kind of batch follows the header; lets tools and the verifier check an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum BatchKind {
+    /// [`SpanBatch`]
+    Spans = 1,
+    /// [`LogBatch`]
+    Logs = 2,
+    /// [`MetricBatch`]
+    Metrics = 3,
+}
+
+impl BatchKind {
+    fn from_u16(value: u16) -> Option<BatchKind> {
+        match value {
+            1 => Some(BatchKind::Spans),
+            2 => Some(BatchKind::Logs),
+            3 => Some(BatchKind::Metrics),
+            _ => None,
+        }
+    }
+}
+
+/// The fixed prefix of every stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// Which archive type follows.
+    pub kind: BatchKind,
+    /// Number of items (spans, log records, metric data points) in the batch.
+    pub items: u32,
+}
+
+/// A stored value could not be read as a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The value is shorter than a header or carries an unknown version or kind.
+    #[error("batch header invalid: {0}")]
+    Header(&'static str),
+    /// The header names another kind than the caller expected.
+    #[error("expected a {expected:?} batch, found {found:?}")]
+    WrongKind {
+        /// What the caller asked for.
+        expected: BatchKind,
+        /// What the header says.
+        found: BatchKind,
+    },
+    /// rkyv's validation rejected the archive (torn write, corruption, wrong type).
+    #[error("batch archive invalid: {0}")]
+    Archive(String),
+}
+
+impl BatchHeader {
+    /// Reads and checks the header of a stored value.
+    pub fn parse(value: &[u8]) -> Result<BatchHeader, BatchError> {
+        let Some(head) = value.get(..HEADER_LEN) else {
+            return Err(BatchError::Header("value shorter than the header"));
+        };
+        let version = u16::from_le_bytes([head[0], head[1]]);
+        if version != BATCH_FORMAT_VERSION {
+            return Err(BatchError::Header("unknown format version"));
+        }
+        let kind = BatchKind::from_u16(u16::from_le_bytes([head[2], head[3]]))
+            .ok_or(BatchError::Header("unknown batch kind"))?;
+        let items = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        Ok(BatchHeader { kind, items })
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&BATCH_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.kind as u16).to_le_bytes());
+        out.extend_from_slice(&self.items.to_le_bytes());
+    }
+}
+
+/// An OTLP `Resource` as its wire bytes, plus what stages look up without decoding it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceBlock {
+    /// Encoded `opentelemetry.proto.resource.v1.Resource` (may be empty: no resource).
+    pub resource: Vec<u8>,
+    /// `schema_url` of the enclosing `ResourceSpans` / `ResourceLogs`.
+    pub schema_url: String,
+    /// The `service.name` attribute, empty when absent.
+    pub service_name: String,
+}
+
+/// An OTLP `InstrumentationScope` as its wire bytes, tied to its resource.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeBlock {
+    /// Index into the batch's `resources`.
+    pub resource: u32,
+    /// Encoded `opentelemetry.proto.common.v1.InstrumentationScope` (may be empty).
+    pub scope: Vec<u8>,
+    /// `schema_url` of the enclosing `ScopeSpans` / `ScopeLogs`.
+    pub schema_url: String,
+}
+
+/// One span: the fields sampling and spanmetrics decide on, and the encoded `Span`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpanRecord {
+    /// 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// 8-byte span id.
+    pub span_id: [u8; 8],
+    /// Parent span id; all zero for a root span.
+    pub parent_span_id: [u8; 8],
+    /// Start time, Unix nanoseconds.
+    pub start_unix_nano: u64,
+    /// End time, Unix nanoseconds.
+    pub end_unix_nano: u64,
+    /// OTLP `Status.code`: 0 unset, 1 ok, 2 error.
+    pub status_code: u8,
+    /// OTLP `SpanKind` (0 unspecified .. 5 consumer).
+    pub kind: u8,
+    /// Index into the batch's `scopes`.
+    pub scope: u32,
+    /// Span name.
+    pub name: String,
+    /// Encoded `opentelemetry.proto.trace.v1.Span`.
+    pub body: Vec<u8>,
+}
+
+/// Status code value of an error span in OTLP.
+pub const STATUS_CODE_ERROR: u8 = 2;
+
+/// A batch of spans as received (edge `spans`) or as kept (edge `kept_spans`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpanBatch {
+    /// When receive accepted the data, Unix nanoseconds: the clock `decision_wait` runs on.
+    pub received_unix_nano: u64,
+    /// Resources the scopes point into.
+    pub resources: Vec<ResourceBlock>,
+    /// Scopes the spans point into.
+    pub scopes: Vec<ScopeBlock>,
+    /// The spans.
+    pub spans: Vec<SpanRecord>,
+}
+
+/// One log record: its correlation fields and the encoded `LogRecord`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Trace id; all zero when the record carries none.
+    pub trace_id: [u8; 16],
+    /// Span id; all zero when the record carries none.
+    pub span_id: [u8; 8],
+    /// `time_unix_nano` (or `observed_time_unix_nano` when the former is 0).
+    pub time_unix_nano: u64,
+    /// OTLP `SeverityNumber` (0 unspecified, 17..=20 error, 21..=24 fatal).
+    pub severity_number: u8,
+    /// Index into the batch's `scopes`.
+    pub scope: u32,
+    /// Encoded `opentelemetry.proto.logs.v1.LogRecord`.
+    pub body: Vec<u8>,
+}
+
+/// First OTLP severity number of the ERROR range.
+pub const SEVERITY_NUMBER_ERROR: u8 = 17;
+
+/// A batch of log records (edges `logs` and `kept_logs`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogBatch {
+    /// When receive accepted the data, Unix nanoseconds.
+    pub received_unix_nano: u64,
+    /// Resources the scopes point into.
+    pub resources: Vec<ResourceBlock>,
+    /// Scopes the records point into.
+    pub scopes: Vec<ScopeBlock>,
+    /// The log records.
+    pub logs: Vec<LogEntry>,
+}
+
+/// A batch of metrics (edge `metrics`): whole encoded `ExportMetricsServiceRequest`s.
+///
+/// Concatenated protobuf encodings of the same message merge their repeated fields, so export
+/// builds one request from many by concatenating these bytes.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricBatch {
+    /// When the data was accepted or produced, Unix nanoseconds.
+    pub received_unix_nano: u64,
+    /// Encoded `ExportMetricsServiceRequest` messages.
+    pub requests: Vec<Vec<u8>>,
+    /// Number of data points across all requests.
+    pub data_points: u32,
+}
+
+/// Serializes a batch with its header, ready to append to an edge.
+pub fn encode_spans(batch: &SpanBatch) -> Result<Vec<u8>, BatchError> {
+    encode(BatchKind::Spans, batch.spans.len(), batch)
+}
+
+/// Serializes a log batch with its header.
+pub fn encode_logs(batch: &LogBatch) -> Result<Vec<u8>, BatchError> {
+    encode(BatchKind::Logs, batch.logs.len(), batch)
+}
+
+/// Serializes a metric batch with its header.
+pub fn encode_metrics(batch: &MetricBatch) -> Result<Vec<u8>, BatchError> {
+    encode(BatchKind::Metrics, batch.data_points as usize, batch)
+}
+
+fn encode<T>(kind: BatchKind, items: usize, value: &T) -> Result<Vec<u8>, BatchError>
+where
+    T: for<'a> Serialize<
+            rkyv::api::high::HighSerializer<
+                Vec<u8>,
+                rkyv::ser::allocator::ArenaHandle<'a>,
+                rancor::Error,
+            >,
+        >,
+{
+    let items = u32::try_from(items).map_err(|_| BatchError::Header("more than u32::MAX items"))?;
+    let mut out = Vec::with_capacity(1024);
+    BatchHeader { kind, items }.write(&mut out);
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
+fn body_of(value: &[u8], expected: BatchKind) -> Result<&[u8], BatchError> {
+    let header = BatchHeader::parse(value)?;
+    if header.kind != expected {
+        return Err(BatchError::WrongKind { expected, found: header.kind });
+    }
+    Ok(&value[HEADER_LEN..])
+}
+
+/// Checked, zero-copy view of a stored span batch.
+pub fn access_spans(value: &[u8]) -> Result<&ArchivedSpanBatch, BatchError> {
+    rkyv::access::<ArchivedSpanBatch, rancor::Error>(body_of(value, BatchKind::Spans)?)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
+/// Checked, zero-copy view of a stored log batch.
+pub fn access_logs(value: &[u8]) -> Result<&ArchivedLogBatch, BatchError> {
+    rkyv::access::<ArchivedLogBatch, rancor::Error>(body_of(value, BatchKind::Logs)?)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
+/// Checked, zero-copy view of a stored metric batch.
+pub fn access_metrics(value: &[u8]) -> Result<&ArchivedMetricBatch, BatchError> {
+    rkyv::access::<ArchivedMetricBatch, rancor::Error>(body_of(value, BatchKind::Metrics)?)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
+/// Validates any stored value by its header's kind (used by the unclean-shutdown check).
+pub fn verify(value: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse(value)?;
+    match header.kind {
+        BatchKind::Spans => access_spans(value).map(|_| ())?,
+        BatchKind::Logs => access_logs(value).map(|_| ())?,
+        BatchKind::Metrics => access_metrics(value).map(|_| ())?,
+    }
+    Ok(header)
+}
+
+/// Builds an owned batch out of records picked from archived batches, copying each referenced
+/// resource and scope once.
+///
+/// Used where a stage forwards a subset (tail_sample's kept spans, log_mirror's kept logs).
+#[derive(Debug, Default)]
+pub struct SubsetBuilder {
+    resources: Vec<ResourceBlock>,
+    scopes: Vec<ScopeBlock>,
+    /// (source seq, source scope index) -> index in `scopes`.
+    scope_index: std::collections::HashMap<(u64, u32), u32>,
+    /// (source seq, source resource index) -> index in `resources`.
+    resource_index: std::collections::HashMap<(u64, u32), u32>,
+}
+
+impl SubsetBuilder {
+    /// Returns the index in the new batch of scope `scope` of the source batch `seq`.
+    pub fn scope(
+        &mut self,
+        seq: u64,
+        scope: u32,
+        source_resources: &rkyv::vec::ArchivedVec<ArchivedResourceBlock>,
+        source_scopes: &rkyv::vec::ArchivedVec<ArchivedScopeBlock>,
+    ) -> u32 {
+        if let Some(index) = self.scope_index.get(&(seq, scope)) {
+            return *index;
+        }
+        let source_scope = source_scopes.get(scope as usize);
+        let source_resource_index = source_scope.map(|s| s.resource.to_native()).unwrap_or(0);
+        let resource = match self.resource_index.get(&(seq, source_resource_index)) {
+            Some(index) => *index,
+            None => {
+                let block = source_resources
+                    .get(source_resource_index as usize)
+                    .map(|r| ResourceBlock {
+                        resource: r.resource.as_slice().to_vec(),
+                        schema_url: r.schema_url.as_str().to_owned(),
+                        service_name: r.service_name.as_str().to_owned(),
+                    })
+                    .unwrap_or_default();
+                let index = self.resources.len() as u32;
+                self.resources.push(block);
+                self.resource_index.insert((seq, source_resource_index), index);
+                index
+            }
+        };
+        let block = ScopeBlock {
+            resource,
+            scope: source_scope.map(|s| s.scope.as_slice().to_vec()).unwrap_or_default(),
+            schema_url: source_scope.map(|s| s.schema_url.as_str().to_owned()).unwrap_or_default(),
+        };
+        let index = self.scopes.len() as u32;
+        self.scopes.push(block);
+        self.scope_index.insert((seq, scope), index);
+        index
+    }
+
+    /// Hands out the collected resources and scopes and resets the builder.
+    pub fn take(&mut self) -> (Vec<ResourceBlock>, Vec<ScopeBlock>) {
+        self.scope_index.clear();
+        self.resource_index.clear();
+        (std::mem::take(&mut self.resources), std::mem::take(&mut self.scopes))
+    }
+}
+
+/// Copies an archived span record into an owned one, pointing at `scope` of the new batch.
+pub fn own_span(span: &ArchivedSpanRecord, scope: u32) -> SpanRecord {
+    SpanRecord {
+        trace_id: span.trace_id,
+        span_id: span.span_id,
+        parent_span_id: span.parent_span_id,
+        start_unix_nano: span.start_unix_nano.to_native(),
+        end_unix_nano: span.end_unix_nano.to_native(),
+        status_code: span.status_code,
+        kind: span.kind,
+        scope,
+        name: span.name.as_str().to_owned(),
+        body: span.body.as_slice().to_vec(),
+    }
+}
+
+/// Copies an archived log entry into an owned one, pointing at `scope` of the new batch.
+pub fn own_log(log: &ArchivedLogEntry, scope: u32) -> LogEntry {
+    LogEntry {
+        trace_id: log.trace_id,
+        span_id: log.span_id,
+        time_unix_nano: log.time_unix_nano.to_native(),
+        severity_number: log.severity_number,
+        scope,
+        body: log.body.as_slice().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SpanBatch {
+        SpanBatch {
+            received_unix_nano: 7,
+            resources: vec![ResourceBlock {
+                resource: vec![1, 2],
+                schema_url: String::new(),
+                service_name: "checkout".into(),
+            }],
+            scopes: vec![ScopeBlock { resource: 0, scope: vec![], schema_url: String::new() }],
+            spans: vec![SpanRecord {
+                trace_id: [9; 16],
+                span_id: [3; 8],
+                name: "GET /".into(),
+                status_code: STATUS_CODE_ERROR,
+                body: vec![0x0a, 0x00],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_at_any_alignment() {
+        let bytes = encode_spans(&sample()).unwrap();
+        for shift in 0..8 {
+            let mut shifted = vec![0u8; shift];
+            shifted.extend_from_slice(&bytes);
+            let view = access_spans(&shifted[shift..]).unwrap();
+            assert_eq!(view.spans[0].name.as_str(), "GET /");
+            assert_eq!(view.resources[0].service_name.as_str(), "checkout");
+            assert_eq!(view.received_unix_nano.to_native(), 7);
+        }
+        assert_eq!(BatchHeader::parse(&bytes).unwrap().items, 1);
+    }
+
+    #[test]
+    fn corruption_is_an_error_not_ub() {
+        let bytes = encode_spans(&sample()).unwrap();
+        let mut rejected = 0;
+        for index in HEADER_LEN..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[index] ^= 0xff;
+            if access_spans(&damaged).is_err() {
+                rejected += 1;
+            }
+        }
+        // Some bytes are plain data (ids, payload) and may change freely; pointers and lengths
+        // must be caught.
+        assert!(rejected > 0);
+        let truncated = &bytes[..bytes.len() - 3];
+        assert!(access_spans(truncated).is_err());
+    }
+
+    #[test]
+    fn wrong_kind_is_rejected() {
+        let bytes = encode_spans(&sample()).unwrap();
+        assert!(matches!(access_logs(&bytes), Err(BatchError::WrongKind { .. })));
+        assert!(verify(&bytes).is_ok());
+    }
+}

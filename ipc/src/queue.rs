@@ -1,0 +1,449 @@
+//! The durable queue: one LMDB environment shared by every stage process.
+//!
+//! Layout (named databases in one environment under `<data_dir>/queue`):
+//! - one table per [`Edge`]: `seq (u64 big-endian) -> batch` (header + rkyv archive), keys
+//!   strictly increasing, written with `MDB_APPEND`;
+//! - `cursors`: `consumer -> seq`, the last sequence number the consumer has fully handled;
+//! - `meta`: per-edge [`EdgeDepth`] (next sequence number, batches, items, bytes pending) and
+//!   stage positions (`tail_sample` read position);
+//! - `decisions` and `decision_expiry`: the trace decisions tail_sample publishes (see
+//!   [`crate::decisions`]);
+//! - `state`: small per-stage durable state (spanmetrics series, export offsets).
+//!
+//! Invariants:
+//! 1. A stage step (read input, write output, advance its cursor, delete consumed input) is one
+//!    write transaction, so a process killed at any instant loses nothing and emits nothing twice.
+//! 2. Sequence numbers of an edge never repeat, even after every entry was deleted: the next
+//!    number lives in `meta`, not in the table's last key.
+//! 3. An entry is deleted only when every consumer of its edge has its cursor at or past it.
+//! 4. [`Queue::advance`] refuses to move a cursor that is not where the caller last saw it, so a
+//!    second instance of a consumer can never double-apply a step.
+//! 5. Commits do not fsync (`NO_SYNC`); [`Queue::force_sync`] runs on an interval (the supervisor
+//!    calls it). A process crash loses nothing; a power loss loses at most that interval.
+//!    `WRITE_MAP` with `NO_SYNC` can leave a torn environment after an OS crash: the supervisor
+//!    checks every batch after an unclean shutdown ([`Queue::verify`]) and readers use checked
+//!    rkyv access, so a torn page is an error, not undefined behaviour.
+//! 6. Intake stops at [`INTAKE_STOP_RATIO`] of the map so downstream stages always have room to
+//!    move data forward and free pages.
+
+use std::path::Path;
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, WithoutTls};
+
+use crate::batch::{self, BatchError, BatchHeader};
+use crate::topology::{Consumer, Edge};
+
+/// Fraction of the map above which [`Queue::admits`] answers false and receive pushes back.
+pub const INTAKE_STOP_RATIO: f64 = 0.8;
+
+type Table = Database<'static, Bytes, Bytes>;
+
+/// A read transaction usable across `.await` (no thread-local reader slot).
+pub type ReadTxn<'e> = RoTxn<'e, WithoutTls>;
+
+/// How to open the queue.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// Map size: the disk budget of the queue, in bytes.
+    pub max_size_bytes: u64,
+    /// Reader slots; every stage process uses a few.
+    pub max_readers: u32,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions { max_size_bytes: 1 << 30, max_readers: 126 }
+    }
+}
+
+/// Opening the environment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueOpenError {
+    /// The directory could not be created.
+    #[error("cannot create queue directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// LMDB refused to open or create the environment or its tables.
+    #[error("cannot open LMDB environment at {path}: {source}")]
+    Lmdb {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: heed::Error,
+    },
+}
+
+/// A queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The map is full: the disk budget is reached. Retry after consumers freed space.
+    #[error("queue is full (disk budget reached)")]
+    Full,
+    /// A cursor was not where the caller expected: another instance moved it.
+    #[error("cursor of {consumer} is at {found}, expected {expected}")]
+    CursorMoved {
+        /// Whose cursor.
+        consumer: &'static str,
+        /// What the caller saw.
+        expected: u64,
+        /// What is stored.
+        found: u64,
+    },
+    /// A stored value is not a valid batch.
+    #[error("corrupt entry {seq} in edge {edge}: {source}")]
+    Corrupt {
+        /// Edge name.
+        edge: &'static str,
+        /// Sequence number.
+        seq: u64,
+        /// What is wrong.
+        source: BatchError,
+    },
+    /// Any other LMDB error.
+    #[error("lmdb: {0}")]
+    Lmdb(heed::Error),
+}
+
+impl From<heed::Error> for QueueError {
+    fn from(err: heed::Error) -> Self {
+        match err {
+            heed::Error::Mdb(heed::MdbError::MapFull) => QueueError::Full,
+            other => QueueError::Lmdb(other),
+        }
+    }
+}
+
+/// What an edge holds: the true backlog of its slowest consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EdgeDepth {
+    /// The sequence number the next appended batch gets (starts at 1).
+    pub next_seq: u64,
+    /// Batches stored.
+    pub batches: u64,
+    /// Items (spans, records, data points) stored.
+    pub items: u64,
+    /// Bytes of stored values.
+    pub bytes: u64,
+}
+
+impl EdgeDepth {
+    fn decode(value: Option<&[u8]>) -> EdgeDepth {
+        let Some(value) = value.filter(|v| v.len() == 32) else {
+            return EdgeDepth { next_seq: 1, ..EdgeDepth::default() };
+        };
+        let word = |i: usize| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(&value[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(raw)
+        };
+        EdgeDepth { next_seq: word(0), batches: word(1), items: word(2), bytes: word(3) }
+    }
+
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, word) in [self.next_seq, self.batches, self.items, self.bytes].iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&word.to_be_bytes());
+        }
+        out
+    }
+}
+
+/// Result of [`Queue::verify`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Entries checked.
+    pub entries: u64,
+    /// Entries that failed validation, as (edge, seq).
+    pub corrupt: Vec<(&'static str, u64)>,
+}
+
+/// Handle on the shared environment. Cheap to clone; clone it rather than opening twice.
+#[derive(Clone)]
+pub struct Queue {
+    env: Env<WithoutTls>,
+    edges: [Table; 5],
+    cursors: Table,
+    meta: Table,
+    pub(crate) decisions: Table,
+    pub(crate) decision_expiry: Table,
+    state: Table,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("path", &self.env.path()).finish()
+    }
+}
+
+fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn key_seq(key: &[u8]) -> u64 {
+    let mut raw = [0u8; 8];
+    let len = key.len().min(8);
+    raw[8 - len..].copy_from_slice(&key[..len]);
+    u64::from_be_bytes(raw)
+}
+
+fn depth_key(edge: Edge) -> Vec<u8> {
+    format!("depth/{}", edge.as_str()).into_bytes()
+}
+
+impl Queue {
+    /// Opens (or creates) the environment under `dir` with every table.
+    pub fn open(dir: &Path, options: &QueueOptions) -> Result<Queue, QueueOpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| QueueOpenError::CreateDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let lmdb = |source| QueueOpenError::Lmdb { path: dir.display().to_string(), source };
+        let mut builder = EnvOpenOptions::new().read_txn_without_tls();
+        builder
+            .map_size(usize::try_from(options.max_size_bytes).unwrap_or(usize::MAX))
+            .max_dbs(16)
+            .max_readers(options.max_readers);
+        // SAFETY: NO_SYNC and WRITE_MAP are sound for process crashes (a killed writer's
+        // transaction is never visible); the OS-crash risk they carry is handled by the
+        // unclean-shutdown verification (invariant 5). NO_READ_AHEAD keeps page cache use to
+        // what is read. Each process opens the environment once and clones the handle.
+        let env = unsafe {
+            builder.flags(EnvFlags::NO_SYNC | EnvFlags::WRITE_MAP | EnvFlags::NO_READ_AHEAD);
+            builder.open(dir)
+        }
+        .map_err(lmdb)?;
+        // Reader slots of processes that died (SIGKILL) pin pages until cleared.
+        env.clear_stale_readers().map_err(lmdb)?;
+        let wtxn = env.write_txn().map_err(lmdb)?;
+        let tables = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, heed::Error> {
+                let mut table = |name: &str| opener.create_database::<Bytes, Bytes>(wtxn, Some(name));
+                let edges = [
+                    table(Edge::Spans.as_str())?,
+                    table(Edge::KeptSpans.as_str())?,
+                    table(Edge::Logs.as_str())?,
+                    table(Edge::KeptLogs.as_str())?,
+                    table(Edge::Metrics.as_str())?,
+                ];
+                let named = [
+                    table("cursors")?,
+                    table("meta")?,
+                    table("decisions")?,
+                    table("decision_expiry")?,
+                    table("state")?,
+                ];
+                Ok(heed::CommitOrAbort::<_, ()>::Commit((edges, named)))
+            })
+            .map_err(lmdb)?
+            .unwrap_commit();
+        let (edges, [cursors, meta, decisions, decision_expiry, state]) = tables;
+        Ok(Queue { env, edges, cursors, meta, decisions, decision_expiry, state })
+    }
+
+    /// Starts a read transaction (a consistent snapshot; values borrowed from it are zero-copy).
+    pub fn read(&self) -> Result<ReadTxn<'_>, QueueError> {
+        Ok(self.env.read_txn()?)
+    }
+
+    /// Starts a write transaction (takes the environment's single writer lock).
+    pub fn write(&self) -> Result<RwTxn<'_>, QueueError> {
+        Ok(self.env.write_txn()?)
+    }
+
+    /// Commits a write transaction, mapping a full map to [`QueueError::Full`].
+    pub fn commit(&self, wtxn: RwTxn<'_>) -> Result<(), QueueError> {
+        Ok(wtxn.commit()?)
+    }
+
+    fn edge_table(&self, edge: Edge) -> Table {
+        self.edges[edge as usize]
+    }
+
+    /// The consumer's cursor: the last sequence number it has fully handled (0: none).
+    pub fn cursor(&self, txn: &RoTxn<'_>, consumer: Consumer) -> Result<u64, QueueError> {
+        Ok(self.cursors.get(txn, consumer.as_str().as_bytes())?.map(key_seq).unwrap_or(0))
+    }
+
+    /// Entries of `edge` with a sequence number above `after`, in order, borrowed from the map.
+    pub fn entries_after<'t>(
+        &self,
+        txn: &'t RoTxn<'_>,
+        edge: Edge,
+        after: u64,
+    ) -> Result<impl Iterator<Item = Result<(u64, &'t [u8]), QueueError>> + 't, QueueError> {
+        let start = seq_key(after.saturating_add(1));
+        let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Unbounded);
+        let iter = self.edge_table(edge).range(txn, &range)?;
+        Ok(iter.map(|item| item.map(|(key, value)| (key_seq(key), value)).map_err(QueueError::from)))
+    }
+
+    /// One entry of `edge`, borrowed from the map.
+    pub fn get<'t>(&self, txn: &'t RoTxn<'_>, edge: Edge, seq: u64) -> Result<Option<&'t [u8]>, QueueError> {
+        Ok(self.edge_table(edge).get(txn, &seq_key(seq))?)
+    }
+
+    /// What `edge` holds now.
+    pub fn depth(&self, txn: &RoTxn<'_>, edge: Edge) -> Result<EdgeDepth, QueueError> {
+        Ok(EdgeDepth::decode(self.meta.get(txn, &depth_key(edge))?))
+    }
+
+    fn put_depth(&self, wtxn: &mut RwTxn<'_>, edge: Edge, depth: &EdgeDepth) -> Result<(), QueueError> {
+        Ok(self.meta.put(wtxn, &depth_key(edge), &depth.encode())?)
+    }
+
+    /// Appends a batch (as produced by [`crate::batch`]) to `edge`; returns its sequence number.
+    pub fn append(&self, wtxn: &mut RwTxn<'_>, edge: Edge, value: &[u8]) -> Result<u64, QueueError> {
+        let header = BatchHeader::parse(value)
+            .map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
+        let mut depth = self.depth(wtxn, edge)?;
+        let seq = depth.next_seq;
+        self.edge_table(edge).put_with_flags(wtxn, PutFlags::APPEND, &seq_key(seq), value)?;
+        depth.next_seq += 1;
+        depth.batches += 1;
+        depth.items += u64::from(header.items);
+        depth.bytes += value.len() as u64;
+        self.put_depth(wtxn, edge, &depth)?;
+        Ok(seq)
+    }
+
+    /// Moves `consumer`'s cursor from `expected` to `to` and deletes the entries every consumer of
+    /// the edge is past. Fails with [`QueueError::CursorMoved`] if the cursor is not at `expected`.
+    pub fn advance(&self, wtxn: &mut RwTxn<'_>, consumer: Consumer, expected: u64, to: u64) -> Result<(), QueueError> {
+        let found = self.cursor(wtxn, consumer)?;
+        if found != expected {
+            return Err(QueueError::CursorMoved { consumer: consumer.as_str(), expected, found });
+        }
+        if to == found {
+            return Ok(());
+        }
+        self.cursors.put(wtxn, consumer.as_str().as_bytes(), &seq_key(to))?;
+        let edge = consumer.edge();
+        let mut lowest = to;
+        for other in edge.consumers() {
+            lowest = lowest.min(self.cursor(wtxn, *other)?);
+        }
+        self.delete_through(wtxn, edge, lowest)
+    }
+
+    fn delete_through(&self, wtxn: &mut RwTxn<'_>, edge: Edge, last: u64) -> Result<(), QueueError> {
+        let table = self.edge_table(edge);
+        let end = seq_key(last);
+        let range = (std::ops::Bound::Unbounded, std::ops::Bound::Included(&end[..]));
+        let (mut batches, mut items, mut bytes) = (0u64, 0u64, 0u64);
+        for entry in table.range(wtxn, &range)? {
+            let (_, value) = entry?;
+            batches += 1;
+            // A value that lost its header still has to go; count it as zero items.
+            items += BatchHeader::parse(value).map(|h| u64::from(h.items)).unwrap_or(0);
+            bytes += value.len() as u64;
+        }
+        if batches == 0 {
+            return Ok(());
+        }
+        table.delete_range(wtxn, &range)?;
+        let mut depth = self.depth(wtxn, edge)?;
+        depth.batches = depth.batches.saturating_sub(batches);
+        depth.items = depth.items.saturating_sub(items);
+        depth.bytes = depth.bytes.saturating_sub(bytes);
+        self.put_depth(wtxn, edge, &depth)
+    }
+
+    /// Bytes of pages in use by all tables (free pages excluded).
+    pub fn used_bytes(&self, txn: &RoTxn<'_>) -> Result<u64, QueueError> {
+        let mut pages = 0u64;
+        let mut page_size = 4096u64;
+        let tables = self.edges.iter().chain([
+            &self.cursors,
+            &self.meta,
+            &self.decisions,
+            &self.decision_expiry,
+            &self.state,
+        ]);
+        for table in tables {
+            let stat = table.stat(txn)?;
+            page_size = u64::from(stat.page_size);
+            pages += (stat.branch_pages + stat.leaf_pages + stat.overflow_pages) as u64;
+        }
+        Ok(pages * page_size)
+    }
+
+    /// The map size: the disk budget.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.env.info().map_size as u64
+    }
+
+    /// Whether intake may add data now (false above [`INTAKE_STOP_RATIO`] of the budget).
+    pub fn admits(&self, txn: &RoTxn<'_>) -> Result<bool, QueueError> {
+        let used = self.used_bytes(txn)? as f64;
+        Ok(used < self.capacity_bytes() as f64 * INTAKE_STOP_RATIO)
+    }
+
+    /// Reads a value of the `meta` table (stage positions).
+    pub fn meta_u64(&self, txn: &RoTxn<'_>, key: &str) -> Result<Option<u64>, QueueError> {
+        Ok(self.meta.get(txn, key.as_bytes())?.map(key_seq))
+    }
+
+    /// Writes a value of the `meta` table.
+    pub fn set_meta_u64(&self, wtxn: &mut RwTxn<'_>, key: &str, value: u64) -> Result<(), QueueError> {
+        Ok(self.meta.put(wtxn, key.as_bytes(), &seq_key(value))?)
+    }
+
+    /// A stage's durable private value.
+    pub fn state_get<'t>(&self, txn: &'t RoTxn<'_>, key: &[u8]) -> Result<Option<&'t [u8]>, QueueError> {
+        Ok(self.state.get(txn, key)?)
+    }
+
+    /// Stores a stage's durable private value.
+    pub fn state_put(&self, wtxn: &mut RwTxn<'_>, key: &[u8], value: &[u8]) -> Result<(), QueueError> {
+        Ok(self.state.put(wtxn, key, value)?)
+    }
+
+    /// All state entries whose key starts with `prefix`.
+    pub fn state_prefix<'t>(
+        &self,
+        txn: &'t RoTxn<'_>,
+        prefix: &[u8],
+    ) -> Result<Vec<(&'t [u8], &'t [u8])>, QueueError> {
+        let mut out = Vec::new();
+        for entry in self.state.prefix_iter(txn, prefix)? {
+            out.push(entry?);
+        }
+        Ok(out)
+    }
+
+    /// Flushes committed data to disk (the periodic fsync).
+    pub fn force_sync(&self) -> Result<(), QueueError> {
+        Ok(self.env.force_sync()?)
+    }
+
+    /// Frees reader slots left by dead processes; returns how many were cleared.
+    pub fn clear_stale_readers(&self) -> Result<usize, QueueError> {
+        Ok(self.env.clear_stale_readers()?)
+    }
+
+    /// Id of the last committed transaction (changes whenever anything was written).
+    pub fn last_txn_id(&self) -> u64 {
+        self.env.info().last_txn_id as u64
+    }
+
+    /// Checks every stored batch with checked rkyv access (after an unclean shutdown).
+    pub fn verify(&self) -> Result<VerifyReport, QueueError> {
+        let txn = self.read()?;
+        let mut report = VerifyReport::default();
+        for edge in Edge::ALL {
+            for entry in self.edge_table(edge).iter(&txn)? {
+                let (key, value) = entry?;
+                report.entries += 1;
+                if batch::verify(value).is_err() {
+                    report.corrupt.push((edge.as_str(), key_seq(key)));
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,168 @@
+//! The fixed process and edge topology of the design card.
+//!
+//! ```text
+//! receive --spans--> tail_sample --kept_spans--> export (traces)
+//!    |                    |      \--kept_spans--> spanmetrics --metrics--> export (metrics)
+//!    |                    \--decisions table (trace_id -> keep/drop)
+//!    +------logs------> log_mirror --kept_logs--> export (logs)
+//!    +------metrics---------------------------------------------> export (metrics)
+//! ```
+
+/// A stage process. The supervisor starts one OS process per stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StageId {
+    /// OTLP gRPC/HTTP intake into the `spans`, `logs` and `metrics` edges.
+    Receive,
+    /// Tail-based sampling: `spans` -> `kept_spans` plus the decisions table.
+    TailSample,
+    /// Logs follow their trace's decision: `logs` -> `kept_logs`.
+    LogMirror,
+    /// RED metrics from kept spans: `kept_spans` -> `metrics`.
+    Spanmetrics,
+    /// Delivery to the backends, one consumer per destination.
+    Export,
+}
+
+impl StageId {
+    /// Every stage, in start order (shutdown runs in this order too: intake stops first).
+    pub const ALL: [StageId; 5] = [
+        StageId::Receive,
+        StageId::TailSample,
+        StageId::LogMirror,
+        StageId::Spanmetrics,
+        StageId::Export,
+    ];
+
+    /// The snake_case id used on the command line, in config, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageId::Receive => "receive",
+            StageId::TailSample => "tail_sample",
+            StageId::LogMirror => "log_mirror",
+            StageId::Spanmetrics => "spanmetrics",
+            StageId::Export => "export",
+        }
+    }
+
+    /// Parses a stage id as written by [`StageId::as_str`].
+    pub fn parse(name: &str) -> Option<StageId> {
+        StageId::ALL.into_iter().find(|stage| stage.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for StageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An edge: an append-only table of batches between stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Edge {
+    /// Spans as received.
+    Spans = 0,
+    /// Spans of kept traces.
+    KeptSpans = 1,
+    /// Log records as received.
+    Logs = 2,
+    /// Log records whose trace was kept (or that were judged on their own).
+    KeptLogs = 3,
+    /// Metrics as received plus the ones spanmetrics produces.
+    Metrics = 4,
+}
+
+impl Edge {
+    /// Every edge.
+    pub const ALL: [Edge; 5] = [Edge::Spans, Edge::KeptSpans, Edge::Logs, Edge::KeptLogs, Edge::Metrics];
+
+    /// The table name in the LMDB environment and the label in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edge::Spans => "spans",
+            Edge::KeptSpans => "kept_spans",
+            Edge::Logs => "logs",
+            Edge::KeptLogs => "kept_logs",
+            Edge::Metrics => "metrics",
+        }
+    }
+
+    /// The consumers reading this edge; an entry is deleted once all of them are past it.
+    pub fn consumers(self) -> &'static [Consumer] {
+        match self {
+            Edge::Spans => &[Consumer::TailSample],
+            Edge::KeptSpans => &[Consumer::ExportTraces, Consumer::Spanmetrics],
+            Edge::Logs => &[Consumer::LogMirror],
+            Edge::KeptLogs => &[Consumer::ExportLogs],
+            Edge::Metrics => &[Consumer::ExportMetrics],
+        }
+    }
+}
+
+/// A reader of one edge with its own durable cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Consumer {
+    /// tail_sample reading `spans`.
+    TailSample,
+    /// log_mirror reading `logs`.
+    LogMirror,
+    /// spanmetrics reading `kept_spans`.
+    Spanmetrics,
+    /// export's trace destination reading `kept_spans`.
+    ExportTraces,
+    /// export's log destination reading `kept_logs`.
+    ExportLogs,
+    /// export's metric destination reading `metrics`.
+    ExportMetrics,
+}
+
+impl Consumer {
+    /// The cursor's key in the cursors table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consumer::TailSample => "tail_sample",
+            Consumer::LogMirror => "log_mirror",
+            Consumer::Spanmetrics => "spanmetrics",
+            Consumer::ExportTraces => "export_traces",
+            Consumer::ExportLogs => "export_logs",
+            Consumer::ExportMetrics => "export_metrics",
+        }
+    }
+
+    /// The edge this consumer reads.
+    pub fn edge(self) -> Edge {
+        match self {
+            Consumer::TailSample => Edge::Spans,
+            Consumer::LogMirror => Edge::Logs,
+            Consumer::Spanmetrics | Consumer::ExportTraces => Edge::KeptSpans,
+            Consumer::ExportLogs => Edge::KeptLogs,
+            Consumer::ExportMetrics => Edge::Metrics,
+        }
+    }
+
+    /// The stage process that owns this consumer (and receives its wake-ups).
+    pub fn stage(self) -> StageId {
+        match self {
+            Consumer::TailSample => StageId::TailSample,
+            Consumer::LogMirror => StageId::LogMirror,
+            Consumer::Spanmetrics => StageId::Spanmetrics,
+            Consumer::ExportTraces | Consumer::ExportLogs | Consumer::ExportMetrics => StageId::Export,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_consumer_is_listed_on_its_edge() {
+        for edge in Edge::ALL {
+            for consumer in edge.consumers() {
+                assert_eq!(consumer.edge(), edge);
+            }
+        }
+        for stage in StageId::ALL {
+            assert_eq!(StageId::parse(stage.as_str()), Some(stage));
+        }
+    }
+}
