@@ -1,1 +1,46 @@
+//! The `tailgate` binary's library: the supervisor (a ractor actor tree, one actor per stage
+//! process) and the stage process entry point.
+#![forbid(unsafe_code)]
 
+pub mod stage_process;
+pub mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tailgate_config::{Config, ConfigError};
+
+/// Loads the configuration from `file`, or the embedded default, and applies `data_dir`.
+pub fn load_config(file: Option<&Path>, data_dir: Option<PathBuf>) -> Result<Config, ConfigError> {
+    let mut config = match file {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default()?,
+    };
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    Ok(config)
+}
+
+/// `tailgate check-config FILE`.
+pub fn check_config(file: &Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{}: {err}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets up logging to stderr (journald picks it up under systemd). `RUST_LOG` overrides the
+/// configured filter.
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _already_set = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

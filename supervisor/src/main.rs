@@ -1,1 +1,56 @@
-fn main() {}
+//! The `tailgate` binary: `run` starts the supervisor, which re-executes this binary as
+//! `tailgate stage <name>` once per pipeline stage.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tailgate: an edge observability pipeline. Tail-based sampling, logs that follow their
+/// trace's decision, span metrics, and durable export through an on-disk queue.
+#[derive(Debug, Parser)]
+#[command(name = "tailgate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the supervisor and the five stage processes.
+    Run {
+        /// Configuration file (YAML). Without it, the embedded default configuration is used.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Directory of the durable queue; overrides `data_dir` from the configuration.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print every problem with its path (exit 1 on error).
+    CheckConfig {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
+    /// Internal: run one stage process (the supervisor starts these).
+    #[command(hide = true)]
+    Stage {
+        /// Stage name: receive, tail_sample, log_mirror, spanmetrics or export.
+        name: String,
+        /// Configuration file, as given to `run`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as resolved by the supervisor.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
+        Command::CheckConfig { file } => tailgate::check_config(&file),
+        Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
+    }
+}

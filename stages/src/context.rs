@@ -1,0 +1,108 @@
+//! What every stage gets from its process: configuration, the queue, wake-ups and the shutdown
+//! signal. Stages read no globals; everything comes in through [`StageContext`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tailgate_config::Config;
+use tailgate_ipc::wake::{WakeListener, Waker};
+use tailgate_ipc::{Queue, QueueError, StageId};
+use tokio::sync::watch;
+
+use crate::events::StageEvents;
+
+/// A stage failed; the process exits non-zero and the supervisor restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The queue failed in a way the stage cannot work around.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// A socket could not be bound or another I/O failure.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored batch could not be read.
+    #[error("batch: {0}")]
+    Batch(#[from] tailgate_ipc::batch::BatchError),
+    /// Anything else, with its context.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything a stage needs, handed in by the stage process's entry point.
+pub struct StageContext {
+    /// Which stage this process runs.
+    pub stage: StageId,
+    /// The validated configuration (the same file every process reads).
+    pub config: Arc<Config>,
+    /// The shared queue.
+    pub queue: Queue,
+    /// Sends wake-ups to downstream stages after commits.
+    pub waker: Arc<Waker>,
+    /// This stage's own wake-up socket.
+    pub wake: WakeListener,
+    /// Flips to `true` when the stage must drain and exit.
+    pub shutdown: watch::Receiver<bool>,
+    /// Counters every stage emits alike.
+    pub events: Arc<StageEvents>,
+}
+
+impl std::fmt::Debug for StageContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageContext").field("stage", &self.stage).finish_non_exhaustive()
+    }
+}
+
+impl StageContext {
+    /// Whether shutdown was requested.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps until a wake-up, `timeout`, or shutdown, whichever comes first.
+    pub async fn idle(&mut self, timeout: Option<Duration>) {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = self.wake.wait(timeout) => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+/// Runs the stage named in `ctx` until it is told to stop or fails.
+pub async fn run_stage(ctx: StageContext) -> Result<(), StageError> {
+    match ctx.stage {
+        StageId::Receive => crate::receive::run(ctx).await,
+        StageId::TailSample => crate::tail_sample::run(ctx).await,
+        StageId::LogMirror => crate::log_mirror::run(ctx).await,
+        StageId::Spanmetrics => crate::spanmetrics::run(ctx).await,
+        StageId::Export => crate::export::run(ctx).await,
+    }
+}
+
+/// Wall-clock now in Unix nanoseconds (0 if the clock is before 1970).
+pub fn unix_nanos_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Retries `step` while the queue is full, backing off up to 1 s, until it succeeds, fails
+/// otherwise, or shutdown is requested. A full map is a state downstream stages resolve by
+/// consuming, so a stage waits rather than crash-looping.
+pub async fn retry_while_full<T>(
+    ctx: &StageContext,
+    mut step: impl FnMut() -> Result<T, StageError>,
+) -> Result<Option<T>, StageError> {
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match step() {
+            Err(StageError::Queue(QueueError::Full)) => {
+                ctx.events.error("queue_full");
+                if ctx.stopping() {
+                    return Ok(None);
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other.map(Some),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! export: one consumer per destination, each reading its edge with its own cursor, so the
+//! edge's depth is that destination's true backlog.
+//!
+//! Ack rule: a queue batch leaves the queue only when the backend acknowledged the request that
+//! carried it, or when the backend refused it permanently (counted as dropped with a reason).
+//! The boundary to the backend is at-least-once: a request sent but not yet committed is sent
+//! again after a kill.
+//!
+//! Batching follows the Collector's batch processor: a request goes out once `send_batch_size`
+//! items are waiting or the oldest waiting item is `timeout` old. A request carries whole queue
+//! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
+
+pub mod otlp;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tailgate_config::Destination;
+use tailgate_ipc::batch;
+use tailgate_ipc::{Consumer, Edge, Queue};
+
+use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::otlp_wire::{self, Signal};
+use otlp::{OtlpClient, SendOutcome};
+
+/// Most queue batches read into one request.
+const MAX_BATCHES_PER_REQUEST: usize = 256;
+
+/// A request assembled from queue batches.
+#[derive(Debug, Default)]
+pub struct Assembled {
+    /// The encoded `Export*ServiceRequest`.
+    pub request: Vec<u8>,
+    /// Items it carries.
+    pub items: u64,
+    /// Last queue sequence number it includes.
+    pub last_seq: u64,
+    /// Receive time of its oldest batch, Unix nanoseconds.
+    pub oldest_unix_nano: u64,
+}
+
+/// Reads batches after the consumer's cursor into one request, stopping once `max_items` are in.
+pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u64, Assembled), StageError> {
+    let rtxn = queue.read()?;
+    let cursor = queue.cursor(&rtxn, consumer)?;
+    let mut out = Assembled { last_seq: cursor, ..Assembled::default() };
+    for (taken, entry) in queue.entries_after(&rtxn, consumer.edge(), cursor)?.enumerate() {
+        if taken == MAX_BATCHES_PER_REQUEST || out.items >= max_items {
+            break;
+        }
+        let (seq, value) = entry?;
+        let received = match consumer.edge() {
+            Edge::KeptSpans | Edge::Spans => {
+                let source = batch::access_spans(value)?;
+                for (scope_index, scope) in source.scopes.iter().enumerate() {
+                    let resource = source.resources.get(scope.resource.to_native() as usize);
+                    let mut bodies = source
+                        .spans
+                        .iter()
+                        .filter(|span| span.scope.to_native() as usize == scope_index)
+                        .map(|span| span.body.as_slice());
+                    write_group(&mut out.request, resource, scope, &mut bodies);
+                }
+                out.items += source.spans.len() as u64;
+                source.received_unix_nano.to_native()
+            }
+            Edge::KeptLogs | Edge::Logs => {
+                let source = batch::access_logs(value)?;
+                for (scope_index, scope) in source.scopes.iter().enumerate() {
+                    let resource = source.resources.get(scope.resource.to_native() as usize);
+                    let mut bodies = source
+                        .logs
+                        .iter()
+                        .filter(|log| log.scope.to_native() as usize == scope_index)
+                        .map(|log| log.body.as_slice());
+                    write_group(&mut out.request, resource, scope, &mut bodies);
+                }
+                out.items += source.logs.len() as u64;
+                source.received_unix_nano.to_native()
+            }
+            Edge::Metrics => {
+                let source = batch::access_metrics(value)?;
+                // Concatenated encodings of one message type merge their repeated fields.
+                for request in source.requests.iter() {
+                    out.request.extend_from_slice(request.as_slice());
+                }
+                out.items += u64::from(source.data_points.to_native());
+                source.received_unix_nano.to_native()
+            }
+        };
+        if out.oldest_unix_nano == 0 {
+            out.oldest_unix_nano = received;
+        }
+        out.last_seq = seq;
+    }
+    Ok((cursor, out))
+}
+
+fn write_group(
+    out: &mut Vec<u8>,
+    resource: Option<&batch::ArchivedResourceBlock>,
+    scope: &batch::ArchivedScopeBlock,
+    bodies: &mut dyn Iterator<Item = &[u8]>,
+) {
+    let (resource_bytes, resource_schema) =
+        resource.map(|r| (r.resource.as_slice(), r.schema_url.as_str())).unwrap_or((&[], ""));
+    otlp_wire::encode_resource_group(out, resource_bytes, resource_schema, scope.scope.as_slice(), scope.schema_url.as_str(), bodies);
+}
+
+/// Moves the consumer's cursor past what was delivered (or permanently refused).
+fn commit(queue: &Queue, consumer: Consumer, from: u64, to: u64) -> Result<(), StageError> {
+    let mut wtxn = queue.write()?;
+    queue.advance(&mut wtxn, consumer, from, to)?;
+    queue.commit(wtxn)?;
+    Ok(())
+}
+
+struct Target {
+    consumer: Consumer,
+    client: Option<OtlpClient>,
+}
+
+/// Runs one consumer until shutdown.
+async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync::watch::Receiver<u64>) -> Result<(), StageError> {
+    let exporters = &ctx.config.exporters;
+    let batch_size = u64::from(exporters.batch.send_batch_size);
+    let batch_timeout = exporters.batch.timeout;
+    let retry = &exporters.retry_on_failure;
+    let consumer = target.consumer;
+    loop {
+        if ctx.stopping() {
+            return Ok(());
+        }
+        let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
+        if assembled.items == 0 && assembled.last_seq == cursor {
+            let mut stop = ctx.shutdown.clone();
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            continue;
+        }
+        let age = Duration::from_nanos(unix_nanos_now().saturating_sub(assembled.oldest_unix_nano));
+        if assembled.items < batch_size && age < batch_timeout && !ctx.stopping() {
+            let mut stop = ctx.shutdown.clone();
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = tokio::time::sleep(batch_timeout - age) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            continue;
+        }
+        let Some(client) = &target.client else {
+            ctx.events.dropped("no_destination", assembled.items);
+            commit(&ctx.queue, consumer, cursor, assembled.last_seq)?;
+            continue;
+        };
+        let request = Bytes::from(assembled.request);
+        let mut delay = retry.initial_interval;
+        loop {
+            match client.send(request.clone()).await {
+                SendOutcome::Accepted { rejected, message } => {
+                    ctx.events.sent(assembled.items.saturating_sub(rejected));
+                    if rejected > 0 {
+                        tracing::warn!(consumer = consumer.as_str(), rejected, %message, "backend rejected part of a request");
+                        ctx.events.dropped("rejected_by_backend", rejected);
+                    }
+                    break;
+                }
+                SendOutcome::Permanent(reason) => {
+                    tracing::warn!(consumer = consumer.as_str(), items = assembled.items, %reason, "backend refused request permanently; dropping it");
+                    ctx.events.dropped("permanent_error", assembled.items);
+                    break;
+                }
+                SendOutcome::Retryable(reason) => {
+                    ctx.events.error("export_retry");
+                    tracing::warn!(consumer = consumer.as_str(), retry_in = ?delay, %reason, "export failed; will retry");
+                    let mut stop = ctx.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    }
+                    delay = (delay * 2).min(retry.max_interval);
+                }
+            }
+        }
+        commit(&ctx.queue, consumer, cursor, assembled.last_seq)?;
+    }
+}
+
+/// Runs the export stage: one consumer task per destination, fed by the stage's wake-ups.
+pub async fn run(ctx: StageContext) -> Result<(), StageError> {
+    let exporters = ctx.config.exporters.clone();
+    let targets = [
+        (Consumer::ExportTraces, Signal::Traces, Some(exporters.traces)),
+        (Consumer::ExportLogs, Signal::Logs, exporters.logs),
+        (Consumer::ExportMetrics, Signal::Metrics, exporters.metrics),
+    ];
+    let mut destinations = Vec::new();
+    for (consumer, signal, destination) in targets {
+        let client = match destination {
+            Some(Destination { otlp }) => Some(OtlpClient::new(&otlp, signal).map_err(StageError::Other)?),
+            None => {
+                tracing::warn!(consumer = consumer.as_str(), "no destination configured; items are counted as dropped (no_destination)");
+                None
+            }
+        };
+        destinations.push(Target { consumer, client });
+    }
+    // One wake-up socket per process; fan it out to the consumers.
+    let (notify, wake) = tokio::sync::watch::channel(0u64);
+    let ctx_ref = &ctx;
+    let consumers = futures_join_all(destinations.into_iter().map(|target| run_consumer(ctx_ref, target, wake.clone())));
+    let mut woken = 0u64;
+    let mut stop = ctx.shutdown.clone();
+    let result = {
+        tokio::pin!(consumers);
+        loop {
+            tokio::select! {
+                result = &mut consumers => break result,
+                _ = ctx.wake.wait(None) => {
+                    woken += 1;
+                    let _ = notify.send(woken);
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    // Consumers see the same signal; wait for them to finish their attempt.
+                    break (&mut consumers).await;
+                }
+            }
+        }
+    };
+    ctx.events.log_summary();
+    result
+}
+
+/// Runs the futures concurrently; the first error wins.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Result<(), StageError>
+where
+    F: Future<Output = Result<(), StageError>>,
+{
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    std::future::poll_fn(move |cx| {
+        let mut index = 0;
+        while index < pinned.len() {
+            match pinned[index].as_mut().poll(cx) {
+                std::task::Poll::Ready(Err(err)) => return std::task::Poll::Ready(Err(err)),
+                std::task::Poll::Ready(Ok(())) => {
+                    pinned.swap_remove(index);
+                }
+                std::task::Poll::Pending => index += 1,
+            }
+        }
+        if pinned.is_empty() { std::task::Poll::Ready(Ok(())) } else { std::task::Poll::Pending }
+    })
+    .await
+}

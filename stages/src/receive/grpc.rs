@@ -1,0 +1,161 @@
+//! OTLP/gRPC: `TraceService`, `LogsService` and `MetricsService` `Export`, served by tonic with a
+//! raw-bytes codec so the request is walked once, not decoded into prost structs.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tonic::codec::CompressionEncoding;
+use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::{Code, Status};
+
+use super::intake::{AcceptError, Intake};
+use crate::grpc_raw::{RawCodec, status_with_retry_info};
+use crate::otlp_wire::Signal;
+
+/// Seconds a client is told to wait before retrying into a full queue.
+pub const RETRY_AFTER_SECS: i64 = 1;
+
+/// Ties a gRPC service name to the signal it carries.
+pub trait GrpcSignal: Clone + Send + Sync + 'static {
+    /// Fully qualified service name.
+    const NAME: &'static str;
+    /// The signal.
+    const SIGNAL: Signal;
+    /// Path of the `Export` method.
+    const EXPORT_PATH: &'static str;
+}
+
+/// `opentelemetry.proto.collector.trace.v1.TraceService`.
+#[derive(Debug, Clone, Copy)]
+pub struct Traces;
+/// `opentelemetry.proto.collector.logs.v1.LogsService`.
+#[derive(Debug, Clone, Copy)]
+pub struct Logs;
+/// `opentelemetry.proto.collector.metrics.v1.MetricsService`.
+#[derive(Debug, Clone, Copy)]
+pub struct Metrics;
+
+impl GrpcSignal for Traces {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const SIGNAL: Signal = Signal::Traces;
+    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+}
+impl GrpcSignal for Logs {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const SIGNAL: Signal = Signal::Logs;
+    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+}
+impl GrpcSignal for Metrics {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const SIGNAL: Signal = Signal::Metrics;
+    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+}
+
+/// One OTLP gRPC service.
+#[derive(Debug, Clone)]
+pub struct OtlpGrpcService<S> {
+    intake: Intake,
+    max_message_bytes: usize,
+    signal: PhantomData<S>,
+}
+
+impl<S> OtlpGrpcService<S> {
+    /// A service feeding `intake`, refusing messages above `max_message_bytes`.
+    pub fn new(intake: Intake, max_message_bytes: usize) -> Self {
+        OtlpGrpcService { intake, max_message_bytes, signal: PhantomData }
+    }
+}
+
+impl<S: GrpcSignal> NamedService for OtlpGrpcService<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+#[derive(Clone)]
+struct ExportCall<S> {
+    intake: Intake,
+    signal: PhantomData<S>,
+}
+
+/// Maps an intake refusal to the gRPC status OTLP clients act on.
+pub fn status_of(err: &AcceptError) -> Status {
+    match err {
+        AcceptError::Invalid(message) => Status::invalid_argument(message.clone()),
+        AcceptError::Full => {
+            let message = err.to_string();
+            let details = status_with_retry_info(Code::ResourceExhausted as i32, &message, RETRY_AFTER_SECS);
+            Status::with_details(Code::ResourceExhausted, message, details)
+        }
+        AcceptError::Unavailable(message) => Status::unavailable(message.clone()),
+    }
+}
+
+impl<S: GrpcSignal> UnaryService<Bytes> for ExportCall<S> {
+    type Response = Bytes;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<tonic::Response<Bytes>, Status>> + Send>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let intake = self.intake.clone();
+        Box::pin(async move {
+            let body = request.into_inner();
+            match intake.accept(S::SIGNAL, &body).await {
+                // An empty Export*ServiceResponse: everything accepted.
+                Ok(_) => Ok(tonic::Response::new(Bytes::new())),
+                Err(err) => Err(status_of(&err)),
+            }
+        })
+    }
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for OtlpGrpcService<S>
+where
+    S: GrpcSignal,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = ExportCall::<S> { intake: self.intake.clone(), signal: PhantomData };
+        let max = self.max_message_bytes;
+        if request.uri().path() != S::EXPORT_PATH {
+            return Box::pin(async move {
+                Ok(Status::unimplemented(format!("unknown method {}", request.uri().path())).into_http())
+            });
+        }
+        Box::pin(async move {
+            let mut grpc = Grpc::new(RawCodec)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max);
+            let mut response = grpc.unary(call, request).await;
+            map_framing_errors(&mut response);
+            Ok(response)
+        })
+    }
+}
+
+/// Maps tonic's framing errors to the codes OTLP clients act on. tonic answers a frame above
+/// the size limit with OUT_OF_RANGE, where gRPC servers and OTLP clients expect
+/// RESOURCE_EXHAUSTED (not retried without RetryInfo); and a compressed frame that does not
+/// inflate with INTERNAL, which is the client's fault (INVALID_ARGUMENT, not retried). Our own
+/// handler answers neither code, so the rewrite is unambiguous.
+fn map_framing_errors(response: &mut http::Response<tonic::body::Body>) {
+    let headers = response.headers_mut();
+    let Some(code) = headers.get(Status::GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok()) else {
+        return;
+    };
+    let mapped = match Code::from_i32(code) {
+        Code::OutOfRange => Code::ResourceExhausted,
+        Code::Internal => Code::InvalidArgument,
+        _ => return,
+    };
+    headers.insert(Status::GRPC_STATUS, http::HeaderValue::from(mapped as i32));
+}

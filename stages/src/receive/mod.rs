@@ -1,0 +1,90 @@
+//! receive: OTLP over gRPC (tonic) and HTTP (axum) into the `spans`, `logs` and `metrics`
+//! edges. A client is answered only after its data is committed to the queue; when the queue is
+//! at its budget the answer is a retryable refusal (RESOURCE_EXHAUSTED with RetryInfo / HTTP 503
+//! with Retry-After), never a silent drop.
+
+pub mod grpc;
+pub mod http;
+pub mod intake;
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::context::{StageContext, StageError};
+use intake::Intake;
+
+const MIB: usize = 1024 * 1024;
+
+/// Runs the receive stage until shutdown: stops accepting, finishes in-flight requests, then
+/// lets the writer commit what it holds.
+pub async fn run(ctx: StageContext) -> Result<(), StageError> {
+    let (intake, writer) = Intake::start(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone())?;
+    let protocols = ctx.config.receivers.otlp.protocols.clone();
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(grpc) = protocols.grpc {
+        let listener = bind(&grpc.endpoint).await?;
+        let max = grpc.max_recv_msg_size_mib as usize * MIB;
+        let mut shutdown = ctx.shutdown.clone();
+        let router = tonic::transport::Server::builder()
+            .add_service(grpc::OtlpGrpcService::<grpc::Traces>::new(intake.clone(), max))
+            .add_service(grpc::OtlpGrpcService::<grpc::Logs>::new(intake.clone(), max))
+            .add_service(grpc::OtlpGrpcService::<grpc::Metrics>::new(intake.clone(), max));
+        tracing::info!(endpoint = %grpc.endpoint, "otlp grpc receiver listening");
+        servers.spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let stop = async move {
+                let _closed = shutdown.wait_for(|stop| *stop).await;
+            };
+            router
+                .serve_with_incoming_shutdown(incoming, stop)
+                .await
+                .map_err(|err| StageError::Other(format!("grpc server: {err}")))
+        });
+    }
+    if let Some(http) = protocols.http {
+        let listener = bind(&http.endpoint).await?;
+        let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB);
+        let mut shutdown = ctx.shutdown.clone();
+        tracing::info!(endpoint = %http.endpoint, "otlp http receiver listening");
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _closed = shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+                .map_err(|err| StageError::Other(format!("http server: {err}")))
+        });
+    }
+    drop(intake);
+    // Any server ending (shutdown or failure) ends the stage; a failure exits non-zero.
+    let mut outcome = Ok(());
+    while let Some(joined) = servers.join_next().await {
+        let result = joined.map_err(|err| StageError::Other(format!("server task: {err}"))).and_then(|r| r);
+        if let Err(err) = result {
+            outcome = Err(err);
+            break;
+        }
+    }
+    servers.abort_all();
+    while servers.join_next().await.is_some() {}
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(|err| StageError::Other(format!("writer join: {err}")))?;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(StageError::Queue(err)),
+        Err(_) => return Err(StageError::Other("intake writer panicked".into())),
+    }
+    ctx.events.log_summary();
+    outcome
+}
+
+async fn bind(endpoint: &str) -> Result<TcpListener, StageError> {
+    let addr: SocketAddr = endpoint
+        .parse()
+        .map_err(|err| StageError::Other(format!("bad listen address {endpoint}: {err}")))?;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| StageError::Other(format!("cannot listen on {endpoint}: {err}")))
+}

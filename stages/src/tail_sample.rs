@@ -1,0 +1,353 @@
+//! tail_sample: buffers spans by trace until the trace is complete (root span seen plus
+//! `root_grace`) or `decision_wait` has passed since its first span, then keeps it if any span
+//! is in ERROR status or lasted longer than `latency_threshold`, and drops it otherwise.
+//!
+//! State lives in the queue, not in this process:
+//! - the in-memory index holds `(seq, index)` references into the `spans` edge, never copies;
+//!   kept spans are copied out of the map only when their trace is decided;
+//! - the input cursor advances only past batches whose spans are all decided, so those batches
+//!   stay in the queue while any of their traces is pending;
+//! - `tail_sample/read_pos` (meta) records how far input was ingested; every decision is written
+//!   to the decisions table in the same transaction that emits the trace's spans;
+//! - after a restart the batches between the cursor and `read_pos` are re-read: a span whose
+//!   trace has a decision was already handled (emitted or dropped) and is skipped, every other
+//!   span is buffered again with its original receive time. Nothing is lost or emitted twice.
+//!
+//! A span arriving after its trace was decided follows the decision (emitted or dropped in the
+//! step that ingests it) and extends the decision's `last_seq`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
+use tailgate_ipc::decisions::Decision;
+use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
+
+use crate::context::{StageContext, StageError, unix_nanos_now};
+
+/// Most input batches ingested per step, to keep write transactions short.
+const MAX_BATCHES_PER_STEP: usize = 64;
+/// Most stale decisions pruned per step.
+const MAX_PRUNE_PER_STEP: usize = 4096;
+/// Meta key of the ingestion position.
+const READ_POS_KEY: &str = "tail_sample/read_pos";
+
+/// The sampling rules.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Decide this long after a trace's first span at the latest.
+    pub decision_wait: Duration,
+    /// Decide this long after the root span arrived.
+    pub root_grace: Duration,
+    /// Keep traces with an error span.
+    pub keep_errors: bool,
+    /// Keep traces with a span longer than this.
+    pub latency_threshold: Duration,
+    /// Remember decisions this long.
+    pub decision_cache_ttl: Duration,
+}
+
+impl Policy {
+    /// The policy configured in `config.tail_sample`.
+    pub fn from_config(config: &tailgate_config::TailSampleConfig) -> Policy {
+        Policy {
+            decision_wait: config.decision_wait,
+            root_grace: config.root_grace,
+            keep_errors: config.keep_errors,
+            latency_threshold: config.latency_threshold,
+            decision_cache_ttl: config.decision_cache_ttl,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PendingTrace {
+    /// When this trace must be decided, Unix nanoseconds.
+    due_unix_nano: u64,
+    /// Whether a span makes it worth keeping.
+    interesting: bool,
+    /// References to its spans in the `spans` edge.
+    spans: Vec<(u64, u32)>,
+}
+
+/// The sampler's in-memory index, rebuilt from the queue at start.
+#[derive(Debug)]
+pub struct Sampler {
+    policy: Policy,
+    traces: HashMap<[u8; 16], PendingTrace>,
+    /// (due time, trace id) of every pending trace.
+    due: BTreeSet<(u64, [u8; 16])>,
+    /// Undecided spans per ingested batch; the cursor passes a batch when its count is 0.
+    undecided: BTreeMap<u64, u32>,
+    cursor: u64,
+    read_pos: u64,
+    /// `read_pos` as persisted at start: batches up to it were handled before a restart.
+    replay_until: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepReport {
+    /// Spans ingested.
+    pub ingested: u64,
+    /// Spans written to `kept_spans`.
+    pub kept: u64,
+    /// Spans dropped by the policy.
+    pub dropped: u64,
+    /// Traces decided.
+    pub decided: u64,
+    /// Whether more input is waiting (the step stopped at its batch limit).
+    pub more_input: bool,
+}
+
+/// The spans one step emits and the decisions it records, committed together.
+#[derive(Default)]
+struct StepOutput {
+    builder: SubsetBuilder,
+    spans: Vec<batch::SpanRecord>,
+    decisions: Vec<([u8; 16], Decision)>,
+}
+
+impl StepOutput {
+    fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32) {
+        if let Some(span) = source.spans.get(index as usize) {
+            let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
+            self.spans.push(batch::own_span(span, scope));
+        }
+    }
+}
+
+impl Sampler {
+    /// Loads the cursor and ingestion position from the queue.
+    pub fn open(queue: &Queue, policy: Policy) -> Result<Sampler, StageError> {
+        let rtxn = queue.read()?;
+        let cursor = queue.cursor(&rtxn, Consumer::TailSample)?;
+        let replay_until = queue.meta_u64(&rtxn, READ_POS_KEY)?.unwrap_or(0).max(cursor);
+        Ok(Sampler {
+            policy,
+            traces: HashMap::new(),
+            due: BTreeSet::new(),
+            undecided: BTreeMap::new(),
+            cursor,
+            read_pos: cursor,
+            replay_until,
+        })
+    }
+
+    /// Traces currently buffered.
+    pub fn pending_traces(&self) -> usize {
+        self.traces.len()
+    }
+
+    /// When the earliest pending trace is due, Unix nanoseconds.
+    pub fn next_due(&self) -> Option<u64> {
+        self.due.first().map(|(due, _)| *due)
+    }
+
+    /// Ingests new input, decides due traces, and commits the result in one write transaction.
+    /// On error the in-memory index may be ahead of the queue: the process must exit and
+    /// rebuild from the queue (the supervisor restarts it).
+    pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<StepReport, StageError> {
+        let mut report = StepReport::default();
+        let mut output = StepOutput::default();
+        let rtxn = queue.read()?;
+        self.ingest(queue, &rtxn, &mut output, &mut report)?;
+        self.decide(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
+        drop(rtxn);
+        let old_cursor = self.cursor;
+        self.advance_cursor();
+        if report.ingested == 0 && output.decisions.is_empty() && old_cursor == self.cursor {
+            return Ok(report);
+        }
+        let mut wtxn = queue.write()?;
+        queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
+        queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos)?;
+        if !output.spans.is_empty() {
+            let (resources, scopes) = output.builder.take();
+            let kept = SpanBatch { received_unix_nano: unix_nanos_now(), resources, scopes, spans: output.spans };
+            queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(&kept)?)?;
+        }
+        for (trace_id, decision) in &output.decisions {
+            queue.put_decision(&mut wtxn, trace_id, decision)?;
+        }
+        let ttl_nanos = self.policy.decision_cache_ttl.as_nanos() as u64;
+        let prune_before_ms = now_unix_nano.saturating_sub(ttl_nanos) / 1_000_000;
+        queue.prune_decisions(&mut wtxn, prune_before_ms, self.cursor, MAX_PRUNE_PER_STEP)?;
+        queue.commit(wtxn)?;
+        Ok(report)
+    }
+
+    fn ingest(
+        &mut self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        output: &mut StepOutput,
+        report: &mut StepReport,
+    ) -> Result<(), StageError> {
+        let mut batches = 0;
+        for entry in queue.entries_after(rtxn, Edge::Spans, self.read_pos)? {
+            if batches == MAX_BATCHES_PER_STEP {
+                report.more_input = true;
+                break;
+            }
+            let (seq, value) = entry?;
+            let batch = batch::access_spans(value)?;
+            let replaying = seq <= self.replay_until;
+            let received = batch.received_unix_nano.to_native();
+            let mut undecided = 0u32;
+            for (index, span) in batch.spans.iter().enumerate() {
+                let trace_id = span.trace_id;
+                if !self.traces.contains_key(&trace_id) {
+                    if let Some(mut decision) = self.decided(queue, rtxn, output, &trace_id)? {
+                        // A late span (or, when replaying, one handled before the restart).
+                        if !replaying {
+                            if decision.keep {
+                                output.emit(seq, batch, index as u32);
+                                report.kept += 1;
+                            } else {
+                                report.dropped += 1;
+                            }
+                            decision.last_seq = decision.last_seq.max(seq);
+                            upsert_decision(output, trace_id, decision);
+                        }
+                        continue;
+                    }
+                }
+                undecided += 1;
+                self.buffer(seq, index as u32, received, span);
+            }
+            self.undecided.insert(seq, undecided);
+            self.read_pos = seq;
+            report.ingested += batch.spans.len() as u64;
+            batches += 1;
+        }
+        Ok(())
+    }
+
+    /// The decision for a trace not in the index: one made in this step, or a stored one.
+    fn decided(
+        &self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        output: &StepOutput,
+        trace_id: &[u8; 16],
+    ) -> Result<Option<Decision>, StageError> {
+        if let Some((_, decision)) = output.decisions.iter().rev().find(|(id, _)| id == trace_id) {
+            return Ok(Some(*decision));
+        }
+        Ok(queue.decision(rtxn, trace_id)?)
+    }
+
+    fn buffer(&mut self, seq: u64, index: u32, received: u64, span: &batch::ArchivedSpanRecord) {
+        let policy = &self.policy;
+        let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
+        let interesting = (policy.keep_errors && span.status_code == batch::STATUS_CODE_ERROR)
+            || duration > policy.latency_threshold.as_nanos() as u64;
+        let is_root = span.parent_span_id == [0u8; 8];
+        let wait_due = received.saturating_add(policy.decision_wait.as_nanos() as u64);
+        let root_due = received.saturating_add(policy.root_grace.as_nanos() as u64);
+        let trace_id = span.trace_id;
+        let trace = self.traces.entry(trace_id).or_insert_with(|| {
+            self.due.insert((wait_due, trace_id));
+            PendingTrace { due_unix_nano: wait_due, interesting: false, spans: Vec::new() }
+        });
+        trace.interesting |= interesting;
+        trace.spans.push((seq, index));
+        if is_root && root_due < trace.due_unix_nano {
+            self.due.remove(&(trace.due_unix_nano, trace_id));
+            trace.due_unix_nano = root_due;
+            self.due.insert((root_due, trace_id));
+        }
+    }
+
+    fn decide(
+        &mut self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        now_unix_nano: u64,
+        output: &mut StepOutput,
+        report: &mut StepReport,
+    ) -> Result<(), StageError> {
+        let mut sources: HashMap<u64, &ArchivedSpanBatch> = HashMap::new();
+        while let Some(&(due, trace_id)) = self.due.first() {
+            if due > now_unix_nano {
+                break;
+            }
+            self.due.pop_first();
+            let Some(trace) = self.traces.remove(&trace_id) else { continue };
+            let mut last_seq = 0;
+            for &(seq, index) in &trace.spans {
+                last_seq = last_seq.max(seq);
+                if let Some(count) = self.undecided.get_mut(&seq) {
+                    *count = count.saturating_sub(1);
+                }
+                if !trace.interesting {
+                    continue;
+                }
+                let source = match sources.get(&seq) {
+                    Some(source) => *source,
+                    None => {
+                        let value = queue.get(rtxn, Edge::Spans, seq)?.ok_or_else(|| {
+                            StageError::Other(format!("spans batch {seq} vanished while referenced"))
+                        })?;
+                        let source = batch::access_spans(value)?;
+                        sources.insert(seq, source);
+                        source
+                    }
+                };
+                output.emit(seq, source, index);
+            }
+            let spans = trace.spans.len() as u64;
+            if trace.interesting { report.kept += spans } else { report.dropped += spans }
+            report.decided += 1;
+            let decision = Decision { keep: trace.interesting, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
+            upsert_decision(output, trace_id, decision);
+        }
+        Ok(())
+    }
+
+    fn advance_cursor(&mut self) {
+        while let Some((&seq, &count)) = self.undecided.first_key_value() {
+            if count > 0 {
+                break;
+            }
+            self.undecided.pop_first();
+            self.cursor = seq;
+        }
+    }
+}
+
+fn upsert_decision(output: &mut StepOutput, trace_id: [u8; 16], decision: Decision) {
+    match output.decisions.iter_mut().find(|(id, _)| *id == trace_id) {
+        Some(slot) => slot.1 = decision,
+        None => output.decisions.push((trace_id, decision)),
+    }
+}
+
+/// Runs the stage: steps whenever woken or when the next trace is due.
+pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
+    let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
+    tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
+    while !ctx.stopping() {
+        let report = sampler.step(&ctx.queue, unix_nanos_now())?;
+        ctx.events.received(report.ingested);
+        ctx.events.sent(report.kept);
+        ctx.events.dropped("sampled_out", report.dropped);
+        if report.kept > 0 {
+            ctx.waker.edge_written(Edge::KeptSpans);
+        }
+        if report.decided > 0 {
+            ctx.waker.wake(StageId::LogMirror);
+        }
+        if report.more_input {
+            continue;
+        }
+        let timeout = sampler.next_due().map(|due| {
+            Duration::from_nanos(due.saturating_sub(unix_nanos_now())) + Duration::from_millis(1)
+        });
+        ctx.idle(timeout).await;
+    }
+    tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");
+    ctx.events.log_summary();
+    Ok(())
+}

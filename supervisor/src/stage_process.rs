@@ -1,0 +1,111 @@
+//! `tailgate stage <name>`: one stage in its own process. It opens the shared queue, binds its
+//! wake-up socket, takes its single-instance lock, and runs until SIGTERM/SIGINT (drain, exit 0)
+//! or failure (exit 1; the supervisor restarts it and the queue restores its state).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tailgate_config::Config;
+use tailgate_ipc::wake::{WakeListener, Waker, socket_dir};
+use tailgate_ipc::{Queue, QueueOptions, StageId};
+use tailgate_stages::events::StageEvents;
+use tailgate_stages::{StageContext, run_stage};
+use tracing::Instrument;
+
+/// Options every process opens the queue with.
+pub fn queue_options(config: &Config) -> QueueOptions {
+    QueueOptions { max_size_bytes: config.queue.max_size_mib * 1024 * 1024, ..QueueOptions::default() }
+}
+
+/// Entry point of a stage process.
+pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let Some(stage) = StageId::parse(name) else {
+        eprintln!("unknown stage {name:?}; expected one of receive, tail_sample, log_mirror, spanmetrics, export");
+        return ExitCode::FAILURE;
+    };
+    name_process(stage);
+    // If the supervisor dies without stopping us, stop too (SIGTERM: drain as usual).
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    let config = match crate::load_config(config_file.as_deref(), data_dir) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("stage {stage}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::init_logging(&config.log_level);
+    let runtime = match stage {
+        StageId::Receive | StageId::Export => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("stage {stage}: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let span = tracing::info_span!("stage", name = %stage);
+    match runtime.block_on(run(stage, config).instrument(span)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(stage = %stage, error = %err, "stage exited");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets the kernel's process name (`comm`, shown by `ps -o comm` and `top`) to `tg-<stage>`;
+/// the full command line (`ps -f`) reads `tailgate stage <stage>`.
+fn name_process(stage: StageId) {
+    let name = format!("tg-{}", stage.as_str());
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&name);
+    }
+}
+
+async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let run_dir = socket_dir(&data_dir);
+    std::fs::create_dir_all(&run_dir)?;
+    let lock = std::fs::File::create(run_dir.join(format!("{}.lock", stage.as_str())))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!("another {stage} process holds {}", run_dir.display());
+    }
+    let queue = Queue::open(&config.queue_dir(), &queue_options(&config))?;
+    let waker = Arc::new(Waker::new(&run_dir)?);
+    let wake = WakeListener::bind(&run_dir, stage)?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested; draining");
+        let _ = stop.send(true);
+    });
+    let ctx = StageContext {
+        stage,
+        config: Arc::new(config),
+        queue,
+        waker,
+        wake,
+        shutdown,
+        events: Arc::new(StageEvents::new(stage)),
+    };
+    tracing::debug!("stage started");
+    run_stage(ctx).await?;
+    drop(lock);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without handlers the default action (terminate) applies; the queue keeps state safe.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,453 @@
+//! The supervisor: a ractor actor tree with one [`StageActor`] per stage process under one
+//! [`Supervisor`].
+//!
+//! - Each stage actor starts its process by re-executing this binary (`tailgate stage <name>`),
+//!   watches it, and restarts it after a crash with capped exponential backoff (reset once the
+//!   process has run for a while). More than `max_restarts` within `restart_window` fails the
+//!   actor; the supervisor then shuts everything down and exits non-zero so systemd restarts the
+//!   unit (escalation).
+//! - After every child death the supervisor clears stale LMDB reader slots (a killed reader pins
+//!   pages until then).
+//! - The supervisor owns the periodic fsync of the queue (`queue.sync_interval`), skipped when no
+//!   transaction committed since the last one.
+//! - Shutdown (SIGTERM/SIGINT) runs in stage order: receive first (intake stops), then
+//!   tail_sample, log_mirror, spanmetrics, export. Each gets SIGTERM and `shutdown_timeout` to
+//!   drain before SIGKILL. Whatever is still queued stays on disk for the next start.
+//! - A marker file `RUNNING` in the data dir is removed only by a clean shutdown; if it is there
+//!   at start, the last run ended uncleanly (power loss, OS crash, SIGKILL of the supervisor) and
+//!   the queue is verified batch by batch before any stage starts.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tailgate_config::{Config, SupervisorConfig};
+use tailgate_ipc::{Queue, StageId};
+
+/// A stage process that ran at least this long resets its restart backoff.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+const RUNNING_MARKER: &str = "RUNNING";
+
+/// How to launch a stage process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// This binary.
+    pub exe: PathBuf,
+    /// `--config` to pass on, if one was given.
+    pub config_file: Option<PathBuf>,
+    /// Absolute data directory every process uses.
+    pub data_dir: PathBuf,
+}
+
+/// Messages of a stage actor.
+#[derive(Debug)]
+pub enum StageMsg {
+    /// Start the process (initially and after backoff).
+    Start,
+    /// The process of `generation` exited.
+    Exited {
+        /// Which start this was.
+        generation: u64,
+        /// How it ended.
+        status: String,
+    },
+    /// Stop the process (SIGTERM, then SIGKILL after the timeout) and the actor.
+    Stop(RpcReplyPort<()>),
+    /// The drain time of `generation` ran out.
+    StopTimeout(u64),
+    /// Report the running process id.
+    Pid(RpcReplyPort<Option<u32>>),
+}
+
+/// Watches one stage process.
+#[derive(Debug)]
+pub struct StageActor;
+
+/// A stage actor's state.
+#[derive(Debug)]
+pub struct StageState {
+    stage: StageId,
+    launch: Arc<Launch>,
+    queue: Queue,
+    policy: SupervisorConfig,
+    pid: Option<u32>,
+    generation: u64,
+    started_at: Instant,
+    backoff: Duration,
+    restarts: VecDeque<Instant>,
+    stopping: Option<RpcReplyPort<()>>,
+}
+
+/// What a stage actor starts with.
+#[derive(Debug)]
+pub struct StageArgs {
+    stage: StageId,
+    launch: Arc<Launch>,
+    queue: Queue,
+    policy: SupervisorConfig,
+}
+
+impl StageActor {
+    fn spawn_process(myself: &ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
+        let mut command = tokio::process::Command::new(&state.launch.exe);
+        command.arg("stage").arg(state.stage.as_str()).arg("--data-dir").arg(&state.launch.data_dir);
+        if let Some(file) = &state.launch.config_file {
+            command.arg("--config").arg(file);
+        }
+        command.stdin(std::process::Stdio::null()).kill_on_drop(false);
+        let mut child = command.spawn()?;
+        state.generation += 1;
+        state.pid = child.id();
+        state.started_at = Instant::now();
+        tracing::info!(stage = %state.stage, pid = ?state.pid, "stage process started");
+        let generation = state.generation;
+        let actor = myself.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("wait failed: {err}"),
+            };
+            let _ = actor.send_message(StageMsg::Exited { generation, status });
+        });
+        Ok(())
+    }
+
+    fn signal(pid: Option<u32>, signal: rustix::process::Signal) {
+        let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+
+    fn on_exit(myself: &ActorRef<StageMsg>, state: &mut StageState, status: String) -> Result<(), ActorProcessingErr> {
+        state.pid = None;
+        match state.queue.clear_stale_readers() {
+            Ok(cleared) if cleared > 0 => tracing::info!(stage = %state.stage, cleared, "cleared stale reader slots"),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(stage = %state.stage, error = %err, "cannot clear stale reader slots"),
+        }
+        if let Some(reply) = state.stopping.take() {
+            tracing::info!(stage = %state.stage, %status, "stage process stopped");
+            let _ = reply.send(());
+            myself.stop(None);
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now.duration_since(state.started_at) >= BACKOFF_RESET_AFTER {
+            state.backoff = state.policy.restart_backoff_initial;
+        }
+        state.restarts.push_back(now);
+        while state.restarts.front().is_some_and(|t| now.duration_since(*t) > state.policy.restart_window) {
+            state.restarts.pop_front();
+        }
+        if state.restarts.len() > state.policy.max_restarts as usize {
+            return Err(format!(
+                "stage {} exited {} times within {:?}; giving up",
+                state.stage,
+                state.restarts.len(),
+                state.policy.restart_window
+            )
+            .into());
+        }
+        tracing::warn!(stage = %state.stage, %status, restart_in = ?state.backoff, "stage process exited; restarting");
+        myself.send_after(state.backoff, || StageMsg::Start);
+        state.backoff = (state.backoff * 2).min(state.policy.restart_backoff_max);
+        Ok(())
+    }
+}
+
+impl Actor for StageActor {
+    type Msg = StageMsg;
+    type State = StageState;
+    type Arguments = StageArgs;
+
+    async fn pre_start(&self, myself: ActorRef<StageMsg>, args: StageArgs) -> Result<StageState, ActorProcessingErr> {
+        let mut state = StageState {
+            stage: args.stage,
+            launch: args.launch,
+            queue: args.queue,
+            backoff: args.policy.restart_backoff_initial,
+            policy: args.policy,
+            pid: None,
+            generation: 0,
+            started_at: Instant::now(),
+            restarts: VecDeque::new(),
+            stopping: None,
+        };
+        StageActor::spawn_process(&myself, &mut state)?;
+        Ok(state)
+    }
+
+    async fn handle(&self, myself: ActorRef<StageMsg>, message: StageMsg, state: &mut StageState) -> Result<(), ActorProcessingErr> {
+        match message {
+            StageMsg::Start => {
+                if state.pid.is_none() && state.stopping.is_none() {
+                    StageActor::spawn_process(&myself, state)?;
+                }
+            }
+            StageMsg::Exited { generation, status } => {
+                if generation == state.generation {
+                    StageActor::on_exit(&myself, state, status)?;
+                }
+            }
+            StageMsg::Stop(reply) => {
+                if state.pid.is_none() {
+                    let _ = reply.send(());
+                    myself.stop(None);
+                } else {
+                    state.stopping = Some(reply);
+                    StageActor::signal(state.pid, rustix::process::Signal::TERM);
+                    let generation = state.generation;
+                    myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+                }
+            }
+            StageMsg::StopTimeout(generation) => {
+                if generation == state.generation && state.pid.is_some() {
+                    tracing::warn!(stage = %state.stage, "stage did not drain in time; killing it");
+                    StageActor::signal(state.pid, rustix::process::Signal::KILL);
+                }
+            }
+            StageMsg::Pid(reply) => {
+                let _ = reply.send(state.pid);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
+        // Never leave an orphan behind, whatever stopped the actor.
+        StageActor::signal(state.pid, rustix::process::Signal::KILL);
+        Ok(())
+    }
+}
+
+/// Messages of the supervisor.
+#[derive(Debug)]
+pub enum SupervisorMsg {
+    /// Stop every stage in order, then the supervisor.
+    Shutdown(RpcReplyPort<()>),
+    /// Periodic fsync of the queue.
+    Sync,
+}
+
+/// The root actor.
+#[derive(Debug)]
+pub struct Supervisor;
+
+/// What the supervisor starts with.
+#[derive(Debug)]
+pub struct SupervisorArgs {
+    launch: Arc<Launch>,
+    queue: Queue,
+    policy: SupervisorConfig,
+    sync_interval: Duration,
+    escalated: Arc<AtomicBool>,
+}
+
+/// The supervisor's state.
+#[derive(Debug)]
+pub struct SupervisorState {
+    stages: Vec<(StageId, ActorRef<StageMsg>)>,
+    queue: Queue,
+    last_synced_txn: u64,
+    escalated: Arc<AtomicBool>,
+    shutting_down: bool,
+}
+
+async fn stop_stages(stages: &[(StageId, ActorRef<StageMsg>)]) {
+    for (stage, actor) in stages {
+        if let Err(err) = ractor::call!(actor, StageMsg::Stop) {
+            tracing::debug!(stage = %stage, error = %err, "stage actor already gone");
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(&self, myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+        let mut stages = Vec::new();
+        for stage in StageId::ALL {
+            let stage_args = StageArgs { stage, launch: args.launch.clone(), queue: args.queue.clone(), policy: args.policy.clone() };
+            let (actor, _handle) =
+                Actor::spawn_linked(Some(format!("stage-{stage}")), StageActor, stage_args, myself.get_cell()).await?;
+            stages.push((stage, actor));
+        }
+        myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        Ok(SupervisorState {
+            stages,
+            last_synced_txn: args.queue.last_txn_id(),
+            queue: args.queue,
+            escalated: args.escalated,
+            shutting_down: false,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<SupervisorMsg>, message: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Sync => {
+                let txn = state.queue.last_txn_id();
+                if txn != state.last_synced_txn {
+                    if let Err(err) = state.queue.force_sync() {
+                        tracing::error!(error = %err, "queue fsync failed");
+                    }
+                    state.last_synced_txn = txn;
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.shutting_down = true;
+                stop_stages(&state.stages).await;
+                if let Err(err) = state.queue.force_sync() {
+                    tracing::error!(error = %err, "final queue fsync failed");
+                }
+                let _ = reply.send(());
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, myself: ActorRef<SupervisorMsg>, event: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = event {
+            if state.shutting_down {
+                return Ok(());
+            }
+            tracing::error!(actor = ?cell.get_name(), error = %err, "stage supervision failed; shutting down to escalate");
+            state.shutting_down = true;
+            state.escalated.store(true, Ordering::SeqCst);
+            stop_stages(&state.stages).await;
+            myself.stop(Some("escalated".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `tailgate run`.
+pub fn main(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let config = match crate::load_config(config_file.as_deref(), data_dir) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("tailgate: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::init_logging(&config.log_level);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tailgate: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(supervise(config, config_file)) {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::error!(error = %err, "supervisor failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    if path.is_absolute() { Ok(path.to_path_buf()) } else { Ok(std::env::current_dir()?.join(path)) }
+}
+
+/// Opens the queue, verifying it first if the last run did not end cleanly.
+fn open_queue(config: &Config) -> anyhow::Result<Queue> {
+    let options = crate::stage_process::queue_options(config);
+    let marker = config.data_dir.join(RUNNING_MARKER);
+    let unclean = marker.exists();
+    std::fs::create_dir_all(&config.data_dir)?;
+    let queue_dir = config.queue_dir();
+    let queue = match Queue::open(&queue_dir, &options) {
+        Ok(queue) if !unclean => queue,
+        Ok(queue) => {
+            tracing::warn!("previous run did not shut down cleanly; verifying the queue");
+            match queue.verify() {
+                Ok(report) if report.corrupt.is_empty() => {
+                    tracing::info!(entries = report.entries, "queue verified");
+                    queue
+                }
+                Ok(report) => {
+                    tracing::error!(corrupt = ?report.corrupt, "queue holds corrupt batches");
+                    drop(queue);
+                    quarantine_and_reopen(&queue_dir, &options)?
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "queue cannot be read");
+                    drop(queue);
+                    quarantine_and_reopen(&queue_dir, &options)?
+                }
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "queue cannot be opened");
+            quarantine_and_reopen(&queue_dir, &options)?
+        }
+    };
+    std::fs::write(&marker, std::process::id().to_string())?;
+    Ok(queue)
+}
+
+/// Moves a damaged queue aside (kept for inspection) and starts an empty one.
+fn quarantine_and_reopen(queue_dir: &Path, options: &tailgate_ipc::QueueOptions) -> anyhow::Result<Queue> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let aside = queue_dir.with_file_name(format!("queue.corrupt-{stamp}"));
+    std::fs::rename(queue_dir, &aside)?;
+    tracing::error!(moved_to = %aside.display(), "damaged queue moved aside; starting with an empty queue");
+    Ok(Queue::open(queue_dir, options)?)
+}
+
+async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    config.data_dir = absolute(&config.data_dir)?;
+    let queue = open_queue(&config)?;
+    let launch = Arc::new(Launch {
+        exe: std::env::current_exe()?,
+        config_file: config_file.map(|f| absolute(&f)).transpose()?,
+        data_dir: config.data_dir.clone(),
+    });
+    let escalated = Arc::new(AtomicBool::new(false));
+    let args = SupervisorArgs {
+        launch,
+        queue,
+        policy: config.supervisor.clone(),
+        sync_interval: config.queue.sync_interval,
+        escalated: escalated.clone(),
+    };
+    let (supervisor, handle) = Actor::spawn(Some("supervisor".into()), Supervisor, args).await?;
+    tracing::info!(data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "tailgate started");
+    tokio::pin!(handle);
+    tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("shutting down: stopping intake, draining stages");
+            if let Err(err) = ractor::call!(supervisor, SupervisorMsg::Shutdown) {
+                tracing::warn!(error = %err, "supervisor already stopped");
+            }
+            let _ = (&mut handle).await;
+        }
+        _ = &mut handle => {}
+    }
+    if escalated.load(Ordering::SeqCst) {
+        tracing::error!("exiting non-zero so the service manager restarts tailgate");
+        return Ok(ExitCode::FAILURE);
+    }
+    std::fs::remove_file(config.data_dir.join(RUNNING_MARKER)).ok();
+    tracing::info!("tailgate stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,494 @@
+//! Shared harness of the multi-process tests: a real `tailgate run` in its own data dir with its
+//! own ports, an OTLP backend that records what it receives, and process helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// Test-speed timing knobs written into the config.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub decision_wait: &'static str,
+    pub root_grace: &'static str,
+    pub batch_timeout: &'static str,
+    pub log_max_wait: &'static str,
+    pub flush_interval: &'static str,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            decision_wait: "2s",
+            root_grace: "500ms",
+            batch_timeout: "200ms",
+            log_max_wait: "5s",
+            flush_interval: "1s",
+        }
+    }
+}
+
+/// A running `tailgate run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Tailgate {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub config_path: PathBuf,
+}
+
+impl Tailgate {
+    /// Writes a config pointing every exporter at `backend` and starts the binary.
+    pub fn start(backend: SocketAddr, timing: &Timing) -> Tailgate {
+        let dir = tempfile::tempdir().unwrap();
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            r#"
+data_dir: {data}
+log_level: info
+receivers:
+  otlp:
+    protocols:
+      grpc: {{ endpoint: "{grpc}" }}
+      http: {{ endpoint: "{http}" }}
+queue:
+  max_size_mib: 256
+tail_sample:
+  decision_wait: {dw}
+  root_grace: {rg}
+  decision_cache_ttl: 2m
+log_mirror:
+  max_wait: {lw}
+spanmetrics:
+  metrics_flush_interval: {fi}
+exporters:
+  traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
+  logs: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
+  metrics: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
+  batch: {{ send_batch_size: 512, timeout: {bt} }}
+  retry_on_failure: {{ initial_interval: 200ms, max_interval: 1s }}
+supervisor:
+  restart_backoff_initial: 50ms
+  restart_backoff_max: 1s
+  shutdown_timeout: 5s
+"#,
+            data = dir.path().join("data").display(),
+            dw = timing.decision_wait,
+            rg = timing.root_grace,
+            lw = timing.log_max_wait,
+            fi = timing.flush_interval,
+            bt = timing.batch_timeout,
+        );
+        let config_path = dir.path().join("tailgate.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = spawn_tailgate(&config_path, dir.path());
+        let tailgate = Tailgate { child, dir, grpc, http, config_path };
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok()),
+            "tailgate did not open its OTLP ports"
+        );
+        tailgate
+    }
+
+    /// Pid of the supervisor.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Pid of the running process of `stage` (a child of the supervisor).
+    pub fn stage_pid(&self, stage: &str) -> Option<u32> {
+        stage_pids(self.pid()).get(stage).copied()
+    }
+
+    /// Waits until `stage` runs under a pid other than `old`.
+    pub fn wait_for_restart(&self, stage: &str, old: u32) -> u32 {
+        let mut new = None;
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                new = self.stage_pid(stage).filter(|pid| *pid != old);
+                new.is_some()
+            }),
+            "{stage} was not restarted"
+        );
+        new.unwrap()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Path of the data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for Tailgate {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let children: Vec<u32> = stage_pids(self.pid()).values().copied().collect();
+            self.stop();
+            for pid in children {
+                signal(pid, "KILL");
+            }
+        }
+    }
+}
+
+/// Starts `tailgate run --config <file>` with its output in `<dir>/tailgate.log`.
+pub fn spawn_tailgate(config: &Path, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("tailgate.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Sends a signal by name with kill(1).
+pub fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
+}
+
+/// Stage name -> pid of the supervisor's children, read from /proc.
+pub fn stage_pids(supervisor: u32) -> HashMap<String, u32> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the parenthesized comm: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid != supervisor || state == "Z" {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.get(1).map(String::as_str) == Some("stage") {
+            if let Some(name) = args.get(2) {
+                out.insert(name.clone(), pid);
+            }
+        }
+    }
+    out
+}
+
+/// What the test backend received.
+#[derive(Default)]
+pub struct Received {
+    pub traces: Vec<ExportTraceServiceRequest>,
+    pub logs: Vec<ExportLogsServiceRequest>,
+    pub metrics: Vec<ExportMetricsServiceRequest>,
+    /// Answer the next this-many trace requests with UNAVAILABLE.
+    pub fail_next_traces: u32,
+}
+
+/// An OTLP/gRPC backend (standing in for Jaeger / a Collector) built from the official
+/// generated service definitions, recording every request.
+#[derive(Clone, Default)]
+pub struct Backend {
+    pub received: Arc<Mutex<Received>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Backend {
+    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut received = self.received.lock().unwrap();
+        if received.fail_next_traces > 0 {
+            received.fail_next_traces -= 1;
+            return Err(tonic::Status::unavailable("backend restarting"));
+        }
+        received.traces.push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Backend {
+    async fn export(&self, request: tonic::Request<ExportLogsServiceRequest>) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        self.received.lock().unwrap().logs.push(request.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Backend {
+    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.received.lock().unwrap().metrics.push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl Backend {
+    /// Serves the backend on a free loopback port from the given runtime.
+    pub fn serve(runtime: &tokio::runtime::Runtime) -> (Backend, SocketAddr) {
+        let backend = Backend::default();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = backend.clone();
+        runtime.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(service.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip))
+                .add_service(LogsServiceServer::new(service.clone()))
+                .add_service(MetricsServiceServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+        (backend, addr)
+    }
+
+    /// Every span received, keyed by (trace id, span id), with how often it arrived.
+    pub fn spans(&self) -> HashMap<([u8; 16], [u8; 8]), (Span, usize)> {
+        let mut out: HashMap<([u8; 16], [u8; 8]), (Span, usize)> = HashMap::new();
+        for request in &self.received.lock().unwrap().traces {
+            for resource in &request.resource_spans {
+                for scope in &resource.scope_spans {
+                    for span in &scope.spans {
+                        let key = (span.trace_id.clone().try_into().unwrap(), span.span_id.clone().try_into().unwrap());
+                        out.entry(key).or_insert_with(|| (span.clone(), 0)).1 += 1;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// How a synthetic trace should come out of sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A child span in ERROR status: kept.
+    Error,
+    /// The root lasts 350 ms: kept.
+    Slow,
+    /// Everything under 200 ms and OK: dropped.
+    Fast,
+}
+
+/// A synthetic trace: a root and `children` child spans.
+#[derive(Debug, Clone)]
+pub struct TestTrace {
+    pub trace_id: [u8; 16],
+    pub outcome: Outcome,
+    pub spans: Vec<Span>,
+}
+
+impl TestTrace {
+    /// Builds trace number `n` with the given outcome and `children` child spans.
+    pub fn new(n: u32, outcome: Outcome, children: u32) -> TestTrace {
+        let mut trace_id = [0u8; 16];
+        trace_id[..4].copy_from_slice(&n.to_be_bytes());
+        trace_id[15] = 0x7a;
+        let start = 1_700_000_000_000_000_000u64 + u64::from(n) * 1_000_000_000;
+        let root_id = span_id(n, 0);
+        let root_len = if outcome == Outcome::Slow { 350_000_000 } else { 120_000_000 };
+        let mut spans = vec![Span {
+            trace_id: trace_id.to_vec(),
+            span_id: root_id.to_vec(),
+            name: format!("GET /item/{}", n % 5),
+            kind: span::SpanKind::Server as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + root_len,
+            attributes: vec![string_kv("http.route", "/item/{id}")],
+            status: Some(Status { code: status::StatusCode::Ok as i32, message: String::new() }),
+            ..Default::default()
+        }];
+        for c in 1..=children {
+            let failed = outcome == Outcome::Error && c == children;
+            spans.push(Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id(n, c).to_vec(),
+                parent_span_id: root_id.to_vec(),
+                name: format!("db.query {c}"),
+                kind: span::SpanKind::Client as i32,
+                start_time_unix_nano: start + u64::from(c) * 1_000_000,
+                end_time_unix_nano: start + u64::from(c) * 1_000_000 + 20_000_000,
+                status: failed.then(|| Status { code: status::StatusCode::Error as i32, message: "timeout".into() }),
+                ..Default::default()
+            });
+        }
+        TestTrace { trace_id, outcome, spans }
+    }
+
+    /// Whether sampling must keep it.
+    pub fn kept(&self) -> bool {
+        self.outcome != Outcome::Fast
+    }
+}
+
+fn span_id(n: u32, c: u32) -> [u8; 8] {
+    let mut id = [0u8; 8];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    id[4..].copy_from_slice(&(c + 1).to_be_bytes());
+    id
+}
+
+pub fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }), ..Default::default() }
+}
+
+/// An OTLP request holding `spans` for service `service`.
+pub fn trace_request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource { attributes: vec![string_kv("service.name", service)], ..Default::default() }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope { name: "tailgate-tests".into(), version: "1".into(), ..Default::default() }),
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Sends the traces' spans in `waves` requests per trace spread over time: every span of a
+/// trace goes out in a different wave than its neighbours (children first, root later, the
+/// last child after the root), alternating gRPC and OTLP/HTTP protobuf clients. `between(w)`
+/// runs after wave `w`.
+pub async fn send_in_waves(
+    grpc: SocketAddr,
+    http: SocketAddr,
+    traces: &[TestTrace],
+    gap: Duration,
+    mut between: impl FnMut(usize),
+) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use prost::Message;
+    let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+    let http_client = reqwest::Client::new();
+    // Wave of each span: children 0..k-1 in wave i % 3, root one wave later, last child after it.
+    let waves = 5;
+    for wave in 0..waves {
+        let mut grpc_spans = Vec::new();
+        let mut http_spans = Vec::new();
+        for (index, trace) in traces.iter().enumerate() {
+            let base = index % 3;
+            let count = trace.spans.len();
+            for (position, span) in trace.spans.iter().enumerate() {
+                let span_wave = match position {
+                    0 => base + 1,
+                    p if p == count - 1 && count > 2 => base + 2,
+                    _ => base,
+                };
+                if span_wave == wave {
+                    if index % 2 == 0 { grpc_spans.push(span.clone()) } else { http_spans.push(span.clone()) }
+                }
+            }
+        }
+        if !grpc_spans.is_empty() {
+            client.export(trace_request("checkout", grpc_spans)).await.unwrap();
+        }
+        if !http_spans.is_empty() {
+            let body = trace_request("payments", http_spans).encode_to_vec();
+            let response = http_client
+                .post(format!("http://{http}/v1/traces"))
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        }
+        between(wave);
+        tokio::time::sleep(gap).await;
+    }
+}
+
+/// (trace id, span id) of every span of the traces sampling must keep.
+pub fn expected_spans(traces: &[TestTrace]) -> HashMap<([u8; 16], [u8; 8]), Span> {
+    traces
+        .iter()
+        .filter(|t| t.kept())
+        .flat_map(|t| t.spans.iter())
+        .map(|s| ((s.trace_id.clone().try_into().unwrap(), s.span_id.clone().try_into().unwrap()), s.clone()))
+        .collect()
+}
+
+/// A mix of error, slow and fast traces with 2..=4 children each.
+pub fn mixed_traces(count: u32) -> Vec<TestTrace> {
+    (0..count)
+        .map(|n| {
+            let outcome = match n % 3 {
+                0 => Outcome::Error,
+                1 => Outcome::Slow,
+                _ => Outcome::Fast,
+            };
+            TestTrace::new(n, outcome, 2 + n % 3)
+        })
+        .collect()
+}
+
+/// Waits for the backend to hold every expected span, then long enough for any extra or
+/// duplicate delivery to show, and asserts the delivered set is exact.
+pub fn assert_exact_delivery(backend: &Backend, traces: &[TestTrace], settle: Duration, allow_resend: bool) {
+    let expected = expected_spans(traces);
+    let arrived = wait_until(Duration::from_secs(60), || {
+        let got = backend.spans();
+        expected.keys().all(|k| got.contains_key(k))
+    });
+    std::thread::sleep(settle);
+    let got = backend.spans();
+    let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+    let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
+    assert!(arrived && missing.is_empty(), "{} of {} kept spans missing: {:?}", missing.len(), expected.len(), &missing[..missing.len().min(5)]);
+    assert!(extra.is_empty(), "{} spans of dropped traces delivered: {:?}", extra.len(), &extra[..extra.len().min(5)]);
+    for (key, (span, times)) in &got {
+        assert_eq!(span, &expected[key], "span delivered altered");
+        if !allow_resend {
+            assert_eq!(*times, 1, "span {key:?} delivered {times} times");
+        }
+    }
+}
