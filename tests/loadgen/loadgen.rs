@@ -1,1 +1,409 @@
-fn main() {}
+//! `tailgate-loadgen`: a bounded OTLP load generator, a counting OTLP sink, and a process meter,
+//! used by the benchmarks in BENCHMARKS.md.
+//!
+//! - `send`: OTLP/gRPC traces (and one correlated log record per span) at a fixed rate, or as fast
+//!   as the receiver accepts (`--rate 0`), for a bounded duration. A configurable share of traces
+//!   has an error span or a slow root, so the expected kept set is known. Prints what was
+//!   accepted and refused.
+//! - `sink`: an OTLP/gRPC endpoint that counts spans, log records and metric data points, and
+//!   prints the counts when it gets SIGINT/SIGTERM or after `--duration`.
+//! - `meter`: samples a process tree (a supervisor pid and its children) for CPU time and
+//!   private memory (smaps_rollup Private_Clean + Private_Dirty) over a window.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::metric;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
+
+/// Longest run any subcommand allows: every load loop is bounded.
+const MAX_DURATION_SECS: u64 = 600;
+
+#[derive(Debug, Parser)]
+#[command(name = "tailgate-loadgen", about = "bounded OTLP load generator, sink and process meter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send traces (and correlated logs) over OTLP/gRPC.
+    Send {
+        /// Receiver address.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        endpoint: String,
+        /// Spans per second; 0 sends as fast as the receiver accepts.
+        #[arg(long, default_value_t = 2500)]
+        rate: u64,
+        /// How long to send, seconds (at most 600).
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Spans per trace.
+        #[arg(long, default_value_t = 5)]
+        spans_per_trace: u32,
+        /// Spans per request.
+        #[arg(long, default_value_t = 100)]
+        batch: u32,
+        /// Percent of traces with an error span.
+        #[arg(long, default_value_t = 10)]
+        error_percent: u32,
+        /// Percent of traces with a slow (350 ms) root.
+        #[arg(long, default_value_t = 10)]
+        slow_percent: u32,
+        /// Also send one correlated log record per span.
+        #[arg(long)]
+        logs: bool,
+        /// Concurrent requests in flight (for --rate 0).
+        #[arg(long, default_value_t = 4)]
+        concurrency: u32,
+    },
+    /// Count what arrives over OTLP/gRPC.
+    Sink {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:14317")]
+        listen: String,
+        /// Stop after this many seconds (at most 600) or at SIGINT/SIGTERM.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+    },
+    /// Measure CPU and private memory of a process and its children over a window.
+    Meter {
+        /// The supervisor's pid.
+        #[arg(long)]
+        pid: u32,
+        /// Window, seconds (at most 600).
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match cli.command {
+        Command::Send { endpoint, rate, duration, spans_per_trace, batch, error_percent, slow_percent, logs, concurrency } => {
+            let plan = Plan { spans_per_trace: spans_per_trace.max(1), batch: batch.max(1), error_percent, slow_percent, logs };
+            runtime.block_on(send(&endpoint, rate, duration.min(MAX_DURATION_SECS), concurrency.max(1), plan))
+        }
+        Command::Sink { listen, duration } => runtime.block_on(sink(&listen, duration.min(MAX_DURATION_SECS))),
+        Command::Meter { pid, duration } => meter(pid, duration.min(MAX_DURATION_SECS)),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    spans_per_trace: u32,
+    batch: u32,
+    error_percent: u32,
+    slow_percent: u32,
+    logs: bool,
+}
+
+#[derive(Default)]
+struct SendStats {
+    spans_accepted: AtomicU64,
+    spans_keep_worthy: AtomicU64,
+    spans_refused: AtomicU64,
+    logs_accepted: AtomicU64,
+    requests_failed: AtomicU64,
+}
+
+fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }), ..Default::default() }
+}
+
+/// Builds request number `sequence`: whole traces, `plan.batch` spans, plus correlated logs.
+/// Returns (traces request, logs request, spans of kept traces).
+fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, ExportLogsServiceRequest, u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let traces = (plan.batch / plan.spans_per_trace).max(1);
+    let mut spans = Vec::with_capacity(plan.batch as usize);
+    let mut logs = Vec::new();
+    let mut keep_worthy = 0;
+    for t in 0..traces {
+        let trace_number = sequence * u64::from(traces) + u64::from(t);
+        let mut trace_id = [0u8; 16];
+        trace_id[..8].copy_from_slice(&run_id.to_be_bytes());
+        trace_id[8..].copy_from_slice(&trace_number.to_be_bytes());
+        let bucket = (trace_number % 100) as u32;
+        let error = bucket < plan.error_percent;
+        let slow = !error && bucket < plan.error_percent + plan.slow_percent;
+        if error || slow {
+            keep_worthy += u64::from(plan.spans_per_trace);
+        }
+        let root_len = if slow { 350_000_000 } else { 40_000_000 };
+        for s in 0..plan.spans_per_trace {
+            let mut span_id = [0u8; 8];
+            span_id[..4].copy_from_slice(&(trace_number as u32).to_be_bytes());
+            span_id[4..].copy_from_slice(&(s + 1).to_be_bytes());
+            let mut parent = Vec::new();
+            if s > 0 {
+                let mut root = span_id;
+                root[4..].copy_from_slice(&1u32.to_be_bytes());
+                parent = root.to_vec();
+            }
+            let failed = error && s + 1 == plan.spans_per_trace;
+            let (start, end) = if s == 0 { (now - root_len, now) } else { (now - root_len + 1_000_000, now - root_len + 6_000_000) };
+            spans.push(Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id.to_vec(),
+                parent_span_id: parent,
+                name: if s == 0 { "GET /api/orders".into() } else { format!("SELECT orders {s}") },
+                kind: if s == 0 { span::SpanKind::Server as i32 } else { span::SpanKind::Client as i32 },
+                start_time_unix_nano: start,
+                end_time_unix_nano: end,
+                attributes: vec![kv("http.route", "/api/orders"), kv("db.system", "postgresql")],
+                status: Some(Status {
+                    code: if failed { status::StatusCode::Error as i32 } else { status::StatusCode::Unset as i32 },
+                    message: if failed { "deadline exceeded".into() } else { String::new() },
+                }),
+                ..Default::default()
+            });
+            if plan.logs {
+                logs.push(LogRecord {
+                    time_unix_nano: end,
+                    severity_number: if failed { 17 } else { 9 },
+                    severity_text: if failed { "ERROR".into() } else { "INFO".into() },
+                    body: Some(AnyValue { value: Some(any_value::Value::StringValue(format!("handled step {s}"))) }),
+                    trace_id: trace_id.to_vec(),
+                    span_id: span_id.to_vec(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    let resource = Some(Resource { attributes: vec![kv("service.name", "orders"), kv("host.name", "edge-1")], ..Default::default() });
+    let scope = Some(InstrumentationScope { name: "tailgate-loadgen".into(), ..Default::default() });
+    let traces = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: resource.clone(),
+            scope_spans: vec![ScopeSpans { scope: scope.clone(), spans, ..Default::default() }],
+            ..Default::default()
+        }],
+    };
+    let logs = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs { resource, scope_logs: vec![ScopeLogs { scope, log_records: logs, ..Default::default() }], ..Default::default() }],
+    };
+    (traces, logs, keep_worthy)
+}
+
+async fn send(endpoint: &str, rate: u64, duration: u64, concurrency: u32, plan: Plan) -> anyhow::Result<()> {
+    let url = format!("http://{endpoint}");
+    let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+    let stats = Arc::new(SendStats::default());
+    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(duration);
+    let sequence = Arc::new(AtomicU64::new(0));
+    let spans_per_request = u64::from((plan.batch / plan.spans_per_trace).max(1) * plan.spans_per_trace);
+    let workers = if rate == 0 { concurrency } else { 1 };
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let channel = channel.clone();
+        let stats = stats.clone();
+        let sequence = sequence.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut traces_client = TraceServiceClient::new(channel.clone());
+            let mut logs_client = LogsServiceClient::new(channel);
+            let mut tick = (rate > 0).then(|| {
+                let per_second = (rate as f64 / spans_per_request as f64).max(0.001);
+                let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                interval
+            });
+            while Instant::now() < deadline {
+                if let Some(tick) = tick.as_mut() {
+                    tick.tick().await;
+                }
+                let n = sequence.fetch_add(1, Ordering::Relaxed);
+                let (traces, logs, keep_worthy) = build(n, plan, run_id);
+                match traces_client.export(traces).await {
+                    Ok(_) => {
+                        stats.spans_accepted.fetch_add(spans_per_request, Ordering::Relaxed);
+                        stats.spans_keep_worthy.fetch_add(keep_worthy, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        stats.spans_refused.fetch_add(spans_per_request, Ordering::Relaxed);
+                        stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if plan.logs {
+                    let count = logs.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len() as u64).sum::<u64>();
+                    if logs_client.export(logs).await.is_ok() {
+                        stats.logs_accepted.fetch_add(count, Ordering::Relaxed);
+                    } else {
+                        stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let accepted = stats.spans_accepted.load(Ordering::Relaxed);
+    println!(
+        "sent for {elapsed:.1} s: spans accepted {accepted} ({:.0}/s), keep-worthy {}, refused {}, logs accepted {}, failed requests {}",
+        accepted as f64 / elapsed,
+        stats.spans_keep_worthy.load(Ordering::Relaxed),
+        stats.spans_refused.load(Ordering::Relaxed),
+        stats.logs_accepted.load(Ordering::Relaxed),
+        stats.requests_failed.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
+
+#[derive(Clone, Default)]
+struct Counts {
+    spans: Arc<AtomicU64>,
+    logs: Arc<AtomicU64>,
+    points: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Counts {
+    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Counts {
+    async fn export(&self, request: tonic::Request<ExportLogsServiceRequest>) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let n: usize = request.get_ref().resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
+        self.logs.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Counts {
+    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let n: usize = request
+            .get_ref()
+            .resource_metrics
+            .iter()
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .map(|m| match &m.data {
+                Some(metric::Data::Sum(sum)) => sum.data_points.len(),
+                Some(metric::Data::Gauge(gauge)) => gauge.data_points.len(),
+                Some(metric::Data::Histogram(h)) => h.data_points.len(),
+                Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
+                Some(metric::Data::Summary(s)) => s.data_points.len(),
+                None => 0,
+            })
+            .sum();
+        self.points.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+async fn sink(listen: &str, duration: u64) -> anyhow::Result<()> {
+    let counts = Counts::default();
+    let addr = listen.parse()?;
+    let stop = async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = tokio::time::sleep(Duration::from_secs(duration)) => {}
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
+        .add_service(LogsServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
+        .add_service(MetricsServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
+        .serve_with_shutdown(addr, stop)
+        .await?;
+    println!(
+        "sink received: spans {}, log records {}, metric data points {}",
+        counts.spans.load(Ordering::Relaxed),
+        counts.logs.load(Ordering::Relaxed),
+        counts.points.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// CPU ticks (utime + stime) of a process.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state(0) ppid(1) ... utime(11) stime(12)
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// (private kB, pss kB) from smaps_rollup.
+fn memory_kb(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some((field("Private_Clean:") + field("Private_Dirty:"), field("Pss:")))
+}
+
+fn tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{root}/task/{root}/children")) {
+        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    pids
+}
+
+fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let start_pids = tree(root);
+    let start: HashMap<u32, u64> = start_pids.iter().filter_map(|p| Some((*p, cpu_ticks(*p)?))).collect();
+    let started = Instant::now();
+    let mut peak_private = 0u64;
+    let mut peak_pss = 0u64;
+    while started.elapsed() < Duration::from_secs(duration) {
+        std::thread::sleep(Duration::from_secs(1));
+        let (private, pss) = tree(root).iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
+        peak_private = peak_private.max(private);
+        peak_pss = peak_pss.max(pss);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let end_pids = tree(root);
+    let mut used = 0u64;
+    for pid in &end_pids {
+        let now = cpu_ticks(*pid).unwrap_or(0);
+        used += now.saturating_sub(start.get(pid).copied().unwrap_or(0));
+    }
+    let (private, pss) = end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
+    println!(
+        "processes {}: cpu {:.2}% of one core over {elapsed:.0} s; private memory {:.1} MiB (peak {:.1}); pss {:.1} MiB (peak {:.1})",
+        end_pids.len(),
+        used as f64 / ticks_per_second / elapsed * 100.0,
+        private as f64 / 1024.0,
+        peak_private as f64 / 1024.0,
+        pss as f64 / 1024.0,
+        peak_pss as f64 / 1024.0,
+    );
+    Ok(())
+}
