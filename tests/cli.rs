@@ -1,0 +1,57 @@
+//! The command line as a user meets it: `--version`, `--help`, `check-config`.
+
+use std::process::Command;
+
+fn tailgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tailgate"))
+}
+
+#[test]
+fn version_and_help() {
+    let version = tailgate().arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert_eq!(String::from_utf8(version.stdout).unwrap().trim(), format!("tailgate {}", env!("CARGO_PKG_VERSION")));
+    let help = tailgate().arg("--help").output().unwrap();
+    let text = String::from_utf8(help.stdout).unwrap();
+    assert!(help.status.success());
+    for command in ["run", "check-config"] {
+        assert!(text.contains(command), "--help lacks {command}: {text}");
+    }
+    assert!(!text.lines().any(|l| l.trim_start().starts_with("stage ")), "the internal stage command is hidden: {text}");
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml");
+    let output = tailgate().args(["check-config", path]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
+    let bad = example
+        .replace("endpoint: 127.0.0.1:4317", "endpoint: not-an-address")
+        .replace("decision_wait: 10s", "decision_wait: 0s")
+        .replace("memory_soft_limit_mib: 320", "memory_soft_limit_mib: 900");
+    std::fs::write(&path, bad).unwrap();
+    let output = tailgate().arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    for key in ["receivers.otlp.protocols.grpc.endpoint", "tail_sample.decision_wait", "supervisor.memory_soft_limit_mib"] {
+        assert!(stderr.contains(key), "missing {key} in: {stderr}");
+    }
+}
+
+#[test]
+fn check_config_names_an_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
+    std::fs::write(&path, example.replace("  latency_threshold: 200ms", "  latency_treshold: 200ms")).unwrap();
+    let output = tailgate().arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8(output.stderr).unwrap().contains("latency_treshold"));
+}
