@@ -7,19 +7,18 @@
 //! again after a kill.
 //!
 //! Batching follows the Collector's batch processor: a request goes out once `send_batch_size`
-//! items are waiting or the oldest waiting item is `timeout` old. A request carries whole queue
+//! items are waiting or `timeout` after the consumer first saw a waiting item. Waiting items are
+//! counted from batch headers; the request is assembled only when it is sent. A request carries whole queue
 //! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
 
 pub mod otlp;
-
-use std::time::Duration;
 
 use bytes::Bytes;
 use tailgate_config::Destination;
 use tailgate_ipc::batch;
 use tailgate_ipc::{Consumer, Edge, Queue};
 
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError};
 use crate::otlp_wire::{self, Signal};
 use otlp::{OtlpClient, SendOutcome};
 
@@ -35,8 +34,6 @@ pub struct Assembled {
     pub items: u64,
     /// Last queue sequence number it includes.
     pub last_seq: u64,
-    /// Receive time of its oldest batch, Unix nanoseconds.
-    pub oldest_unix_nano: u64,
 }
 
 /// Reads batches after the consumer's cursor into one request, stopping once `max_items` are in.
@@ -49,7 +46,7 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
             break;
         }
         let (seq, value) = entry?;
-        let received = match consumer.edge() {
+        match consumer.edge() {
             Edge::KeptSpans | Edge::Spans => {
                 let source = batch::access_spans(value)?;
                 for (scope_index, scope) in source.scopes.iter().enumerate() {
@@ -62,7 +59,6 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
                     write_group(&mut out.request, resource, scope, &mut bodies);
                 }
                 out.items += source.spans.len() as u64;
-                source.received_unix_nano.to_native()
             }
             Edge::KeptLogs | Edge::Logs => {
                 let source = batch::access_logs(value)?;
@@ -76,7 +72,6 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
                     write_group(&mut out.request, resource, scope, &mut bodies);
                 }
                 out.items += source.logs.len() as u64;
-                source.received_unix_nano.to_native()
             }
             Edge::Metrics => {
                 let source = batch::access_metrics(value)?;
@@ -85,11 +80,7 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
                     out.request.extend_from_slice(request.as_slice());
                 }
                 out.items += u64::from(source.data_points.to_native());
-                source.received_unix_nano.to_native()
             }
-        };
-        if out.oldest_unix_nano == 0 {
-            out.oldest_unix_nano = received;
         }
         out.last_seq = seq;
     }
@@ -120,6 +111,23 @@ struct Target {
     client: Option<OtlpClient>,
 }
 
+/// Items waiting after the consumer's cursor, counted from batch headers only (no archive
+/// access), up to where a request would stop.
+fn pending_items(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<u64, StageError> {
+    let rtxn = queue.read()?;
+    let cursor = queue.cursor(&rtxn, consumer)?;
+    let mut items = 0;
+    for (taken, entry) in queue.entries_after(&rtxn, consumer.edge(), cursor)?.enumerate() {
+        if taken == MAX_BATCHES_PER_REQUEST || items >= max_items {
+            break;
+        }
+        let (_, value) = entry?;
+        // A batch counts even when empty: it still has to be consumed.
+        items += u64::from(batch::BatchHeader::parse(value)?.items).max(1);
+    }
+    Ok(items)
+}
+
 /// Runs one consumer until shutdown.
 async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync::watch::Receiver<u64>) -> Result<(), StageError> {
     let exporters = &ctx.config.exporters;
@@ -127,12 +135,15 @@ async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync:
     let batch_timeout = exporters.batch.timeout;
     let retry = &exporters.retry_on_failure;
     let consumer = target.consumer;
+    // When this consumer first saw the items it is now waiting to send (the batch timer).
+    let mut waiting_since: Option<std::time::Instant> = None;
     loop {
         if ctx.stopping() {
             return Ok(());
         }
-        let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
-        if assembled.items == 0 && assembled.last_seq == cursor {
+        let items = pending_items(&ctx.queue, consumer, batch_size)?;
+        if items == 0 {
+            waiting_since = None;
             let mut stop = ctx.shutdown.clone();
             tokio::select! {
                 _ = wake.changed() => {}
@@ -140,8 +151,9 @@ async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync:
             }
             continue;
         }
-        let age = Duration::from_nanos(unix_nanos_now().saturating_sub(assembled.oldest_unix_nano));
-        if assembled.items < batch_size && age < batch_timeout && !ctx.stopping() {
+        let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+        let age = since.elapsed();
+        if items < batch_size && age < batch_timeout {
             let mut stop = ctx.shutdown.clone();
             tokio::select! {
                 _ = wake.changed() => {}
@@ -150,6 +162,8 @@ async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync:
             }
             continue;
         }
+        waiting_since = None;
+        let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
         let Some(client) = &target.client else {
             ctx.events.dropped("no_destination", assembled.items);
             commit(&ctx.queue, consumer, cursor, assembled.last_seq)?;
