@@ -49,8 +49,8 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            decision_wait: "2s",
-            root_grace: "500ms",
+            decision_wait: "3s",
+            root_grace: "1s",
             batch_timeout: "200ms",
             log_max_wait: "5s",
             flush_interval: "1s",
