@@ -13,13 +13,18 @@ fn kill_mid_flow(stage: &str, allow_resend: bool) {
     let tailgate = Tailgate::start(backend_addr, &Timing::default());
     let traces = mixed_traces(150);
     let mut killed = None;
-    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(400), |wave| {
-        if wave == 2 {
-            let pid = tailgate.stage_pid(stage).expect("stage running");
-            signal(pid, "KILL");
-            killed = Some(pid);
-        }
-    }));
+    // Three chunks sent back to back, each spread over five waves. The kill lands in the middle
+    // chunk: by then the first chunk's traces are decided and delivered, the middle chunk's are
+    // partly decided (their batches still behind the cursor) and partly pending.
+    for (chunk_index, chunk) in traces.chunks(50).enumerate() {
+        runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, chunk, Duration::from_millis(400), |wave| {
+            if chunk_index == 1 && wave == 4 {
+                let pid = tailgate.stage_pid(stage).expect("stage running");
+                signal(pid, "KILL");
+                killed = Some(pid);
+            }
+        }));
+    }
     let old = killed.expect("killed during the flow");
     let new = tailgate.wait_for_restart(stage, old);
     assert_ne!(old, new);

@@ -83,6 +83,10 @@ pub struct Sampler {
     read_pos: u64,
     /// `read_pos` as persisted at start: batches up to it were handled before a restart.
     replay_until: u64,
+    /// Replayed spans skipped because their trace was decided before the restart.
+    replay_skipped: u64,
+    /// Replayed spans buffered again (their trace was still pending).
+    replay_buffered: u64,
 }
 
 /// What one step did.
@@ -131,6 +135,8 @@ impl Sampler {
             cursor,
             read_pos: cursor,
             replay_until,
+            replay_skipped: 0,
+            replay_buffered: 0,
         })
     }
 
@@ -200,7 +206,9 @@ impl Sampler {
                 if !self.traces.contains_key(&trace_id) {
                     if let Some(mut decision) = self.decided(queue, rtxn, output, &trace_id)? {
                         // A late span (or, when replaying, one handled before the restart).
-                        if !replaying {
+                        if replaying {
+                            self.replay_skipped += 1;
+                        } else {
                             if decision.keep {
                                 output.emit(seq, batch, index as u32);
                                 report.kept += 1;
@@ -214,10 +222,21 @@ impl Sampler {
                     }
                 }
                 undecided += 1;
+                if replaying {
+                    self.replay_buffered += 1;
+                }
                 self.buffer(seq, index as u32, received, span);
             }
             self.undecided.insert(seq, undecided);
             self.read_pos = seq;
+            if seq == self.replay_until && replaying {
+                tracing::info!(
+                    through = seq,
+                    skipped_handled = self.replay_skipped,
+                    rebuffered = self.replay_buffered,
+                    "rebuilt sampler state from the queue"
+                );
+            }
             report.ingested += batch.spans.len() as u64;
             batches += 1;
         }

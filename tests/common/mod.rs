@@ -415,7 +415,8 @@ pub async fn send_in_waves(
         let mut grpc_spans = Vec::new();
         let mut http_spans = Vec::new();
         for (index, trace) in traces.iter().enumerate() {
-            let base = index % 3;
+            // Decoupled from the outcome (n % 3) so every wave mixes kept and dropped traces.
+            let base = (index / 2) % 3;
             let count = trace.spans.len();
             for (position, span) in trace.spans.iter().enumerate() {
                 let span_wave = match position {
