@@ -65,10 +65,10 @@ impl Queue {
 
     /// Records (or updates) a decision.
     pub fn put_decision(&self, wtxn: &mut RwTxn<'_>, trace_id: &[u8; 16], decision: &Decision) -> Result<(), QueueError> {
-        if let Some(previous) = self.decision(wtxn, trace_id)? {
-            if previous.decided_unix_ms != decision.decided_unix_ms {
-                self.decision_expiry.delete(wtxn, &expiry_key(previous.decided_unix_ms, trace_id))?;
-            }
+        if let Some(previous) = self.decision(wtxn, trace_id)?
+            && previous.decided_unix_ms != decision.decided_unix_ms
+        {
+            self.decision_expiry.delete(wtxn, &expiry_key(previous.decided_unix_ms, trace_id))?;
         }
         self.decisions.put(wtxn, trace_id, &decision.encode())?;
         self.decision_expiry.put(wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;

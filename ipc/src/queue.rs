@@ -39,6 +39,9 @@ pub const INTAKE_STOP_RATIO: f64 = 0.8;
 
 type Table = Database<'static, Bytes, Bytes>;
 
+/// Key/value pairs borrowed from the map for the life of a transaction.
+pub type Entries<'t> = Vec<(&'t [u8], &'t [u8])>;
+
 /// A read transaction usable across `.await` (no thread-local reader slot).
 pub type ReadTxn<'e> = RoTxn<'e, WithoutTls>;
 
@@ -408,7 +411,7 @@ impl Queue {
         &self,
         txn: &'t RoTxn<'_>,
         prefix: &[u8],
-    ) -> Result<Vec<(&'t [u8], &'t [u8])>, QueueError> {
+    ) -> Result<Entries<'t>, QueueError> {
         let mut out = Vec::new();
         for entry in self.state.prefix_iter(txn, prefix)? {
             out.push(entry?);

@@ -157,9 +157,13 @@ mod tests {
     #[test]
     fn every_consumer_is_listed_on_its_edge() {
         for edge in Edge::ALL {
+            let mut stages: Vec<StageId> = edge.consumers().iter().map(|c| c.stage()).collect();
             for consumer in edge.consumers() {
                 assert_eq!(consumer.edge(), edge);
             }
+            // Waker::edge_written relies on one consumer per stage and edge.
+            stages.dedup();
+            assert_eq!(stages.len(), edge.consumers().len());
         }
         for stage in StageId::ALL {
             assert_eq!(StageId::parse(stage.as_str()), Some(stage));

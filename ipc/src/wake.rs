@@ -23,39 +23,53 @@ fn socket_path(dir: &Path, stage: StageId) -> PathBuf {
 }
 
 /// Sends wake-ups to consumers of edges.
+///
+/// Keeps one connected socket per target stage, so a wake-up is one `send` without a path
+/// lookup; a send that fails (the target restarted and bound a new socket) reconnects once.
 #[derive(Debug)]
 pub struct Waker {
-    socket: StdDatagram,
     dir: PathBuf,
+    connected: std::sync::Mutex<[Option<StdDatagram>; StageId::ALL.len()]>,
 }
 
 impl Waker {
     /// A sender for the sockets under `dir` (see [`socket_dir`]).
     pub fn new(dir: &Path) -> std::io::Result<Waker> {
-        let socket = StdDatagram::unbound()?;
-        socket.set_nonblocking(true)?;
-        Ok(Waker { socket, dir: dir.to_path_buf() })
+        Ok(Waker { dir: dir.to_path_buf(), connected: std::sync::Mutex::new(Default::default()) })
+    }
+
+    fn connect(&self, stage: StageId) -> Option<StdDatagram> {
+        let socket = StdDatagram::unbound().ok()?;
+        socket.set_nonblocking(true).ok()?;
+        socket.connect(socket_path(&self.dir, stage)).ok()?;
+        Some(socket)
     }
 
     /// Wakes every stage that consumes `edge`.
     pub fn edge_written(&self, edge: Edge) {
-        let mut seen: [Option<StageId>; 3] = [None; 3];
-        for (slot, consumer) in edge.consumers().iter().enumerate() {
-            let stage = consumer.stage();
-            if seen.contains(&Some(stage)) {
-                continue;
-            }
-            if let Some(entry) = seen.get_mut(slot) {
-                *entry = Some(stage);
-            }
-            self.wake(stage);
+        // The consumers of one edge belong to distinct stages (see `Edge::consumers`).
+        for consumer in edge.consumers() {
+            self.wake(consumer.stage());
         }
     }
 
     /// Wakes one stage. Errors are ignored on purpose: a stage that is not running reads the
     /// queue when it starts, and a full buffer means a wake-up is already pending.
     pub fn wake(&self, stage: StageId) {
-        let _ignored = self.socket.send_to(&[1], socket_path(&self.dir, stage));
+        let Ok(mut connected) = self.connected.lock() else { return };
+        let slot = &mut connected[stage as usize];
+        if let Some(socket) = slot.as_ref() {
+            match socket.send(&[1]) {
+                Ok(_) => return,
+                // Buffer full: a wake-up is already pending.
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => *slot = None,
+            }
+        }
+        *slot = self.connect(stage);
+        if let Some(socket) = slot.as_ref() {
+            let _ignored = socket.send(&[1]);
+        }
     }
 }
 

@@ -52,8 +52,7 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
     let rtxn = queue.read()?;
     let cursor = queue.cursor(&rtxn, Consumer::LogMirror)?;
     let mut new_cursor = cursor;
-    let mut batches = 0;
-    'batches: for entry in queue.entries_after(&rtxn, Edge::Logs, cursor)? {
+    'batches: for (batches, entry) in queue.entries_after(&rtxn, Edge::Logs, cursor)?.enumerate() {
         if batches == MAX_BATCHES_PER_STEP {
             report.more_input = true;
             break;
@@ -99,7 +98,6 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
         report.received += source.logs.len() as u64;
         report.decision_timeout += batch_timeouts;
         new_cursor = seq;
-        batches += 1;
     }
     drop(rtxn);
     if new_cursor == cursor {

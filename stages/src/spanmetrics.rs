@@ -67,8 +67,7 @@ impl Accumulator {
             self.read_pos = queue.cursor(&rtxn, Consumer::Spanmetrics)?;
         }
         let mut spans = 0;
-        let mut batches = 0;
-        for entry in queue.entries_after(&rtxn, Edge::KeptSpans, self.read_pos)? {
+        for (batches, entry) in queue.entries_after(&rtxn, Edge::KeptSpans, self.read_pos)?.enumerate() {
             if batches == MAX_BATCHES_PER_READ {
                 return Ok((spans, true));
             }
@@ -91,7 +90,6 @@ impl Accumulator {
             }
             spans += source.spans.len() as u64;
             self.read_pos = seq;
-            batches += 1;
         }
         Ok((spans, false))
     }

@@ -203,23 +203,23 @@ impl Sampler {
             let mut undecided = 0u32;
             for (index, span) in batch.spans.iter().enumerate() {
                 let trace_id = span.trace_id;
-                if !self.traces.contains_key(&trace_id) {
-                    if let Some(mut decision) = self.decided(queue, rtxn, output, &trace_id)? {
-                        // A late span (or, when replaying, one handled before the restart).
-                        if replaying {
-                            self.replay_skipped += 1;
+                if !self.traces.contains_key(&trace_id)
+                    && let Some(mut decision) = self.decided(queue, rtxn, output, &trace_id)?
+                {
+                    // A late span (or, when replaying, one handled before the restart).
+                    if replaying {
+                        self.replay_skipped += 1;
+                    } else {
+                        if decision.keep {
+                            output.emit(seq, batch, index as u32);
+                            report.kept += 1;
                         } else {
-                            if decision.keep {
-                                output.emit(seq, batch, index as u32);
-                                report.kept += 1;
-                            } else {
-                                report.dropped += 1;
-                            }
-                            decision.last_seq = decision.last_seq.max(seq);
-                            upsert_decision(output, trace_id, decision);
+                            report.dropped += 1;
                         }
-                        continue;
+                        decision.last_seq = decision.last_seq.max(seq);
+                        upsert_decision(output, trace_id, decision);
                     }
+                    continue;
                 }
                 undecided += 1;
                 if replaying {

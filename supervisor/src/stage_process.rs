@@ -36,7 +36,7 @@ pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>)
     };
     crate::init_logging(&config.log_level);
     let runtime = match stage {
-        StageId::Receive | StageId::Export => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
+        StageId::Export => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     let runtime = match runtime {

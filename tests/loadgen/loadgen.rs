@@ -391,9 +391,13 @@ fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let end_pids = tree(root);
     let mut used = 0u64;
+    let mut per_process = Vec::new();
     for pid in &end_pids {
         let now = cpu_ticks(*pid).unwrap_or(0);
-        used += now.saturating_sub(start.get(pid).copied().unwrap_or(0));
+        let delta = now.saturating_sub(start.get(pid).copied().unwrap_or(0));
+        used += delta;
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        per_process.push(format!("{} {:.2}%", name.trim(), delta as f64 / ticks_per_second / elapsed * 100.0));
     }
     let (private, pss) = end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
     println!(
@@ -405,5 +409,6 @@ fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
         pss as f64 / 1024.0,
         peak_pss as f64 / 1024.0,
     );
+    println!("per process: {}", per_process.join(", "));
     Ok(())
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs one benchmark scenario against a release build and prints the figures BENCHMARKS.md
+# quotes. Usage:
+#   tests/loadgen/bench.sh reference   # ~2,500 spans/s + one log per span for 60 s
+#   tests/loadgen/bench.sh max         # as fast as receive accepts for 20 s, batches of 512
+# Everything runs on loopback; every loop is bounded by --duration.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+scenario=${1:-reference}
+bin=target/release
+work=$(mktemp -d /tmp/tailgate-bench.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+
+cargo build --release --bins --quiet
+
+# Backend stand-in on the default export endpoint (127.0.0.1:14317).
+"$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --duration 600 > "$work/sink.out" &
+sink=$!
+"$bin/tailgate" run --data-dir "$work/data" 2> "$work/tailgate.log" &
+tailgate=$!
+for _ in $(seq 100); do
+  (echo > /dev/tcp/127.0.0.1/4317) 2>/dev/null && break
+  sleep 0.1
+done
+
+case "$scenario" in
+  reference)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch 50 --logs
+    wait "$meter"
+    ;;
+  max)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate 0 --duration 20 --batch 512 --concurrency 4
+    wait "$meter"
+    ;;
+  *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+esac
+cat "$work/meter.out"
+# Let decisions (decision_wait 10 s) and the export batch timeout (5 s) run out, then stop.
+sleep 17
+kill -TERM "$tailgate"; wait "$tailgate" || true
+kill -TERM "$sink"; wait "$sink" || true
+cat "$work/sink.out"
