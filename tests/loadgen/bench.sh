@@ -2,7 +2,7 @@
 # Runs one benchmark scenario against a release build and prints the figures BENCHMARKS.md
 # quotes. Usage:
 #   tests/loadgen/bench.sh reference   # ~2,500 spans/s + one log per span for 60 s
-#   tests/loadgen/bench.sh max         # as fast as receive accepts for 20 s, batches of 512
+#   tests/loadgen/bench.sh max [RATE]  # RATE spans/s (0: as fast as accepted) for 20 s, batches of 512
 # Everything runs on loopback; every loop is bounded by --duration.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,7 +33,7 @@ case "$scenario" in
   max)
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter.out" &
     meter=$!
-    "$bin/tailgate-loadgen" send --rate 0 --duration 20 --batch 512 --concurrency 4
+    "$bin/tailgate-loadgen" send --rate "${2:-0}" --duration 20 --batch 512 --concurrency 4
     wait "$meter"
     ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;

@@ -32,7 +32,8 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
             .add_service(grpc::OtlpGrpcService::<grpc::Metrics>::new(intake.clone(), max));
         tracing::info!(endpoint = %grpc.endpoint, "otlp grpc receiver listening");
         servers.spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            // Without TCP_NODELAY, small response frames wait on the client's delayed ACK.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let stop = async move {
                 let _closed = shutdown.wait_for(|stop| *stop).await;
             };
@@ -47,6 +48,11 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB);
         let mut shutdown = ctx.shutdown.clone();
         tracing::info!(endpoint = %http.endpoint, "otlp http receiver listening");
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
         servers.spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
