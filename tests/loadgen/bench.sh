@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one benchmark scenario against a release build and prints the figures BENCHMARKS.md
 # quotes. Usage:
-#   tests/loadgen/bench.sh reference   # ~2,500 spans/s + one log per span for 60 s
+#   tests/loadgen/bench.sh reference [BATCH]  # 2,500 spans/s + one log per span for 60 s,
+#                                             # BATCH spans per request (default 50: 100 requests/s)
 #   tests/loadgen/bench.sh max [RATE]  # RATE spans/s (0: as fast as accepted) for 20 s, batches of 512
 # Everything runs on loopback; every loop is bounded by --duration.
 set -euo pipefail
@@ -27,7 +28,7 @@ case "$scenario" in
   reference)
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
     meter=$!
-    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch 50 --logs
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch "${2:-50}" --logs
     wait "$meter"
     ;;
   max)

@@ -139,7 +139,8 @@ fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, 
         let mut trace_id = [0u8; 16];
         trace_id[..8].copy_from_slice(&run_id.to_be_bytes());
         trace_id[8..].copy_from_slice(&trace_number.to_be_bytes());
-        let bucket = (trace_number % 100) as u32;
+        // Spread outcomes over the positions of the request, so every request has the mix.
+        let bucket = (u64::from(t) * 100 / u64::from(traces)) as u32;
         let error = bucket < plan.error_percent;
         let slow = !error && bucket < plan.error_percent + plan.slow_percent;
         if error || slow {
