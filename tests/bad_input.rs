@@ -1,6 +1,8 @@
 //! Bad input on both receivers gets the right status and message, and the receiver keeps
 //! serving: nothing accepted before or after is affected, and the process is not restarted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
 mod common;
 
 use std::io::Write;
@@ -46,14 +48,56 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
     let tailgate = Tailgate::start(backend_addr, &Timing::default());
     let receive_pid = tailgate.stage_pid("receive").unwrap();
     let valid = valid_request(1);
-    let cases = vec![
-        Case { name: "garbage", content_type: "application/x-protobuf", encoding: None, body: b"\xff\xff\xff\xffnot protobuf".to_vec(), status: 400 },
-        Case { name: "truncated", content_type: "application/x-protobuf", encoding: None, body: valid[..valid.len() - 7].to_vec(), status: 400 },
-        Case { name: "wrong content type", content_type: "text/plain", encoding: None, body: valid.clone(), status: 415 },
-        Case { name: "oversize", content_type: "application/x-protobuf", encoding: None, body: vec![0u8; 5 * 1024 * 1024], status: 413 },
-        Case { name: "gzip that does not inflate", content_type: "application/x-protobuf", encoding: Some("gzip"), body: b"\x1f\x8b\x08\x00garbage-not-deflate".to_vec(), status: 400 },
-        Case { name: "gzip bomb", content_type: "application/x-protobuf", encoding: Some("gzip"), body: gzip(&vec![0u8; 64 * 1024 * 1024]), status: 413 },
-        Case { name: "malformed json", content_type: "application/json", encoding: None, body: b"{\"resourceSpans\": [".to_vec(), status: 400 },
+    let cases = [
+        Case {
+            name: "garbage",
+            content_type: "application/x-protobuf",
+            encoding: None,
+            body: b"\xff\xff\xff\xffnot protobuf".to_vec(),
+            status: 400,
+        },
+        Case {
+            name: "truncated",
+            content_type: "application/x-protobuf",
+            encoding: None,
+            body: valid[..valid.len() - 7].to_vec(),
+            status: 400,
+        },
+        Case {
+            name: "wrong content type",
+            content_type: "text/plain",
+            encoding: None,
+            body: valid.clone(),
+            status: 415,
+        },
+        Case {
+            name: "oversize",
+            content_type: "application/x-protobuf",
+            encoding: None,
+            body: vec![0u8; 5 * 1024 * 1024],
+            status: 413,
+        },
+        Case {
+            name: "gzip that does not inflate",
+            content_type: "application/x-protobuf",
+            encoding: Some("gzip"),
+            body: b"\x1f\x8b\x08\x00garbage-not-deflate".to_vec(),
+            status: 400,
+        },
+        Case {
+            name: "gzip bomb",
+            content_type: "application/x-protobuf",
+            encoding: Some("gzip"),
+            body: gzip(&vec![0u8; 64 * 1024 * 1024]),
+            status: 413,
+        },
+        Case {
+            name: "malformed json",
+            content_type: "application/json",
+            encoding: None,
+            body: b"{\"resourceSpans\": [".to_vec(),
+            status: 400,
+        },
     ];
     let client = reqwest::Client::new();
     runtime.block_on(async {
@@ -98,7 +142,12 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
 
 /// Sends one raw gRPC frame over HTTP/2 and returns the grpc-status and grpc-message headers
 /// (errors before any response message come back as a trailers-only response).
-async fn grpc_raw(client: &reqwest::Client, addr: std::net::SocketAddr, payload: &[u8], compressed: bool) -> (String, String) {
+async fn grpc_raw(
+    client: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    payload: &[u8],
+    compressed: bool,
+) -> (String, String) {
     let mut frame = vec![u8::from(compressed)];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(payload);

@@ -1,5 +1,7 @@
 //! The command line as a user meets it: `--version`, `--help`, `check-config`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
 use std::process::Command;
 
 fn tailgate() -> Command {
@@ -17,7 +19,10 @@ fn version_and_help() {
     for command in ["run", "check-config"] {
         assert!(text.contains(command), "--help lacks {command}: {text}");
     }
-    assert!(!text.lines().any(|l| l.trim_start().starts_with("stage ")), "the internal stage command is hidden: {text}");
+    assert!(
+        !text.lines().any(|l| l.trim_start().starts_with("stage ")),
+        "the internal stage command is hidden: {text}"
+    );
 }
 
 #[test]
@@ -31,7 +36,8 @@ fn check_config_accepts_the_example() {
 fn check_config_lists_every_problem_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
     let bad = example
         .replace("endpoint: 127.0.0.1:4317", "endpoint: not-an-address")
         .replace("decision_wait: 10s", "decision_wait: 0s")
@@ -40,7 +46,9 @@ fn check_config_lists_every_problem_with_its_path() {
     let output = tailgate().arg("check-config").arg(&path).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
-    for key in ["receivers.otlp.protocols.grpc.endpoint", "tail_sample.decision_wait", "supervisor.memory_soft_limit_mib"] {
+    for key in
+        ["receivers.otlp.protocols.grpc.endpoint", "tail_sample.decision_wait", "supervisor.memory_soft_limit_mib"]
+    {
         assert!(stderr.contains(key), "missing {key} in: {stderr}");
     }
 }
@@ -49,7 +57,8 @@ fn check_config_lists_every_problem_with_its_path() {
 fn check_config_names_an_unknown_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.yaml");
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
     std::fs::write(&path, example.replace("  latency_threshold: 200ms", "  latency_treshold: 200ms")).unwrap();
     let output = tailgate().arg("check-config").arg(&path).output().unwrap();
     assert_eq!(output.status.code(), Some(1));

@@ -2,6 +2,8 @@
 //! (records without a trace id: iff ERROR or above), and the calls metric counts exactly the
 //! kept spans per service and span name.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

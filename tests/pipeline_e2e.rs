@@ -3,6 +3,8 @@
 //! HTTP) go in; exactly the spans of the error and slow traces come out at the OTLP backend,
 //! complete, unaltered and each once.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
 mod common;
 
 use std::time::Duration;
@@ -50,6 +52,10 @@ fn six_named_processes_serve_both_ports() {
     let status = tailgate.stop();
     assert!(status.success(), "supervisor exit: {status:?}");
     for pid in pids.values() {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap().is_empty(), "stage {pid} outlived the supervisor");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap().is_empty(),
+            "stage {pid} outlived the supervisor"
+        );
     }
 }

@@ -389,7 +389,11 @@ impl Config {
         }
         if let Some(http) = &protocols.http {
             check_listen(&http.endpoint, "receivers.otlp.protocols.http.endpoint", &mut problem);
-            check_size(http.max_request_body_size_mib, "receivers.otlp.protocols.http.max_request_body_size_mib", &mut problem);
+            check_size(
+                http.max_request_body_size_mib,
+                "receivers.otlp.protocols.http.max_request_body_size_mib",
+                &mut problem,
+            );
         }
         if self.queue.max_size_mib < 16 {
             problem("queue.max_size_mib", format!("{} is below the minimum of 16", self.queue.max_size_mib));
@@ -432,7 +436,10 @@ impl Config {
         }
         let retry = &exporters.retry_on_failure;
         if retry.initial_interval.is_zero() || retry.initial_interval > retry.max_interval {
-            problem("exporters.retry_on_failure.initial_interval", "must be above zero and at most max_interval".into());
+            problem(
+                "exporters.retry_on_failure.initial_interval",
+                "must be above zero and at most max_interval".into(),
+            );
         }
         let supervisor = &self.supervisor;
         if supervisor.memory_soft_limit_mib >= supervisor.memory_hard_limit_mib {

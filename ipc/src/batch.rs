@@ -225,18 +225,13 @@ pub fn encode_metrics(batch: &MetricBatch) -> Result<Vec<u8>, BatchError> {
 fn encode<T>(kind: BatchKind, items: usize, value: &T) -> Result<Vec<u8>, BatchError>
 where
     T: for<'a> Serialize<
-            rkyv::api::high::HighSerializer<
-                Vec<u8>,
-                rkyv::ser::allocator::ArenaHandle<'a>,
-                rancor::Error,
-            >,
-        >,
+        rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
+    >,
 {
     let items = u32::try_from(items).map_err(|_| BatchError::Header("more than u32::MAX items"))?;
     let mut out = Vec::with_capacity(1024);
     BatchHeader { kind, items }.write(&mut out);
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out)
-        .map_err(|err| BatchError::Archive(err.to_string()))
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out).map_err(|err| BatchError::Archive(err.to_string()))
 }
 
 fn body_of(value: &[u8], expected: BatchKind) -> Result<&[u8], BatchError> {

@@ -12,8 +12,8 @@
 //!   `last_seq` is at or below tail_sample's cursor, so a restart that re-reads the batches past
 //!   the cursor always finds the decision for every span it already handled.
 
-use heed::RwTxn;
 use heed::RoTxn;
+use heed::RwTxn;
 
 use crate::queue::{Queue, QueueError};
 
@@ -64,7 +64,12 @@ impl Queue {
     }
 
     /// Records (or updates) a decision.
-    pub fn put_decision(&self, wtxn: &mut RwTxn<'_>, trace_id: &[u8; 16], decision: &Decision) -> Result<(), QueueError> {
+    pub fn put_decision(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        trace_id: &[u8; 16],
+        decision: &Decision,
+    ) -> Result<(), QueueError> {
         if let Some(previous) = self.decision(wtxn, trace_id)?
             && previous.decided_unix_ms != decision.decided_unix_ms
         {
@@ -77,7 +82,13 @@ impl Queue {
 
     /// Deletes decisions made before `before_unix_ms` whose spans are all at or below `cursor`.
     /// Stops at the first one still needed, so a pinned decision delays (never breaks) pruning.
-    pub fn prune_decisions(&self, wtxn: &mut RwTxn<'_>, before_unix_ms: u64, cursor: u64, limit: usize) -> Result<usize, QueueError> {
+    pub fn prune_decisions(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        before_unix_ms: u64,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<usize, QueueError> {
         let mut doomed = Vec::new();
         for entry in self.decision_expiry.iter(wtxn)? {
             let (key, _) = entry?;

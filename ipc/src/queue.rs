@@ -201,10 +201,8 @@ fn depth_key(edge: Edge) -> Vec<u8> {
 impl Queue {
     /// Opens (or creates) the environment under `dir` with every table.
     pub fn open(dir: &Path, options: &QueueOptions) -> Result<Queue, QueueOpenError> {
-        std::fs::create_dir_all(dir).map_err(|source| QueueOpenError::CreateDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| QueueOpenError::CreateDir { path: dir.display().to_string(), source })?;
         let lmdb = |source| QueueOpenError::Lmdb { path: dir.display().to_string(), source };
         let mut builder = EnvOpenOptions::new().read_txn_without_tls();
         builder
@@ -301,8 +299,8 @@ impl Queue {
 
     /// Appends a batch (as produced by [`crate::batch`]) to `edge`; returns its sequence number.
     pub fn append(&self, wtxn: &mut RwTxn<'_>, edge: Edge, value: &[u8]) -> Result<u64, QueueError> {
-        let header = BatchHeader::parse(value)
-            .map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
+        let header =
+            BatchHeader::parse(value).map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
         let mut depth = self.depth(wtxn, edge)?;
         let seq = depth.next_seq;
         self.edge_table(edge).put_with_flags(wtxn, PutFlags::APPEND, &seq_key(seq), value)?;
@@ -360,13 +358,8 @@ impl Queue {
     pub fn used_bytes(&self, txn: &RoTxn<'_>) -> Result<u64, QueueError> {
         let mut pages = 0u64;
         let mut page_size = 4096u64;
-        let tables = self.edges.iter().chain([
-            &self.cursors,
-            &self.meta,
-            &self.decisions,
-            &self.decision_expiry,
-            &self.state,
-        ]);
+        let tables =
+            self.edges.iter().chain([&self.cursors, &self.meta, &self.decisions, &self.decision_expiry, &self.state]);
         for table in tables {
             let stat = table.stat(txn)?;
             page_size = u64::from(stat.page_size);
@@ -407,11 +400,7 @@ impl Queue {
     }
 
     /// All state entries whose key starts with `prefix`.
-    pub fn state_prefix<'t>(
-        &self,
-        txn: &'t RoTxn<'_>,
-        prefix: &[u8],
-    ) -> Result<Entries<'t>, QueueError> {
+    pub fn state_prefix<'t>(&self, txn: &'t RoTxn<'_>, prefix: &[u8]) -> Result<Entries<'t>, QueueError> {
         let mut out = Vec::new();
         for entry in self.state.prefix_iter(txn, prefix)? {
             out.push(entry?);

@@ -25,13 +25,8 @@ pub enum StageId {
 
 impl StageId {
     /// Every stage, in start order (shutdown runs in this order too: intake stops first).
-    pub const ALL: [StageId; 5] = [
-        StageId::Receive,
-        StageId::TailSample,
-        StageId::LogMirror,
-        StageId::Spanmetrics,
-        StageId::Export,
-    ];
+    pub const ALL: [StageId; 5] =
+        [StageId::Receive, StageId::TailSample, StageId::LogMirror, StageId::Spanmetrics, StageId::Export];
 
     /// The snake_case id used on the command line, in config, logs and metric labels.
     pub fn as_str(self) -> &'static str {

@@ -264,7 +264,11 @@ fn full_map_keeps_committed_data_and_recovers() {
         }
         let before = {
             let txn = q.read().unwrap();
-            (stored(&q, &txn, Edge::Spans, 0), q.depth(&txn, Edge::Spans).unwrap(), q.meta_u64(&txn, "test/round").unwrap())
+            (
+                stored(&q, &txn, Edge::Spans, 0),
+                q.depth(&txn, Edge::Spans).unwrap(),
+                q.meta_u64(&txn, "test/round").unwrap(),
+            )
         };
         // Two appends and a meta write in one transaction: all of it or nothing.
         let mut wtxn = q.write().unwrap();
@@ -290,7 +294,11 @@ fn full_map_keeps_committed_data_and_recovers() {
 
     let txn = q.read().unwrap();
     assert!(!q.admits(&txn).unwrap());
-    let after = (stored(&q, &txn, Edge::Spans, 0), q.depth(&txn, Edge::Spans).unwrap(), q.meta_u64(&txn, "test/round").unwrap());
+    let after = (
+        stored(&q, &txn, Edge::Spans, 0),
+        q.depth(&txn, Edge::Spans).unwrap(),
+        q.meta_u64(&txn, "test/round").unwrap(),
+    );
     assert_eq!(after, full, "the failed transaction changed committed data");
     assert_eq!(after.2, Some(committed_rounds));
     assert_eq!(after.1.batches, 2 * committed_rounds);

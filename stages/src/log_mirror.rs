@@ -64,7 +64,8 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
         let mut verdicts = Vec::with_capacity(source.logs.len());
         let mut batch_timeouts = 0;
         for log in source.logs.iter() {
-            let judged_alone = if log.severity_number >= SEVERITY_NUMBER_ERROR { Verdict::Keep } else { Verdict::DropUntraced };
+            let judged_alone =
+                if log.severity_number >= SEVERITY_NUMBER_ERROR { Verdict::Keep } else { Verdict::DropUntraced };
             let verdict = if log.trace_id == [0u8; 16] {
                 judged_alone
             } else {
@@ -133,9 +134,9 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         if report.more_input {
             continue;
         }
-        let timeout = report.wait_until.map(|until| {
-            Duration::from_nanos(until.saturating_sub(unix_nanos_now())) + Duration::from_millis(1)
-        });
+        let timeout = report
+            .wait_until
+            .map(|until| Duration::from_nanos(until.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
         ctx.idle(timeout).await;
     }
     ctx.events.log_summary();

@@ -184,7 +184,10 @@ fn calls_request(series: &[(SeriesKey, u64, u64)], now_unix_nano: u64) -> Export
     let resource_metrics = by_service
         .into_iter()
         .map(|(service, data_points)| ResourceMetrics {
-            resource: Some(Resource { attributes: vec![string_attribute("service.name", service)], ..Default::default() }),
+            resource: Some(Resource {
+                attributes: vec![string_attribute("service.name", service)],
+                ..Default::default()
+            }),
             scope_metrics: vec![ScopeMetrics {
                 scope: Some(InstrumentationScope { name: "tailgate/spanmetrics".into(), ..Default::default() }),
                 metrics: vec![Metric {

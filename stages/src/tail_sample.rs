@@ -306,9 +306,9 @@ impl Sampler {
                 let source = match sources.get(&seq) {
                     Some(source) => *source,
                     None => {
-                        let value = queue.get(rtxn, Edge::Spans, seq)?.ok_or_else(|| {
-                            StageError::Other(format!("spans batch {seq} vanished while referenced"))
-                        })?;
+                        let value = queue
+                            .get(rtxn, Edge::Spans, seq)?
+                            .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
                         let source = batch::access_spans(value)?;
                         sources.insert(seq, source);
                         source
@@ -317,7 +317,11 @@ impl Sampler {
                 output.emit(seq, source, index);
             }
             let spans = trace.spans.len() as u64;
-            if trace.interesting { report.kept += spans } else { report.dropped += spans }
+            if trace.interesting {
+                report.kept += spans
+            } else {
+                report.dropped += spans
+            }
             report.decided += 1;
             let decision = Decision { keep: trace.interesting, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
             upsert_decision(output, trace_id, decision);
@@ -361,9 +365,9 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         if report.more_input {
             continue;
         }
-        let timeout = sampler.next_due().map(|due| {
-            Duration::from_nanos(due.saturating_sub(unix_nanos_now())) + Duration::from_millis(1)
-        });
+        let timeout = sampler
+            .next_due()
+            .map(|due| Duration::from_nanos(due.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
         ctx.idle(timeout).await;
     }
     tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");

@@ -180,7 +180,12 @@ impl Actor for StageActor {
         Ok(state)
     }
 
-    async fn handle(&self, myself: ActorRef<StageMsg>, message: StageMsg, state: &mut StageState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<StageMsg>,
+        message: StageMsg,
+        state: &mut StageState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             StageMsg::Start => {
                 if state.pid.is_none() && state.stopping.is_none() {
@@ -269,10 +274,19 @@ impl Actor for Supervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut stages = Vec::new();
         for stage in StageId::ALL {
-            let stage_args = StageArgs { stage, launch: args.launch.clone(), queue: args.queue.clone(), policy: args.policy.clone() };
+            let stage_args = StageArgs {
+                stage,
+                launch: args.launch.clone(),
+                queue: args.queue.clone(),
+                policy: args.policy.clone(),
+            };
             let (actor, _handle) =
                 Actor::spawn_linked(Some(format!("stage-{stage}")), StageActor, stage_args, myself.get_cell()).await?;
             stages.push((stage, actor));
@@ -287,7 +301,12 @@ impl Actor for Supervisor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<SupervisorMsg>, message: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        message: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMsg::Sync => {
                 let txn = state.queue.last_txn_id();
@@ -311,7 +330,12 @@ impl Actor for Supervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<SupervisorMsg>, event: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = event {
             if state.shutting_down {
                 return Ok(());

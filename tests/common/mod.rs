@@ -1,6 +1,8 @@
 //! Shared harness of the multi-process tests: a real `tailgate run` in its own data dir with its
 //! own ports, an OTLP backend that records what it receives, and process helpers.
 #![allow(dead_code)]
+// Test support: a failed setup step must fail the test, so panicking is the intent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -115,7 +119,8 @@ supervisor:
         let child = spawn_tailgate(&config_path, dir.path());
         let tailgate = Tailgate { child, dir, grpc, http, config_path };
         assert!(
-            wait_until(Duration::from_secs(20), || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok()),
+            wait_until(Duration::from_secs(20), || TcpStream::connect(grpc).is_ok()
+                && TcpStream::connect(http).is_ok()),
             "tailgate did not open its OTLP ports"
         );
         tailgate
@@ -215,10 +220,10 @@ pub fn stage_pids(supervisor: u32) -> HashMap<String, u32> {
         }
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
         let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.get(1).map(String::as_str) == Some("stage") {
-            if let Some(name) = args.get(2) {
-                out.insert(name.clone(), pid);
-            }
+        if args.get(1).map(String::as_str) == Some("stage")
+            && let Some(name) = args.get(2)
+        {
+            out.insert(name.clone(), pid);
         }
     }
     out
@@ -243,7 +248,10 @@ pub struct Backend {
 
 #[tonic::async_trait]
 impl TraceService for Backend {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = self.received.lock().unwrap();
         if received.fail_next_traces > 0 {
             received.fail_next_traces -= 1;
@@ -256,7 +264,10 @@ impl TraceService for Backend {
 
 #[tonic::async_trait]
 impl LogsService for Backend {
-    async fn export(&self, request: tonic::Request<ExportLogsServiceRequest>) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
         self.received.lock().unwrap().logs.push(request.into_inner());
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
@@ -264,7 +275,10 @@ impl LogsService for Backend {
 
 #[tonic::async_trait]
 impl MetricsService for Backend {
-    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.received.lock().unwrap().metrics.push(request.into_inner());
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -279,7 +293,9 @@ impl Backend {
         let service = backend.clone();
         runtime.spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(service.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip))
+                .add_service(
+                    TraceServiceServer::new(service.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
                 .add_service(LogsServiceServer::new(service.clone()))
                 .add_service(MetricsServiceServer::new(service))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
@@ -376,7 +392,11 @@ fn span_id(n: u32, c: u32) -> [u8; 8] {
 }
 
 pub fn string_kv(key: &str, value: &str) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }), ..Default::default() }
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
+    }
 }
 
 /// An OTLP request holding `spans` for service `service`.
@@ -385,7 +405,11 @@ pub fn trace_request(service: &str, spans: Vec<Span>) -> ExportTraceServiceReque
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource { attributes: vec![string_kv("service.name", service)], ..Default::default() }),
             scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope { name: "tailgate-tests".into(), version: "1".into(), ..Default::default() }),
+                scope: Some(InstrumentationScope {
+                    name: "tailgate-tests".into(),
+                    version: "1".into(),
+                    ..Default::default()
+                }),
                 spans,
                 ..Default::default()
             }],
@@ -484,7 +508,13 @@ pub fn assert_exact_delivery(backend: &Backend, traces: &[TestTrace], settle: Du
     let got = backend.spans();
     let missing: Vec<_> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
     let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(arrived && missing.is_empty(), "{} of {} kept spans missing: {:?}", missing.len(), expected.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        arrived && missing.is_empty(),
+        "{} of {} kept spans missing: {:?}",
+        missing.len(),
+        expected.len(),
+        &missing[..missing.len().min(5)]
+    );
     assert!(extra.is_empty(), "{} spans of dropped traces delivered: {:?}", extra.len(), &extra[..extra.len().min(5)]);
     for (key, (span, times)) in &got {
         assert_eq!(span, &expected[key], "span delivered altered");

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
 use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -95,8 +97,24 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.command {
-        Command::Send { endpoint, rate, duration, spans_per_trace, batch, error_percent, slow_percent, logs, concurrency } => {
-            let plan = Plan { spans_per_trace: spans_per_trace.max(1), batch: batch.max(1), error_percent, slow_percent, logs };
+        Command::Send {
+            endpoint,
+            rate,
+            duration,
+            spans_per_trace,
+            batch,
+            error_percent,
+            slow_percent,
+            logs,
+            concurrency,
+        } => {
+            let plan = Plan {
+                spans_per_trace: spans_per_trace.max(1),
+                batch: batch.max(1),
+                error_percent,
+                slow_percent,
+                logs,
+            };
             runtime.block_on(send(&endpoint, rate, duration.min(MAX_DURATION_SECS), concurrency.max(1), plan))
         }
         Command::Sink { listen, duration } => runtime.block_on(sink(&listen, duration.min(MAX_DURATION_SECS))),
@@ -123,13 +141,18 @@ struct SendStats {
 }
 
 fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }), ..Default::default() }
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
+    }
 }
 
 /// Builds request number `sequence`: whole traces, `plan.batch` spans, plus correlated logs.
 /// Returns (traces request, logs request, spans of kept traces).
 fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, ExportLogsServiceRequest, u64) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let traces = (plan.batch / plan.spans_per_trace).max(1);
     let mut spans = Vec::with_capacity(plan.batch as usize);
     let mut logs = Vec::new();
@@ -158,7 +181,8 @@ fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, 
                 parent = root.to_vec();
             }
             let failed = error && s + 1 == plan.spans_per_trace;
-            let (start, end) = if s == 0 { (now - root_len, now) } else { (now - root_len + 1_000_000, now - root_len + 6_000_000) };
+            let (start, end) =
+                if s == 0 { (now - root_len, now) } else { (now - root_len + 1_000_000, now - root_len + 6_000_000) };
             spans.push(Span {
                 trace_id: trace_id.to_vec(),
                 span_id: span_id.to_vec(),
@@ -187,7 +211,10 @@ fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, 
             }
         }
     }
-    let resource = Some(Resource { attributes: vec![kv("service.name", "orders"), kv("host.name", "edge-1")], ..Default::default() });
+    let resource = Some(Resource {
+        attributes: vec![kv("service.name", "orders"), kv("host.name", "edge-1")],
+        ..Default::default()
+    });
     let scope = Some(InstrumentationScope { name: "tailgate-loadgen".into(), ..Default::default() });
     let traces = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
@@ -197,7 +224,11 @@ fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, 
         }],
     };
     let logs = ExportLogsServiceRequest {
-        resource_logs: vec![ResourceLogs { resource, scope_logs: vec![ScopeLogs { scope, log_records: logs, ..Default::default() }], ..Default::default() }],
+        resource_logs: vec![ResourceLogs {
+            resource,
+            scope_logs: vec![ScopeLogs { scope, log_records: logs, ..Default::default() }],
+            ..Default::default()
+        }],
     };
     (traces, logs, keep_worthy)
 }
@@ -295,7 +326,8 @@ async fn send(endpoint: &str, rate: u64, duration: u64, concurrency: u32, plan: 
                 }
                 if plan.logs {
                     let body = log_template.render(n);
-                    match export_raw(&mut grpc, "/opentelemetry.proto.collector.logs.v1.LogsService/Export", body).await {
+                    match export_raw(&mut grpc, "/opentelemetry.proto.collector.logs.v1.LogsService/Export", body).await
+                    {
                         Ok(()) => {
                             stats.logs_accepted.fetch_add(log_template.items, Ordering::Relaxed);
                         }
@@ -332,8 +364,12 @@ struct Counts {
 
 #[tonic::async_trait]
 impl TraceService for Counts {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let n: usize = request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize =
+            request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
         self.spans.fetch_add(n as u64, Ordering::Relaxed);
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -341,8 +377,12 @@ impl TraceService for Counts {
 
 #[tonic::async_trait]
 impl LogsService for Counts {
-    async fn export(&self, request: tonic::Request<ExportLogsServiceRequest>) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
-        let n: usize = request.get_ref().resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let n: usize =
+            request.get_ref().resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum();
         self.logs.fetch_add(n as u64, Ordering::Relaxed);
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
@@ -350,7 +390,10 @@ impl LogsService for Counts {
 
 #[tonic::async_trait]
 impl MetricsService for Counts {
-    async fn export(&self, request: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let n: usize = request
             .get_ref()
             .resource_metrics
@@ -376,7 +419,9 @@ async fn sink(listen: &str, duration: u64) -> anyhow::Result<()> {
     let addr = listen.parse()?;
     let stop = async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -437,7 +482,8 @@ fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
     let mut peak_pss = 0u64;
     while started.elapsed() < Duration::from_secs(duration) {
         std::thread::sleep(Duration::from_secs(1));
-        let (private, pss) = tree(root).iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
+        let (private, pss) =
+            tree(root).iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
         peak_private = peak_private.max(private);
         peak_pss = peak_pss.max(pss);
     }
@@ -452,7 +498,8 @@ fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         per_process.push(format!("{} {:.2}%", name.trim(), delta as f64 / ticks_per_second / elapsed * 100.0));
     }
-    let (private, pss) = end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
+    let (private, pss) =
+        end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
     println!(
         "processes {}: cpu {:.2}% of one core over {elapsed:.0} s; private memory {:.1} MiB (peak {:.1}); pss {:.1} MiB (peak {:.1})",
         end_pids.len(),

@@ -95,7 +95,14 @@ fn write_group(
 ) {
     let (resource_bytes, resource_schema) =
         resource.map(|r| (r.resource.as_slice(), r.schema_url.as_str())).unwrap_or((&[], ""));
-    otlp_wire::encode_resource_group(out, resource_bytes, resource_schema, scope.scope.as_slice(), scope.schema_url.as_str(), bodies);
+    otlp_wire::encode_resource_group(
+        out,
+        resource_bytes,
+        resource_schema,
+        scope.scope.as_slice(),
+        scope.schema_url.as_str(),
+        bodies,
+    );
 }
 
 /// Moves the consumer's cursor past what was delivered (or permanently refused).
@@ -129,7 +136,11 @@ fn pending_items(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<u6
 }
 
 /// Runs one consumer until shutdown.
-async fn run_consumer(ctx: &StageContext, target: Target, mut wake: tokio::sync::watch::Receiver<u64>) -> Result<(), StageError> {
+async fn run_consumer(
+    ctx: &StageContext,
+    target: Target,
+    mut wake: tokio::sync::watch::Receiver<u64>,
+) -> Result<(), StageError> {
     let exporters = &ctx.config.exporters;
     let batch_size = u64::from(exporters.batch.send_batch_size);
     let batch_timeout = exporters.batch.timeout;
@@ -215,7 +226,10 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         let client = match destination {
             Some(Destination { otlp }) => Some(OtlpClient::new(&otlp, signal).map_err(StageError::Other)?),
             None => {
-                tracing::warn!(consumer = consumer.as_str(), "no destination configured; items are counted as dropped (no_destination)");
+                tracing::warn!(
+                    consumer = consumer.as_str(),
+                    "no destination configured; items are counted as dropped (no_destination)"
+                );
                 None
             }
         };
@@ -224,7 +238,8 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     // One wake-up socket per process; fan it out to the consumers.
     let (notify, wake) = tokio::sync::watch::channel(0u64);
     let ctx_ref = &ctx;
-    let consumers = futures_join_all(destinations.into_iter().map(|target| run_consumer(ctx_ref, target, wake.clone())));
+    let consumers =
+        futures_join_all(destinations.into_iter().map(|target| run_consumer(ctx_ref, target, wake.clone())));
     let mut woken = 0u64;
     let mut stop = ctx.shutdown.clone();
     let result = {

@@ -87,9 +87,12 @@ impl OtlpClient {
 pub fn classify(status: &tonic::Status) -> SendOutcome {
     let message = format!("{:?}: {}", status.code(), status.message());
     match status.code() {
-        Code::Cancelled | Code::DeadlineExceeded | Code::Aborted | Code::OutOfRange | Code::Unavailable | Code::DataLoss => {
-            SendOutcome::Retryable(message)
-        }
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => SendOutcome::Retryable(message),
         Code::ResourceExhausted if !status.details().is_empty() => SendOutcome::Retryable(message),
         _ => SendOutcome::Permanent(message),
     }

@@ -16,9 +16,8 @@ pub fn encode_resource_group(
     let scope_group_len = optional_field_len(scope.len())
         + items.iter().map(|item| field_len(item.len())).sum::<usize>()
         + optional_field_len(scope_schema_url.len());
-    let group_len = optional_field_len(resource.len())
-        + field_len(scope_group_len)
-        + optional_field_len(resource_schema_url.len());
+    let group_len =
+        optional_field_len(resource.len()) + field_len(scope_group_len) + optional_field_len(resource_schema_url.len());
     out.reserve(field_len(group_len));
     put_header(out, 1, group_len);
     put_optional_field(out, 1, resource);

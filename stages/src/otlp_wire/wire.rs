@@ -222,8 +222,7 @@ where
         if wire_type == wanted {
             Ok(())
         } else {
-            Err(WireError::WireTypeMismatch { path: FieldPath::default(), wire_type, expected, offset: at }
-                .into())
+            Err(WireError::WireTypeMismatch { path: FieldPath::default(), wire_type, expected, offset: at }.into())
         }
     };
     let value = match field.ty {
@@ -256,9 +255,7 @@ where
             let id = r.len_delimited(at)?;
             if !id.is_empty() && id.len() != len {
                 let expected = if len == 16 { "empty or 16 bytes" } else { "empty or 8 bytes" };
-                return Err(
-                    WireError::IdLength { path: FieldPath::default(), expected, got: id.len() }.into()
-                );
+                return Err(WireError::IdLength { path: FieldPath::default(), expected, got: id.len() }.into());
             }
             Val::Bytes(id)
         }

@@ -149,7 +149,8 @@ where
 /// handler answers neither code, so the rewrite is unambiguous.
 fn map_framing_errors(response: &mut http::Response<tonic::body::Body>) {
     let headers = response.headers_mut();
-    let Some(code) = headers.get(Status::GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok()) else {
+    let Some(code) = headers.get(Status::GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok())
+    else {
         return;
     };
     let mapped = match Code::from_i32(code) {

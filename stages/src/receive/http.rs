@@ -120,10 +120,7 @@ enum Inflate {
 fn inflate(body: &[u8], limit: usize) -> Result<Vec<u8>, Inflate> {
     let decoder = flate2::read::GzDecoder::new(body);
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    let read = decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|err| Inflate::Corrupt(err.to_string()))?;
+    let read = decoder.take(limit as u64 + 1).read_to_end(&mut out).map_err(|err| Inflate::Corrupt(err.to_string()))?;
     if read > limit {
         return Err(Inflate::TooLarge);
     }

@@ -71,18 +71,13 @@ impl Intake {
     pub async fn accept(&self, signal: Signal, request: &[u8]) -> Result<u64, AcceptError> {
         let received = crate::context::unix_nanos_now();
         let transcoded = match signal {
-            Signal::Traces => otlp_wire::transcode_traces(request, received).and_then(|batch| {
-                Ok((Edge::Spans, batch.spans.len() as u64, encode(batch::encode_spans(&batch))?))
-            }),
-            Signal::Logs => otlp_wire::transcode_logs(request, received).and_then(|batch| {
-                Ok((Edge::Logs, batch.logs.len() as u64, encode(batch::encode_logs(&batch))?))
-            }),
+            Signal::Traces => otlp_wire::transcode_traces(request, received)
+                .and_then(|batch| Ok((Edge::Spans, batch.spans.len() as u64, encode(batch::encode_spans(&batch))?))),
+            Signal::Logs => otlp_wire::transcode_logs(request, received)
+                .and_then(|batch| Ok((Edge::Logs, batch.logs.len() as u64, encode(batch::encode_logs(&batch))?))),
             Signal::Metrics => otlp_wire::count_metric_points(request).and_then(|points| {
-                let batch = MetricBatch {
-                    received_unix_nano: received,
-                    requests: vec![request.to_vec()],
-                    data_points: points,
-                };
+                let batch =
+                    MetricBatch { received_unix_nano: received, requests: vec![request.to_vec()], data_points: points };
                 Ok((Edge::Metrics, u64::from(points), encode(batch::encode_metrics(&batch))?))
             }),
         };

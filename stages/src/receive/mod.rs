@@ -87,10 +87,7 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
 }
 
 async fn bind(endpoint: &str) -> Result<TcpListener, StageError> {
-    let addr: SocketAddr = endpoint
-        .parse()
-        .map_err(|err| StageError::Other(format!("bad listen address {endpoint}: {err}")))?;
-    TcpListener::bind(addr)
-        .await
-        .map_err(|err| StageError::Other(format!("cannot listen on {endpoint}: {err}")))
+    let addr: SocketAddr =
+        endpoint.parse().map_err(|err| StageError::Other(format!("bad listen address {endpoint}: {err}")))?;
+    TcpListener::bind(addr).await.map_err(|err| StageError::Other(format!("cannot listen on {endpoint}: {err}")))
 }

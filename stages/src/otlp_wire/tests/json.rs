@@ -45,10 +45,7 @@ fn spec_json_traces_convert() {
 #[test]
 fn json_forms_the_derives_reject_are_normalized() {
     let variant = SPEC_TRACES
-        .replace(
-            "\"kind\":2",
-            "\"kind\":\"SPAN_KIND_SERVER\",\"parentSpanId\":null,\"droppedAttributesCount\":\"0\"",
-        )
+        .replace("\"kind\":2", "\"kind\":\"SPAN_KIND_SERVER\",\"parentSpanId\":null,\"droppedAttributesCount\":\"0\"")
         .replace("\"code\":2", "\"code\":\"STATUS_CODE_ERROR\",\"message\":null");
     assert_eq!(
         json_to_protobuf(Signal::Traces, variant.as_bytes()).unwrap(),
@@ -58,10 +55,9 @@ fn json_forms_the_derives_reject_are_normalized() {
         "\"kind\":2",
         r#""kind":2,"attributes":[{"key":"a","value":{"arrayValue":{}}},{"key":"k","value":{"kvlistValue":{"values":null}}}]"#,
     );
-    let decoded = ExportTraceServiceRequest::decode(
-        json_to_protobuf(Signal::Traces, empty_lists.as_bytes()).unwrap().as_slice(),
-    )
-    .unwrap();
+    let decoded =
+        ExportTraceServiceRequest::decode(json_to_protobuf(Signal::Traces, empty_lists.as_bytes()).unwrap().as_slice())
+            .unwrap();
     let attributes = &decoded.resource_spans[0].scope_spans[0].spans[0].attributes;
     assert_eq!(attributes[0].value, some_value(Value::ArrayValue(ArrayValue::default())));
     assert_eq!(attributes[1].value, some_value(Value::KvlistValue(KeyValueList::default())));
@@ -102,8 +98,7 @@ fn bad_json_is_reported() {
     let odd = SPEC_TRACES.replace("eee19b7ec3c1b174", "eee19b7ec3c1b17");
     let err = json_to_protobuf(Signal::Traces, odd.as_bytes()).unwrap_err().to_string();
     assert!(err.starts_with("invalid json: odd number of digits at line 1 column"), "{err}");
-    let missing_key =
-        SPEC_TRACES.replace("\"kind\":2", r#""kind":2,"attributes":[{"value":{"stringValue":"v"}}]"#);
+    let missing_key = SPEC_TRACES.replace("\"kind\":2", r#""kind":2,"attributes":[{"value":{"stringValue":"v"}}]"#);
     let err = json_to_protobuf(Signal::Traces, missing_key.as_bytes()).unwrap_err().to_string();
     assert!(err.starts_with("invalid json: missing field `key` at line 1 column"), "{err}");
     let err = json_to_protobuf(Signal::Logs, b"\"x\"").unwrap_err().to_string();

@@ -53,9 +53,7 @@ fn attributes() -> Vec<KeyValue> {
                 values: vec![
                     AnyValue { value: Some(Value::StringValue("a".into())) },
                     AnyValue {
-                        value: Some(Value::KvlistValue(KeyValueList {
-                            values: vec![kv("inner", Value::IntValue(7))],
-                        })),
+                        value: Some(Value::KvlistValue(KeyValueList { values: vec![kv("inner", Value::IntValue(7))] })),
                     },
                     AnyValue { value: None },
                 ],
@@ -99,14 +97,8 @@ fn test_span(seed: u8) -> Span {
             attributes: attributes(),
             ..Default::default()
         }],
-        links: vec![span::Link {
-            trace_id: TRACE.to_vec(),
-            span_id: SPAN.to_vec(),
-            flags: 1,
-            ..Default::default()
-        }],
-        status: (!seed.is_multiple_of(3))
-            .then(|| Status { message: "boom".into(), code: i32::from(seed % 3) }),
+        links: vec![span::Link { trace_id: TRACE.to_vec(), span_id: SPAN.to_vec(), flags: 1, ..Default::default() }],
+        status: (!seed.is_multiple_of(3)).then(|| Status { message: "boom".into(), code: i32::from(seed % 3) }),
         flags: 0x301,
         ..Default::default()
     }
@@ -197,9 +189,7 @@ fn metrics_request() -> ExportMetricsServiceRequest {
             }],
             aggregation_temporality: 1,
         }),
-        Data::Summary(metrics::Summary {
-            data_points: vec![SummaryDataPoint { count: 1, ..Default::default() }; 2],
-        }),
+        Data::Summary(metrics::Summary { data_points: vec![SummaryDataPoint { count: 1, ..Default::default() }; 2] }),
     ];
     let metrics = data
         .into_iter()
@@ -264,8 +254,7 @@ fn traces_are_transcoded_like_prost_decodes_them() {
                 let record = spans.next().unwrap();
                 assert_eq!(record.trace_id.as_slice(), span.trace_id.as_slice());
                 assert_eq!(record.span_id.as_slice(), span.span_id.as_slice());
-                let parent =
-                    if span.parent_span_id.is_empty() { vec![0; 8] } else { span.parent_span_id.clone() };
+                let parent = if span.parent_span_id.is_empty() { vec![0; 8] } else { span.parent_span_id.clone() };
                 assert_eq!(record.parent_span_id.to_vec(), parent);
                 assert_eq!(record.start_unix_nano, span.start_time_unix_nano);
                 assert_eq!(record.end_unix_nano, span.end_time_unix_nano);
@@ -295,9 +284,7 @@ fn rebuilt_trace_requests_equal_the_original() {
     let split: Vec<ResourceSpans> = request
         .resource_spans
         .iter()
-        .flat_map(|rs| {
-            rs.scope_spans.iter().map(|ss| ResourceSpans { scope_spans: vec![ss.clone()], ..rs.clone() })
-        })
+        .flat_map(|rs| rs.scope_spans.iter().map(|ss| ResourceSpans { scope_spans: vec![ss.clone()], ..rs.clone() }))
         .collect();
     let decoded = ExportTraceServiceRequest::decode(rebuilt.as_slice()).unwrap();
     assert_eq!(decoded, ExportTraceServiceRequest { resource_spans: split });
@@ -339,8 +326,7 @@ fn logs_are_transcoded_like_prost_decodes_them() {
         let trace = if record.trace_id.is_empty() { vec![0; 16] } else { record.trace_id.clone() };
         assert_eq!(entry.trace_id.to_vec(), trace);
         assert_eq!(entry.span_id.iter().any(|b| *b != 0), !record.span_id.is_empty());
-        let time =
-            if record.time_unix_nano == 0 { record.observed_time_unix_nano } else { record.time_unix_nano };
+        let time = if record.time_unix_nano == 0 { record.observed_time_unix_nano } else { record.time_unix_nano };
         assert_eq!(entry.time_unix_nano, time);
         assert_eq!(i32::from(entry.severity_number), record.severity_number.clamp(0, 255));
         assert_eq!(entry.body, record.encode_to_vec());
@@ -371,9 +357,7 @@ fn metric_points_are_counted() {
     let request = ld(1, &ld(2, &ld(2, &ld(9, &ld(1, &point)))));
     assert_eq!(count_metric_points(&request).unwrap(), 1);
     let decoded = ExportMetricsServiceRequest::decode(request.as_slice()).unwrap();
-    let Some(Data::Histogram(h)) = &decoded.resource_metrics[0].scope_metrics[0].metrics[0].data else {
-        panic!()
-    };
+    let Some(Data::Histogram(h)) = &decoded.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
     assert_eq!(h.data_points[0].bucket_counts.len(), 2);
     let packed_odd = ld(1, &ld(2, &ld(2, &ld(9, &ld(1, &ld(6, &[0; 9]))))));
     assert!(
@@ -387,24 +371,15 @@ fn metric_points_are_counted() {
 #[test]
 fn partial_success_is_read() {
     let response = ExportTraceServiceResponse {
-        partial_success: Some(ExportTracePartialSuccess {
-            rejected_spans: 5,
-            error_message: "bad span".into(),
-        }),
+        partial_success: Some(ExportTracePartialSuccess { rejected_spans: 5, error_message: "bad span".into() }),
     };
     assert_eq!(parse_partial_success(&response.encode_to_vec()).unwrap(), (5, "bad span".into()));
     let response = ExportLogsServiceResponse {
-        partial_success: Some(ExportLogsPartialSuccess {
-            rejected_log_records: -1,
-            error_message: String::new(),
-        }),
+        partial_success: Some(ExportLogsPartialSuccess { rejected_log_records: -1, error_message: String::new() }),
     };
     assert_eq!(parse_partial_success(&response.encode_to_vec()).unwrap(), (-1, String::new()));
     let response = ExportMetricsServiceResponse {
-        partial_success: Some(ExportMetricsPartialSuccess {
-            rejected_data_points: 3,
-            error_message: "x".into(),
-        }),
+        partial_success: Some(ExportMetricsPartialSuccess { rejected_data_points: 3, error_message: "x".into() }),
     };
     assert_eq!(parse_partial_success(&response.encode_to_vec()).unwrap(), (3, "x".into()));
     assert_eq!(parse_partial_success(&[]).unwrap(), (0, String::new()));
@@ -488,8 +463,7 @@ fn invalid_utf8_is_rejected() {
         "resource_spans[0].scope_spans[1].spans[3].name: string is not valid UTF-8"
     );
     let mut encoded = with_span(
-        &Span { attributes: vec![kv("k", Value::StringValue("VALUE".into()))], ..test_span(1) }
-            .encode_to_vec(),
+        &Span { attributes: vec![kv("k", Value::StringValue("VALUE".into()))], ..test_span(1) }.encode_to_vec(),
     );
     let at = encoded.windows(5).position(|w| w == b"VALUE").unwrap();
     encoded[at] = 0xc0;
@@ -527,10 +501,7 @@ fn truncated_and_garbage_input_is_rejected() {
         (b"\x11\x01\x02", "truncated message at byte 1"),
         (b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\x02", "malformed varint at byte 1"),
         (b"\x0a\x80\x01\x00", "resource_spans[0]: truncated message at byte 0"),
-        (
-            b"\x08\x01",
-            "resource_spans[0]: wire type 0 at byte 0 does not match the field (expected length-delimited)",
-        ),
+        (b"\x08\x01", "resource_spans[0]: wire type 0 at byte 0 does not match the field (expected length-delimited)"),
         (b"{\"resourceSpans\":[]}", "group (wire type 3) at byte 0 is not supported"),
     ];
     for (bytes, message) in garbage {
@@ -564,9 +535,7 @@ fn unknown_fields_are_skipped_and_kept() {
     assert_eq!(batch.spans[4].body, span);
     assert_eq!(batch.spans[4].name, "GET /1");
     let with_group = [test_span(1).encode_to_vec(), varint(104 << 3 | 3), varint(104 << 3 | 4)].concat();
-    assert!(
-        transcode_traces(&with_span(&with_group), 0).unwrap_err().to_string().contains("group (wire type 3)")
-    );
+    assert!(transcode_traces(&with_span(&with_group), 0).unwrap_err().to_string().contains("group (wire type 3)"));
 }
 
 #[test]
@@ -576,9 +545,7 @@ fn service_name_and_empty_groups() {
         Some(Resource { attributes: vec![kv("service.name", Value::IntValue(1))], ..Default::default() });
     request.resource_spans[1].resource = None;
     request.resource_spans.push(ResourceSpans { resource: resource("empty"), ..Default::default() });
-    request
-        .resource_spans
-        .push(ResourceSpans { scope_spans: vec![ScopeSpans::default()], ..Default::default() });
+    request.resource_spans.push(ResourceSpans { scope_spans: vec![ScopeSpans::default()], ..Default::default() });
     let batch = transcode_traces(&request.encode_to_vec(), 0).unwrap();
     assert_eq!(batch.resources.len(), 2);
     assert_eq!(batch.resources[0].service_name, "");
@@ -605,9 +572,7 @@ fn nesting_is_limited() {
     assert!(ExportTraceServiceRequest::decode(deep.as_slice()).is_ok());
     let err = transcode_traces(&deep, 0).unwrap_err().to_string();
     assert!(
-        err.starts_with(
-            "resource_spans[0].scope_spans[1].spans[3].attributes[0].value.array_value.values[0]"
-        ),
+        err.starts_with("resource_spans[0].scope_spans[1].spans[3].attributes[0].value.array_value.values[0]"),
         "{err}"
     );
     assert!(err.ends_with("nesting deeper than 32"), "{err}");
