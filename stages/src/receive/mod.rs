@@ -19,7 +19,7 @@ const MIB: usize = 1024 * 1024;
 /// Runs the receive stage until shutdown: stops accepting, finishes in-flight requests, then
 /// lets the writer commit what it holds.
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
-    let (intake, writer) = Intake::start(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone())?;
+    let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone());
     let protocols = ctx.config.receivers.otlp.protocols.clone();
     let mut servers = tokio::task::JoinSet::new();
     if let Some(grpc) = protocols.grpc {
@@ -63,25 +63,27 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         });
     }
     drop(intake);
-    // Any server ending (shutdown or failure) ends the stage; a failure exits non-zero.
+    // Any server ending (shutdown or failure) or a queue failure ends the stage; a failure
+    // exits non-zero and the supervisor restarts the process.
     let mut outcome = Ok(());
-    while let Some(joined) = servers.join_next().await {
-        let result = joined.map_err(|err| StageError::Other(format!("server task: {err}"))).and_then(|r| r);
-        if let Err(err) = result {
-            outcome = Err(err);
-            break;
+    loop {
+        tokio::select! {
+            joined = servers.join_next() => {
+                let Some(joined) = joined else { break };
+                let result = joined.map_err(|err| StageError::Other(format!("server task: {err}"))).and_then(|r| r);
+                if let Err(err) = result {
+                    outcome = Err(err);
+                    break;
+                }
+            }
+            Some(err) = failures.recv() => {
+                outcome = Err(StageError::Queue(err));
+                break;
+            }
         }
     }
     servers.abort_all();
     while servers.join_next().await.is_some() {}
-    let written = tokio::task::spawn_blocking(move || writer.join())
-        .await
-        .map_err(|err| StageError::Other(format!("writer join: {err}")))?;
-    match written {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(StageError::Queue(err)),
-        Err(_) => return Err(StageError::Other("intake writer panicked".into())),
-    }
     ctx.events.log_summary();
     outcome
 }
