@@ -99,7 +99,9 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
             status: 400,
         },
     ];
-    let client = reqwest::Client::new();
+    // A server that answers 413 before reading the body closes that connection; use a fresh
+    // connection per request so the follow-up checks the server, not connection reuse.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     runtime.block_on(async {
         for (index, case) in cases.iter().enumerate() {
             let mut request = client
