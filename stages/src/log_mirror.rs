@@ -120,6 +120,7 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
 pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let max_wait = ctx.config.log_mirror.max_wait;
     while !ctx.stopping() {
+        let stepped_at = std::time::Instant::now();
         let report = step(&ctx.queue, max_wait, unix_nanos_now())?;
         ctx.events.received(report.received);
         ctx.events.sent(report.kept);
@@ -137,7 +138,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         let timeout = report
             .wait_until
             .map(|until| Duration::from_nanos(until.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
-        ctx.idle(timeout).await;
+        ctx.idle_paced(timeout, stepped_at, crate::tail_sample::MIN_STEP_INTERVAL).await;
     }
     ctx.events.log_summary();
     Ok(())

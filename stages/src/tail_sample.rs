@@ -29,6 +29,9 @@ use crate::context::{StageContext, StageError, unix_nanos_now};
 const MAX_BATCHES_PER_STEP: usize = 64;
 /// Most stale decisions pruned per step.
 const MAX_PRUNE_PER_STEP: usize = 4096;
+/// Steps are at least this far apart unless input is backing up: decisions take seconds anyway,
+/// and one step per burst of wake-ups keeps the cost per request low at small rates.
+pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Meta key of the ingestion position.
 const READ_POS_KEY: &str = "tail_sample/read_pos";
 
@@ -352,6 +355,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
     tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
     while !ctx.stopping() {
+        let stepped_at = std::time::Instant::now();
         let report = sampler.step(&ctx.queue, unix_nanos_now())?;
         ctx.events.received(report.ingested);
         ctx.events.sent(report.kept);
@@ -368,7 +372,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         let timeout = sampler
             .next_due()
             .map(|due| Duration::from_nanos(due.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
-        ctx.idle(timeout).await;
+        ctx.idle_paced(timeout, stepped_at, MIN_STEP_INTERVAL).await;
     }
     tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");
     ctx.events.log_summary();
