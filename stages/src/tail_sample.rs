@@ -161,7 +161,11 @@ impl Sampler {
         let mut output = StepOutput::default();
         let rtxn = queue.read()?;
         self.ingest(queue, &rtxn, &mut output, &mut report)?;
-        self.decide(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
+        // While replaying, a trace may still have spans in batches not re-read yet: deciding it
+        // now would judge it on part of its spans and then skip the rest as already handled.
+        if self.read_pos >= self.replay_until {
+            self.decide(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
+        }
         drop(rtxn);
         let old_cursor = self.cursor;
         self.advance_cursor();
@@ -170,7 +174,9 @@ impl Sampler {
         }
         let mut wtxn = queue.write()?;
         queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
-        queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos)?;
+        // Never move the persisted position back: batches up to `replay_until` were handled
+        // before the restart, and a crash during the replay must still know that.
+        queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos.max(self.replay_until))?;
         if !output.spans.is_empty() {
             let (resources, scopes) = output.builder.take();
             let kept = SpanBatch { received_unix_nano: unix_nanos_now(), resources, scopes, spans: output.spans };
@@ -194,6 +200,7 @@ impl Sampler {
         report: &mut StepReport,
     ) -> Result<(), StageError> {
         let mut batches = 0;
+        let now = unix_nanos_now();
         for entry in queue.entries_after(rtxn, Edge::Spans, self.read_pos)? {
             if batches == MAX_BATCHES_PER_STEP {
                 report.more_input = true;
@@ -202,7 +209,8 @@ impl Sampler {
             let (seq, value) = entry?;
             let batch = batch::access_spans(value)?;
             let replaying = seq <= self.replay_until;
-            let received = batch.received_unix_nano.to_native();
+            // A clock stepped backwards must not postpone decisions by the size of the step.
+            let received = batch.received_unix_nano.to_native().min(now);
             let mut undecided = 0u32;
             for (index, span) in batch.spans.iter().enumerate() {
                 let trace_id = span.trace_id;
@@ -377,4 +385,120 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");
     ctx.events.log_summary();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tailgate_ipc::QueueOptions;
+    use tailgate_ipc::batch::{ResourceBlock, ScopeBlock, SpanRecord};
+
+    const T0: u64 = 1_000_000_000_000;
+
+    fn policy() -> Policy {
+        Policy {
+            decision_wait: Duration::from_secs(10),
+            root_grace: Duration::from_secs(1),
+            keep_errors: true,
+            latency_threshold: Duration::from_millis(200),
+            decision_cache_ttl: Duration::from_secs(120),
+        }
+    }
+
+    fn span(trace: u8, id: u8, root: bool, error: bool) -> SpanRecord {
+        SpanRecord {
+            trace_id: [trace; 16],
+            span_id: [id; 8],
+            parent_span_id: if root { [0; 8] } else { [0xee; 8] },
+            start_unix_nano: T0,
+            end_unix_nano: T0 + 1_000_000,
+            status_code: if error { batch::STATUS_CODE_ERROR } else { 0 },
+            body: vec![trace, id],
+            ..Default::default()
+        }
+    }
+
+    fn append(queue: &Queue, spans: Vec<SpanRecord>) {
+        let batch = SpanBatch {
+            received_unix_nano: T0,
+            resources: vec![ResourceBlock::default()],
+            scopes: vec![ScopeBlock::default()],
+            spans,
+        };
+        let mut wtxn = queue.write().unwrap();
+        queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch).unwrap()).unwrap();
+        queue.commit(wtxn).unwrap();
+    }
+
+    fn kept(queue: &Queue) -> Vec<([u8; 16], [u8; 8])> {
+        let rtxn = queue.read().unwrap();
+        let mut out = Vec::new();
+        for entry in queue.entries_after(&rtxn, Edge::KeptSpans, 0).unwrap() {
+            let (_, value) = entry.unwrap();
+            for span in batch::access_spans(value).unwrap().spans.iter() {
+                out.push((span.trace_id, span.span_id));
+            }
+        }
+        out
+    }
+
+    /// Trace 1 has an ordinary span in the first batch and its error span in the last of 100
+    /// batches; the 98 batches between hold fast single-span traces. All are ingested, then the
+    /// sampler "crashes" (is dropped) before anything is due.
+    fn queue_with_long_replay() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        append(&queue, vec![span(1, 1, false, false)]);
+        for n in 2..100u8 {
+            append(&queue, vec![span(n, 1, true, false)]);
+        }
+        append(&queue, vec![span(1, 2, false, true)]);
+        let mut sampler = Sampler::open(&queue, policy()).unwrap();
+        while sampler.step(&queue, T0).unwrap().more_input {}
+        assert_eq!(sampler.pending_traces(), 99);
+        (dir, queue)
+    }
+
+    fn run_until_idle(queue: &Queue, now: u64) -> Sampler {
+        let mut sampler = Sampler::open(queue, policy()).unwrap();
+        while sampler.step(queue, now).unwrap().more_input {}
+        sampler.step(queue, now).unwrap();
+        sampler
+    }
+
+    #[test]
+    fn replay_longer_than_one_step_keeps_the_whole_trace() {
+        let (_dir, queue) = queue_with_long_replay();
+        let sampler = run_until_idle(&queue, T0 + 60_000_000_000);
+        assert_eq!(sampler.pending_traces(), 0);
+        assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+        let rtxn = queue.read().unwrap();
+        assert_eq!(queue.cursor(&rtxn, Consumer::TailSample).unwrap(), 100);
+        assert_eq!(queue.depth(&rtxn, Edge::Spans).unwrap().batches, 0);
+    }
+
+    #[test]
+    fn crash_during_replay_emits_nothing_twice() {
+        let (_dir, queue) = queue_with_long_replay();
+        let now = T0 + 60_000_000_000;
+        // First restart gets one step into the replay, then dies too.
+        let mut sampler = Sampler::open(&queue, policy()).unwrap();
+        assert!(sampler.step(&queue, now).unwrap().more_input);
+        drop(sampler);
+        run_until_idle(&queue, now);
+        assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+    }
+
+    #[test]
+    fn late_span_follows_the_decision_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        append(&queue, vec![span(7, 1, true, true)]);
+        run_until_idle(&queue, T0 + 5_000_000_000);
+        append(&queue, vec![span(7, 2, false, false)]);
+        // Restart between the late span's arrival and its handling, then once more after.
+        run_until_idle(&queue, T0 + 6_000_000_000);
+        run_until_idle(&queue, T0 + 7_000_000_000);
+        assert_eq!(kept(&queue), vec![([7; 16], [1; 8]), ([7; 16], [2; 8])]);
+    }
 }
