@@ -71,7 +71,12 @@ impl StageContext {
     /// `last_step`), so wake-ups arriving in a burst are handled by one step. Stages whose
     /// output waits seconds anyway (sampling, log correlation) trade a little latency for far
     /// fewer transactions at low rates.
-    pub async fn idle_paced(&mut self, timeout: Option<Duration>, last_step: std::time::Instant, min_interval: Duration) {
+    pub async fn idle_paced(
+        &mut self,
+        timeout: Option<Duration>,
+        last_step: std::time::Instant,
+        min_interval: Duration,
+    ) {
         self.idle(timeout).await;
         let rest = min_interval.saturating_sub(last_step.elapsed());
         if rest.is_zero() {

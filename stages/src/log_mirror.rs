@@ -49,6 +49,8 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
     let mut report = MirrorReport::default();
     let mut builder = SubsetBuilder::default();
     let mut kept = Vec::new();
+    let mut kept_bytes = 0usize;
+    let mut full: Vec<LogBatch> = Vec::new();
     let rtxn = queue.read()?;
     let cursor = queue.cursor(&rtxn, Consumer::LogMirror)?;
     let mut new_cursor = cursor;
@@ -89,7 +91,14 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
             match verdict {
                 Verdict::Keep => {
                     let scope = builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
+                    kept_bytes += log.body.len();
                     kept.push(batch::own_log(log, scope));
+                    if kept_bytes >= crate::tail_sample::MAX_OUTPUT_BATCH_BYTES {
+                        let (resources, scopes) = builder.take();
+                        let logs = std::mem::take(&mut kept);
+                        full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs });
+                        kept_bytes = 0;
+                    }
                 }
                 Verdict::DropTrace => report.dropped_trace += 1,
                 Verdict::DropUntraced => report.dropped_untraced += 1,
@@ -107,10 +116,12 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
     let mut wtxn = queue.write()?;
     queue.advance(&mut wtxn, Consumer::LogMirror, cursor, new_cursor)?;
     if !kept.is_empty() {
-        report.kept = kept.len() as u64;
         let (resources, scopes) = builder.take();
-        let out = LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs: kept };
-        queue.append(&mut wtxn, Edge::KeptLogs, &batch::encode_logs(&out)?)?;
+        full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs: kept });
+    }
+    for out in &full {
+        report.kept += out.logs.len() as u64;
+        queue.append(&mut wtxn, Edge::KeptLogs, &batch::encode_logs(out)?)?;
     }
     queue.commit(wtxn)?;
     Ok(report)

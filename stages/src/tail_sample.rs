@@ -32,6 +32,9 @@ const MAX_PRUNE_PER_STEP: usize = 4096;
 /// Steps are at least this far apart unless input is backing up: decisions take seconds anyway,
 /// and one step per burst of wake-ups keeps the cost per request low at small rates.
 pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Output batches are closed at about this many bytes of span payload, so export can send a
+/// batch in one request below common gRPC message limits (4 MiB).
+pub const MAX_OUTPUT_BATCH_BYTES: usize = 1 << 20;
 /// Meta key of the ingestion position.
 const READ_POS_KEY: &str = "tail_sample/read_pos";
 
@@ -112,6 +115,9 @@ pub struct StepReport {
 struct StepOutput {
     builder: SubsetBuilder,
     spans: Vec<batch::SpanRecord>,
+    span_bytes: usize,
+    /// Finished output batches, each at most about [`MAX_OUTPUT_BATCH_BYTES`].
+    full: Vec<SpanBatch>,
     decisions: Vec<([u8; 16], Decision)>,
 }
 
@@ -119,8 +125,23 @@ impl StepOutput {
     fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32) {
         if let Some(span) = source.spans.get(index as usize) {
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
+            self.span_bytes += span.body.len();
             self.spans.push(batch::own_span(span, scope));
+            if self.span_bytes >= MAX_OUTPUT_BATCH_BYTES {
+                self.seal();
+            }
         }
+    }
+
+    /// Closes the batch being built.
+    fn seal(&mut self) {
+        if self.spans.is_empty() {
+            return;
+        }
+        let (resources, scopes) = self.builder.take();
+        let spans = std::mem::take(&mut self.spans);
+        self.span_bytes = 0;
+        self.full.push(SpanBatch { received_unix_nano: unix_nanos_now(), resources, scopes, spans });
     }
 }
 
@@ -177,10 +198,9 @@ impl Sampler {
         // Never move the persisted position back: batches up to `replay_until` were handled
         // before the restart, and a crash during the replay must still know that.
         queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos.max(self.replay_until))?;
-        if !output.spans.is_empty() {
-            let (resources, scopes) = output.builder.take();
-            let kept = SpanBatch { received_unix_nano: unix_nanos_now(), resources, scopes, spans: output.spans };
-            queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(&kept)?)?;
+        output.seal();
+        for kept in &output.full {
+            queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;
         }
         for (trace_id, decision) in &output.decisions {
             queue.put_decision(&mut wtxn, trace_id, decision)?;

@@ -24,6 +24,10 @@ use otlp::{OtlpClient, SendOutcome};
 
 /// Most queue batches read into one request.
 const MAX_BATCHES_PER_REQUEST: usize = 256;
+/// A request stops growing at this size (after its first batch), below the 4 MiB message limit
+/// gRPC servers apply by default. Stage outputs are sealed at 1 MiB, so a request holds at least
+/// one whole batch.
+const MAX_REQUEST_BYTES: usize = 3 << 20;
 
 /// A request assembled from queue batches.
 #[derive(Debug, Default)]
@@ -42,10 +46,13 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
     let cursor = queue.cursor(&rtxn, consumer)?;
     let mut out = Assembled { last_seq: cursor, ..Assembled::default() };
     for (taken, entry) in queue.entries_after(&rtxn, consumer.edge(), cursor)?.enumerate() {
-        if taken == MAX_BATCHES_PER_REQUEST || out.items >= max_items {
+        if taken == MAX_BATCHES_PER_REQUEST || out.items >= max_items || out.request.len() >= MAX_REQUEST_BYTES {
             break;
         }
         let (seq, value) = entry?;
+        if taken > 0 && out.request.len() + value.len() > MAX_REQUEST_BYTES {
+            break;
+        }
         match consumer.edge() {
             Edge::KeptSpans | Edge::Spans => {
                 let source = batch::access_spans(value)?;

@@ -82,18 +82,41 @@ impl OtlpClient {
     }
 }
 
-/// OTLP/gRPC retry rules: these codes are transient; every other one is final.
-/// RESOURCE_EXHAUSTED is transient only when the server says when to retry (RetryInfo).
+/// Which answers are final. OTLP names INVALID_ARGUMENT-like codes as permanent; everything
+/// else is retried with backoff and the batch stays queued:
+/// - UNKNOWN and INTERNAL are what tonic reports for transport failures (connection reset,
+///   broken pipe, a stream cut without grpc-status), and what storage backends answer for
+///   transient faults: dropping on them would empty the queue over a flaky link;
+/// - UNAUTHENTICATED and PERMISSION_DENIED are configuration mistakes: hold the backlog and
+///   log, rather than discard it until an operator fixes the credentials;
+/// - RESOURCE_EXHAUSTED is final only without RetryInfo (a size or quota refusal).
 pub fn classify(status: &tonic::Status) -> SendOutcome {
     let message = format!("{:?}: {}", status.code(), status.message());
     match status.code() {
-        Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unavailable
-        | Code::DataLoss => SendOutcome::Retryable(message),
-        Code::ResourceExhausted if !status.details().is_empty() => SendOutcome::Retryable(message),
-        _ => SendOutcome::Permanent(message),
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::Unimplemented => SendOutcome::Permanent(message),
+        Code::ResourceExhausted if status.details().is_empty() => SendOutcome::Permanent(message),
+        _ => SendOutcome::Retryable(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_and_auth_problems_are_retried() {
+        for code in [Code::Unknown, Code::Internal, Code::Unavailable, Code::DeadlineExceeded, Code::Unauthenticated] {
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Retryable(_)), "{code:?}");
+        }
+        for code in [Code::InvalidArgument, Code::Unimplemented, Code::ResourceExhausted] {
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Permanent(_)), "{code:?}");
+        }
+        let throttled =
+            tonic::Status::with_details(Code::ResourceExhausted, "slow down", bytes::Bytes::from_static(b"x"));
+        assert!(matches!(classify(&throttled), SendOutcome::Retryable(_)));
     }
 }
