@@ -80,8 +80,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Deletes decisions made before `before_unix_ms` whose spans are all at or below `cursor`.
-    /// Stops at the first one still needed, so a pinned decision delays (never breaks) pruning.
+    /// Deletes up to `limit` decisions made before `before_unix_ms` whose spans are all at or
+    /// below `cursor`. A decision still pinned by a batch past the cursor is skipped (a trace
+    /// that keeps receiving late spans must not hold back pruning of everything behind it); at
+    /// most `4 * limit` expired entries are examined per call.
     pub fn prune_decisions(
         &self,
         wtxn: &mut RwTxn<'_>,
@@ -90,9 +92,9 @@ impl Queue {
         limit: usize,
     ) -> Result<usize, QueueError> {
         let mut doomed = Vec::new();
-        for entry in self.decision_expiry.iter(wtxn)? {
+        for (examined, entry) in self.decision_expiry.iter(wtxn)?.enumerate() {
             let (key, _) = entry?;
-            if doomed.len() >= limit || key.len() != 24 {
+            if doomed.len() >= limit || examined >= limit.saturating_mul(4) || key.len() != 24 {
                 break;
             }
             let mut stamp = [0u8; 8];
@@ -104,7 +106,7 @@ impl Queue {
             trace_id.copy_from_slice(&key[8..]);
             let decision = self.decisions.get(wtxn, &trace_id)?.and_then(Decision::decode);
             if decision.is_some_and(|d| d.last_seq > cursor) {
-                break;
+                continue;
             }
             doomed.push((key.to_vec(), trace_id));
         }

@@ -618,3 +618,22 @@ fn writer_survives_sigkill() {
     assert_eq!((kept.batches, kept.items), (outputs.len() as u64, total));
     assert_eq!(q.verify().unwrap().corrupt, Vec::<(&str, u64)>::new());
 }
+
+#[test]
+fn a_pinned_decision_does_not_hold_back_pruning_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), 64 * MIB);
+    let mut wtxn = q.write().unwrap();
+    // The oldest decision keeps receiving late spans (last_seq past the cursor).
+    q.put_decision(&mut wtxn, &[1; 16], &Decision { keep: true, decided_unix_ms: 10, last_seq: 99 }).unwrap();
+    for n in 2..=20u8 {
+        q.put_decision(&mut wtxn, &[n; 16], &Decision { keep: false, decided_unix_ms: 10 + u64::from(n), last_seq: 1 })
+            .unwrap();
+    }
+    let pruned = q.prune_decisions(&mut wtxn, 1_000, 50, 100).unwrap();
+    q.commit(wtxn).unwrap();
+    assert_eq!(pruned, 19);
+    let txn = q.read().unwrap();
+    assert_eq!(q.decision_count(&txn).unwrap(), 1);
+    assert!(q.decision(&txn, &[1; 16]).unwrap().is_some());
+}
