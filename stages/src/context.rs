@@ -106,25 +106,23 @@ pub fn unix_nanos_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-/// Retries `step` while the queue is full, backing off up to 1 s, until it succeeds, fails
-/// otherwise, or shutdown is requested. A full map is a state downstream stages resolve by
-/// consuming, so a stage waits rather than crash-looping.
-pub async fn retry_while_full<T>(
-    ctx: &StageContext,
-    mut step: impl FnMut() -> Result<T, StageError>,
-) -> Result<Option<T>, StageError> {
-    let mut delay = Duration::from_millis(10);
-    loop {
-        match step() {
-            Err(StageError::Queue(QueueError::Full)) => {
-                ctx.events.error("queue_full");
-                if ctx.stopping() {
-                    return Ok(None);
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            other => return other.map(Some),
-        }
+/// Handles a failed step: a full queue is a state downstream stages resolve by consuming, so
+/// the stage waits (backing off from 10 ms to 1 s, counted in `full_streak`) and returns `Ok`
+/// for the caller to retry; any other error is returned and ends the stage.
+pub async fn wait_if_full(ctx: &StageContext, error: StageError, full_streak: &mut u32) -> Result<(), StageError> {
+    if !matches!(error, StageError::Queue(QueueError::Full)) {
+        return Err(error);
     }
+    ctx.events.error("queue_full");
+    if *full_streak == 0 {
+        tracing::warn!(stage = %ctx.stage, "queue is at its disk budget; waiting for downstream stages to free space");
+    }
+    let delay = Duration::from_millis(10).saturating_mul(1 << (*full_streak).min(7)).min(Duration::from_secs(1));
+    *full_streak += 1;
+    let mut shutdown = ctx.shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tailgate_ipc::batch::{self, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
 use tailgate_ipc::{Consumer, Edge, Queue};
 
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 
 const MAX_BATCHES_PER_STEP: usize = 64;
 
@@ -130,9 +130,17 @@ pub fn step(queue: &Queue, max_wait: Duration, now_unix_nano: u64) -> Result<Mir
 /// Runs the stage: steps when woken (new logs, new decisions) or when a waiting record times out.
 pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let max_wait = ctx.config.log_mirror.max_wait;
+    let mut full_streak = 0;
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
-        let report = step(&ctx.queue, max_wait, unix_nanos_now())?;
+        let report = match step(&ctx.queue, max_wait, unix_nanos_now()) {
+            Ok(report) => report,
+            Err(err) => {
+                wait_if_full(&ctx, err, &mut full_streak).await?;
+                continue;
+            }
+        };
+        full_streak = 0;
         ctx.events.received(report.received);
         ctx.events.sent(report.kept);
         ctx.events.dropped("trace_dropped", report.dropped_trace);

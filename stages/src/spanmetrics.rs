@@ -19,7 +19,7 @@ use prost::Message;
 use tailgate_ipc::batch::{self, MetricBatch};
 use tailgate_ipc::{Consumer, Edge, Queue};
 
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 
 const MAX_BATCHES_PER_READ: usize = 64;
 const STATE_PREFIX: &[u8] = b"spanmetrics/calls/";
@@ -56,6 +56,9 @@ impl SeriesKey {
 #[derive(Debug, Default)]
 pub struct Accumulator {
     deltas: BTreeMap<SeriesKey, u64>,
+    /// The cursor as this process last committed (or found) it; `None` before the first read.
+    cursor: Option<u64>,
+    /// Last `kept_spans` sequence number counted into `deltas`.
     read_pos: u64,
 }
 
@@ -63,8 +66,10 @@ impl Accumulator {
     /// Counts kept spans after `read_pos` (starting at the cursor). Returns spans counted.
     pub fn read(&mut self, queue: &Queue) -> Result<(u64, bool), StageError> {
         let rtxn = queue.read()?;
-        if self.read_pos == 0 {
-            self.read_pos = queue.cursor(&rtxn, Consumer::Spanmetrics)?;
+        if self.cursor.is_none() {
+            let cursor = queue.cursor(&rtxn, Consumer::Spanmetrics)?;
+            self.cursor = Some(cursor);
+            self.read_pos = cursor;
         }
         let mut spans = 0;
         for (batches, entry) in queue.entries_after(&rtxn, Edge::KeptSpans, self.read_pos)?.enumerate() {
@@ -106,7 +111,7 @@ impl Accumulator {
             return Ok(0);
         }
         let mut wtxn = queue.write()?;
-        let cursor = queue.cursor(&wtxn, Consumer::Spanmetrics)?;
+        let cursor = self.cursor.unwrap_or(0);
         let mut series = Vec::with_capacity(self.deltas.len());
         for (key, delta) in &self.deltas {
             let state_key = key.encode();
@@ -127,6 +132,7 @@ impl Accumulator {
         queue.append(&mut wtxn, Edge::Metrics, &batch::encode_metrics(&out)?)?;
         queue.advance(&mut wtxn, Consumer::Spanmetrics, cursor, self.read_pos)?;
         queue.commit(wtxn)?;
+        self.cursor = Some(self.read_pos);
         self.deltas.clear();
         Ok(points)
     }
@@ -214,16 +220,23 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let interval = ctx.config.spanmetrics.metrics_flush_interval;
     let mut accumulator = Accumulator::default();
     let mut next_flush = Instant::now() + interval;
+    let mut full_streak = 0;
     while !ctx.stopping() {
         let (spans, more) = accumulator.read(&ctx.queue)?;
         ctx.events.received(spans);
         if Instant::now() >= next_flush {
-            let points = accumulator.flush(&ctx.queue, unix_nanos_now())?;
-            if points > 0 {
-                ctx.events.sent(u64::from(points));
-                ctx.waker.edge_written(Edge::Metrics);
+            match accumulator.flush(&ctx.queue, unix_nanos_now()) {
+                Ok(points) => {
+                    full_streak = 0;
+                    if points > 0 {
+                        ctx.events.sent(u64::from(points));
+                        ctx.waker.edge_written(Edge::Metrics);
+                    }
+                    next_flush = Instant::now() + interval;
+                }
+                // Nothing was committed; the counts stay in memory for the next attempt.
+                Err(err) => wait_if_full(&ctx, err, &mut full_streak).await?,
             }
-            next_flush = Instant::now() + interval;
         }
         if more {
             continue;

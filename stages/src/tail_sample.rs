@@ -23,7 +23,7 @@ use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
 use tailgate_ipc::decisions::Decision;
 use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
 
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 
 /// Most input batches ingested per step, to keep write transactions short.
 const MAX_BATCHES_PER_STEP: usize = 64;
@@ -382,9 +382,19 @@ fn upsert_decision(output: &mut StepOutput, trace_id: [u8; 16], decision: Decisi
 pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
     tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
+    let mut full_streak = 0;
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
-        let report = sampler.step(&ctx.queue, unix_nanos_now())?;
+        let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
+            Ok(report) => report,
+            Err(err) => {
+                wait_if_full(&ctx, err, &mut full_streak).await?;
+                // The index ran ahead of the queue in the failed step: rebuild it from the queue.
+                sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
+                continue;
+            }
+        };
+        full_streak = 0;
         ctx.events.received(report.ingested);
         ctx.events.sent(report.kept);
         ctx.events.dropped("sampled_out", report.dropped);

@@ -184,7 +184,7 @@ async fn run_consumer(
         let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
         let Some(client) = &target.client else {
             ctx.events.dropped("no_destination", assembled.items);
-            commit(&ctx.queue, consumer, cursor, assembled.last_seq)?;
+            commit_until_done(ctx, consumer, cursor, assembled.last_seq).await?;
             continue;
         };
         let request = Bytes::from(assembled.request);
@@ -216,7 +216,21 @@ async fn run_consumer(
                 }
             }
         }
-        commit(&ctx.queue, consumer, cursor, assembled.last_seq)?;
+        commit_until_done(ctx, consumer, cursor, assembled.last_seq).await?;
+    }
+}
+
+/// Commits the cursor move, waiting out a full queue (the move itself frees space).
+async fn commit_until_done(ctx: &StageContext, consumer: Consumer, from: u64, to: u64) -> Result<(), StageError> {
+    let mut full_streak = 0;
+    loop {
+        match commit(&ctx.queue, consumer, from, to) {
+            Ok(()) => return Ok(()),
+            Err(err) => crate::context::wait_if_full(ctx, err, &mut full_streak).await?,
+        }
+        if ctx.stopping() {
+            return Ok(());
+        }
     }
 }
 
