@@ -295,7 +295,8 @@ pub struct SupervisorConfig {
     #[serde(with = "humantime_serde")]
     pub restart_backoff_max: Duration,
     /// More restarts of one stage than this within `restart_window` make the supervisor exit
-    /// non-zero (so systemd restarts the whole unit).
+    /// non-zero (so systemd restarts the whole unit). Must be reachable with the backoff above:
+    /// `check-config` reports a value a crash loop could never exceed.
     pub max_restarts: u32,
     /// Window for `max_restarts`.
     #[serde(with = "humantime_serde")]
@@ -312,10 +313,29 @@ impl Default for SupervisorConfig {
             memory_hard_limit_mib: 400,
             restart_backoff_initial: Duration::from_millis(50),
             restart_backoff_max: Duration::from_secs(5),
-            max_restarts: 20,
+            max_restarts: 10,
             restart_window: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl SupervisorConfig {
+    /// How many times a stage that crashes immediately exits within `restart_window`, given the
+    /// restart backoff (initial, doubling, capped): escalation needs `max_restarts` below this.
+    pub fn crash_loop_exits_per_window(&self) -> u32 {
+        let mut elapsed = Duration::ZERO;
+        let mut delay = self.restart_backoff_initial.max(Duration::from_millis(1));
+        let mut exits = 1;
+        while exits < 100_000 {
+            elapsed += delay;
+            if elapsed > self.restart_window {
+                break;
+            }
+            exits += 1;
+            delay = (delay * 2).min(self.restart_backoff_max.max(Duration::from_millis(1)));
+        }
+        exits
     }
 }
 
@@ -451,6 +471,17 @@ impl Config {
         if supervisor.max_restarts == 0 {
             problem("supervisor.max_restarts", "must be above zero".into());
         }
+        let reachable = supervisor.crash_loop_exits_per_window();
+        if supervisor.max_restarts >= reachable {
+            problem(
+                "supervisor.max_restarts",
+                format!(
+                    "{} can never be exceeded: with this backoff a stage crashing at once exits at most {reachable} \
+                     times within restart_window, so a crash loop would never escalate",
+                    supervisor.max_restarts
+                ),
+            );
+        }
         problems
     }
 
@@ -494,6 +525,16 @@ mod tests {
         assert_eq!(config.supervisor.memory_hard_limit_mib, 400);
         assert_eq!(config.exporters.retry_on_failure.initial_interval, Duration::from_secs(1));
         assert_eq!(config.exporters.retry_on_failure.max_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn escalation_must_be_reachable() {
+        let mut config = Config::embedded_default().unwrap();
+        // 50 ms doubling to 5 s within 60 s: 7 fast restarts, then one every 5 s.
+        assert_eq!(config.supervisor.crash_loop_exits_per_window(), 18);
+        config.supervisor.max_restarts = 20;
+        let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, vec!["supervisor.max_restarts"]);
     }
 
     #[test]
