@@ -417,17 +417,40 @@ fn open_queue(config: &Config) -> anyhow::Result<Queue> {
     Ok(queue)
 }
 
-/// Moves a damaged queue aside (kept for inspection) and starts an empty one.
+/// Moves a damaged queue aside (kept for inspection) and starts an empty one. Refuses while a
+/// stage process of an earlier run still holds its lock (it could still be writing).
 fn quarantine_and_reopen(queue_dir: &Path, options: &tailgate_ipc::QueueOptions) -> anyhow::Result<Queue> {
+    let run_dir = tailgate_ipc::wake::socket_dir(queue_dir.parent().unwrap_or(queue_dir));
+    let mut held = Vec::new();
+    for stage in StageId::ALL {
+        let path = run_dir.join(format!("{}.lock", stage.as_str()));
+        if let Ok(file) = std::fs::File::options().read(true).write(true).open(&path) {
+            match file.try_lock() {
+                Ok(()) => held.push(file),
+                Err(_) => {
+                    anyhow::bail!("a {stage} process of an earlier run still uses the queue; not moving it aside")
+                }
+            }
+        }
+    }
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let aside = queue_dir.with_file_name(format!("queue.corrupt-{stamp}"));
     std::fs::rename(queue_dir, &aside)?;
     tracing::error!(moved_to = %aside.display(), "damaged queue moved aside; starting with an empty queue");
-    Ok(Queue::open(queue_dir, options)?)
+    let queue = Queue::open(queue_dir, options)?;
+    drop(held);
+    Ok(queue)
 }
 
 async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     config.data_dir = absolute(&config.data_dir)?;
+    std::fs::create_dir_all(&config.data_dir)?;
+    // One supervisor per data directory: a second one would misread the RUNNING marker and
+    // start a second set of stages on the same queue.
+    let instance_lock = std::fs::File::create(config.data_dir.join("supervisor.lock"))?;
+    if instance_lock.try_lock().is_err() {
+        anyhow::bail!("another tailgate is running with data dir {}", config.data_dir.display());
+    }
     let queue = open_queue(&config)?;
     let launch = Arc::new(Launch {
         exe: std::env::current_exe()?,
@@ -461,6 +484,7 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     }
     std::fs::remove_file(config.data_dir.join(RUNNING_MARKER)).ok();
     tracing::info!("tailgate stopped cleanly");
+    drop(instance_lock);
     Ok(ExitCode::SUCCESS)
 }
 

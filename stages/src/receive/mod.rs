@@ -16,8 +16,8 @@ use intake::Intake;
 
 const MIB: usize = 1024 * 1024;
 
-/// Runs the receive stage until shutdown: stops accepting, finishes in-flight requests, then
-/// lets the writer commit what it holds.
+/// Runs the receive stage until shutdown: stops accepting and finishes in-flight requests (each
+/// answered after its commit).
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone());
     let protocols = ctx.config.receivers.otlp.protocols.clone();
