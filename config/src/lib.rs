@@ -283,10 +283,13 @@ impl Default for RetryConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisorConfig {
-    /// Memory limiter: above this much private memory (all stages together, MiB) stages are told
-    /// to shed.
+    /// Memory limiter, soft: when the stages' private (anonymous resident) memory together is
+    /// above this many MiB, the supervisor logs a warning. (Telling stages to shed comes with the
+    /// control socket.)
     pub memory_soft_limit_mib: u64,
-    /// Memory limiter: above this much private memory a stage is restarted.
+    /// Memory limiter, hard: a stage process whose private memory is above this many MiB is
+    /// killed and restarted; its state is rebuilt from the queue, so no backlog is lost. Checked
+    /// every `queue.sync_interval`.
     pub memory_hard_limit_mib: u64,
     /// First wait before restarting a crashed stage; doubles per crash up to `restart_backoff_max`.
     #[serde(with = "humantime_serde")]
@@ -464,6 +467,9 @@ impl Config {
         let supervisor = &self.supervisor;
         if supervisor.memory_soft_limit_mib >= supervisor.memory_hard_limit_mib {
             problem("supervisor.memory_soft_limit_mib", "must be below memory_hard_limit_mib".into());
+        }
+        if supervisor.memory_hard_limit_mib == 0 {
+            problem("supervisor.memory_hard_limit_mib", "must be above zero".into());
         }
         if supervisor.restart_backoff_initial > supervisor.restart_backoff_max {
             problem("supervisor.restart_backoff_initial", "must not exceed restart_backoff_max".into());

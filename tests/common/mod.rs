@@ -48,6 +48,8 @@ pub struct Timing {
     pub batch_timeout: &'static str,
     pub log_max_wait: &'static str,
     pub flush_interval: &'static str,
+    /// Extra lines under `supervisor:` (indented by two spaces).
+    pub supervisor_extra: &'static str,
 }
 
 impl Default for Timing {
@@ -58,6 +60,7 @@ impl Default for Timing {
             batch_timeout: "200ms",
             log_max_wait: "5s",
             flush_interval: "1s",
+            supervisor_extra: "",
         }
     }
 }
@@ -106,7 +109,9 @@ supervisor:
   restart_backoff_initial: 50ms
   restart_backoff_max: 1s
   shutdown_timeout: 5s
+{extra}
 "#,
+            extra = timing.supervisor_extra,
             data = dir.path().join("data").display(),
             dw = timing.decision_wait,
             rg = timing.root_grace,
