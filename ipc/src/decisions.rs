@@ -13,6 +13,11 @@
 //!   the cursor always finds the decision for every span it already handled.
 
 use heed::RoTxn;
+/// Meta key where log_mirror records the receive time (Unix ns) of the last log batch it
+/// resolved. tail_sample keeps decisions log_mirror may still need: while logs are waiting, a
+/// decision is pruned only once it is older than this progress minus the TTL.
+pub const LOG_MIRROR_PROGRESS_KEY: &str = "log_mirror/progress_unix_nano";
+
 use heed::RwTxn;
 
 use crate::queue::{Queue, QueueError};

@@ -206,7 +206,14 @@ impl Sampler {
             queue.put_decision(&mut wtxn, trace_id, decision)?;
         }
         let ttl_nanos = self.policy.decision_cache_ttl.as_nanos() as u64;
-        let prune_before_ms = now_unix_nano.saturating_sub(ttl_nanos) / 1_000_000;
+        // Logs still waiting in the queue may need older decisions: measure the TTL from how far
+        // log_mirror has got, not from now.
+        let mut horizon = now_unix_nano;
+        if queue.depth(&wtxn, Edge::Logs)?.batches > 0 {
+            let progress = queue.meta_u64(&wtxn, tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY)?.unwrap_or(0);
+            horizon = horizon.min(progress);
+        }
+        let prune_before_ms = horizon.saturating_sub(ttl_nanos) / 1_000_000;
         queue.prune_decisions(&mut wtxn, prune_before_ms, self.cursor, MAX_PRUNE_PER_STEP)?;
         queue.commit(wtxn)?;
         Ok(report)
