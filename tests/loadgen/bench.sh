@@ -32,7 +32,10 @@ case "$scenario" in
     wait "$meter"
     ;;
   max)
-    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter.out" &
+    # The window runs 10 s past the load so the CPU of finishing the work (decisions after
+    # root_grace, the last export batches) is counted: spans per CPU-second = accepted spans /
+    # (cpu% x 30 s).
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 30 > "$work/meter.out" &
     meter=$!
     "$bin/tailgate-loadgen" send --rate "${2:-0}" --duration 20 --batch 512 --concurrency 4
     wait "$meter"

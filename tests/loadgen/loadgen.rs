@@ -8,7 +8,7 @@
 //! - `sink`: an OTLP/gRPC endpoint that counts spans, log records and metric data points, and
 //!   prints the counts when it gets SIGINT/SIGTERM or after `--duration`.
 //! - `meter`: samples a process tree (a supervisor pid and its children) for CPU time and
-//!   private memory (smaps_rollup Private_Clean + Private_Dirty) over a window.
+//!   private memory (smaps_rollup `Anonymous`) over a window.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -452,7 +452,9 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// (private kB, pss kB) from smaps_rollup.
+/// (anonymous kB, pss kB) from smaps_rollup. Anonymous memory is the process's own heap;
+/// `Private_*` would also count queue-map pages that only this process touched, which are page
+/// cache shared through the file, not memory the process owns.
 fn memory_kb(pid: u32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let field = |name: &str| {
@@ -462,7 +464,7 @@ fn memory_kb(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    Some((field("Private_Clean:") + field("Private_Dirty:"), field("Pss:")))
+    Some((field("Anonymous:"), field("Pss:")))
 }
 
 fn tree(root: u32) -> Vec<u32> {
