@@ -59,3 +59,102 @@ fn six_named_processes_serve_both_ports() {
         );
     }
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The OTLP/JSON form of a span, as the OTLP spec writes it (hex ids, string int64s).
+fn span_json(span: &opentelemetry_proto::tonic::trace::v1::Span) -> serde_json::Value {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let attributes: Vec<serde_json::Value> = span
+        .attributes
+        .iter()
+        .map(|kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(Value::StringValue(s)) => serde_json::json!({"key": kv.key, "value": {"stringValue": s}}),
+            other => panic!("test spans carry string attributes only, got {other:?}"),
+        })
+        .collect();
+    let mut json = serde_json::json!({
+        "traceId": hex(&span.trace_id),
+        "spanId": hex(&span.span_id),
+        "name": span.name,
+        "kind": span.kind,
+        "startTimeUnixNano": span.start_time_unix_nano.to_string(),
+        "endTimeUnixNano": span.end_time_unix_nano.to_string(),
+        "attributes": attributes,
+    });
+    if !span.parent_span_id.is_empty() {
+        json["parentSpanId"] = serde_json::json!(hex(&span.parent_span_id));
+    }
+    if let Some(status) = &span.status {
+        json["status"] = serde_json::json!({"code": status.code, "message": status.message});
+    }
+    json
+}
+
+#[test]
+fn json_and_gzip_requests_are_delivered_unaltered() {
+    use std::io::Write;
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use prost::Message;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    // Each transport (index % 3) carries one error, one slow and one fast trace.
+    let traces: Vec<TestTrace> = (0..9)
+        .map(|n| TestTrace::new(300 + n, [Outcome::Error, Outcome::Slow, Outcome::Fast][(n / 3) as usize], 2))
+        .collect();
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    };
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for (index, trace) in traces.iter().enumerate() {
+            match index % 3 {
+                // OTLP/HTTP JSON.
+                0 => {
+                    let spans: Vec<serde_json::Value> = trace.spans.iter().map(span_json).collect();
+                    let body = serde_json::json!({"resourceSpans": [{
+                        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json"}}]},
+                        "scopeSpans": [{"scope": {"name": "tailgate-tests", "version": "1"}, "spans": spans}]
+                    }]});
+                    let response = http
+                        .post(format!("http://{}/v1/traces", tailgate.http))
+                        .header("content-type", "application/json")
+                        .body(body.to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    assert_eq!(response.headers()["content-type"], "application/json");
+                }
+                // OTLP/HTTP protobuf, gzip.
+                1 => {
+                    let body = gzip(&trace_request("gzip-http", trace.spans.clone()).encode_to_vec());
+                    let response = http
+                        .post(format!("http://{}/v1/traces", tailgate.http))
+                        .header("content-type", "application/x-protobuf")
+                        .header("content-encoding", "gzip")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                }
+                // OTLP/gRPC, gzip.
+                _ => {
+                    let mut client = TraceServiceClient::connect(format!("http://{}", tailgate.grpc))
+                        .await
+                        .unwrap()
+                        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+                    client.export(trace_request("gzip-grpc", trace.spans.clone())).await.unwrap();
+                }
+            }
+        }
+    });
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(2), false);
+}

@@ -50,11 +50,18 @@ fn check(protocol: &str) {
         let trace_id: [u8; 16] = hex_bytes(trace["trace_id"].as_str().unwrap());
         for span in trace["span_ids"].as_array().unwrap() {
             let key = (trace_id, hex_bytes::<8>(span.as_str().unwrap()));
-            if trace["keep"].as_bool().unwrap() { kept.insert(key) } else { dropped.insert(key) };
+            if trace["keep"].as_bool().unwrap() {
+                kept.insert(key)
+            } else {
+                dropped.insert(key)
+            };
         }
     }
     assert_eq!(kept.len(), 20 * 3);
-    assert!(wait_until(Duration::from_secs(30), || kept.iter().all(|k| backend.spans().contains_key(k))), "kept spans missing");
+    assert!(
+        wait_until(Duration::from_secs(30), || kept.iter().all(|k| backend.spans().contains_key(k))),
+        "kept spans missing"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let got = backend.spans();
     assert!(got.keys().all(|k| kept.contains(k)), "spans of dropped traces delivered");
