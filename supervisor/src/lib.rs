@@ -46,3 +46,17 @@ pub fn init_logging(level: &str) {
     let _already_set =
         tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
+
+/// Resolves at the first SIGTERM or SIGINT. If the handlers cannot be installed it never
+/// resolves, and the default action (terminate) applies; the queue keeps state safe either way.
+pub async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

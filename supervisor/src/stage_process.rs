@@ -78,7 +78,7 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
     let wake = WakeListener::bind(&run_dir, stage)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        crate::wait_for_stop_signal().await;
         tracing::info!("stop requested; draining");
         let _ = stop.send(true);
     });
@@ -95,17 +95,4 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
     run_stage(ctx).await?;
     drop(lock);
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without handlers the default action (terminate) applies; the queue keeps state safe.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -520,7 +520,7 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     tracing::info!(data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "tailgate started");
     tokio::pin!(handle);
     tokio::select! {
-        _ = wait_for_signal() => {
+        _ = crate::wait_for_stop_signal() => {
             tracing::info!("shutting down: stopping intake, draining stages");
             if let Err(err) = ractor::call!(supervisor, SupervisorMsg::Shutdown) {
                 tracing::warn!(error = %err, "supervisor already stopped");
@@ -537,16 +537,4 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     tracing::info!("tailgate stopped cleanly");
     drop(instance_lock);
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

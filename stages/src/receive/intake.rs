@@ -125,10 +125,15 @@ impl Intake {
             let jobs: Vec<Job> = {
                 let mut waiting = self.lock_waiting();
                 let take = waiting.len().min(MAX_JOBS_PER_COMMIT);
-                waiting.drain(..take).collect()
+                // A client that went away before its commit gets no answer; committing its data
+                // would duplicate what it sends again.
+                waiting.drain(..take).filter(|job| !job.reply.is_closed()).collect()
             };
             if jobs.is_empty() {
-                return;
+                if self.lock_waiting().is_empty() {
+                    return;
+                }
+                continue;
             }
             let outcome = commit_jobs(&self.queue, &jobs);
             let answer = match &outcome {
