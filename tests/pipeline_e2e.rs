@@ -41,6 +41,7 @@ fn six_named_processes_serve_both_ports() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (_backend, backend_addr) = Backend::serve(&runtime);
     let mut tailgate = Tailgate::start(backend_addr, &Timing::default());
+    assert!(wait_until(Duration::from_secs(10), || stage_pids(tailgate.pid()).len() == 5));
     let pids = stage_pids(tailgate.pid());
     let mut names: Vec<&str> = pids.keys().map(String::as_str).collect();
     names.sort_unstable();

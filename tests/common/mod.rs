@@ -56,7 +56,7 @@ impl Default for Timing {
     fn default() -> Self {
         Timing {
             decision_wait: "3s",
-            root_grace: "1s",
+            root_grace: "1500ms",
             batch_timeout: "200ms",
             log_max_wait: "5s",
             flush_interval: "1s",
