@@ -5,6 +5,8 @@
 #                                             # BATCH spans per request (default 50: 100 requests/s)
 #   tests/loadgen/bench.sh max [RATE]  # RATE spans/s (0: as fast as accepted) for 20 s, batches of 512
 # Everything runs on loopback; every loop is bounded by --duration.
+# PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
+# rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scenario=${1:-reference}
@@ -17,7 +19,14 @@ cargo build --release --bins --quiet
 # Backend stand-in on the default export endpoint (127.0.0.1:14317).
 "$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --duration 600 > "$work/sink.out" &
 sink=$!
-"$bin/tailgate" run --data-dir "$work/data" 2> "$work/tailgate.log" &
+if [ "${PEER:-}" = rotel ]; then
+  rotel_agent="$(python3 -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
+  "$rotel_agent" start --otlp-grpc-endpoint 127.0.0.1:4317 --otlp-http-endpoint 127.0.0.1:4318 \
+    --exporter otlp --otlp-exporter-endpoint http://127.0.0.1:14317 --otlp-exporter-protocol grpc \
+    --otlp-exporter-compression none --batch-max-size 512 --batch-timeout 5s > "$work/tailgate.log" 2>&1 &
+else
+  "$bin/tailgate" run --data-dir "$work/data" 2> "$work/tailgate.log" &
+fi
 tailgate=$!
 for _ in $(seq 100); do
   (echo > /dev/tcp/127.0.0.1/4317) 2>/dev/null && break

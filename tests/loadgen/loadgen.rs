@@ -429,9 +429,21 @@ async fn sink(listen: &str, duration: u64) -> anyhow::Result<()> {
         }
     };
     tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
-        .add_service(LogsServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
-        .add_service(MetricsServiceServer::new(counts.clone()).max_decoding_message_size(64 << 20))
+        .add_service(
+            TraceServiceServer::new(counts.clone())
+                .max_decoding_message_size(64 << 20)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
+        .add_service(
+            LogsServiceServer::new(counts.clone())
+                .max_decoding_message_size(64 << 20)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
+        .add_service(
+            MetricsServiceServer::new(counts.clone())
+                .max_decoding_message_size(64 << 20)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
         .serve_with_shutdown(addr, stop)
         .await?;
     println!(
