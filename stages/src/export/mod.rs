@@ -56,28 +56,14 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
         match consumer.edge() {
             Edge::KeptSpans | Edge::Spans => {
                 let source = batch::access_spans(value)?;
-                for (scope_index, scope) in source.scopes.iter().enumerate() {
-                    let resource = source.resources.get(scope.resource.to_native() as usize);
-                    let mut bodies = source
-                        .spans
-                        .iter()
-                        .filter(|span| span.scope.to_native() as usize == scope_index)
-                        .map(|span| span.body.as_slice());
-                    write_group(&mut out.request, resource, scope, &mut bodies);
-                }
+                let items = source.spans.iter().map(|span| (span.scope.to_native(), span.body.as_slice()));
+                write_groups(&mut out.request, &source.resources, &source.scopes, items);
                 out.items += source.spans.len() as u64;
             }
             Edge::KeptLogs | Edge::Logs => {
                 let source = batch::access_logs(value)?;
-                for (scope_index, scope) in source.scopes.iter().enumerate() {
-                    let resource = source.resources.get(scope.resource.to_native() as usize);
-                    let mut bodies = source
-                        .logs
-                        .iter()
-                        .filter(|log| log.scope.to_native() as usize == scope_index)
-                        .map(|log| log.body.as_slice());
-                    write_group(&mut out.request, resource, scope, &mut bodies);
-                }
+                let items = source.logs.iter().map(|log| (log.scope.to_native(), log.body.as_slice()));
+                write_groups(&mut out.request, &source.resources, &source.scopes, items);
                 out.items += source.logs.len() as u64;
             }
             Edge::Metrics => {
@@ -94,22 +80,29 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
     Ok((cursor, out))
 }
 
-fn write_group(
+/// Writes one `ResourceSpans` / `ResourceLogs` entry per scope of a stored batch, holding the
+/// items (scope index, encoded body) of that scope in their stored order.
+fn write_groups<'a>(
     out: &mut Vec<u8>,
-    resource: Option<&batch::ArchivedResourceBlock>,
-    scope: &batch::ArchivedScopeBlock,
-    bodies: &mut dyn Iterator<Item = &[u8]>,
+    resources: &rkyv::vec::ArchivedVec<batch::ArchivedResourceBlock>,
+    scopes: &rkyv::vec::ArchivedVec<batch::ArchivedScopeBlock>,
+    items: impl Iterator<Item = (u32, &'a [u8])> + Clone,
 ) {
-    let (resource_bytes, resource_schema) =
-        resource.map(|r| (r.resource.as_slice(), r.schema_url.as_str())).unwrap_or((&[], ""));
-    otlp_wire::encode_resource_group(
-        out,
-        resource_bytes,
-        resource_schema,
-        scope.scope.as_slice(),
-        scope.schema_url.as_str(),
-        bodies,
-    );
+    for (scope_index, scope) in scopes.iter().enumerate() {
+        let (resource_bytes, resource_schema) = resources
+            .get(scope.resource.to_native() as usize)
+            .map(|r| (r.resource.as_slice(), r.schema_url.as_str()))
+            .unwrap_or((&[], ""));
+        let mut bodies = items.clone().filter(|(scope, _)| *scope as usize == scope_index).map(|(_, body)| body);
+        otlp_wire::encode_resource_group(
+            out,
+            resource_bytes,
+            resource_schema,
+            scope.scope.as_slice(),
+            scope.schema_url.as_str(),
+            &mut bodies,
+        );
+    }
 }
 
 /// Moves the consumer's cursor past what was delivered (or permanently refused).
