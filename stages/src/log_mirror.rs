@@ -99,15 +99,16 @@ pub fn step(queue: &Queue, max_wait: Duration, wait_from: u64, now_unix_nano: u6
         for (log, verdict) in source.logs.iter().zip(verdicts) {
             match verdict {
                 Verdict::Keep => {
-                    let scope = builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
-                    kept_bytes += log.body.len();
-                    kept.push(batch::own_log(log, scope));
-                    if kept_bytes >= crate::tail_sample::MAX_OUTPUT_BATCH_BYTES {
+                    // Seal before a record would take the batch past the limit.
+                    if !kept.is_empty() && kept_bytes + log.body.len() > crate::tail_sample::MAX_OUTPUT_BATCH_BYTES {
                         let (resources, scopes) = builder.take();
                         let logs = std::mem::take(&mut kept);
                         full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs });
                         kept_bytes = 0;
                     }
+                    let scope = builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
+                    kept_bytes += log.body.len();
+                    kept.push(batch::own_log(log, scope));
                 }
                 Verdict::DropTrace => report.dropped_trace += 1,
                 Verdict::DropUntraced => report.dropped_untraced += 1,

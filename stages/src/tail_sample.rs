@@ -93,6 +93,10 @@ pub struct Sampler {
     replay_skipped: u64,
     /// Replayed spans buffered again (their trace was still pending).
     replay_buffered: u64,
+    /// `read_pos` as last committed.
+    persisted_read_pos: u64,
+    /// Receive time of the last batch ingested, Unix nanoseconds.
+    ingested_until: u64,
 }
 
 /// What one step did.
@@ -124,12 +128,14 @@ struct StepOutput {
 impl StepOutput {
     fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32) {
         if let Some(span) = source.spans.get(index as usize) {
+            // Seal before a span would take the batch past the limit (a span above the limit on
+            // its own still gets a batch of its own).
+            if self.span_bytes + span.body.len() > MAX_OUTPUT_BATCH_BYTES {
+                self.seal();
+            }
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
             self.span_bytes += span.body.len();
             self.spans.push(batch::own_span(span, scope));
-            if self.span_bytes >= MAX_OUTPUT_BATCH_BYTES {
-                self.seal();
-            }
         }
     }
 
@@ -161,6 +167,8 @@ impl Sampler {
             replay_until,
             replay_skipped: 0,
             replay_buffered: 0,
+            persisted_read_pos: replay_until,
+            ingested_until: 0,
         })
     }
 
@@ -185,19 +193,28 @@ impl Sampler {
         // While replaying, a trace may still have spans in batches not re-read yet: deciding it
         // now would judge it on part of its spans and then skip the rest as already handled.
         if self.read_pos >= self.replay_until {
-            self.decide(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
+            // With input backing up (a backlog after a restart or a burst), decide only what is
+            // due by the receive time of the last batch read: later spans of those traces, still
+            // unread, would otherwise arrive as late spans of a trace judged without them.
+            let decide_at = if report.more_input { now_unix_nano.min(self.ingested_until) } else { now_unix_nano };
+            self.decide(queue, &rtxn, decide_at, &mut output, &mut report)?;
         }
         drop(rtxn);
         let old_cursor = self.cursor;
         self.advance_cursor();
-        if report.ingested == 0 && output.decisions.is_empty() && old_cursor == self.cursor {
+        // Never move the persisted position back: batches up to `replay_until` were handled
+        // before the restart, and a crash during the replay must still know that.
+        let read_pos = self.read_pos.max(self.replay_until);
+        if output.decisions.is_empty() && old_cursor == self.cursor && read_pos == self.persisted_read_pos {
+            // Nothing to write; in particular no write at all while replaying, so a full queue
+            // cannot stop the replay that leads to the decisions that free it.
             return Ok(report);
         }
         let mut wtxn = queue.write()?;
         queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
-        // Never move the persisted position back: batches up to `replay_until` were handled
-        // before the restart, and a crash during the replay must still know that.
-        queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos.max(self.replay_until))?;
+        if read_pos != self.persisted_read_pos {
+            queue.set_meta_u64(&mut wtxn, READ_POS_KEY, read_pos)?;
+        }
         output.seal();
         for kept in &output.full {
             queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;
@@ -216,6 +233,7 @@ impl Sampler {
         let prune_before_ms = horizon.saturating_sub(ttl_nanos) / 1_000_000;
         queue.prune_decisions(&mut wtxn, prune_before_ms, self.cursor, MAX_PRUNE_PER_STEP)?;
         queue.commit(wtxn)?;
+        self.persisted_read_pos = read_pos;
         Ok(report)
     }
 
@@ -267,6 +285,7 @@ impl Sampler {
             }
             self.undecided.insert(seq, undecided);
             self.read_pos = seq;
+            self.ingested_until = received;
             if seq == self.replay_until && replaying {
                 tracing::info!(
                     through = seq,
@@ -523,6 +542,23 @@ mod tests {
         assert!(sampler.step(&queue, now).unwrap().more_input);
         drop(sampler);
         run_until_idle(&queue, now);
+        assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+    }
+
+    #[test]
+    fn backlog_built_up_during_a_restart_is_read_before_deciding() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        append(&queue, vec![span(1, 1, true, false)]);
+        let mut sampler = Sampler::open(&queue, policy()).unwrap();
+        sampler.step(&queue, T0).unwrap();
+        drop(sampler);
+        // While tail_sample is down, 98 more batches arrive, the trace's error span last.
+        for n in 2..100u8 {
+            append(&queue, vec![span(n, 1, true, false)]);
+        }
+        append(&queue, vec![span(1, 2, false, true)]);
+        run_until_idle(&queue, T0 + 60_000_000_000);
         assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
     }
 
