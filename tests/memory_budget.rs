@@ -15,7 +15,10 @@ fn stage_over_hard_limit_is_restarted_without_loss() {
     let (backend, backend_addr) = Backend::serve(&runtime);
     // Every stage process holds more than 1 MiB of heap once it has served traffic.
     let timing = Timing {
-        supervisor_extra: "  memory_soft_limit_mib: 0\n  memory_hard_limit_mib: 1\n  max_restarts: 50",
+        supervisor_extra: "  memory_soft_limit_mib: 0\n  memory_hard_limit_mib: 1",
+        // Stages restart every second or so here; give traces room to complete across them.
+        decision_wait: "12s",
+        root_grace: "6s",
         ..Timing::default()
     };
     let tailgate = Tailgate::start(backend_addr, &timing);

@@ -13,10 +13,18 @@ use common::*;
 fn kill_tree(tailgate: &mut Tailgate) {
     let stages: Vec<u32> = stage_pids(tailgate.pid()).values().copied().collect();
     signal(tailgate.pid(), "KILL");
-    for pid in stages {
-        signal(pid, "KILL");
+    for pid in &stages {
+        signal(*pid, "KILL");
     }
     tailgate.child.wait().unwrap();
+    // The stages were re-parented when the supervisor died; wait until they are really gone
+    // (or zombies), so the next start does not find their locks held.
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    assert!(wait_until(Duration::from_secs(10), || !stages.iter().any(alive)), "stage processes outlived SIGKILL");
 }
 
 fn log_of(tailgate: &Tailgate) -> String {
@@ -32,8 +40,8 @@ fn queue_undeliverable_traces(
     backend.received.lock().unwrap().fail_next_traces = u32::MAX;
     let traces: Vec<TestTrace> = (0..20).map(|n| TestTrace::new(n, Outcome::Error, 2)).collect();
     runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(50), |_| {}));
-    // Let tail_sample decide (root_grace) and export fail at least once.
-    std::thread::sleep(Duration::from_secs(3));
+    // Let tail_sample decide (root_grace 3 s) and export fail at least once.
+    std::thread::sleep(Duration::from_secs(5));
     traces
 }
 
@@ -42,7 +50,9 @@ fn a_second_supervisor_on_the_same_data_dir_is_refused() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (_backend, backend_addr) = Backend::serve(&runtime);
     let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    assert!(wait_until(Duration::from_secs(10), || stage_pids(tailgate.pid()).len() == 5));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .env("RUST_LOG", "info")
         .arg("run")
         .arg("--config")
         .arg(&tailgate.config_path)

@@ -331,12 +331,12 @@ impl SupervisorConfig {
         let mut delay = self.restart_backoff_initial.max(Duration::from_millis(1));
         let mut exits = 1;
         while exits < 100_000 {
-            elapsed += delay;
+            elapsed = elapsed.saturating_add(delay);
             if elapsed > self.restart_window {
                 break;
             }
             exits += 1;
-            delay = (delay * 2).min(self.restart_backoff_max.max(Duration::from_millis(1)));
+            delay = delay.saturating_mul(2).min(self.restart_backoff_max.max(Duration::from_millis(1)));
         }
         exits
     }

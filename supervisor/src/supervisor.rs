@@ -77,6 +77,11 @@ pub struct StageState {
     queue: Queue,
     policy: SupervisorConfig,
     pid: Option<u32>,
+    /// A pidfd of the running process: signals sent through it can never reach another
+    /// process that reused the pid after ours was reaped.
+    pidfd: Option<std::os::fd::OwnedFd>,
+    /// The running process was killed for exceeding its memory limit.
+    killed_for_memory: bool,
     generation: u64,
     started_at: Instant,
     backoff: Duration,
@@ -104,6 +109,11 @@ impl StageActor {
         let mut child = command.spawn()?;
         state.generation += 1;
         state.pid = child.id();
+        state.pidfd = state
+            .pid
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+            .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
+        state.killed_for_memory = false;
         state.started_at = Instant::now();
         tracing::info!(stage = %state.stage, pid = ?state.pid, "stage process started");
         let generation = state.generation;
@@ -118,13 +128,17 @@ impl StageActor {
         Ok(())
     }
 
-    fn signal(pid: Option<u32>, signal: rustix::process::Signal) {
-        let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) else { return };
-        let _ = rustix::process::kill_process(pid, signal);
+    fn signal(state: &StageState, signal: rustix::process::Signal) {
+        if let Some(pidfd) = &state.pidfd {
+            let _ = rustix::process::pidfd_send_signal(pidfd, signal);
+        } else if let Some(pid) = state.pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
     }
 
     fn on_exit(myself: &ActorRef<StageMsg>, state: &mut StageState, status: String) -> Result<(), ActorProcessingErr> {
         state.pid = None;
+        state.pidfd = None;
         match state.queue.clear_stale_readers() {
             Ok(cleared) if cleared > 0 => tracing::info!(stage = %state.stage, cleared, "cleared stale reader slots"),
             Ok(_) => {}
@@ -140,7 +154,11 @@ impl StageActor {
         if now.duration_since(state.started_at) >= BACKOFF_RESET_AFTER {
             state.backoff = state.policy.restart_backoff_initial;
         }
-        state.restarts.push_back(now);
+        // A kill for memory is the limit working, not the stage failing: it is restarted with
+        // backoff but does not count towards escalation.
+        if !std::mem::take(&mut state.killed_for_memory) {
+            state.restarts.push_back(now);
+        }
         while state.restarts.front().is_some_and(|t| now.duration_since(*t) > state.policy.restart_window) {
             state.restarts.pop_front();
         }
@@ -155,7 +173,7 @@ impl StageActor {
         }
         tracing::warn!(stage = %state.stage, %status, restart_in = ?state.backoff, "stage process exited; restarting");
         myself.send_after(state.backoff, || StageMsg::Start);
-        state.backoff = (state.backoff * 2).min(state.policy.restart_backoff_max);
+        state.backoff = state.backoff.saturating_mul(2).min(state.policy.restart_backoff_max);
         Ok(())
     }
 }
@@ -173,6 +191,8 @@ impl Actor for StageActor {
             backoff: args.policy.restart_backoff_initial,
             policy: args.policy,
             pid: None,
+            pidfd: None,
+            killed_for_memory: false,
             generation: 0,
             started_at: Instant::now(),
             restarts: VecDeque::new(),
@@ -205,7 +225,7 @@ impl Actor for StageActor {
                     myself.stop(None);
                 } else {
                     state.stopping = Some(reply);
-                    StageActor::signal(state.pid, rustix::process::Signal::TERM);
+                    StageActor::signal(state, rustix::process::Signal::TERM);
                     let generation = state.generation;
                     myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
                 }
@@ -213,7 +233,7 @@ impl Actor for StageActor {
             StageMsg::StopTimeout(generation) => {
                 if generation == state.generation && state.pid.is_some() {
                     tracing::warn!(stage = %state.stage, "stage did not drain in time; killing it");
-                    StageActor::signal(state.pid, rustix::process::Signal::KILL);
+                    StageActor::signal(state, rustix::process::Signal::KILL);
                 }
             }
             StageMsg::Pid(reply) => {
@@ -232,7 +252,8 @@ impl Actor for StageActor {
                         hard_limit_mib = state.policy.memory_hard_limit_mib,
                         "stage over its memory hard limit; restarting it (its state is in the queue)"
                     );
-                    StageActor::signal(state.pid, rustix::process::Signal::KILL);
+                    state.killed_for_memory = true;
+                    StageActor::signal(state, rustix::process::Signal::KILL);
                 }
                 let _ = reply.send(private);
             }
@@ -242,7 +263,7 @@ impl Actor for StageActor {
 
     async fn post_stop(&self, _myself: ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
         // Never leave an orphan behind, whatever stopped the actor.
-        StageActor::signal(state.pid, rustix::process::Signal::KILL);
+        StageActor::signal(state, rustix::process::Signal::KILL);
         Ok(())
     }
 }

@@ -24,8 +24,26 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 
 /// A port nobody listens on right now.
+/// Ports are drawn from 20000-31999, below Linux's ephemeral range (32768+), so no outgoing
+/// connection of a test running in parallel can take one between this check and the bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32);
+    let _ = STATE.compare_exchange(0, seed | 1, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        // xorshift64
+        let mut x = STATE.load(Ordering::SeqCst);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Ordering::SeqCst);
+        let port = 20_000 + (x % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `check` every 50 ms until it holds or `limit` passes; returns whether it held.
@@ -55,10 +73,10 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            decision_wait: "3s",
-            root_grace: "1500ms",
+            decision_wait: "6s",
+            root_grace: "3s",
             batch_timeout: "200ms",
-            log_max_wait: "5s",
+            log_max_wait: "30s",
             flush_interval: "1s",
             supervisor_extra: "",
         }
@@ -100,9 +118,9 @@ log_mirror:
 spanmetrics:
   metrics_flush_interval: {fi}
 exporters:
-  traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
-  logs: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
-  metrics: {{ otlp: {{ endpoint: "http://{backend}", timeout: 2s }} }}
+  traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
+  logs: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
+  metrics: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
   retry_on_failure: {{ initial_interval: 200ms, max_interval: 1s }}
 supervisor:
@@ -436,7 +454,6 @@ pub async fn send_in_waves(
 ) {
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
     use prost::Message;
-    let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
     let http_client = reqwest::Client::new();
     // Wave of each span: children 0..k-1 in wave i % 3, root one wave later, last child after it.
     let waves = 5;
@@ -459,22 +476,53 @@ pub async fn send_in_waves(
             }
         }
         if !grpc_spans.is_empty() {
-            client.export(trace_request("checkout", grpc_spans)).await.unwrap();
+            let request = trace_request("checkout", grpc_spans);
+            retry_send(|| {
+                let request = request.clone();
+                async move {
+                    let mut client =
+                        TraceServiceClient::connect(format!("http://{grpc}")).await.map_err(|e| e.to_string())?;
+                    client.export(request).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            })
+            .await;
         }
         if !http_spans.is_empty() {
             let body = trace_request("payments", http_spans).encode_to_vec();
-            let response = http_client
-                .post(format!("http://{http}/v1/traces"))
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "{:?}", response.text().await);
+            retry_send(|| {
+                let request = http_client
+                    .post(format!("http://{http}/v1/traces"))
+                    .header("content-type", "application/x-protobuf")
+                    .body(body.clone());
+                async move {
+                    let response = request.send().await.map_err(|e| e.to_string())?;
+                    if response.status() == 200 { Ok(()) } else { Err(format!("status {}", response.status())) }
+                }
+            })
+            .await;
         }
         between(wave);
         tokio::time::sleep(gap).await;
     }
+}
+
+/// Retries a send the way an OTLP exporter does while the receiver restarts (connection refused,
+/// UNAVAILABLE): up to 100 times, 200 ms apart. Tests that require exactly-once delivery never
+/// kill receive in the middle of a request, so a retry there cannot duplicate.
+async fn retry_send<F, Fut>(mut send: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut last = String::new();
+    for _ in 0..100 {
+        match send().await {
+            Ok(()) => return,
+            Err(err) => last = err,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("send kept failing: {last}");
 }
 
 /// (trace id, span id) of every span of the traces sampling must keep.
