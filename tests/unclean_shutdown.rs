@@ -71,6 +71,18 @@ fn sigkill_of_the_whole_tree_keeps_the_backlog() {
     let mut tailgate = Tailgate::start(backend_addr, &Timing::default());
     let traces = queue_undeliverable_traces(&runtime, &backend, &tailgate);
     assert!(backend.spans().is_empty());
+    // `tailgate status` reads the live queue: the undelivered backlog is there, exactly.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("status")
+        .arg("--config")
+        .arg(&tailgate.config_path)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let report = String::from_utf8(status.stdout).unwrap();
+    let kept_line = report.lines().find(|l| l.starts_with("kept_spans ")).expect("kept_spans line");
+    let items: u64 = kept_line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(items, traces.iter().map(|t| t.spans.len() as u64).sum::<u64>(), "{report}");
     kill_tree(&mut tailgate);
     // Restart on the same data dir with a backend that accepts again.
     backend.received.lock().unwrap().fail_next_traces = 0;

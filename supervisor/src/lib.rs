@@ -36,6 +36,59 @@ pub fn check_config(file: &Path) -> ExitCode {
     }
 }
 
+/// `tailgate status`: the queue's depth per edge and consumer, read from the live environment.
+pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    match print_status(config_file, data_dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tailgate status: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use tailgate_ipc::{Edge, Queue};
+    let config = load_config(config_file.as_deref(), data_dir)?;
+    let queue_dir = config.queue_dir();
+    if !queue_dir.join("data.mdb").exists() {
+        anyhow::bail!("no queue at {}", queue_dir.display());
+    }
+    let queue = Queue::open(&queue_dir, &stage_process::queue_options(&config))?;
+    let txn = queue.read()?;
+    let used = queue.used_bytes(&txn)?;
+    let capacity = queue.capacity_bytes();
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "queue {}: {:.1} MiB in use of {:.0} MiB ({:.1}%), intake {}",
+        queue_dir.display(),
+        mib(used),
+        mib(capacity),
+        used as f64 / capacity as f64 * 100.0,
+        if queue.admits(&txn)? { "open" } else { "refusing (budget reached)" }
+    );
+    println!("{:<12} {:>10} {:>12} {:>14} {:>10}", "edge", "batches", "items", "bytes", "next_seq");
+    for edge in Edge::ALL {
+        let depth = queue.depth(&txn, edge)?;
+        println!(
+            "{:<12} {:>10} {:>12} {:>14} {:>10}",
+            edge.as_str(),
+            depth.batches,
+            depth.items,
+            depth.bytes,
+            depth.next_seq
+        );
+    }
+    println!("{:<16} {:<12} {:>10}", "consumer", "edge", "cursor");
+    for edge in Edge::ALL {
+        for consumer in edge.consumers() {
+            println!("{:<16} {:<12} {:>10}", consumer.as_str(), edge.as_str(), queue.cursor(&txn, *consumer)?);
+        }
+    }
+    println!("decisions    {:>10}", queue.decision_count(&txn)?);
+    Ok(())
+}
+
 /// Sets up logging to stderr (journald picks it up under systemd). `RUST_LOG` overrides the
 /// configured filter.
 pub fn init_logging(level: &str) {

@@ -27,6 +27,16 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Print the queue's true backlog: per edge batches, items and bytes; per consumer cursors;
+    /// disk budget use. Works while tailgate runs.
+    Status {
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Validate a configuration file and print every problem with its path (exit 1 on error).
     CheckConfig {
         /// The configuration file to check.
@@ -51,6 +61,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
         Command::CheckConfig { file } => tailgate::check_config(&file),
+        Command::Status { config, data_dir } => tailgate::status(config, data_dir),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }
 }
