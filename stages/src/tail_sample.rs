@@ -122,7 +122,8 @@ struct StepOutput {
     span_bytes: usize,
     /// Finished output batches, each at most about [`MAX_OUTPUT_BATCH_BYTES`].
     full: Vec<SpanBatch>,
-    decisions: Vec<([u8; 16], Decision)>,
+    /// Decisions made or extended in this step, by trace id.
+    decisions: HashMap<[u8; 16], Decision>,
 }
 
 impl StepOutput {
@@ -273,7 +274,7 @@ impl Sampler {
                             report.dropped += 1;
                         }
                         decision.last_seq = decision.last_seq.max(seq);
-                        upsert_decision(output, trace_id, decision);
+                        output.decisions.insert(trace_id, decision);
                     }
                     continue;
                 }
@@ -308,7 +309,7 @@ impl Sampler {
         output: &StepOutput,
         trace_id: &[u8; 16],
     ) -> Result<Option<Decision>, StageError> {
-        if let Some((_, decision)) = output.decisions.iter().rev().find(|(id, _)| id == trace_id) {
+        if let Some(decision) = output.decisions.get(trace_id) {
             return Ok(Some(*decision));
         }
         Ok(queue.decision(rtxn, trace_id)?)
@@ -381,7 +382,7 @@ impl Sampler {
             }
             report.decided += 1;
             let decision = Decision { keep: trace.interesting, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
-            upsert_decision(output, trace_id, decision);
+            output.decisions.insert(trace_id, decision);
         }
         Ok(())
     }
@@ -394,13 +395,6 @@ impl Sampler {
             self.undecided.pop_first();
             self.cursor = seq;
         }
-    }
-}
-
-fn upsert_decision(output: &mut StepOutput, trace_id: [u8; 16], decision: Decision) {
-    match output.decisions.iter_mut().find(|(id, _)| *id == trace_id) {
-        Some(slot) => slot.1 = decision,
-        None => output.decisions.push((trace_id, decision)),
     }
 }
 
