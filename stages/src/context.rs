@@ -90,17 +90,6 @@ impl StageContext {
     }
 }
 
-/// Runs the stage named in `ctx` until it is told to stop or fails.
-pub async fn run_stage(ctx: StageContext) -> Result<(), StageError> {
-    match ctx.stage {
-        StageId::Receive => crate::receive::run(ctx).await,
-        StageId::TailSample => crate::tail_sample::run(ctx).await,
-        StageId::LogMirror => crate::log_mirror::run(ctx).await,
-        StageId::Spanmetrics => crate::spanmetrics::run(ctx).await,
-        StageId::Export => crate::export::run(ctx).await,
-    }
-}
-
 /// Wall-clock now in Unix nanoseconds (0 if the clock is before 1970).
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)

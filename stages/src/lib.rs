@@ -15,10 +15,25 @@ pub mod context;
 pub mod events;
 pub mod export;
 pub mod grpc_raw;
+pub mod limits;
 pub mod log_mirror;
 pub mod otlp_wire;
 pub mod receive;
 pub mod spanmetrics;
 pub mod tail_sample;
 
-pub use context::{StageContext, StageError, run_stage};
+pub use context::{StageContext, StageError};
+
+use tailgate_ipc::StageId;
+
+/// Runs the stage named in `ctx` until it is told to stop or fails. The dispatch lives here,
+/// above the stages, so that every stage depends on [`context`] and never the other way round.
+pub async fn run_stage(ctx: StageContext) -> Result<(), StageError> {
+    match ctx.stage {
+        StageId::Receive => receive::run(ctx).await,
+        StageId::TailSample => tail_sample::run(ctx).await,
+        StageId::LogMirror => log_mirror::run(ctx).await,
+        StageId::Spanmetrics => spanmetrics::run(ctx).await,
+        StageId::Export => export::run(ctx).await,
+    }
+}

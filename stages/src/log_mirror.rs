@@ -18,7 +18,7 @@ use tailgate_ipc::{Consumer, Edge, Queue};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 
-const MAX_BATCHES_PER_STEP: usize = 64;
+use crate::limits::MAX_BATCHES_PER_STEP;
 
 /// Counts of one step.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub fn step(queue: &Queue, max_wait: Duration, wait_from: u64, now_unix_nano: u6
             match verdict {
                 Verdict::Keep => {
                     // Seal before a record would take the batch past the limit.
-                    if !kept.is_empty() && kept_bytes + log.body.len() > crate::tail_sample::MAX_OUTPUT_BATCH_BYTES {
+                    if !kept.is_empty() && kept_bytes + log.body.len() > crate::limits::MAX_OUTPUT_BATCH_BYTES {
                         let (resources, scopes) = builder.take();
                         let logs = std::mem::take(&mut kept);
                         full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs });
@@ -170,7 +170,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         let timeout = report
             .wait_until
             .map(|until| Duration::from_nanos(until.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
-        ctx.idle_paced(timeout, stepped_at, crate::tail_sample::MIN_STEP_INTERVAL).await;
+        ctx.idle_paced(timeout, stepped_at, crate::limits::MIN_STEP_INTERVAL).await;
     }
     ctx.events.log_summary();
     Ok(())

@@ -20,8 +20,8 @@ use tailgate_ipc::batch::{self, MetricBatch};
 use tailgate_ipc::{Consumer, Edge, Queue};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::limits::MAX_BATCHES_PER_STEP;
 
-const MAX_BATCHES_PER_READ: usize = 64;
 const STATE_PREFIX: &[u8] = b"spanmetrics/calls/";
 /// The calls metric's name, as the Collector's spanmetrics connector names it.
 pub const CALLS_METRIC: &str = "traces.span.metrics.calls";
@@ -73,7 +73,7 @@ impl Accumulator {
         }
         let mut spans = 0;
         for (batches, entry) in queue.entries_after(&rtxn, Edge::KeptSpans, self.read_pos)?.enumerate() {
-            if batches == MAX_BATCHES_PER_READ {
+            if batches == MAX_BATCHES_PER_STEP {
                 return Ok((spans, true));
             }
             let (seq, value) = entry?;

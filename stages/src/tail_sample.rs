@@ -24,17 +24,10 @@ use tailgate_ipc::decisions::Decision;
 use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL};
 
-/// Most input batches ingested per step, to keep write transactions short.
-const MAX_BATCHES_PER_STEP: usize = 64;
 /// Most stale decisions pruned per step.
 const MAX_PRUNE_PER_STEP: usize = 4096;
-/// Steps are at least this far apart unless input is backing up: decisions take seconds anyway,
-/// and one step per burst of wake-ups keeps the cost per request low at small rates.
-pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(100);
-/// Output batches are closed at about this many bytes of span payload, so export can send a
-/// batch in one request below common gRPC message limits (4 MiB).
-pub const MAX_OUTPUT_BATCH_BYTES: usize = 1 << 20;
 /// Meta key of the ingestion position.
 const READ_POS_KEY: &str = "tail_sample/read_pos";
 
