@@ -15,6 +15,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod exporters;
+mod receivers;
+
+pub use exporters::*;
+pub use receivers::*;
+
 /// The embedded default configuration: works for a non-root user from a checkout.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("../tailgate.example.yaml");
 
@@ -52,58 +58,6 @@ pub struct Config {
 
 fn default_log_level() -> String {
     "info".to_owned()
-}
-
-/// Receivers (the Collector's `receivers:` section).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Receivers {
-    /// The OTLP receiver.
-    pub otlp: OtlpReceiver,
-}
-
-/// The OTLP receiver, as in the Collector's `otlp` receiver.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct OtlpReceiver {
-    /// Protocols to serve; omit one to disable it.
-    pub protocols: OtlpProtocols,
-}
-
-/// OTLP transports.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct OtlpProtocols {
-    /// OTLP/gRPC (TraceService, LogsService, MetricsService `Export`).
-    pub grpc: Option<GrpcServer>,
-    /// OTLP/HTTP (`/v1/traces`, `/v1/logs`, `/v1/metrics`; protobuf or JSON; gzip).
-    pub http: Option<HttpServer>,
-}
-
-/// OTLP/gRPC server settings.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GrpcServer {
-    /// Listen address, `host:port`. Default `127.0.0.1:4317`.
-    pub endpoint: String,
-    /// Largest accepted message (after decompression), MiB. Larger ones get RESOURCE_EXHAUSTED.
-    #[serde(default = "default_max_message_mib")]
-    pub max_recv_msg_size_mib: u32,
-}
-
-/// OTLP/HTTP server settings.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct HttpServer {
-    /// Listen address, `host:port`. Default `127.0.0.1:4318`.
-    pub endpoint: String,
-    /// Largest accepted body, MiB, both as sent and after gzip inflation. Larger ones get 413.
-    #[serde(default = "default_max_message_mib")]
-    pub max_request_body_size_mib: u32,
-}
-
-fn default_max_message_mib() -> u32 {
-    4
 }
 
 /// The durable queue.
@@ -186,96 +140,6 @@ pub struct SpanmetricsConfig {
 impl Default for SpanmetricsConfig {
     fn default() -> Self {
         SpanmetricsConfig { metrics_flush_interval: Duration::from_secs(15) }
-    }
-}
-
-/// Destinations per signal, plus batching and retry shared by all of them.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Exporters {
-    /// Where kept traces go. Required.
-    pub traces: Destination,
-    /// Where kept logs go; without one, kept logs are counted as dropped (`no_destination`).
-    pub logs: Option<Destination>,
-    /// Where metrics go; without one, metrics are counted as dropped (`no_destination`).
-    pub metrics: Option<Destination>,
-    /// Batching of requests.
-    #[serde(default)]
-    pub batch: BatchConfig,
-    /// Retries of failed requests.
-    #[serde(default)]
-    pub retry_on_failure: RetryConfig,
-}
-
-/// One destination.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Destination {
-    /// An OTLP/gRPC endpoint (Jaeger, an OpenTelemetry Collector, ...).
-    pub otlp: OtlpExporter,
-}
-
-/// OTLP/gRPC exporter settings.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct OtlpExporter {
-    /// URL of the gRPC endpoint, e.g. `http://jaeger:4317`.
-    pub endpoint: String,
-    /// Deadline of one export request.
-    #[serde(default = "default_export_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// `none` or `gzip`. gzip costs ~4-5 us per span; use it only on a narrow uplink.
-    #[serde(default)]
-    pub compression: Compression,
-}
-
-fn default_export_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// Request compression.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Compression {
-    /// Uncompressed.
-    #[default]
-    None,
-    /// gzip.
-    Gzip,
-}
-
-/// Batching, as the Collector's batch processor.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct BatchConfig {
-    /// Items (spans, log records, data points) per request.
-    pub send_batch_size: u32,
-    /// Longest time a partial batch waits before it is sent.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig { send_batch_size: 512, timeout: Duration::from_secs(5) }
-    }
-}
-
-/// Retry backoff, as the Collector's `retry_on_failure`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// First wait after a failure.
-    #[serde(with = "humantime_serde")]
-    pub initial_interval: Duration,
-    /// Longest wait between attempts.
-    #[serde(with = "humantime_serde")]
-    pub max_interval: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig { initial_interval: Duration::from_secs(1), max_interval: Duration::from_secs(5) }
     }
 }
 
@@ -398,97 +262,63 @@ impl Config {
 
     /// Every problem at once, each with its path. Empty when the configuration is usable.
     pub fn validate(&self) -> Vec<ConfigProblem> {
-        let mut problems = Vec::new();
-        let mut problem = |path: &str, message: String| {
-            problems.push(ConfigProblem { path: path.to_owned(), message });
-        };
-        let protocols = &self.receivers.otlp.protocols;
-        if protocols.grpc.is_none() && protocols.http.is_none() {
-            problem("receivers.otlp.protocols", "enable at least one of grpc, http".into());
-        }
-        if let Some(grpc) = &protocols.grpc {
-            check_listen(&grpc.endpoint, "receivers.otlp.protocols.grpc.endpoint", &mut problem);
-            check_size(grpc.max_recv_msg_size_mib, "receivers.otlp.protocols.grpc.max_recv_msg_size_mib", &mut problem);
-        }
-        if let Some(http) = &protocols.http {
-            check_listen(&http.endpoint, "receivers.otlp.protocols.http.endpoint", &mut problem);
-            check_size(
-                http.max_request_body_size_mib,
-                "receivers.otlp.protocols.http.max_request_body_size_mib",
-                &mut problem,
-            );
-        }
+        let mut problems = Problems::default();
+        self.receivers.validate(&mut problems);
         if self.queue.max_size_mib < 16 {
-            problem("queue.max_size_mib", format!("{} is below the minimum of 16", self.queue.max_size_mib));
+            problems.add("queue.max_size_mib", &format!("{} is below the minimum of 16", self.queue.max_size_mib));
         }
         if self.queue.sync_interval.is_zero() {
-            problem("queue.sync_interval", "must be above zero".into());
+            problems.add("queue.sync_interval", "must be above zero");
         }
         let sampling = &self.tail_sample;
         if sampling.decision_wait.is_zero() {
-            problem("tail_sample.decision_wait", "must be above zero".into());
+            problems.add("tail_sample.decision_wait", "must be above zero");
         }
         if sampling.root_grace > sampling.decision_wait {
-            problem("tail_sample.root_grace", "must not exceed decision_wait".into());
+            problems.add("tail_sample.root_grace", "must not exceed decision_wait");
         }
         if sampling.decision_cache_ttl < sampling.decision_wait {
-            problem("tail_sample.decision_cache_ttl", "must be at least decision_wait".into());
+            problems.add("tail_sample.decision_cache_ttl", "must be at least decision_wait");
         }
-        if self.spanmetrics.metrics_flush_interval.is_zero() {
-            problem("spanmetrics.metrics_flush_interval", "must be above zero".into());
-        }
-        let destinations = [
-            ("exporters.traces", Some(&self.exporters.traces)),
-            ("exporters.logs", self.exporters.logs.as_ref()),
-            ("exporters.metrics", self.exporters.metrics.as_ref()),
-        ];
-        for (path, destination) in destinations {
-            if let Some(destination) = destination {
-                check_url(&destination.otlp.endpoint, &format!("{path}.otlp.endpoint"), &mut problem);
-                if destination.otlp.timeout.is_zero() {
-                    problem(&format!("{path}.otlp.timeout"), "must be above zero".into());
-                }
-            }
-        }
-        let exporters = &self.exporters;
-        if exporters.batch.send_batch_size == 0 {
-            problem("exporters.batch.send_batch_size", "must be above zero".into());
-        }
-        if exporters.batch.timeout.is_zero() {
-            problem("exporters.batch.timeout", "must be above zero".into());
-        }
-        let retry = &exporters.retry_on_failure;
-        if retry.initial_interval.is_zero() || retry.initial_interval > retry.max_interval {
-            problem(
-                "exporters.retry_on_failure.initial_interval",
-                "must be above zero and at most max_interval".into(),
+        if self.log_mirror.max_wait <= sampling.decision_wait {
+            problems.add(
+                "log_mirror.max_wait",
+                &format!(
+                    "{:?} must be larger than tail_sample.decision_wait ({:?}): a record would give up on its \
+                     trace before the sampler could have decided it",
+                    self.log_mirror.max_wait, sampling.decision_wait
+                ),
             );
         }
+        if self.spanmetrics.metrics_flush_interval.is_zero() {
+            problems.add("spanmetrics.metrics_flush_interval", "must be above zero");
+        }
+        self.exporters.validate(&mut problems);
         let supervisor = &self.supervisor;
         if supervisor.memory_soft_limit_mib >= supervisor.memory_hard_limit_mib {
-            problem("supervisor.memory_soft_limit_mib", "must be below memory_hard_limit_mib".into());
+            problems.add("supervisor.memory_soft_limit_mib", "must be below memory_hard_limit_mib");
         }
         if supervisor.memory_hard_limit_mib == 0 {
-            problem("supervisor.memory_hard_limit_mib", "must be above zero".into());
+            problems.add("supervisor.memory_hard_limit_mib", "must be above zero");
         }
         if supervisor.restart_backoff_initial > supervisor.restart_backoff_max {
-            problem("supervisor.restart_backoff_initial", "must not exceed restart_backoff_max".into());
+            problems.add("supervisor.restart_backoff_initial", "must not exceed restart_backoff_max");
         }
         if supervisor.max_restarts == 0 {
-            problem("supervisor.max_restarts", "must be above zero".into());
+            problems.add("supervisor.max_restarts", "must be above zero");
         }
         let reachable = supervisor.crash_loop_exits_per_window();
         if supervisor.max_restarts >= reachable {
-            problem(
+            problems.add(
                 "supervisor.max_restarts",
-                format!(
+                &format!(
                     "{} can never be exceeded: with this backoff a stage crashing at once exits at most {reachable} \
                      times within restart_window, so a crash loop would never escalate",
                     supervisor.max_restarts
                 ),
             );
         }
-        problems
+        problems.0
     }
 
     /// The queue's directory.
@@ -497,23 +327,92 @@ impl Config {
     }
 }
 
-fn check_listen(endpoint: &str, path: &str, problem: &mut impl FnMut(&str, String)) {
-    if endpoint.parse::<SocketAddr>().is_err() {
-        problem(path, format!("{endpoint:?} is not a host:port socket address"));
+/// Collects [`ConfigProblem`]s while validating.
+#[derive(Debug, Default)]
+pub(crate) struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    pub(crate) fn add(&mut self, path: &str, message: &str) {
+        self.0.push(ConfigProblem { path: path.to_owned(), message: message.to_owned() });
+    }
+
+    pub(crate) fn check_listen(&mut self, endpoint: &str, path: &str) {
+        if endpoint.parse::<SocketAddr>().is_err() {
+            self.add(path, &format!("{endpoint:?} is not a host:port socket address"));
+        }
+    }
+
+    pub(crate) fn check_mib(&mut self, mib: u32, path: &str) {
+        if mib == 0 || mib > 256 {
+            self.add(path, &format!("{mib} is outside 1..=256"));
+        }
+    }
+
+    pub(crate) fn check_url(&mut self, endpoint: &str, path: &str) {
+        let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
+        match rest {
+            Some(authority) if !authority.trim_end_matches('/').is_empty() && !authority.contains(' ') => {}
+            _ => self.add(path, &format!("{endpoint:?} is not an http:// or https:// URL")),
+        }
     }
 }
 
-fn check_size(mib: u32, path: &str, problem: &mut impl FnMut(&str, String)) {
-    if mib == 0 || mib > 256 {
-        problem(path, format!("{mib} is outside 1..=256"));
+/// A size in bytes, written as a number of bytes or with a unit (`1000`, `16KiB`, `1MiB`, `1kb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `1024`, `64KiB`, `1MiB`, `1kb`, `2MB` (KB/MB are decimal, KiB/MiB binary).
+    pub fn parse(text: &str) -> Option<ByteSize> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" => 1024,
+            "mb" => 1_000_000,
+            "mib" => 1024 * 1024,
+            "gb" => 1_000_000_000,
+            "gib" => 1024 * 1024 * 1024,
+            _ => return None,
+        };
+        number.checked_mul(factor).map(ByteSize)
+    }
+
+    /// The size as a usize (saturating).
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
     }
 }
 
-fn check_url(endpoint: &str, path: &str, problem: &mut impl FnMut(&str, String)) {
-    let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
-    match rest {
-        Some(authority) if !authority.trim_end_matches('/').is_empty() && !authority.contains(' ') => {}
-        _ => problem(path, format!("{endpoint:?} is not an http:// or https:// URL")),
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size such as 1048576, 64KiB or 1MiB")
+            }
+            fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(value))
+            }
+            fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<ByteSize, E> {
+                u64::try_from(value).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(value)
+                    .ok_or_else(|| E::custom(format!("{value:?} is not a size such as 64KiB or 1MiB")))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -553,7 +452,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_path() {
         let mut config = Config::embedded_default().unwrap();
-        config.receivers.otlp.protocols.grpc.as_mut().unwrap().endpoint = "nowhere".into();
+        config.receivers.otlp.as_mut().unwrap().protocols.grpc.as_mut().unwrap().endpoint = "nowhere".into();
         config.exporters.traces.otlp.endpoint = "jaeger:4317".into();
         config.supervisor.memory_soft_limit_mib = 500;
         let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();

@@ -18,7 +18,7 @@ use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Format version written into every header; a reader rejects any other.
-pub const BATCH_FORMAT_VERSION: u16 = 1;
+pub const BATCH_FORMAT_VERSION: u16 = 2;
 
 /// Size of the header that precedes every archive in the queue.
 pub const HEADER_LEN: usize = 8;
@@ -171,6 +171,9 @@ pub struct LogEntry {
     pub time_unix_nano: u64,
     /// OTLP `SeverityNumber` (0 unspecified, 17..=20 error, 21..=24 fatal).
     pub severity_number: u8,
+    /// Duration the record reports (a request's latency), nanoseconds; 0 when it names none.
+    /// Records without a trace id are judged on it like spans (the latency threshold).
+    pub duration_nanos: u64,
     /// Index into the batch's `scopes`.
     pub scope: u32,
     /// Encoded `opentelemetry.proto.logs.v1.LogRecord`.
@@ -358,6 +361,7 @@ pub fn own_log(log: &ArchivedLogEntry, scope: u32) -> LogEntry {
         span_id: log.span_id,
         time_unix_nano: log.time_unix_nano.to_native(),
         severity_number: log.severity_number,
+        duration_nanos: log.duration_nanos.to_native(),
         scope,
         body: log.body.as_slice().to_vec(),
     }

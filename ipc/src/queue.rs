@@ -52,11 +52,14 @@ pub struct QueueOptions {
     pub max_size_bytes: u64,
     /// Reader slots; every stage process uses a few.
     pub max_readers: u32,
+    /// Consumers whose destination is not configured: their cursors do not hold entries back.
+    /// Every process of one deployment must open the queue with the same list.
+    pub inactive_consumers: Vec<Consumer>,
 }
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        QueueOptions { max_size_bytes: 1 << 30, max_readers: 126 }
+        QueueOptions { max_size_bytes: 1 << 30, max_readers: 126, inactive_consumers: Vec::new() }
     }
 }
 
@@ -175,6 +178,8 @@ pub struct Queue {
     pub(crate) decisions: Table,
     pub(crate) decision_expiry: Table,
     state: Table,
+    /// Per consumer (indexed by `Consumer as usize`): whether its cursor holds entries back.
+    active: [bool; Consumer::ALL.len()],
 }
 
 impl std::fmt::Debug for Queue {
@@ -243,7 +248,11 @@ impl Queue {
             .map_err(lmdb)?
             .unwrap_commit();
         let (edges, [cursors, meta, decisions, decision_expiry, state]) = tables;
-        Ok(Queue { env, edges, cursors, meta, decisions, decision_expiry, state })
+        let mut active = [true; Consumer::ALL.len()];
+        for consumer in &options.inactive_consumers {
+            active[*consumer as usize] = false;
+        }
+        Ok(Queue { env, edges, cursors, meta, decisions, decision_expiry, state, active })
     }
 
     /// Starts a read transaction (a consistent snapshot; values borrowed from it are zero-copy).
@@ -325,10 +334,20 @@ impl Queue {
         self.cursors.put(wtxn, consumer.as_str().as_bytes(), &seq_key(to))?;
         let edge = consumer.edge();
         let mut lowest = to;
-        for other in edge.consumers() {
-            lowest = lowest.min(self.cursor(wtxn, *other)?);
+        for other in self.active_consumers(edge) {
+            lowest = lowest.min(self.cursor(wtxn, other)?);
         }
         self.delete_through(wtxn, edge, lowest)
+    }
+
+    /// The consumers of `edge` whose cursors hold its entries back.
+    pub fn active_consumers(&self, edge: Edge) -> impl Iterator<Item = Consumer> + '_ {
+        edge.consumers().iter().copied().filter(|consumer| self.active[*consumer as usize])
+    }
+
+    /// Whether `consumer`'s cursor holds entries back (its destination is configured).
+    pub fn is_active(&self, consumer: Consumer) -> bool {
+        self.active[consumer as usize]
     }
 
     fn delete_through(&self, wtxn: &mut RwTxn<'_>, edge: Edge, last: u64) -> Result<(), QueueError> {
@@ -397,6 +416,12 @@ impl Queue {
     /// Stores a stage's durable private value.
     pub fn state_put(&self, wtxn: &mut RwTxn<'_>, key: &[u8], value: &[u8]) -> Result<(), QueueError> {
         Ok(self.state.put(wtxn, key, value)?)
+    }
+
+    /// Deletes a stage's durable private value (absent is fine).
+    pub fn state_delete(&self, wtxn: &mut RwTxn<'_>, key: &[u8]) -> Result<(), QueueError> {
+        self.state.delete(wtxn, key)?;
+        Ok(())
     }
 
     /// All state entries whose key starts with `prefix`.

@@ -45,11 +45,15 @@ impl Waker {
         Some(socket)
     }
 
-    /// Wakes every stage that consumes `edge`.
+    /// Wakes every stage that consumes `edge` (once per stage, however many of its consumers
+    /// read the edge).
     pub fn edge_written(&self, edge: Edge) {
-        // The consumers of one edge belong to distinct stages (see `Edge::consumers`).
+        let mut woken = [false; StageId::ALL.len()];
         for consumer in edge.consumers() {
-            self.wake(consumer.stage());
+            let stage = consumer.stage();
+            if !std::mem::replace(&mut woken[stage as usize], true) {
+                self.wake(stage);
+            }
         }
     }
 

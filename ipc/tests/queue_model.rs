@@ -17,7 +17,7 @@ use tailgate_ipc::{Consumer, Edge, EdgeDepth, Queue, QueueError, QueueOptions};
 const MIB: u64 = 1 << 20;
 
 fn open(dir: &Path, max_size_bytes: u64) -> Queue {
-    Queue::open(dir, &QueueOptions { max_size_bytes, max_readers: 126 }).unwrap()
+    Queue::open(dir, &QueueOptions { max_size_bytes, ..QueueOptions::default() }).unwrap()
 }
 
 /// Every stored entry of `edge` after `after`, copied out of the map.
@@ -636,4 +636,34 @@ fn a_pinned_decision_does_not_hold_back_pruning_behind_it() {
     let txn = q.read().unwrap();
     assert_eq!(q.decision_count(&txn).unwrap(), 1);
     assert!(q.decision(&txn, &[1; 16]).unwrap().is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers without a destination.
+
+fn log_batch(tag: u64) -> Vec<u8> {
+    let logs = vec![batch::LogEntry { body: vec![tag as u8], ..batch::LogEntry::default() }];
+    batch::encode_logs(&batch::LogBatch { received_unix_nano: tag, logs, ..batch::LogBatch::default() }).unwrap()
+}
+
+#[test]
+fn only_active_consumers_hold_entries_back() {
+    for loki_active in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let inactive = if loki_active { vec![] } else { vec![Consumer::ExportLoki] };
+        let options =
+            QueueOptions { max_size_bytes: 16 * MIB, inactive_consumers: inactive, ..QueueOptions::default() };
+        let queue = Queue::open(dir.path(), &options).unwrap();
+        let mut wtxn = queue.write().unwrap();
+        for tag in 1..=3 {
+            queue.append(&mut wtxn, Edge::KeptLogs, &log_batch(tag)).unwrap();
+        }
+        queue.advance(&mut wtxn, Consumer::ExportLogs, 0, 3).unwrap();
+        queue.commit(wtxn).unwrap();
+        let rtxn = queue.read().unwrap();
+        let left = queue.depth(&rtxn, Edge::KeptLogs).unwrap().batches;
+        assert_eq!(left, if loki_active { 3 } else { 0 }, "loki active: {loki_active}");
+        let active: Vec<Consumer> = queue.active_consumers(Edge::KeptLogs).collect();
+        assert_eq!(active.contains(&Consumer::ExportLoki), loki_active);
+    }
 }

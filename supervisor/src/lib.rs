@@ -81,8 +81,8 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
     }
     println!("{:<16} {:<12} {:>10}", "consumer", "edge", "cursor");
     for edge in Edge::ALL {
-        for consumer in edge.consumers() {
-            println!("{:<16} {:<12} {:>10}", consumer.as_str(), edge.as_str(), queue.cursor(&txn, *consumer)?);
+        for consumer in queue.active_consumers(edge) {
+            println!("{:<16} {:<12} {:>10}", consumer.as_str(), edge.as_str(), queue.cursor(&txn, consumer)?);
         }
     }
     println!("decisions    {:>10}", queue.decision_count(&txn)?);

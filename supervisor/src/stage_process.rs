@@ -15,7 +15,11 @@ use tracing::Instrument;
 
 /// Options every process opens the queue with.
 pub fn queue_options(config: &Config) -> QueueOptions {
-    QueueOptions { max_size_bytes: config.queue.max_size_mib * 1024 * 1024, ..QueueOptions::default() }
+    QueueOptions {
+        max_size_bytes: config.queue.max_size_mib * 1024 * 1024,
+        inactive_consumers: tailgate_stages::export::inactive_consumers(config),
+        ..QueueOptions::default()
+    }
 }
 
 /// Entry point of a stage process.

@@ -1,5 +1,9 @@
 //! export: one consumer per destination, each reading its edge with its own cursor, so the
-//! edge's depth is that destination's true backlog.
+//! edge's depth is that destination's true backlog. Destinations: OTLP/gRPC for every signal
+//! ([`otlp`]), Loki's push API for logs ([`loki`]); a signal may have several, each its own
+//! consumer. A consumer without a configured destination is inactive (its cursor holds nothing
+//! back), except the first consumer of an edge with no destination at all, which counts what it
+//! reads as dropped (`no_destination`).
 //!
 //! Ack rule: a queue batch leaves the queue only when the backend acknowledged the request that
 //! carried it, or when the backend refused it permanently (counted as dropped with a reason).
@@ -11,15 +15,19 @@
 //! counted from batch headers; the request is assembled only when it is sent. A request carries whole queue
 //! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
 
+pub mod loki;
 pub mod otlp;
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use tailgate_config::Destination;
+use tailgate_config::Config;
 use tailgate_ipc::batch;
-use tailgate_ipc::{Consumer, Edge, Queue};
+use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn};
 
 use crate::context::{StageContext, StageError};
 use crate::otlp_wire::{self, Signal};
+use loki::LokiSink;
 use otlp::{OtlpClient, SendOutcome};
 
 /// Most queue batches read into one request.
@@ -28,6 +36,84 @@ const MAX_BATCHES_PER_REQUEST: usize = 256;
 /// gRPC servers apply by default. Stage outputs are sealed at 1 MiB, so a request holds at least
 /// one whole batch.
 const MAX_REQUEST_BYTES: usize = 3 << 20;
+
+/// Where one consumer delivers.
+enum Sink {
+    Otlp(OtlpClient),
+    Loki(Box<LokiSink>),
+    /// No destination for the edge: count and drop.
+    Discard,
+}
+
+/// The export consumers the configuration gives a destination, each with its sink.
+fn sinks(config: &Config) -> Result<Vec<(Consumer, Sink)>, StageError> {
+    let exporters = &config.exporters;
+    let otlp = |settings: &tailgate_config::OtlpExporter, signal| {
+        OtlpClient::new(settings, signal).map(Sink::Otlp).map_err(StageError::Other)
+    };
+    let mut out = vec![(Consumer::ExportTraces, otlp(&exporters.traces.otlp, Signal::Traces)?)];
+    let logs = exporters.logs.as_ref();
+    if let Some(settings) = logs.and_then(|l| l.otlp.as_ref()) {
+        out.push((Consumer::ExportLogs, otlp(settings, Signal::Logs)?));
+    }
+    if let Some(settings) = logs.and_then(|l| l.loki.as_ref()) {
+        out.push((Consumer::ExportLoki, Sink::Loki(Box::new(LokiSink::new(settings)?))));
+    }
+    if let Some(metrics) = &exporters.metrics {
+        out.push((Consumer::ExportMetrics, otlp(&metrics.otlp, Signal::Metrics)?));
+    }
+    for edge in [Edge::KeptLogs, Edge::Metrics] {
+        if !out.iter().any(|(consumer, _)| consumer.edge() == edge) {
+            out.push((edge.consumers()[0], Sink::Discard));
+        }
+    }
+    Ok(out)
+}
+
+/// Export consumers that have no destination in `config`: their cursors must not hold entries
+/// back. Every process opens the queue with this list (see `QueueOptions::inactive_consumers`).
+pub fn inactive_consumers(config: &Config) -> Vec<Consumer> {
+    let exporters = &config.exporters;
+    let logs = exporters.logs.as_ref();
+    let mut inactive = Vec::new();
+    let has_logs_otlp = logs.is_some_and(|l| l.otlp.is_some());
+    let has_loki = logs.is_some_and(|l| l.loki.is_some());
+    // The first consumer of an edge without any destination stays active and discards.
+    if !has_logs_otlp && has_loki {
+        inactive.push(Consumer::ExportLogs);
+    }
+    if !has_loki {
+        inactive.push(Consumer::ExportLoki);
+    }
+    inactive
+}
+
+/// Reads batches after the consumer's cursor, handing each to `take` (which returns its item
+/// count), until `max_items` are in or a request's size or batch limit is reached. Returns
+/// (cursor, last sequence number taken, items).
+pub fn read_batches(
+    queue: &Queue,
+    rtxn: &ReadTxn<'_>,
+    consumer: Consumer,
+    max_items: u64,
+    mut take: impl FnMut(u64, &[u8]) -> Result<u64, StageError>,
+) -> Result<(u64, u64, u64), StageError> {
+    let cursor = queue.cursor(rtxn, consumer)?;
+    let (mut last_seq, mut items, mut bytes) = (cursor, 0u64, 0usize);
+    for (taken, entry) in queue.entries_after(rtxn, consumer.edge(), cursor)?.enumerate() {
+        if taken == MAX_BATCHES_PER_REQUEST || items >= max_items || bytes >= MAX_REQUEST_BYTES {
+            break;
+        }
+        let (seq, value) = entry?;
+        if taken > 0 && bytes + value.len() > MAX_REQUEST_BYTES {
+            break;
+        }
+        items += take(seq, value)?;
+        bytes += value.len();
+        last_seq = seq;
+    }
+    Ok((cursor, last_seq, items))
+}
 
 /// A request assembled from queue batches.
 #[derive(Debug, Default)]
@@ -40,44 +126,35 @@ pub struct Assembled {
     pub last_seq: u64,
 }
 
-/// Reads batches after the consumer's cursor into one request, stopping once `max_items` are in.
+/// Reads batches after the consumer's cursor into one OTLP request, stopping once `max_items`
+/// are in.
 pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u64, Assembled), StageError> {
     let rtxn = queue.read()?;
-    let cursor = queue.cursor(&rtxn, consumer)?;
-    let mut out = Assembled { last_seq: cursor, ..Assembled::default() };
-    for (taken, entry) in queue.entries_after(&rtxn, consumer.edge(), cursor)?.enumerate() {
-        if taken == MAX_BATCHES_PER_REQUEST || out.items >= max_items || out.request.len() >= MAX_REQUEST_BYTES {
-            break;
-        }
-        let (seq, value) = entry?;
-        if taken > 0 && out.request.len() + value.len() > MAX_REQUEST_BYTES {
-            break;
-        }
-        match consumer.edge() {
+    let mut request = Vec::new();
+    let (cursor, last_seq, items) =
+        read_batches(queue, &rtxn, consumer, max_items, |_, value| match consumer.edge() {
             Edge::KeptSpans | Edge::Spans => {
                 let source = batch::access_spans(value)?;
                 let items = source.spans.iter().map(|span| (span.scope.to_native(), span.body.as_slice()));
-                write_groups(&mut out.request, &source.resources, &source.scopes, items);
-                out.items += source.spans.len() as u64;
+                write_groups(&mut request, &source.resources, &source.scopes, items);
+                Ok(source.spans.len() as u64)
             }
             Edge::KeptLogs | Edge::Logs => {
                 let source = batch::access_logs(value)?;
                 let items = source.logs.iter().map(|log| (log.scope.to_native(), log.body.as_slice()));
-                write_groups(&mut out.request, &source.resources, &source.scopes, items);
-                out.items += source.logs.len() as u64;
+                write_groups(&mut request, &source.resources, &source.scopes, items);
+                Ok(source.logs.len() as u64)
             }
             Edge::Metrics => {
                 let source = batch::access_metrics(value)?;
                 // Concatenated encodings of one message type merge their repeated fields.
-                for request in source.requests.iter() {
-                    out.request.extend_from_slice(request.as_slice());
+                for encoded in source.requests.iter() {
+                    request.extend_from_slice(encoded.as_slice());
                 }
-                out.items += u64::from(source.data_points.to_native());
+                Ok(u64::from(source.data_points.to_native()))
             }
-        }
-        out.last_seq = seq;
-    }
-    Ok((cursor, out))
+        })?;
+    Ok((cursor, Assembled { request, items, last_seq }))
 }
 
 /// Writes one `ResourceSpans` / `ResourceLogs` entry per scope of a stored batch, holding the
@@ -105,17 +182,25 @@ fn write_groups<'a>(
     }
 }
 
-/// Moves the consumer's cursor past what was delivered (or permanently refused).
-fn commit(queue: &Queue, consumer: Consumer, from: u64, to: u64) -> Result<(), StageError> {
+/// Moves the consumer's cursor past what was delivered (or permanently refused), with the
+/// destination's state changes ((key, Some(value)) to put, (key, None) to delete).
+fn commit(
+    queue: &Queue,
+    consumer: Consumer,
+    from: u64,
+    to: u64,
+    changes: &[(Vec<u8>, Option<[u8; 8]>)],
+) -> Result<(), StageError> {
     let mut wtxn = queue.write()?;
     queue.advance(&mut wtxn, consumer, from, to)?;
+    for (key, value) in changes {
+        match value {
+            Some(value) => queue.state_put(&mut wtxn, key, value)?,
+            None => queue.state_delete(&mut wtxn, key)?,
+        }
+    }
     queue.commit(wtxn)?;
     Ok(())
-}
-
-struct Target {
-    consumer: Consumer,
-    client: Option<OtlpClient>,
 }
 
 /// Items waiting after the consumer's cursor, counted from batch headers only (no archive
@@ -135,17 +220,25 @@ fn pending_items(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<u6
     Ok(items)
 }
 
+/// Sleeps `wait` unless shutdown comes first; returns false when stopping.
+async fn pause(ctx: &StageContext, wait: Duration) -> bool {
+    let mut stop = ctx.shutdown.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => !ctx.stopping(),
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
 /// Runs one consumer until shutdown.
 async fn run_consumer(
     ctx: &StageContext,
-    target: Target,
+    consumer: Consumer,
+    mut sink: Sink,
     mut wake: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), StageError> {
     let exporters = &ctx.config.exporters;
     let batch_size = u64::from(exporters.batch.send_batch_size);
     let batch_timeout = exporters.batch.timeout;
-    let retry = &exporters.retry_on_failure;
-    let consumer = target.consumer;
     // When this consumer first saw the items it is now waiting to send (the batch timer).
     let mut waiting_since: Option<std::time::Instant> = None;
     loop {
@@ -174,50 +267,68 @@ async fn run_consumer(
             continue;
         }
         waiting_since = None;
-        let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
-        let Some(client) = &target.client else {
-            ctx.events.dropped("no_destination", assembled.items);
-            commit_until_done(ctx, consumer, cursor, assembled.last_seq).await?;
-            continue;
-        };
-        let request = Bytes::from(assembled.request);
-        let mut delay = retry.initial_interval;
-        loop {
-            match client.send(request.clone()).await {
-                SendOutcome::Accepted { rejected, message } => {
-                    ctx.events.sent(assembled.items.saturating_sub(rejected));
-                    if rejected > 0 {
-                        tracing::warn!(consumer = consumer.as_str(), rejected, %message, "backend rejected part of a request");
-                        ctx.events.dropped("rejected_by_backend", rejected);
-                    }
-                    break;
-                }
-                SendOutcome::Permanent(reason) => {
-                    tracing::warn!(consumer = consumer.as_str(), items = assembled.items, %reason, "backend refused request permanently; dropping it");
-                    ctx.events.dropped("permanent_error", assembled.items);
-                    break;
-                }
-                SendOutcome::Retryable(reason) => {
-                    ctx.events.error("export_retry");
-                    tracing::warn!(consumer = consumer.as_str(), retry_in = ?delay, %reason, "export failed; will retry");
-                    let mut stop = ctx.shutdown.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.wait_for(|s| *s) => return Ok(()),
-                    }
-                    delay = (delay * 2).min(retry.max_interval);
-                }
+        match &mut sink {
+            Sink::Otlp(client) => deliver_otlp(ctx, consumer, client, batch_size).await?,
+            Sink::Loki(loki) => loki.deliver(ctx, consumer, batch_size).await?,
+            Sink::Discard => {
+                let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
+                ctx.events.dropped("no_destination", assembled.items);
+                commit_until_done(ctx, consumer, cursor, assembled.last_seq, &[]).await?;
             }
         }
-        commit_until_done(ctx, consumer, cursor, assembled.last_seq).await?;
     }
 }
 
+/// Sends one OTLP request's worth of queue batches, retrying until it is taken or refused.
+async fn deliver_otlp(
+    ctx: &StageContext,
+    consumer: Consumer,
+    client: &OtlpClient,
+    batch_size: u64,
+) -> Result<(), StageError> {
+    let retry = &ctx.config.exporters.retry_on_failure;
+    let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
+    let request = Bytes::from(assembled.request);
+    let mut delay = retry.initial_interval;
+    loop {
+        match client.send(request.clone()).await {
+            SendOutcome::Accepted { rejected, message } => {
+                ctx.events.sent(assembled.items.saturating_sub(rejected));
+                if rejected > 0 {
+                    tracing::warn!(consumer = consumer.as_str(), rejected, %message, "backend rejected part of a request");
+                    ctx.events.dropped("rejected_by_backend", rejected);
+                }
+                break;
+            }
+            SendOutcome::Permanent(reason) => {
+                tracing::warn!(consumer = consumer.as_str(), items = assembled.items, %reason, "backend refused request permanently; dropping it");
+                ctx.events.dropped("permanent_error", assembled.items);
+                break;
+            }
+            SendOutcome::Retryable(reason) => {
+                ctx.events.error("export_retry");
+                tracing::warn!(consumer = consumer.as_str(), retry_in = ?delay, %reason, "export failed; will retry");
+                if !pause(ctx, delay).await {
+                    return Ok(());
+                }
+                delay = (delay * 2).min(retry.max_interval);
+            }
+        }
+    }
+    commit_until_done(ctx, consumer, cursor, assembled.last_seq, &[]).await
+}
+
 /// Commits the cursor move, waiting out a full queue (the move itself frees space).
-async fn commit_until_done(ctx: &StageContext, consumer: Consumer, from: u64, to: u64) -> Result<(), StageError> {
+async fn commit_until_done(
+    ctx: &StageContext,
+    consumer: Consumer,
+    from: u64,
+    to: u64,
+    changes: &[(Vec<u8>, Option<[u8; 8]>)],
+) -> Result<(), StageError> {
     let mut full_streak = 0;
     loop {
-        match commit(&ctx.queue, consumer, from, to) {
+        match commit(&ctx.queue, consumer, from, to, changes) {
             Ok(()) => return Ok(()),
             Err(err) => crate::context::wait_if_full(ctx, err, &mut full_streak).await?,
         }
@@ -229,31 +340,20 @@ async fn commit_until_done(ctx: &StageContext, consumer: Consumer, from: u64, to
 
 /// Runs the export stage: one consumer task per destination, fed by the stage's wake-ups.
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
-    let exporters = ctx.config.exporters.clone();
-    let targets = [
-        (Consumer::ExportTraces, Signal::Traces, Some(exporters.traces)),
-        (Consumer::ExportLogs, Signal::Logs, exporters.logs),
-        (Consumer::ExportMetrics, Signal::Metrics, exporters.metrics),
-    ];
-    let mut destinations = Vec::new();
-    for (consumer, signal, destination) in targets {
-        let client = match destination {
-            Some(Destination { otlp }) => Some(OtlpClient::new(&otlp, signal).map_err(StageError::Other)?),
-            None => {
-                tracing::warn!(
-                    consumer = consumer.as_str(),
-                    "no destination configured; items are counted as dropped (no_destination)"
-                );
-                None
-            }
-        };
-        destinations.push(Target { consumer, client });
+    let sinks = sinks(&ctx.config)?;
+    for (consumer, sink) in &sinks {
+        if matches!(sink, Sink::Discard) {
+            tracing::warn!(
+                consumer = consumer.as_str(),
+                "no destination configured; items are counted as dropped (no_destination)"
+            );
+        }
     }
     // One wake-up socket per process; fan it out to the consumers.
     let (notify, wake) = tokio::sync::watch::channel(0u64);
     let ctx_ref = &ctx;
     let consumers =
-        futures_join_all(destinations.into_iter().map(|target| run_consumer(ctx_ref, target, wake.clone())));
+        futures_join_all(sinks.into_iter().map(|(consumer, sink)| run_consumer(ctx_ref, consumer, sink, wake.clone())));
     let mut woken = 0u64;
     let mut stop = ctx.shutdown.clone();
     let result = {

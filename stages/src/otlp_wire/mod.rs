@@ -383,6 +383,7 @@ fn log_entry(record: &[u8], depth: u32, scope: u32) -> Result<LogEntry, Fail> {
         span_id: <[u8; 8]>::try_from(span_id).unwrap_or_default(),
         time_unix_nano: if time != 0 { time } else { observed },
         severity_number: severity,
+        duration_nanos: 0,
         scope,
         body: record.to_vec(),
     })

@@ -20,9 +20,10 @@ const MIB: usize = 1024 * 1024;
 /// answered after its commit).
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone());
-    let protocols = ctx.config.receivers.otlp.protocols.clone();
+    let protocols = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.protocols.clone());
+    let (grpc, http) = protocols.map(|p| (p.grpc, p.http)).unwrap_or_default();
     let mut servers = tokio::task::JoinSet::new();
-    if let Some(grpc) = protocols.grpc {
+    if let Some(grpc) = grpc {
         let listener = bind(&grpc.endpoint).await?;
         let max = grpc.max_recv_msg_size_mib as usize * MIB;
         let mut shutdown = ctx.shutdown.clone();
@@ -43,7 +44,7 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
                 .map_err(|err| StageError::Other(format!("grpc server: {err}")))
         });
     }
-    if let Some(http) = protocols.http {
+    if let Some(http) = http {
         let listener = bind(&http.endpoint).await?;
         let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB);
         let mut shutdown = ctx.shutdown.clone();

@@ -1,0 +1,264 @@
+//! Where telemetry goes: one destination (or several) per signal, batching and retries.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Problems;
+
+/// Destinations per signal, plus batching and retry shared by all of them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Exporters {
+    /// Where kept traces go. Required.
+    pub traces: Destination,
+    /// Where kept logs go: OTLP, Loki, or both (each its own consumer with its own cursor).
+    /// Without any, kept logs are counted as dropped (`no_destination`).
+    pub logs: Option<LogsDestination>,
+    /// Where metrics go; without one, metrics are counted as dropped (`no_destination`).
+    pub metrics: Option<Destination>,
+    /// Batching of requests.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Retries of failed requests.
+    #[serde(default)]
+    pub retry_on_failure: RetryConfig,
+}
+
+/// One destination.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// An OTLP/gRPC endpoint (Jaeger, an OpenTelemetry Collector, ...).
+    pub otlp: OtlpExporter,
+}
+
+/// OTLP/gRPC exporter settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpExporter {
+    /// URL of the gRPC endpoint, e.g. `http://jaeger:4317`.
+    pub endpoint: String,
+    /// Deadline of one export request.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `none` or `gzip`. gzip costs ~4-5 us per span; use it only on a narrow uplink.
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Request compression.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Uncompressed.
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+}
+
+/// Batching, as the Collector's batch processor.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Items (spans, log records, data points) per request.
+    pub send_batch_size: u32,
+    /// Longest time a partial batch waits before it is sent.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { send_batch_size: 512, timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Retry backoff, as the Collector's `retry_on_failure`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First wait after a failure.
+    #[serde(with = "humantime_serde")]
+    pub initial_interval: Duration,
+    /// Longest wait between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { initial_interval: Duration::from_secs(1), max_interval: Duration::from_secs(5) }
+    }
+}
+
+/// Destinations of kept logs. Each configured one reads the `kept_logs` edge with its own cursor,
+/// so a Loki outage does not hold back OTLP delivery (and the edge's depth per consumer is each
+/// destination's true backlog).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogsDestination {
+    /// An OTLP/gRPC endpoint.
+    pub otlp: Option<OtlpExporter>,
+    /// A Loki push endpoint.
+    pub loki: Option<LokiExporter>,
+}
+
+/// Loki's push API (`/loki/api/v1/push`): protobuf + snappy (or JSON), one stream per label set.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LokiExporter {
+    /// The push URL, e.g. `http://loki:3100/loki/api/v1/push`.
+    pub endpoint: String,
+    /// Body format: `protobuf` (snappy-compressed `PushRequest`, what promtail sends) or `json`.
+    #[serde(default)]
+    pub encoding: LokiEncoding,
+    /// Tenant, sent as `X-Scope-OrgID`.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Extra HTTP headers on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Credentials: `basic` (username and password or password_file) or `bearer_token_file`.
+    #[serde(default)]
+    pub auth: Option<LokiAuth>,
+    /// Stream labels. `service.name` always becomes `service_name` and the severity becomes
+    /// `level`; these add more.
+    #[serde(default)]
+    pub labels: LokiLabels,
+    /// Most distinct streams (label sets) this exporter creates. A record that would open a
+    /// stream past the bound goes to its service's stream with `level` only, its other label
+    /// values moved to structured metadata, and is counted (`label_overflow`).
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+    /// Where trace_id and span_id go: `structured_metadata` (Loki 3) or `line` (appended as
+    /// ` trace_id=... span_id=...`).
+    #[serde(default)]
+    pub trace_context: TraceContextPlacement,
+    /// What to do with an entry older than the newest one already sent on its stream (also
+    /// across restarts): `accept` (send as is; Loki with `unordered_writes` takes entries up to
+    /// about an hour behind), `rewrite_timestamp` (send it with the stream's newest timestamp),
+    /// or `drop` (count it as `out_of_order`).
+    #[serde(default)]
+    pub out_of_order_action: OutOfOrderAction,
+    /// Deadline of one push request.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_max_streams() -> u32 {
+    1000
+}
+
+/// Loki request bodies.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LokiEncoding {
+    /// Snappy-compressed protobuf `PushRequest`.
+    #[default]
+    Protobuf,
+    /// JSON `{"streams": [...]}`.
+    Json,
+}
+
+/// Credentials for Loki (or a gateway in front of it).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum LokiAuth {
+    /// HTTP basic auth.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password, read from this file at start (trailing newline removed). Never logged.
+        password_file: PathBuf,
+    },
+    /// `Authorization: Bearer <token>`, the token read from this file at start. Never logged.
+    BearerTokenFile(PathBuf),
+}
+
+/// Label sources of Loki streams.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LokiLabels {
+    /// Resource attributes that become labels (dots become underscores: `k8s.pod.name` ->
+    /// `k8s_pod_name`).
+    pub resource: Vec<String>,
+    /// Record attributes that become labels.
+    pub attributes: Vec<String>,
+}
+
+/// Where trace context goes in a Loki entry.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceContextPlacement {
+    /// Structured metadata `trace_id` / `span_id` (Loki 3; needs `allow_structured_metadata`).
+    #[default]
+    StructuredMetadata,
+    /// Appended to the line.
+    Line,
+}
+
+/// Handling of entries older than their stream's newest.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutOfOrderAction {
+    /// Send as is.
+    Accept,
+    /// Send with the stream's newest timestamp, so every stream is sent in timestamp order.
+    #[default]
+    RewriteTimestamp,
+    /// Drop and count.
+    Drop,
+}
+
+impl Exporters {
+    pub(crate) fn validate(&self, problems: &mut Problems) {
+        self.traces.otlp.validate("exporters.traces.otlp", problems);
+        if let Some(metrics) = &self.metrics {
+            metrics.otlp.validate("exporters.metrics.otlp", problems);
+        }
+        if let Some(logs) = &self.logs {
+            if logs.otlp.is_none() && logs.loki.is_none() {
+                problems.add("exporters.logs", "configure otlp, loki or both (or remove the section)");
+            }
+            if let Some(otlp) = &logs.otlp {
+                otlp.validate("exporters.logs.otlp", problems);
+            }
+            if let Some(loki) = &logs.loki {
+                problems.check_url(&loki.endpoint, "exporters.logs.loki.endpoint");
+                if loki.timeout.is_zero() {
+                    problems.add("exporters.logs.loki.timeout", "must be above zero");
+                }
+                if loki.max_streams == 0 {
+                    problems.add("exporters.logs.loki.max_streams", "must be above zero");
+                }
+            }
+        }
+        if self.batch.send_batch_size == 0 {
+            problems.add("exporters.batch.send_batch_size", "must be above zero");
+        }
+        if self.batch.timeout.is_zero() {
+            problems.add("exporters.batch.timeout", "must be above zero");
+        }
+        let retry = &self.retry_on_failure;
+        if retry.initial_interval.is_zero() || retry.initial_interval > retry.max_interval {
+            problems.add("exporters.retry_on_failure.initial_interval", "must be above zero and at most max_interval");
+        }
+    }
+}
+
+impl OtlpExporter {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        problems.check_url(&self.endpoint, &format!("{path}.endpoint"));
+        if self.timeout.is_zero() {
+            problems.add(&format!("{path}.timeout"), "must be above zero");
+        }
+    }
+}

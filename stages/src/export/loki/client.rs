@@ -1,0 +1,286 @@
+//! The HTTP side of the Loki exporter: encoding a push (protobuf + snappy block format, or
+//! JSON), sending it, and what each answer means.
+//!
+//! Answers (Loki's distributor and ingester, `pkg/distributor/http.go`, `pkg/ingester/stream.go`):
+//! - 2xx (Loki answers 204): taken.
+//! - 400: some entries are invalid (too old, too far behind, out of order, line too long, bad
+//!   labels). Loki has already stored the valid entries of the request, so the request is split
+//!   and its halves sent again (Loki drops an identical entry it already holds) until the
+//!   offending entries stand alone; those are dropped and counted by reason. Never retried as a
+//!   whole. 413 (a proxy's size limit) and 422 are handled the same way.
+//! - 429 (rate or stream limit) and 5xx: retried with backoff, honouring `Retry-After`.
+//! - 401, 403, 404, 407, 408: configuration or transient gateway problems; the backlog is held
+//!   and the request retried with backoff, as the OTLP exporter does for auth failures.
+//! - other 4xx: permanent.
+
+use std::time::Duration;
+
+use prost::Message;
+use tailgate_config::{LokiAuth, LokiEncoding, LokiExporter};
+
+use super::entries::{Entry, Stream};
+use super::proto::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
+
+/// What one push attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Loki took every entry.
+    Accepted,
+    /// Some entry is invalid: split and resend, or drop a single entry with `reason`.
+    Invalid {
+        /// Counter reason derived from Loki's message.
+        reason: &'static str,
+        /// Loki's message.
+        message: String,
+    },
+    /// Try the same request again later.
+    Retry {
+        /// What failed.
+        message: String,
+        /// The server's `Retry-After`, if any.
+        after: Option<Duration>,
+    },
+}
+
+/// A Loki push endpoint.
+#[derive(Debug, Clone)]
+pub struct LokiClient {
+    http: reqwest::Client,
+    url: String,
+    encoding: LokiEncoding,
+    headers: reqwest::header::HeaderMap,
+}
+
+/// Setting up the client failed (bad header, unreadable credentials file).
+#[derive(Debug, thiserror::Error)]
+#[error("loki exporter: {0}")]
+pub struct LokiSetupError(String);
+
+impl LokiClient {
+    /// A client for the configured endpoint; credentials files are read here, once.
+    pub fn new(config: &LokiExporter) -> Result<LokiClient, LokiSetupError> {
+        use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+        let mut headers = HeaderMap::new();
+        let value = |text: &str, what: &str| {
+            HeaderValue::from_str(text).map_err(|_| LokiSetupError(format!("{what} is not a valid header value")))
+        };
+        for (name, text) in &config.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| LokiSetupError(format!("{name:?} is not a valid header name")))?;
+            headers.insert(name, value(text, "a configured header")?);
+        }
+        if let Some(tenant) = &config.tenant_id {
+            headers.insert("x-scope-orgid", value(tenant, "tenant_id")?);
+        }
+        let read_secret = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|err| LokiSetupError(format!("cannot read {}: {err}", path.display())))
+        };
+        match &config.auth {
+            None => {}
+            Some(LokiAuth::Basic { username, password_file }) => {
+                let password = read_secret(password_file)?;
+                let token = base64(format!("{username}:{password}").as_bytes());
+                let mut header = value(&format!("Basic {token}"), "basic credentials")?;
+                header.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, header);
+            }
+            Some(LokiAuth::BearerTokenFile(path)) => {
+                let mut header = value(&format!("Bearer {}", read_secret(path)?), "the bearer token")?;
+                header.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, header);
+            }
+        }
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| LokiSetupError(err.to_string()))?;
+        Ok(LokiClient { http, url: config.endpoint.clone(), encoding: config.encoding, headers })
+    }
+
+    /// Sends `entries` (grouped by stream, each stream oldest first) as one push.
+    pub async fn push(&self, streams: &[Stream], entries: &[Entry]) -> PushOutcome {
+        let (content_type, body) = match self.encoding {
+            LokiEncoding::Protobuf => {
+                let encoded = encode_protobuf(streams, entries).encode_to_vec();
+                match snap::raw::Encoder::new().compress_vec(&encoded) {
+                    Ok(body) => ("application/x-protobuf", body),
+                    Err(err) => return PushOutcome::Invalid { reason: "encoding", message: err.to_string() },
+                }
+            }
+            LokiEncoding::Json => ("application/json", encode_json(streams, entries).into_bytes()),
+        };
+        let request = self
+            .http
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => return PushOutcome::Retry { message: format!("transport: {err}"), after: None },
+        };
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return PushOutcome::Accepted;
+        }
+        let after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        let message = format!("HTTP {status}: {}", text.trim());
+        classify(status, &text, message, after)
+    }
+}
+
+/// What an answer means for the request that got it.
+pub fn classify(status: u16, body: &str, message: String, after: Option<Duration>) -> PushOutcome {
+    match status {
+        400 | 413 | 422 => PushOutcome::Invalid { reason: reason_of(status, body), message },
+        401 | 403 | 404 | 407 | 408 | 429 => PushOutcome::Retry { message, after },
+        500..=599 => PushOutcome::Retry { message, after },
+        _ => PushOutcome::Invalid { reason: "rejected", message },
+    }
+}
+
+/// The counter reason for a refusal, from Loki's message texts (`pkg/validation/validate.go`,
+/// `pkg/chunkenc`).
+pub fn reason_of(status: u16, body: &str) -> &'static str {
+    let body = body.to_ascii_lowercase();
+    if status == 413 {
+        "request_too_large"
+    } else if body.contains("too far behind") {
+        "too_far_behind"
+    } else if body.contains("out of order") {
+        "out_of_order"
+    } else if body.contains("timestamp too old") {
+        "too_old"
+    } else if body.contains("timestamp too new") {
+        "too_new"
+    } else if body.contains("max entry size") || body.contains("line too long") {
+        "line_too_long"
+    } else if body.contains("stream limit") {
+        "stream_limit"
+    } else if body.contains("label") {
+        "invalid_labels"
+    } else if body.contains("structured metadata") {
+        "structured_metadata_rejected"
+    } else {
+        "bad_request"
+    }
+}
+
+/// The `PushRequest` of `entries`.
+pub fn encode_protobuf(streams: &[Stream], entries: &[Entry]) -> PushRequest {
+    let mut request = PushRequest { streams: Vec::new() };
+    for entry in entries {
+        let open_new =
+            request.streams.last().is_none_or(|s: &StreamAdapter| s.labels != streams[entry.stream].selector);
+        if open_new {
+            request.streams.push(StreamAdapter { labels: streams[entry.stream].selector.clone(), entries: Vec::new() });
+        }
+        if let Some(stream) = request.streams.last_mut() {
+            stream.entries.push(EntryAdapter {
+                timestamp: Some(Timestamp::from_unix_nanos(entry.unix_nanos)),
+                line: entry.line.clone(),
+                structured_metadata: entry
+                    .metadata
+                    .iter()
+                    .map(|(name, value)| LabelPairAdapter { name: name.clone(), value: value.clone() })
+                    .collect(),
+            });
+        }
+    }
+    request
+}
+
+/// The JSON push body of `entries`: `{"streams": [{"stream": {...}, "values": [[ts, line, {md}]]}]}`.
+pub fn encode_json(streams: &[Stream], entries: &[Entry]) -> String {
+    use serde_json::{Map, Value, json};
+    let mut out: Vec<Value> = Vec::new();
+    let mut current: Option<(usize, Vec<Value>)> = None;
+    let close = |current: &mut Option<(usize, Vec<Value>)>, out: &mut Vec<Value>| {
+        if let Some((stream, values)) = current.take() {
+            let labels: Map<String, Value> =
+                streams[stream].labels.iter().map(|(n, v)| (n.clone(), Value::String(v.clone()))).collect();
+            out.push(json!({ "stream": labels, "values": values }));
+        }
+    };
+    for entry in entries {
+        if current.as_ref().is_none_or(|(stream, _)| *stream != entry.stream) {
+            close(&mut current, &mut out);
+            current = Some((entry.stream, Vec::new()));
+        }
+        if let Some((_, values)) = current.as_mut() {
+            let mut value = vec![Value::String(entry.unix_nanos.to_string()), Value::String(entry.line.clone())];
+            if !entry.metadata.is_empty() {
+                let metadata: Map<String, Value> =
+                    entry.metadata.iter().map(|(n, v)| (n.clone(), Value::String(v.clone()))).collect();
+                value.push(Value::Object(metadata));
+            }
+            values.push(Value::Array(value));
+        }
+    }
+    close(&mut current, &mut out);
+    json!({ "streams": out }).to_string()
+}
+
+/// Standard base64 with padding (for basic auth).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let word = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
+        for index in 0..4 {
+            if index <= chunk.len() {
+                out.push(ALPHABET[((word >> (18 - 6 * index)) & 0x3f) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, expected) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
+        {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn refusals_are_classified_by_status_and_message() {
+        let invalid = |status, body: &str| match classify(status, body, String::new(), None) {
+            PushOutcome::Invalid { reason, .. } => Some(reason),
+            _ => None,
+        };
+        assert_eq!(
+            invalid(
+                400,
+                "entry with timestamp 2024-01-01 ignored, reason: 'entry too far behind, entry timestamp is: x"
+            ),
+            Some("too_far_behind")
+        );
+        assert_eq!(invalid(400, "entry out of order"), Some("out_of_order"));
+        assert_eq!(invalid(400, "entry for stream '{a=\"b\"}' has timestamp too old: x"), Some("too_old"));
+        assert_eq!(invalid(400, "Max entry size '256' bytes exceeded for stream"), Some("line_too_long"));
+        assert_eq!(invalid(413, ""), Some("request_too_large"));
+        for status in [429, 500, 502, 503, 401, 404] {
+            assert!(matches!(classify(status, "", String::new(), None), PushOutcome::Retry { .. }), "{status}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The Loki exporter: one consumer of `kept_logs`, pushing to Loki's `/loki/api/v1/push`.
+//!
+//! A delivery reads queue batches after the consumer's cursor (the same limits as OTLP
+//! requests), turns their records into stream entries ([`entries`]), pushes them
+//! ([`client`]), and moves the cursor together with the stream table (each stream's newest
+//! timestamp) in one transaction. Refused entries are isolated by splitting the request, dropped
+//! one by one and counted by reason; retryable failures resend the same request with backoff.
+//! The boundary is at-least-once: after a kill between push and commit the same request is built
+//! again from the same stream table, so Loki receives identical entries and keeps one of each.
+
+pub mod client;
+pub mod entries;
+pub mod proto;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tailgate_config::LokiExporter;
+use tailgate_ipc::batch;
+use tailgate_ipc::{Consumer, Queue};
+
+use crate::context::{StageContext, StageError, unix_nanos_now};
+use client::{LokiClient, PushOutcome};
+use entries::{EntryBuilder, Prepared, STREAM_STATE_PREFIX, StreamTable};
+
+/// A Loki destination and its stream table.
+#[derive(Debug)]
+pub struct LokiSink {
+    config: LokiExporter,
+    client: LokiClient,
+    /// Loaded from the queue at the first delivery.
+    streams: Option<StreamTable>,
+}
+
+/// What one request read from the queue.
+struct Read {
+    cursor: u64,
+    last_seq: u64,
+    records: u64,
+    prepared: Prepared,
+}
+
+impl LokiSink {
+    /// A sink for the configured endpoint.
+    pub fn new(config: &LokiExporter) -> Result<LokiSink, StageError> {
+        let client = LokiClient::new(config).map_err(|err| StageError::Other(err.to_string()))?;
+        Ok(LokiSink { config: config.clone(), client, streams: None })
+    }
+
+    fn read(&mut self, queue: &Queue, consumer: Consumer, max_items: u64) -> Result<Read, StageError> {
+        let rtxn = queue.read()?;
+        let streams = match self.streams.as_mut() {
+            Some(streams) => streams,
+            None => self.streams.insert(StreamTable::load(queue.state_prefix(&rtxn, STREAM_STATE_PREFIX)?.into_iter())),
+        };
+        let now = i64::try_from(unix_nanos_now()).unwrap_or(i64::MAX);
+        let mut builder = EntryBuilder::new(&self.config);
+        let (cursor, last_seq, records) = super::read_batches(queue, &rtxn, consumer, max_items, |_, value| {
+            let source = batch::access_logs(value)?;
+            builder.add_batch(source, streams, now);
+            Ok(source.logs.len() as u64)
+        })?;
+        let prepared = builder.finish(streams);
+        Ok(Read { cursor, last_seq, records, prepared })
+    }
+
+    /// Delivers one request's worth of queue batches (or waits out failures until stopped).
+    pub async fn deliver(&mut self, ctx: &StageContext, consumer: Consumer, max_items: u64) -> Result<(), StageError> {
+        let read = self.read(&ctx.queue, consumer, max_items)?;
+        let prepared = &read.prepared;
+        ctx.events.dropped("out_of_order", prepared.dropped_out_of_order);
+        if prepared.undecodable > 0 {
+            ctx.events.error("undecodable_record");
+        }
+        if prepared.label_overflow > 0 {
+            ctx.events.error("label_overflow");
+        }
+        let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut pending: Vec<std::ops::Range<usize>> = Vec::from([0..prepared.entries.len()]);
+        let retry = &ctx.config.exporters.retry_on_failure;
+        while let Some(range) = pending.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let mut delay = retry.initial_interval;
+            loop {
+                match self.client.push(&prepared.streams, &prepared.entries[range.clone()]).await {
+                    PushOutcome::Accepted => {
+                        ctx.events.sent(range.len() as u64);
+                        break;
+                    }
+                    PushOutcome::Invalid { reason, message } => {
+                        if range.len() == 1 {
+                            tracing::debug!(consumer = consumer.as_str(), reason, %message, "loki refused an entry");
+                            *refused.entry(reason).or_default() += 1;
+                        } else {
+                            // Loki stored the valid entries already; resending them is harmless
+                            // (identical entries are kept once). Left half first keeps order.
+                            let middle = range.start + range.len() / 2;
+                            pending.push(middle..range.end);
+                            pending.push(range.start..middle);
+                        }
+                        break;
+                    }
+                    PushOutcome::Retry { message, after } => {
+                        ctx.events.error("export_retry");
+                        let wait = delay.max(after.unwrap_or_default()).min(Duration::from_secs(30));
+                        tracing::warn!(consumer = consumer.as_str(), retry_in = ?wait, %message, "loki push failed; will retry");
+                        if !super::pause(ctx, wait).await {
+                            return Ok(());
+                        }
+                        delay = (delay * 2).min(retry.max_interval);
+                    }
+                }
+            }
+        }
+        for (reason, count) in &refused {
+            ctx.events.dropped(reason, *count);
+        }
+        if !refused.is_empty() {
+            tracing::warn!(consumer = consumer.as_str(), refused = ?refused, records = read.records, "loki refused entries; dropped them, kept the rest");
+        }
+        let changes = self.streams.as_mut().map(StreamTable::take_changes).unwrap_or_default();
+        super::commit_until_done(ctx, consumer, read.cursor, read.last_seq, &changes).await
+    }
+}
