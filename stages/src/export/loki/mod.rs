@@ -76,7 +76,9 @@ impl LokiSink {
             ctx.events.error("label_overflow");
         }
         let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
-        let mut pending: Vec<std::ops::Range<usize>> = Vec::from([0..prepared.entries.len()]);
+        // Ranges of entries still to push, the next one last.
+        let mut pending = Vec::with_capacity(8);
+        pending.push(0..prepared.entries.len());
         let retry = &ctx.config.exporters.retry_on_failure;
         while let Some(range) = pending.pop() {
             if range.is_empty() {
