@@ -68,6 +68,10 @@ pub struct Timing {
     pub flush_interval: &'static str,
     /// Extra lines under `supervisor:` (indented by two spaces).
     pub supervisor_extra: &'static str,
+    /// A `filelog:` receiver block (YAML flow mapping), e.g. `{ include: ["/tmp/x/*.log"] }`.
+    pub filelog: Option<String>,
+    /// The `exporters.logs` destination (YAML flow mapping); default: OTLP to the test backend.
+    pub logs_destination: Option<String>,
 }
 
 impl Default for Timing {
@@ -79,6 +83,8 @@ impl Default for Timing {
             log_max_wait: "30s",
             flush_interval: "1s",
             supervisor_extra: "",
+            filelog: None,
+            logs_destination: None,
         }
     }
 }
@@ -107,6 +113,7 @@ receivers:
     protocols:
       grpc: {{ endpoint: "{grpc}" }}
       http: {{ endpoint: "{http}" }}
+{filelog}
 queue:
   max_size_mib: 256
 tail_sample:
@@ -119,7 +126,7 @@ spanmetrics:
   metrics_flush_interval: {fi}
 exporters:
   traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
-  logs: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
+  logs: {logs}
   metrics: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
   retry_on_failure: {{ initial_interval: 200ms, max_interval: 1s }}
@@ -130,6 +137,11 @@ supervisor:
 {extra}
 "#,
             extra = timing.supervisor_extra,
+            filelog = timing.filelog.as_ref().map(|f| format!("  filelog: {f}")).unwrap_or_default(),
+            logs = timing
+                .logs_destination
+                .clone()
+                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\", timeout: 10s }} }}")),
             data = dir.path().join("data").display(),
             dw = timing.decision_wait,
             rg = timing.root_grace,
