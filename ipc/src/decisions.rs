@@ -12,15 +12,59 @@
 //!   `last_seq` is at or below tail_sample's cursor, so a restart that re-reads the batches past
 //!   the cursor always finds the decision for every span it already handled.
 
-use heed::RoTxn;
-/// Meta key where log_mirror records the receive time (Unix ns) of the last log batch it
-/// resolved. tail_sample keeps decisions log_mirror may still need: while logs are waiting, a
-/// decision is pruned only once it is older than this progress minus the TTL.
-pub const LOG_MIRROR_PROGRESS_KEY: &str = "log_mirror/progress_unix_nano";
+//!
+//! The sampler's watermark (`meta` key [`SAMPLER_WATERMARK_KEY`], written by tail_sample in every
+//! transaction that ingests or decides) tells log_mirror how far the sampler has got in
+//! receive-time terms: [`Queue::decided_through`] is the receive time up to which every span
+//! has been decided. log_mirror measures `max_wait` on that clock, not on its own, so a record
+//! waits as long as the sampler is down, restarting or replaying a backlog.
 
+use heed::RoTxn;
 use heed::RwTxn;
 
 use crate::queue::{Queue, QueueError};
+use crate::topology::Edge;
+
+/// Meta key where log_mirror records the receive time (Unix ns) of the oldest log batch it has
+/// not fully resolved (or of the last one it read, when none waits). tail_sample keeps
+/// decisions log_mirror may still need: while logs are waiting, a decision is pruned only once
+/// it is older than this progress minus the TTL.
+pub const LOG_MIRROR_PROGRESS_KEY: &str = "log_mirror/progress_unix_nano";
+
+/// Meta key of tail_sample's ingestion position: the last `spans` sequence number it has read.
+pub const SAMPLER_READ_POS_KEY: &str = "tail_sample/read_pos";
+
+/// Meta key of tail_sample's [`SamplerWatermark`].
+pub const SAMPLER_WATERMARK_KEY: &str = "tail_sample/watermark";
+
+/// How far tail_sample has got, in receive-time terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplerWatermark {
+    /// Receive time (Unix ns) of the first span of the oldest trace still pending; `u64::MAX`
+    /// when none is pending.
+    pub oldest_pending: u64,
+    /// Receive time (Unix ns) of the last `spans` batch read.
+    pub ingested_until: u64,
+}
+
+impl SamplerWatermark {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.oldest_pending.to_be_bytes());
+        out[8..].copy_from_slice(&self.ingested_until.to_be_bytes());
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<SamplerWatermark> {
+        let raw: [u8; 16] = raw.try_into().ok()?;
+        let word = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&raw[at..at + 8]);
+            u64::from_be_bytes(bytes)
+        };
+        Some(SamplerWatermark { oldest_pending: word(0), ingested_until: word(8) })
+    }
+}
 
 /// A trace's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +107,56 @@ fn expiry_key(decided_unix_ms: u64, trace_id: &[u8; 16]) -> [u8; 24] {
 }
 
 impl Queue {
+    /// Records tail_sample's watermark (in the transaction of the step it describes).
+    pub fn set_sampler_watermark(&self, wtxn: &mut RwTxn<'_>, mark: &SamplerWatermark) -> Result<(), QueueError> {
+        self.put_meta(wtxn, SAMPLER_WATERMARK_KEY, &mark.encode())
+    }
+
+    /// tail_sample's last recorded watermark.
+    pub fn sampler_watermark(&self, txn: &RoTxn<'_>) -> Result<Option<SamplerWatermark>, QueueError> {
+        Ok(self.get_meta(txn, SAMPLER_WATERMARK_KEY)?.and_then(SamplerWatermark::decode))
+    }
+
+    /// The receive time (Unix ns) up to which every span has been decided: before the oldest
+    /// pending trace's first span, and, while `spans` holds batches the sampler has not read,
+    /// no later than the last batch it read. With nothing pending and nothing unread, `now`.
+    pub fn decided_through(&self, txn: &RoTxn<'_>, now_unix_nano: u64) -> Result<u64, QueueError> {
+        let mark =
+            self.sampler_watermark(txn)?.unwrap_or(SamplerWatermark { oldest_pending: u64::MAX, ingested_until: 0 });
+        let read_pos = self.meta_u64(txn, SAMPLER_READ_POS_KEY)?.unwrap_or(0);
+        let last_seq = self.depth(txn, Edge::Spans)?.next_seq.saturating_sub(1);
+        let input_bound = if last_seq > read_pos { mark.ingested_until } else { now_unix_nano };
+        Ok(mark.oldest_pending.saturating_sub(1).min(input_bound))
+    }
+
+    /// Trace ids decided at or after `from_unix_ms`, in decision order, with the decision time.
+    pub fn decisions_since(&self, txn: &RoTxn<'_>, from_unix_ms: u64) -> Result<Vec<(u64, [u8; 16])>, QueueError> {
+        let start = expiry_key(from_unix_ms, &[0u8; 16]);
+        let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Unbounded);
+        let mut out = Vec::new();
+        for entry in self.decision_expiry.range(txn, &range)? {
+            let (key, _) = entry?;
+            if key.len() != 24 {
+                continue;
+            }
+            let mut stamp = [0u8; 8];
+            stamp.copy_from_slice(&key[..8]);
+            let mut trace_id = [0u8; 16];
+            trace_id.copy_from_slice(&key[8..]);
+            out.push((u64::from_be_bytes(stamp), trace_id));
+        }
+        Ok(out)
+    }
+
+    /// The time (Unix ms) of the newest decision recorded.
+    pub fn last_decision_ms(&self, txn: &RoTxn<'_>) -> Result<Option<u64>, QueueError> {
+        Ok(self.decision_expiry.last(txn)?.filter(|(key, _)| key.len() == 24).map(|(key, _)| {
+            let mut stamp = [0u8; 8];
+            stamp.copy_from_slice(&key[..8]);
+            u64::from_be_bytes(stamp)
+        }))
+    }
+
     /// The decision for `trace_id`, if one is recorded.
     pub fn decision(&self, txn: &RoTxn<'_>, trace_id: &[u8; 16]) -> Result<Option<Decision>, QueueError> {
         Ok(self.decisions.get(txn, trace_id)?.and_then(Decision::decode))

@@ -408,6 +408,14 @@ impl Queue {
         Ok(self.meta.put(wtxn, key.as_bytes(), &seq_key(value))?)
     }
 
+    pub(crate) fn put_meta(&self, wtxn: &mut RwTxn<'_>, key: &str, value: &[u8]) -> Result<(), QueueError> {
+        Ok(self.meta.put(wtxn, key.as_bytes(), value)?)
+    }
+
+    pub(crate) fn get_meta<'t>(&self, txn: &'t RoTxn<'_>, key: &str) -> Result<Option<&'t [u8]>, QueueError> {
+        Ok(self.meta.get(txn, key.as_bytes())?)
+    }
+
     /// A stage's durable private value.
     pub fn state_get<'t>(&self, txn: &'t RoTxn<'_>, key: &[u8]) -> Result<Option<&'t [u8]>, QueueError> {
         Ok(self.state.get(txn, key)?)

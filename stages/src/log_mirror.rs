@@ -1,155 +1,468 @@
 //! log_mirror: a log record is kept iff its trace was kept (1:1 on trace_id). A record without a
-//! trace id is judged by the same rule the sampler applies to spans, on its own fields: kept at
-//! ERROR severity or above. A record whose trace is not decided yet waits (up to `max_wait`
-//! after it was received, or after this process started if that is later), then is judged on
-//! its own and counted as `decision_timeout`. Each step records how far it got
-//! (`LOG_MIRROR_PROGRESS_KEY`), and tail_sample keeps decisions that waiting records may need.
+//! trace id is judged by the sampler's own rule on its fields: kept at ERROR severity or above,
+//! or when the duration it reports is over the latency threshold.
 //!
-//! Exactly-once: batches are resolved in order; the cursor moves past a batch only in the
-//! transaction that writes its kept records, so a restart re-reads exactly the unresolved
-//! batches. Decisions come from the decisions table tail_sample writes, which survives restarts
-//! of either stage.
+//! Waiting follows the sampler's real progress, not this process's clock: a record received at
+//! `R` whose trace has no decision waits until tail_sample has decided every span received up to
+//! `R + max_wait` ([`Queue::decided_through`]); only then is it judged on its own and counted as
+//! `decision_timeout`. While tail_sample is down, restarting or replaying a backlog, records wait.
+//! A record that waits holds up nobody: records are resolved one by one, in any order.
+//!
+//! Exactly-once: batches are read in order up to `log_mirror/read_pos`. Every read batch the
+//! cursor has not passed has a bitmap of its resolved records in the `state` table
+//! (`log_mirror/batch/<seq>`), written in the transaction that emits those records; the cursor
+//! passes a batch once all its records are resolved, in the transaction that resolves the last
+//! one. A restart rebuilds the waiting index from the batches between cursor and `read_pos` and
+//! their bitmaps. Decisions come from the decisions table tail_sample writes; new ones are found
+//! by scanning its decision-time index from the newest time seen (tail_sample's clock only moves
+//! forward across its commits), and a record is looked up once more before it times out.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use tailgate_ipc::batch::{self, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
+use tailgate_ipc::batch::{self, ArchivedLogBatch, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
 use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
-use tailgate_ipc::{Consumer, Edge, Queue};
+use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL};
 
-use crate::limits::MAX_BATCHES_PER_STEP;
+/// Meta key of the last `logs` sequence number read.
+const READ_POS_KEY: &str = "log_mirror/read_pos";
+/// State key prefix of the resolved-records bitmaps.
+const BITMAP_PREFIX: &[u8] = b"log_mirror/batch/";
+
+/// The rule for records judged on their own fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    /// How far past a record's receipt the sampler must have decided everything before the
+    /// record gives up on its trace.
+    pub max_wait: Duration,
+    /// Keep records at ERROR severity or above.
+    pub keep_errors: bool,
+    /// Keep records reporting a duration above this.
+    pub latency_threshold: Duration,
+}
+
+impl Rule {
+    /// The rule of the configuration (log_mirror's wait, tail_sample's keep rule).
+    pub fn from_config(config: &tailgate_config::Config) -> Rule {
+        Rule {
+            max_wait: config.log_mirror.max_wait,
+            keep_errors: config.tail_sample.keep_errors,
+            latency_threshold: config.tail_sample.latency_threshold,
+        }
+    }
+
+    fn keeps(&self, log: &batch::ArchivedLogEntry) -> bool {
+        (self.keep_errors && log.severity_number >= SEVERITY_NUMBER_ERROR)
+            || log.duration_nanos.to_native() > self.latency_threshold.as_nanos() as u64
+    }
+}
 
 /// Counts of one step.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MirrorReport {
-    /// Records read from resolved batches.
+    /// Records read from the `logs` edge.
     pub received: u64,
     /// Records written to `kept_logs`.
     pub kept: u64,
     /// Records whose trace was dropped.
     pub dropped_trace: u64,
-    /// Records without trace id below ERROR.
+    /// Records without trace id that the rule does not keep.
     pub dropped_untraced: u64,
     /// Records judged on their own because their trace's decision did not come in time.
     pub decision_timeout: u64,
-    /// When the first still-waiting record times out, Unix nanoseconds.
-    pub wait_until: Option<u64>,
+    /// Records still waiting for their trace's decision.
+    pub waiting: u64,
     /// Whether the step stopped at its batch limit.
     pub more_input: bool,
 }
 
-enum Verdict {
-    Keep,
-    DropTrace,
-    DropUntraced,
-    Wait,
+/// A batch read but not yet passed by the cursor.
+#[derive(Debug)]
+struct Pending {
+    received: u64,
+    /// One bit per record: resolved (emitted or dropped).
+    resolved: Vec<u8>,
+    unresolved: u32,
+    /// Whether its bitmap is stored.
+    stored: bool,
+    /// Whether its bitmap changed since it was stored.
+    dirty: bool,
 }
 
-/// One step: resolves batches in order until one must wait; commits kept records and the
-/// cursor together.
-///
-/// A record's wait runs from when it was received or from `wait_from` (when this process
-/// started), whichever is later: after downtime, records get their full wait again while
-/// tail_sample catches up, instead of all timing out at once.
-pub fn step(queue: &Queue, max_wait: Duration, wait_from: u64, now_unix_nano: u64) -> Result<MirrorReport, StageError> {
-    let mut report = MirrorReport::default();
-    let mut builder = SubsetBuilder::default();
-    let mut kept = Vec::new();
-    let mut kept_bytes = 0usize;
-    let mut full: Vec<LogBatch> = Vec::new();
-    let rtxn = queue.read()?;
-    let cursor = queue.cursor(&rtxn, Consumer::LogMirror)?;
-    let mut new_cursor = cursor;
-    let mut progress = 0;
-    'batches: for (batches, entry) in queue.entries_after(&rtxn, Edge::Logs, cursor)?.enumerate() {
-        if batches == MAX_BATCHES_PER_STEP {
-            report.more_input = true;
-            break;
+impl Pending {
+    fn is_resolved(&self, index: u32) -> bool {
+        self.resolved.get(index as usize / 8).is_some_and(|byte| byte & (1 << (index % 8)) != 0)
+    }
+
+    fn resolve(&mut self, index: u32) {
+        if let Some(byte) = self.resolved.get_mut(index as usize / 8)
+            && *byte & (1 << (index % 8)) == 0
+        {
+            *byte |= 1 << (index % 8);
+            self.unresolved -= 1;
+            self.dirty = true;
         }
-        let (seq, value) = entry?;
-        let source = batch::access_logs(value)?;
-        let received = source.received_unix_nano.to_native();
-        let waiting_since = received.max(wait_from).min(now_unix_nano);
-        let timed_out = now_unix_nano >= waiting_since.saturating_add(max_wait.as_nanos() as u64);
-        let mut verdicts = Vec::with_capacity(source.logs.len());
-        let mut batch_timeouts = 0;
-        for log in source.logs.iter() {
-            let judged_alone =
-                if log.severity_number >= SEVERITY_NUMBER_ERROR { Verdict::Keep } else { Verdict::DropUntraced };
-            let verdict = if log.trace_id == [0u8; 16] {
-                judged_alone
-            } else {
-                match queue.decision(&rtxn, &log.trace_id)? {
-                    Some(decision) if decision.keep => Verdict::Keep,
-                    Some(_) => Verdict::DropTrace,
-                    None if timed_out => {
-                        batch_timeouts += 1;
-                        judged_alone
-                    }
-                    None => Verdict::Wait,
-                }
+    }
+}
+
+fn bitmap_key(seq: u64) -> Vec<u8> {
+    [BITMAP_PREFIX, &seq.to_be_bytes()].concat()
+}
+
+/// What a step resolved, to be committed together.
+#[derive(Default)]
+struct StepOutput {
+    builder: SubsetBuilder,
+    kept: Vec<batch::LogEntry>,
+    kept_bytes: usize,
+    full: Vec<LogBatch>,
+}
+
+impl StepOutput {
+    fn emit(&mut self, seq: u64, source: &ArchivedLogBatch, index: u32) {
+        let Some(log) = source.logs.get(index as usize) else { return };
+        // Seal before a record would take the batch past the limit.
+        if !self.kept.is_empty() && self.kept_bytes + log.body.len() > MAX_OUTPUT_BATCH_BYTES {
+            self.seal();
+        }
+        let scope = self.builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
+        self.kept_bytes += log.body.len();
+        self.kept.push(batch::own_log(log, scope));
+    }
+
+    fn seal(&mut self) {
+        if self.kept.is_empty() {
+            return;
+        }
+        let (resources, scopes) = self.builder.take();
+        let logs = std::mem::take(&mut self.kept);
+        self.kept_bytes = 0;
+        self.full.push(LogBatch { received_unix_nano: unix_nanos_now(), resources, scopes, logs });
+    }
+}
+
+/// log_mirror's index of waiting records, rebuilt from the queue at start.
+#[derive(Debug)]
+pub struct Mirror {
+    rule: Rule,
+    cursor: u64,
+    read_pos: u64,
+    persisted_read_pos: u64,
+    /// Read batches the cursor has not passed.
+    pending: BTreeMap<u64, Pending>,
+    /// Waiting records by trace.
+    waiting: HashMap<[u8; 16], Vec<(u64, u32)>>,
+    /// Decision time (Unix ms) up to which new decisions were looked at.
+    decisions_seen_ms: u64,
+    /// Stored bitmaps of batches the cursor passed in this step, to delete.
+    passed_stored: Vec<u64>,
+}
+
+impl Mirror {
+    /// Loads the cursor and read position and rebuilds the waiting index from the stored bitmaps.
+    pub fn open(queue: &Queue, rule: Rule) -> Result<Mirror, StageError> {
+        let rtxn = queue.read()?;
+        let cursor = queue.cursor(&rtxn, Consumer::LogMirror)?;
+        let read_pos = queue.meta_u64(&rtxn, READ_POS_KEY)?.unwrap_or(0).max(cursor);
+        let mut mirror = Mirror {
+            rule,
+            cursor,
+            read_pos,
+            persisted_read_pos: read_pos,
+            pending: BTreeMap::new(),
+            waiting: HashMap::new(),
+            decisions_seen_ms: 0,
+            passed_stored: Vec::new(),
+        };
+        for entry in queue.entries_after(&rtxn, Edge::Logs, cursor)? {
+            let (seq, value) = entry?;
+            if seq > read_pos {
+                break;
+            }
+            let source = batch::access_logs(value)?;
+            let records = source.logs.len();
+            let stored = queue.state_get(&rtxn, &bitmap_key(seq))?;
+            let mut resolved = vec![0u8; records.div_ceil(8)];
+            if let Some(bits) = stored.filter(|bits| bits.len() == resolved.len()) {
+                resolved.copy_from_slice(bits);
+            }
+            let mut state = Pending {
+                received: source.received_unix_nano.to_native(),
+                resolved,
+                unresolved: records as u32,
+                stored: stored.is_some(),
+                dirty: false,
             };
-            if matches!(verdict, Verdict::Wait) {
-                report.wait_until = Some(waiting_since.saturating_add(max_wait.as_nanos() as u64));
-                break 'batches;
-            }
-            verdicts.push(verdict);
-        }
-        for (log, verdict) in source.logs.iter().zip(verdicts) {
-            match verdict {
-                Verdict::Keep => {
-                    // Seal before a record would take the batch past the limit.
-                    if !kept.is_empty() && kept_bytes + log.body.len() > crate::limits::MAX_OUTPUT_BATCH_BYTES {
-                        let (resources, scopes) = builder.take();
-                        let logs = std::mem::take(&mut kept);
-                        full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs });
-                        kept_bytes = 0;
-                    }
-                    let scope = builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
-                    kept_bytes += log.body.len();
-                    kept.push(batch::own_log(log, scope));
+            let done = (0..records as u32).filter(|index| state.is_resolved(*index)).count() as u32;
+            state.unresolved -= done;
+            for (index, log) in source.logs.iter().enumerate() {
+                if !state.is_resolved(index as u32) {
+                    mirror.waiting.entry(log.trace_id).or_default().push((seq, index as u32));
                 }
-                Verdict::DropTrace => report.dropped_trace += 1,
-                Verdict::DropUntraced => report.dropped_untraced += 1,
-                Verdict::Wait => {}
+            }
+            mirror.pending.insert(seq, state);
+        }
+        Ok(mirror)
+    }
+
+    /// Records waiting for a decision.
+    pub fn waiting_records(&self) -> usize {
+        self.waiting.values().map(Vec::len).sum()
+    }
+
+    /// Receive time of the oldest batch with a waiting record.
+    pub fn oldest_waiting(&self) -> Option<u64> {
+        self.pending.values().filter(|p| p.unresolved > 0).map(|p| p.received).min()
+    }
+
+    /// Reads new batches, resolves what can be resolved, commits kept records, bitmaps and the
+    /// cursor in one write transaction. On error the index may be ahead of the queue: reopen.
+    pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<MirrorReport, StageError> {
+        let mut report = MirrorReport::default();
+        let mut output = StepOutput::default();
+        let rtxn = queue.read()?;
+        let decided_through = queue.decided_through(&rtxn, now_unix_nano)?;
+        let mut changed = self.ingest(queue, &rtxn, decided_through, &mut output, &mut report)?;
+        changed |= self.resolve_new_decisions(queue, &rtxn, &mut output, &mut report)?;
+        changed |= self.time_out(queue, &rtxn, decided_through, &mut output, &mut report)?;
+        let progress = self.oldest_waiting().unwrap_or_else(|| self.last_received(queue, &rtxn));
+        drop(rtxn);
+        report.waiting = self.waiting_records() as u64;
+        if !changed {
+            return Ok(report);
+        }
+        let old_cursor = self.cursor;
+        self.advance_cursor();
+        let mut wtxn = queue.write()?;
+        queue.advance(&mut wtxn, Consumer::LogMirror, old_cursor, self.cursor)?;
+        if self.read_pos != self.persisted_read_pos {
+            queue.set_meta_u64(&mut wtxn, READ_POS_KEY, self.read_pos)?;
+        }
+        queue.set_meta_u64(&mut wtxn, LOG_MIRROR_PROGRESS_KEY, progress)?;
+        for seq in self.passed_stored.drain(..) {
+            queue.state_delete(&mut wtxn, &bitmap_key(seq))?;
+        }
+        for (seq, state) in self.pending.iter_mut().filter(|(_, state)| state.dirty || !state.stored) {
+            queue.state_put(&mut wtxn, &bitmap_key(*seq), &state.resolved)?;
+            state.stored = true;
+            state.dirty = false;
+        }
+        output.seal();
+        for out in &output.full {
+            report.kept += out.logs.len() as u64;
+            queue.append(&mut wtxn, Edge::KeptLogs, &batch::encode_logs(out)?)?;
+        }
+        queue.commit(wtxn)?;
+        self.persisted_read_pos = self.read_pos;
+        Ok(report)
+    }
+
+    fn last_received(&self, queue: &Queue, rtxn: &ReadTxn<'_>) -> u64 {
+        let value = queue.get(rtxn, Edge::Logs, self.read_pos).ok().flatten();
+        value.and_then(|v| batch::access_logs(v).ok()).map(|b| b.received_unix_nano.to_native()).unwrap_or(0)
+    }
+
+    /// Reads batches after `read_pos`: resolves what it can, indexes the rest as waiting.
+    fn ingest(
+        &mut self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        decided_through: u64,
+        output: &mut StepOutput,
+        report: &mut MirrorReport,
+    ) -> Result<bool, StageError> {
+        let mut read = 0;
+        for entry in queue.entries_after(rtxn, Edge::Logs, self.read_pos)? {
+            if read == MAX_BATCHES_PER_STEP {
+                report.more_input = true;
+                break;
+            }
+            read += 1;
+            let (seq, value) = entry?;
+            let source = batch::access_logs(value)?;
+            let records = source.logs.len();
+            let received = source.received_unix_nano.to_native();
+            let timed_out = decided_through >= received.saturating_add(self.rule.max_wait.as_nanos() as u64);
+            let mut state = Pending {
+                received,
+                resolved: vec![0u8; records.div_ceil(8)],
+                unresolved: records as u32,
+                stored: false,
+                dirty: true,
+            };
+            for (index, log) in source.logs.iter().enumerate() {
+                let index = index as u32;
+                if log.trace_id == [0u8; 16] {
+                    self.judge_alone(seq, source, index, output, report);
+                    state.resolve(index);
+                    continue;
+                }
+                match queue.decision(rtxn, &log.trace_id)? {
+                    Some(decision) => self.follow(decision.keep, seq, source, index, output, report),
+                    None if timed_out => {
+                        report.decision_timeout += 1;
+                        self.judge_alone(seq, source, index, output, report);
+                    }
+                    None => {
+                        self.waiting.entry(log.trace_id).or_default().push((seq, index));
+                        continue;
+                    }
+                }
+                state.resolve(index);
+            }
+            report.received += records as u64;
+            self.pending.insert(seq, state);
+            self.read_pos = seq;
+        }
+        Ok(read > 0)
+    }
+
+    /// Resolves waiting records whose trace was decided since the last look.
+    fn resolve_new_decisions(
+        &mut self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        output: &mut StepOutput,
+        report: &mut MirrorReport,
+    ) -> Result<bool, StageError> {
+        if self.waiting.is_empty() {
+            // Nothing waits: every record read so far was checked against this snapshot, so
+            // only decisions made after it can matter to records read later.
+            self.decisions_seen_ms = queue.last_decision_ms(rtxn)?.unwrap_or(self.decisions_seen_ms);
+            return Ok(false);
+        }
+        let mut changed = false;
+        for (decided_ms, trace_id) in queue.decisions_since(rtxn, self.decisions_seen_ms)? {
+            self.decisions_seen_ms = self.decisions_seen_ms.max(decided_ms);
+            let Some(records) = self.waiting.remove(&trace_id) else { continue };
+            let keep = queue.decision(rtxn, &trace_id)?.is_some_and(|d| d.keep);
+            for (seq, index) in records {
+                let source = load(queue, rtxn, seq)?;
+                self.follow(keep, seq, source, index, output, report);
+                if let Some(state) = self.pending.get_mut(&seq) {
+                    state.resolve(index);
+                }
+            }
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Judges on their own the waiting records of batches the sampler has passed by `max_wait`
+    /// (after one more look for a decision).
+    fn time_out(
+        &mut self,
+        queue: &Queue,
+        rtxn: &ReadTxn<'_>,
+        decided_through: u64,
+        output: &mut StepOutput,
+        report: &mut MirrorReport,
+    ) -> Result<bool, StageError> {
+        let max_wait = self.rule.max_wait.as_nanos() as u64;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, state)| state.unresolved > 0 && decided_through >= state.received.saturating_add(max_wait))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &expired {
+            let source = load(queue, rtxn, *seq)?;
+            for (index, log) in source.logs.iter().enumerate() {
+                let index = index as u32;
+                if self.pending.get(seq).is_none_or(|state| state.is_resolved(index)) {
+                    continue;
+                }
+                if let Some(records) = self.waiting.get_mut(&log.trace_id) {
+                    records.retain(|record| *record != (*seq, index));
+                    if records.is_empty() {
+                        self.waiting.remove(&log.trace_id);
+                    }
+                }
+                match queue.decision(rtxn, &log.trace_id)? {
+                    Some(decision) => self.follow(decision.keep, *seq, source, index, output, report),
+                    None => {
+                        report.decision_timeout += 1;
+                        self.judge_alone(*seq, source, index, output, report);
+                    }
+                }
+                if let Some(state) = self.pending.get_mut(seq) {
+                    state.resolve(index);
+                }
             }
         }
-        report.received += source.logs.len() as u64;
-        report.decision_timeout += batch_timeouts;
-        new_cursor = seq;
-        progress = received;
+        Ok(!expired.is_empty())
     }
-    drop(rtxn);
-    if new_cursor == cursor {
-        return Ok(report);
+
+    fn follow(
+        &self,
+        keep: bool,
+        seq: u64,
+        source: &ArchivedLogBatch,
+        index: u32,
+        output: &mut StepOutput,
+        report: &mut MirrorReport,
+    ) {
+        if keep {
+            output.emit(seq, source, index);
+        } else {
+            report.dropped_trace += 1;
+        }
     }
-    let mut wtxn = queue.write()?;
-    queue.advance(&mut wtxn, Consumer::LogMirror, cursor, new_cursor)?;
-    queue.set_meta_u64(&mut wtxn, LOG_MIRROR_PROGRESS_KEY, progress)?;
-    if !kept.is_empty() {
-        let (resources, scopes) = builder.take();
-        full.push(LogBatch { received_unix_nano: now_unix_nano, resources, scopes, logs: kept });
+
+    fn judge_alone(
+        &self,
+        seq: u64,
+        source: &ArchivedLogBatch,
+        index: u32,
+        output: &mut StepOutput,
+        report: &mut MirrorReport,
+    ) {
+        match source.logs.get(index as usize) {
+            Some(log) if self.rule.keeps(log) => output.emit(seq, source, index),
+            _ => report.dropped_untraced += 1,
+        }
     }
-    for out in &full {
-        report.kept += out.logs.len() as u64;
-        queue.append(&mut wtxn, Edge::KeptLogs, &batch::encode_logs(out)?)?;
+
+    /// Moves the cursor past the leading fully resolved batches.
+    fn advance_cursor(&mut self) {
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.get().unresolved > 0 {
+                break;
+            }
+            let (seq, state) = entry.remove_entry();
+            if state.stored {
+                self.passed_stored.push(seq);
+            }
+            self.cursor = seq;
+        }
     }
-    queue.commit(wtxn)?;
-    Ok(report)
 }
 
-/// Runs the stage: steps when woken (new logs, new decisions) or when a waiting record times out.
+fn load<'t>(queue: &Queue, rtxn: &'t ReadTxn<'_>, seq: u64) -> Result<&'t ArchivedLogBatch, StageError> {
+    let value = queue
+        .get(rtxn, Edge::Logs, seq)?
+        .ok_or_else(|| StageError::Other(format!("logs batch {seq} vanished while referenced")))?;
+    Ok(batch::access_logs(value)?)
+}
+
+/// Runs the stage: steps when woken (new logs, new decisions) and while records wait for the
+/// sampler to move on.
 pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
-    let max_wait = ctx.config.log_mirror.max_wait;
-    let started = unix_nanos_now();
+    let rule = Rule::from_config(&ctx.config);
+    let mut mirror = Mirror::open(&ctx.queue, rule)?;
+    tracing::info!(waiting = mirror.waiting_records(), "log_mirror started");
     let mut full_streak = 0;
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
-        let report = match step(&ctx.queue, max_wait, started, unix_nanos_now()) {
+        let report = match mirror.step(&ctx.queue, unix_nanos_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
+                // The index ran ahead of the queue in the failed step: rebuild it.
+                mirror = Mirror::open(&ctx.queue, rule)?;
                 continue;
             }
         };
@@ -157,9 +470,10 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         ctx.events.received(report.received);
         ctx.events.sent(report.kept);
         ctx.events.dropped("trace_dropped", report.dropped_trace);
-        ctx.events.dropped("untraced_below_error", report.dropped_untraced);
+        ctx.events.dropped("untraced_not_kept", report.dropped_untraced);
         if report.decision_timeout > 0 {
             ctx.events.error("decision_timeout");
+            tracing::debug!(records = report.decision_timeout, "records judged alone: no decision for their trace");
         }
         if report.kept > 0 {
             ctx.waker.edge_written(Edge::KeptLogs);
@@ -167,88 +481,15 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         if report.more_input {
             continue;
         }
-        let timeout = report
-            .wait_until
-            .map(|until| Duration::from_nanos(until.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
-        ctx.idle_paced(timeout, stepped_at, crate::limits::MIN_STEP_INTERVAL).await;
+        // New decisions wake this stage (tail_sample sends a wake-up); the sampler's watermark can
+        // also move without one (it ingested spans, or has nothing left and "now" moves on), so
+        // records that wait are looked at again at least once per second.
+        let timeout = (report.waiting > 0).then_some(Duration::from_secs(1));
+        ctx.idle_paced(timeout, stepped_at, MIN_STEP_INTERVAL).await;
     }
     ctx.events.log_summary();
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tailgate_ipc::QueueOptions;
-    use tailgate_ipc::batch::{LogEntry, ResourceBlock, ScopeBlock};
-    use tailgate_ipc::decisions::Decision;
-
-    const T0: u64 = 1_000_000_000_000;
-    const WAIT: Duration = Duration::from_secs(30);
-
-    fn log(trace: u8, severity: u8, tag: u8) -> LogEntry {
-        LogEntry { trace_id: [trace; 16], severity_number: severity, body: vec![tag], ..Default::default() }
-    }
-
-    fn append(queue: &Queue, logs: Vec<LogEntry>) {
-        let batch = LogBatch {
-            received_unix_nano: T0,
-            resources: vec![ResourceBlock::default()],
-            scopes: vec![ScopeBlock::default()],
-            logs,
-        };
-        let mut wtxn = queue.write().unwrap();
-        queue.append(&mut wtxn, Edge::Logs, &batch::encode_logs(&batch).unwrap()).unwrap();
-        queue.commit(wtxn).unwrap();
-    }
-
-    fn decide(queue: &Queue, trace: u8, keep: bool) {
-        let mut wtxn = queue.write().unwrap();
-        queue.put_decision(&mut wtxn, &[trace; 16], &Decision { keep, decided_unix_ms: 1, last_seq: 0 }).unwrap();
-        queue.commit(wtxn).unwrap();
-    }
-
-    fn kept_tags(queue: &Queue) -> Vec<u8> {
-        let rtxn = queue.read().unwrap();
-        let mut tags = Vec::new();
-        for entry in queue.entries_after(&rtxn, Edge::KeptLogs, 0).unwrap() {
-            let (_, value) = entry.unwrap();
-            tags.extend(batch::access_logs(value).unwrap().logs.iter().map(|l| l.body[0]));
-        }
-        tags
-    }
-
-    #[test]
-    fn logs_follow_decisions_and_wait_for_missing_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
-        decide(&queue, 1, true);
-        decide(&queue, 2, false);
-        // Tags: 10 kept trace, 20 dropped trace, 30 undecided trace, 40/41 untraced ERROR/INFO.
-        append(&queue, vec![log(1, 9, 10), log(2, 17, 20), log(3, 9, 30), log(0, 17, 40), log(0, 9, 41)]);
-        let waiting = step(&queue, WAIT, 0, T0 + 1).unwrap();
-        assert_eq!(waiting.wait_until, Some(T0 + WAIT.as_nanos() as u64));
-        assert!(kept_tags(&queue).is_empty());
-        decide(&queue, 3, true);
-        let done = step(&queue, WAIT, 0, T0 + 2).unwrap();
-        assert_eq!((done.kept, done.dropped_trace, done.dropped_untraced), (3, 1, 1));
-        assert_eq!(kept_tags(&queue), vec![10, 30, 40]);
-        let rtxn = queue.read().unwrap();
-        assert_eq!(queue.meta_u64(&rtxn, LOG_MIRROR_PROGRESS_KEY).unwrap(), Some(T0));
-        assert_eq!(queue.depth(&rtxn, Edge::Logs).unwrap().batches, 0);
-    }
-
-    #[test]
-    fn an_undecided_trace_times_out_into_its_own_verdict() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
-        append(&queue, vec![log(5, 9, 50), log(6, 21, 60)]);
-        let late = T0 + WAIT.as_nanos() as u64;
-        // A process started after the records arrived gives them their full wait again.
-        let restarted_at = T0 + 20_000_000_000;
-        assert_eq!(step(&queue, WAIT, restarted_at, late).unwrap().received, 0);
-        let done = step(&queue, WAIT, restarted_at, restarted_at + WAIT.as_nanos() as u64).unwrap();
-        assert_eq!(done.decision_timeout, 2);
-        assert_eq!(kept_tags(&queue), vec![60]);
-    }
-}
+mod tests;

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
-use tailgate_ipc::decisions::Decision;
+use tailgate_ipc::decisions::{Decision, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
@@ -28,8 +28,6 @@ use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTER
 
 /// Most stale decisions pruned per step.
 const MAX_PRUNE_PER_STEP: usize = 4096;
-/// Meta key of the ingestion position.
-const READ_POS_KEY: &str = "tail_sample/read_pos";
 
 /// The sampling rules.
 #[derive(Debug, Clone)]
@@ -63,6 +61,8 @@ impl Policy {
 struct PendingTrace {
     /// When this trace must be decided, Unix nanoseconds.
     due_unix_nano: u64,
+    /// Receive time of its first span, Unix nanoseconds.
+    first_received: u64,
     /// Whether a span makes it worth keeping.
     interesting: bool,
     /// References to its spans in the `spans` edge.
@@ -76,6 +76,8 @@ pub struct Sampler {
     traces: HashMap<[u8; 16], PendingTrace>,
     /// (due time, trace id) of every pending trace.
     due: BTreeSet<(u64, [u8; 16])>,
+    /// Pending traces per receive time of their first span: the watermark's oldest pending.
+    first_received: BTreeMap<u64, u32>,
     /// Undecided spans per ingested batch; the cursor passes a batch when its count is 0.
     undecided: BTreeMap<u64, u32>,
     cursor: u64,
@@ -150,11 +152,12 @@ impl Sampler {
     pub fn open(queue: &Queue, policy: Policy) -> Result<Sampler, StageError> {
         let rtxn = queue.read()?;
         let cursor = queue.cursor(&rtxn, Consumer::TailSample)?;
-        let replay_until = queue.meta_u64(&rtxn, READ_POS_KEY)?.unwrap_or(0).max(cursor);
+        let replay_until = queue.meta_u64(&rtxn, SAMPLER_READ_POS_KEY)?.unwrap_or(0).max(cursor);
         Ok(Sampler {
             policy,
             traces: HashMap::new(),
             due: BTreeSet::new(),
+            first_received: BTreeMap::new(),
             undecided: BTreeMap::new(),
             cursor,
             read_pos: cursor,
@@ -207,8 +210,10 @@ impl Sampler {
         let mut wtxn = queue.write()?;
         queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
         if read_pos != self.persisted_read_pos {
-            queue.set_meta_u64(&mut wtxn, READ_POS_KEY, read_pos)?;
+            queue.set_meta_u64(&mut wtxn, SAMPLER_READ_POS_KEY, read_pos)?;
         }
+        // Only ingesting and deciding change the watermark, and both lead here.
+        queue.set_sampler_watermark(&mut wtxn, &self.watermark())?;
         output.seal();
         for kept in &output.full {
             queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;
@@ -229,6 +234,14 @@ impl Sampler {
         queue.commit(wtxn)?;
         self.persisted_read_pos = read_pos;
         Ok(report)
+    }
+
+    /// How far the sampler has got (published for log_mirror).
+    pub fn watermark(&self) -> SamplerWatermark {
+        SamplerWatermark {
+            oldest_pending: self.first_received.keys().next().copied().unwrap_or(u64::MAX),
+            ingested_until: self.ingested_until,
+        }
     }
 
     fn ingest(
@@ -319,7 +332,8 @@ impl Sampler {
         let trace_id = span.trace_id;
         let trace = self.traces.entry(trace_id).or_insert_with(|| {
             self.due.insert((wait_due, trace_id));
-            PendingTrace { due_unix_nano: wait_due, interesting: false, spans: Vec::new() }
+            *self.first_received.entry(received).or_default() += 1;
+            PendingTrace { due_unix_nano: wait_due, first_received: received, interesting: false, spans: Vec::new() }
         });
         trace.interesting |= interesting;
         trace.spans.push((seq, index));
@@ -345,6 +359,12 @@ impl Sampler {
             }
             self.due.pop_first();
             let Some(trace) = self.traces.remove(&trace_id) else { continue };
+            if let Some(count) = self.first_received.get_mut(&trace.first_received) {
+                *count -= 1;
+                if *count == 0 {
+                    self.first_received.remove(&trace.first_received);
+                }
+            }
             let mut last_seq = 0;
             for &(seq, index) in &trace.spans {
                 last_seq = last_seq.max(seq);

@@ -23,6 +23,8 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, Key
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 
+pub mod loki;
+
 /// A port nobody listens on right now.
 /// Ports are drawn from 20000-31999, below Linux's ephemeral range (32768+), so no outgoing
 /// connection of a test running in parallel can take one between this check and the bind.
