@@ -3,6 +3,7 @@
 //! at its budget the answer is a retryable refusal (RESOURCE_EXHAUSTED with RetryInfo / HTTP 503
 //! with Retry-After), never a silent drop.
 
+pub mod filelog;
 pub mod grpc;
 pub mod http;
 pub mod intake;
@@ -62,6 +63,12 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
                 .await
                 .map_err(|err| StageError::Other(format!("http server: {err}")))
         });
+    }
+    if let Some(filelog) = ctx.config.receivers.filelog.clone() {
+        let tailer = filelog::Tailer::open(filelog, ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone())?;
+        let shutdown = ctx.shutdown.clone();
+        // A thread of its own: reading files blocks, and receive's runtime has one thread.
+        servers.spawn_blocking(move || tailer.run(shutdown));
     }
     drop(intake);
     // Any server ending (shutdown or failure) or a queue failure ends the stage; a failure
