@@ -186,7 +186,7 @@ impl Sampler {
         let mut report = StepReport::default();
         let mut output = StepOutput::default();
         let rtxn = queue.read()?;
-        self.ingest(queue, &rtxn, &mut output, &mut report)?;
+        self.ingest(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
         // While replaying, a trace may still have spans in batches not re-read yet: deciding it
         // now would judge it on part of its spans and then skip the rest as already handled.
         if self.read_pos >= self.replay_until {
@@ -194,7 +194,7 @@ impl Sampler {
             // due by the receive time of the last batch read: later spans of those traces, still
             // unread, would otherwise arrive as late spans of a trace judged without them.
             let decide_at = if report.more_input { now_unix_nano.min(self.ingested_until) } else { now_unix_nano };
-            self.decide(queue, &rtxn, decide_at, &mut output, &mut report)?;
+            self.decide(queue, &rtxn, decide_at, now_unix_nano, &mut output, &mut report)?;
         }
         drop(rtxn);
         let old_cursor = self.cursor;
@@ -248,6 +248,7 @@ impl Sampler {
         &mut self,
         queue: &Queue,
         rtxn: &ReadTxn<'_>,
+        now_unix_nano: u64,
         output: &mut StepOutput,
         report: &mut StepReport,
     ) -> Result<(), StageError> {
@@ -261,6 +262,13 @@ impl Sampler {
             let (seq, value) = entry?;
             let batch = batch::access_spans(value)?;
             let replaying = seq <= self.replay_until;
+            // A trace due before this batch was received is decided before the batch is read,
+            // as it would have been had the sampler been running then: a backlog (after downtime
+            // or a stop) is judged in receive time, not by what happens to be queued.
+            if !replaying && self.read_pos >= self.replay_until {
+                let due_by = batch.received_unix_nano.to_native().min(now).saturating_sub(1);
+                self.decide(queue, rtxn, due_by, now_unix_nano, output, report)?;
+            }
             // A clock stepped backwards must not postpone decisions by the size of the step.
             let received = batch.received_unix_nano.to_native().min(now);
             let mut undecided = 0u32;
@@ -344,17 +352,20 @@ impl Sampler {
         }
     }
 
+    /// Decides every pending trace due by `due_by` (receive-time clock); decisions are stamped
+    /// with `now_unix_nano`.
     fn decide(
         &mut self,
         queue: &Queue,
         rtxn: &ReadTxn<'_>,
+        due_by: u64,
         now_unix_nano: u64,
         output: &mut StepOutput,
         report: &mut StepReport,
     ) -> Result<(), StageError> {
         let mut sources: HashMap<u64, &ArchivedSpanBatch> = HashMap::new();
         while let Some(&(due, trace_id)) = self.due.first() {
-            if due > now_unix_nano {
+            if due > due_by {
                 break;
             }
             self.due.pop_first();
@@ -580,5 +591,31 @@ mod tests {
         run_until_idle(&queue, T0 + 6_000_000_000);
         run_until_idle(&queue, T0 + 7_000_000_000);
         assert_eq!(kept(&queue), vec![([7; 16], [1; 8]), ([7; 16], [2; 8])]);
+    }
+
+    #[test]
+    fn a_backlog_is_judged_in_receive_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        // The root arrives at T0; its error child 9 s later, after the root's grace (1 s) ran
+        // out. The sampler was down all along and reads both in one step: the trace must be
+        // judged as it would have been at T0 + 1 s (dropped), the error span as a late span.
+        let batch = |received: u64, spans| SpanBatch {
+            received_unix_nano: received,
+            resources: vec![ResourceBlock::default()],
+            scopes: vec![ScopeBlock::default()],
+            spans,
+        };
+        for (received, spans) in
+            [(T0, vec![span(3, 1, true, false)]), (T0 + 9_000_000_000, vec![span(3, 2, false, true)])]
+        {
+            let mut wtxn = queue.write().unwrap();
+            queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch(received, spans)).unwrap()).unwrap();
+            queue.commit(wtxn).unwrap();
+        }
+        run_until_idle(&queue, T0 + 60_000_000_000);
+        assert!(kept(&queue).is_empty());
+        let rtxn = queue.read().unwrap();
+        assert_eq!(queue.decision(&rtxn, &[3; 16]).unwrap().map(|d| d.keep), Some(false));
     }
 }

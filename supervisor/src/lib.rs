@@ -86,6 +86,17 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
         }
     }
     println!("decisions    {:>10}", queue.decision_count(&txn)?);
+    drop(txn);
+    let drift = tailgate_stages::receive::filelog::stored_drift(&queue)?;
+    if !drift.is_empty() {
+        println!("log schema drift (lines per file and kind)");
+        for (path, counts) in drift {
+            println!("  {path}");
+            for line in counts.summary() {
+                println!("    {line}");
+            }
+        }
+    }
     Ok(())
 }
 
