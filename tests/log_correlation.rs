@@ -29,7 +29,7 @@ const GOLDEN: &str = include_str!("golden/correlation.v1.json");
 
 /// One thing to send at a time offset.
 enum Event {
-    Span(Span),
+    Span(Box<Span>),
     Log { line: String, trace_id: Option<[u8; 16]>, severity: i32 },
 }
 
@@ -107,7 +107,7 @@ fn replay(via_file: bool) -> Replay {
             if kept == Some(true) {
                 out.kept_spans.insert((trace_id, span_id));
             }
-            out.events.entry(at).or_default().push(Event::Span(span));
+            out.events.entry(at).or_default().push(Event::Span(Box::new(span)));
         }
         for (number, log) in trace["logs"].as_array().unwrap().iter().enumerate() {
             let msg = format!("golden-{name}-{number}");
@@ -222,7 +222,7 @@ fn run_replay(via_file: bool, disturbance: Disturbance) {
             std::thread::sleep(Duration::from_millis(20));
         }
         let spans: Vec<Span> =
-            events.iter().filter_map(|e| if let Event::Span(s) = e { Some(s.clone()) } else { None }).collect();
+            events.iter().filter_map(|e| if let Event::Span(s) = e { Some((**s).clone()) } else { None }).collect();
         let mut records = Vec::new();
         for event in events {
             if let Event::Log { line, trace_id, severity } = event {
