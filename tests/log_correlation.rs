@@ -30,7 +30,7 @@ const GOLDEN: &str = include_str!("golden/correlation.v1.json");
 /// One thing to send at a time offset.
 enum Event {
     Span(Box<Span>),
-    Log { line: String, trace_id: Option<[u8; 16]>, severity: i32 },
+    Log { line: String, trace_id: Option<[u8; 16]>, severity: i32, duration_ms: Option<u64> },
 }
 
 /// The golden set turned into a schedule and its expected outcome.
@@ -128,6 +128,7 @@ fn replay(via_file: bool) -> Replay {
                 line,
                 trace_id: Some(trace_id),
                 severity: severity_of(level),
+                duration_ms: None,
             });
         }
     }
@@ -151,7 +152,8 @@ fn replay(via_file: bool) -> Replay {
             out.kept_logs.insert(msg);
         }
         let at = log["at"].as_u64().unwrap();
-        out.events.entry(at).or_default().push(Event::Log { line, trace_id: None, severity });
+        let duration_ms = log["duration_ms"].as_u64();
+        out.events.entry(at).or_default().push(Event::Log { line, trace_id: None, severity, duration_ms });
     }
     out
 }
@@ -225,7 +227,7 @@ fn run_replay(via_file: bool, disturbance: Disturbance) {
             events.iter().filter_map(|e| if let Event::Span(s) = e { Some((**s).clone()) } else { None }).collect();
         let mut records = Vec::new();
         for event in events {
-            if let Event::Log { line, trace_id, severity } = event {
+            if let Event::Log { line, trace_id, severity, duration_ms } = event {
                 if via_file {
                     writeln!(file, "{line}").unwrap();
                 } else {
@@ -234,6 +236,14 @@ fn run_replay(via_file: bool, disturbance: Disturbance) {
                         severity_number: *severity,
                         body: Some(AnyValue { value: Some(any_value::Value::StringValue(line.clone())) }),
                         trace_id: trace_id.map(|t| t.to_vec()).unwrap_or_default(),
+                        // Over OTLP a record's fields are its attributes.
+                        attributes: duration_ms
+                            .map(|ms| {
+                                let mut kv = string_kv("duration_ms", "");
+                                kv.value = Some(AnyValue { value: Some(any_value::Value::IntValue(ms as i64)) });
+                                vec![kv]
+                            })
+                            .unwrap_or_default(),
                         ..Default::default()
                     });
                 }

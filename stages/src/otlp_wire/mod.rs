@@ -364,29 +364,62 @@ fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<SpanRecord, Fail> 
     })
 }
 
-fn log_entry(record: &[u8], depth: u32, scope: u32) -> Result<LogEntry, Fail> {
+/// Attribute names that carry a duration, each with nanoseconds per unit (the filelog
+/// receiver's `fields.duration` aliases): records without a trace id are judged on them.
+pub type DurationKeys = [(String, f64)];
+
+fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) -> Result<LogEntry, Fail> {
     let (mut trace_id, mut span_id): (&[u8], &[u8]) = (&[], &[]);
     let (mut time, mut observed, mut severity) = (0, 0, 0);
+    let mut attributes: Vec<&[u8]> = Vec::new();
     walk::<schema::LogRecord, _>(record, depth, &mut |number, value| {
         match (number, value) {
             (1, Val::Int(v)) => time = v,
             (11, Val::Int(v)) => observed = v,
             (2, Val::Int(v)) => severity = enum_u8(v),
+            (6, Val::Bytes(b)) => attributes.push(b),
             (9, Val::Bytes(b)) => trace_id = b,
             (10, Val::Bytes(b)) => span_id = b,
             _ => {}
         }
         Ok(())
     })?;
+    let trace_id = <[u8; 16]>::try_from(trace_id).unwrap_or_default();
+    // Only a record without a trace is judged on its own fields; the others skip the look.
+    let duration_nanos = if trace_id == [0u8; 16] { attribute_duration(&attributes, durations) } else { 0 };
     Ok(LogEntry {
-        trace_id: <[u8; 16]>::try_from(trace_id).unwrap_or_default(),
+        trace_id,
         span_id: <[u8; 8]>::try_from(span_id).unwrap_or_default(),
         time_unix_nano: if time != 0 { time } else { observed },
         severity_number: severity,
-        duration_nanos: 0,
+        duration_nanos,
         scope,
         body: record.to_vec(),
     })
+}
+
+/// The first duration attribute (by alias order) of a record, in nanoseconds; 0 when none.
+fn attribute_duration(attributes: &[&[u8]], durations: &DurationKeys) -> u64 {
+    use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
+    use prost::Message;
+    if attributes.is_empty() || durations.is_empty() {
+        return 0;
+    }
+    let decoded: Vec<KeyValue> = attributes.iter().filter_map(|kv| KeyValue::decode(*kv).ok()).collect();
+    for (name, nanos_per_unit) in durations {
+        let Some(value) = decoded.iter().find(|kv| kv.key == *name).and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        else {
+            continue;
+        };
+        let units = match value {
+            Value::IntValue(v) => *v as f64,
+            Value::DoubleValue(v) => *v,
+            Value::StringValue(v) => v.trim().parse().unwrap_or(0.0),
+            _ => 0.0,
+        };
+        return if units > 0.0 { (units * nanos_per_unit) as u64 } else { 0 };
+    }
+    0
 }
 
 /// Checks an encoded `ExportTraceServiceRequest` and transcodes it into a span batch: one
@@ -413,7 +446,11 @@ pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<SpanB
 }
 
 /// Checks an encoded `ExportLogsServiceRequest` and transcodes it into a log batch.
-pub fn transcode_logs(request: &[u8], received_unix_nano: u64) -> Result<LogBatch, WireError> {
+pub fn transcode_logs(
+    request: &[u8],
+    received_unix_nano: u64,
+    durations: &DurationKeys,
+) -> Result<LogBatch, WireError> {
     let mut batch = LogBatch { received_unix_nano, ..LogBatch::default() };
     let LogBatch { resources, scopes, logs, .. } = &mut batch;
     walk::<schema::LogsRequest, _>(request, 0, &mut |_, value| match value {
@@ -423,7 +460,7 @@ pub fn transcode_logs(request: &[u8], received_unix_nano: u64) -> Result<LogBatc
             resources,
             scopes,
             &mut |scope, record, depth| {
-                logs.push(log_entry(record, depth, scope)?);
+                logs.push(log_entry(record, depth, scope, durations)?);
                 Ok(())
             },
         ),

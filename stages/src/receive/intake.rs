@@ -51,6 +51,8 @@ pub struct Intake {
     waker: Arc<Waker>,
     events: Arc<StageEvents>,
     waiting: Arc<Mutex<Vec<Job>>>,
+    /// Duration attributes of log records (judged on when they carry no trace).
+    durations: Arc<Vec<(String, f64)>>,
     /// Reports a queue failure other than "full": the stage must exit and be restarted.
     failures: mpsc::UnboundedSender<QueueError>,
 }
@@ -67,9 +69,11 @@ impl Intake {
         queue: Queue,
         waker: Arc<Waker>,
         events: Arc<StageEvents>,
+        durations: Vec<(String, f64)>,
     ) -> (Intake, mpsc::UnboundedReceiver<QueueError>) {
         let (failures, failed) = mpsc::unbounded_channel();
-        (Intake { queue, waker, events, waiting: Arc::new(Mutex::new(Vec::new())), failures }, failed)
+        let waiting = Arc::new(Mutex::new(Vec::new()));
+        (Intake { queue, waker, events, waiting, durations: Arc::new(durations), failures }, failed)
     }
 
     /// Validates, transcodes and durably queues one OTLP request (protobuf bytes). Returns the
@@ -79,7 +83,7 @@ impl Intake {
         let transcoded = match signal {
             Signal::Traces => otlp_wire::transcode_traces(request, received)
                 .and_then(|batch| Ok((Edge::Spans, batch.spans.len() as u64, encode(batch::encode_spans(&batch))?))),
-            Signal::Logs => otlp_wire::transcode_logs(request, received)
+            Signal::Logs => otlp_wire::transcode_logs(request, received, &self.durations)
                 .and_then(|batch| Ok((Edge::Logs, batch.logs.len() as u64, encode(batch::encode_logs(&batch))?))),
             Signal::Metrics => otlp_wire::count_metric_points(request).and_then(|points| {
                 let batch =

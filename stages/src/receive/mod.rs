@@ -20,7 +20,13 @@ const MIB: usize = 1024 * 1024;
 /// Runs the receive stage until shutdown: stops accepting and finishes in-flight requests (each
 /// answered after its commit).
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
-    let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone());
+    // OTLP log records are judged on the same duration fields as file lines.
+    let durations = match &ctx.config.receivers.filelog {
+        Some(filelog) => filelog.fields.duration.clone(),
+        None => tailgate_config::FieldAliases::default().duration,
+    };
+    let durations = durations.iter().map(|field| (field.name.clone(), field.unit.nanos())).collect();
+    let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone(), durations);
     let protocols = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.protocols.clone());
     let (grpc, http) = protocols.map(|p| (p.grpc, p.http)).unwrap_or_default();
     let mut servers = tokio::task::JoinSet::new();

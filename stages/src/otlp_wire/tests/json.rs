@@ -66,7 +66,7 @@ fn json_forms_the_derives_reject_are_normalized() {
 #[test]
 fn spec_json_logs_and_metrics_convert() {
     let logs = r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"api"}}]},"scopeLogs":[{"scope":{},"logRecords":[{"timeUnixNano":"1544712660300000000","observedTimeUnixNano":"1544712660300000000","severityNumber":17,"severityText":"Error","traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","body":{"stringValue":"Example log record"},"attributes":[{"key":"int","value":{"intValue":"10"}},{"key":"double","value":{"doubleValue":637.704}},{"key":"bytes","value":{"bytesValue":"aGVsbG8="}}]}]}]}]}"#;
-    let batch = transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0).unwrap();
+    let batch = transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0, &[]).unwrap();
     assert_eq!(batch.resources[0].service_name, "api");
     let entry = &batch.logs[0];
     assert_eq!((entry.trace_id, entry.span_id, entry.severity_number), (TRACE, SPAN, 17));

@@ -317,7 +317,7 @@ fn encode_resource_group_omits_empty_fields() {
 fn logs_are_transcoded_like_prost_decodes_them() {
     let request = logs();
     let encoded = request.encode_to_vec();
-    let batch = transcode_logs(&encoded, 7).unwrap();
+    let batch = transcode_logs(&encoded, 7, &[]).unwrap();
     assert_eq!(batch.resources[0].service_name, "logsvc");
     assert_eq!(batch.scopes[0].schema_url, "u");
     let records = &request.resource_logs[0].scope_logs[0].log_records;
@@ -447,7 +447,7 @@ fn bad_ids_are_rejected_with_their_path() {
     let mut request = logs();
     request.resource_logs[0].scope_logs[0].log_records[2].span_id = vec![1; 7];
     assert_eq!(
-        transcode_logs(&request.encode_to_vec(), 0).unwrap_err().to_string(),
+        transcode_logs(&request.encode_to_vec(), 0, &[]).unwrap_err().to_string(),
         "resource_logs[0].scope_logs[0].log_records[2].span_id: must be empty or 8 bytes, got 7"
     );
 }
@@ -615,7 +615,7 @@ fn exercise(bytes: &[u8]) {
         assert!(ExportTraceServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportTraceServiceRequest::decode(rebuild_traces(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
-    if let Ok(batch) = transcode_logs(bytes, 0) {
+    if let Ok(batch) = transcode_logs(bytes, 0, &[]) {
         assert!(ExportLogsServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportLogsServiceRequest::decode(rebuild_logs(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
@@ -666,4 +666,41 @@ proptest! {
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         exercise(&bytes);
     }
+}
+
+#[test]
+fn untraced_log_records_carry_their_duration_attribute() {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    let attribute = |key: &str, value: any_value::Value| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    };
+    let record = |trace: bool, attributes| LogRecord {
+        trace_id: if trace { vec![7; 16] } else { Vec::new() },
+        attributes,
+        ..Default::default()
+    };
+    let request = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![
+                    record(false, vec![attribute("duration_ms", any_value::Value::IntValue(350))]),
+                    record(false, vec![attribute("elapsed_ms", any_value::Value::StringValue("12.5".into()))]),
+                    record(false, vec![attribute("duration_us", any_value::Value::DoubleValue(40.0))]),
+                    record(true, vec![attribute("duration_ms", any_value::Value::IntValue(350))]),
+                    record(false, vec![attribute("other", any_value::Value::IntValue(350))]),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let keys = vec![("duration_ms".to_owned(), 1e6), ("elapsed_ms".to_owned(), 1e6), ("duration_us".to_owned(), 1e3)];
+    let batch = transcode_logs(&request.encode_to_vec(), 0, &keys).unwrap();
+    let durations: Vec<u64> = batch.logs.iter().map(|log| log.duration_nanos).collect();
+    // A traced record follows its trace: its duration is never looked at.
+    assert_eq!(durations, vec![350_000_000, 12_500_000, 40_000, 0, 0]);
 }
