@@ -4,6 +4,11 @@
 #   tests/loadgen/bench.sh reference [BATCH]  # 2,500 spans/s + one log per span for 60 s,
 #                                             # BATCH spans per request (default 50: 100 requests/s)
 #   tests/loadgen/bench.sh max [RATE]  # RATE spans/s (0: as fast as accepted) for 20 s, batches of 512
+#   tests/loadgen/bench.sh spans [BATCH]           # the reference spans without logs (60 s)
+#   tests/loadgen/bench.sh logs-reference [BATCH]  # the reference spans + one JSON line per span
+#                                                  # written to a tailed file, logs to Loki (60 s)
+#   tests/loadgen/bench.sh logs-max [LINES]        # LINES untraced JSON lines (14% ERROR, default
+#                                                  # 2,000,000) tailed from a file into Loki
 # Everything runs on loopback; every loop is bounded by --duration.
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
@@ -16,16 +21,41 @@ trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$wo
 
 cargo build --release --bins --quiet
 
-# Backend stand-in on the default export endpoint (127.0.0.1:14317).
-"$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --duration 600 > "$work/sink.out" &
+# Backend stand-in on the default export endpoint (127.0.0.1:14317), and a Loki push endpoint.
+"$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --loki-listen 127.0.0.1:13100 --duration 600 > "$work/sink.out" &
 sink=$!
+# The log scenarios tail files under $work/logs and push kept logs to Loki.
+mkdir -p "$work/logs"
+cat > "$work/logs.yaml" <<YAML
+data_dir: $work/data
+receivers:
+  otlp:
+    protocols:
+      grpc: { endpoint: 127.0.0.1:4317 }
+      http: { endpoint: 127.0.0.1:4318 }
+  filelog:
+    include: ["$work/logs/*.jsonl"]
+    start_at: beginning
+exporters:
+  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
+  logs: { loki: { endpoint: http://127.0.0.1:13100/loki/api/v1/push } }
+  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
+YAML
+config=()
+case "$scenario" in
+  logs-*) config=(--config "$work/logs.yaml") ;;
+esac
+if [ "$scenario" = logs-max ]; then
+  "$bin/tailgate-loadgen" lines --file "$work/logs/app.jsonl" --count "${2:-2000000}"
+  ls -l "$work/logs/app.jsonl"
+fi
 if [ "${PEER:-}" = rotel ]; then
   rotel_agent="$(python3 -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
   "$rotel_agent" start --otlp-grpc-endpoint 127.0.0.1:4317 --otlp-http-endpoint 127.0.0.1:4318 \
     --exporter otlp --otlp-exporter-endpoint http://127.0.0.1:14317 --otlp-exporter-protocol grpc \
     --otlp-exporter-compression none --batch-max-size 512 --batch-timeout 5s > "$work/tailgate.log" 2>&1 &
 else
-  "$bin/tailgate" run --data-dir "$work/data" 2> "$work/tailgate.log" &
+  "$bin/tailgate" run "${config[@]}" --data-dir "$work/data" 2> "$work/tailgate.log" &
 fi
 tailgate=$!
 for _ in $(seq 100); do
@@ -49,11 +79,32 @@ case "$scenario" in
     "$bin/tailgate-loadgen" send --rate "${2:-0}" --duration 20 --batch 512 --concurrency 4
     wait "$meter"
     ;;
+  spans)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch "${2:-50}"
+    wait "$meter"
+    ;;
+  logs-reference)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch "${2:-50}" --log-file "$work/logs/app.jsonl"
+    wait "$meter"
+    ;;
+  logs-max)
+    # The window covers reading, mirroring and pushing every line (lines per CPU-second =
+    # lines / (cpu% x window)); the sink's Loki count tells when all kept lines arrived.
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration "${WINDOW:-60}" > "$work/meter.out"
+    ;;
   *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac
 cat "$work/meter.out"
-# Let decisions (decision_wait 10 s) and the export batch timeout (5 s) run out, then stop.
-sleep 17
+# Let decisions (decision_wait 10 s), waiting logs (max_wait 30 s after the last spans) and the
+# export batch timeout (5 s) run out, then stop.
+case "$scenario" in
+  logs-*) sleep 35 ;;
+  *) sleep 17 ;;
+esac
 kill -TERM "$tailgate"; wait "$tailgate" || true
 kill -TERM "$sink"; wait "$sink" || true
 cat "$work/sink.out"

@@ -5,8 +5,13 @@
 //!   as the receiver accepts (`--rate 0`), for a bounded duration. A configurable share of traces
 //!   has an error span or a slow root, so the expected kept set is known. Prints what was
 //!   accepted and refused.
-//! - `sink`: an OTLP/gRPC endpoint that counts spans, log records and metric data points, and
-//!   prints the counts when it gets SIGINT/SIGTERM or after `--duration`.
+//!   With `--log-file`, the correlated log records are appended to a file as JSON lines instead
+//!   (what a service writes for the file input).
+//! - `lines`: writes a file of uncorrelated JSON log lines (a share at ERROR), for the file
+//!   input's throughput.
+//! - `sink`: an OTLP/gRPC endpoint that counts spans, log records and metric data points (and,
+//!   with `--loki-listen`, a Loki push endpoint that counts entries), and prints the counts when it
+//!   gets SIGINT/SIGTERM or after `--duration`.
 //! - `meter`: samples a process tree (a supervisor pid and its children) for CPU time and
 //!   private memory (smaps_rollup `Anonymous`) over a window.
 #![forbid(unsafe_code)]
@@ -72,6 +77,21 @@ enum Command {
         /// Concurrent requests in flight (for --rate 0).
         #[arg(long, default_value_t = 4)]
         concurrency: u32,
+        /// Append the correlated log records to this file as JSON lines (instead of OTLP).
+        #[arg(long)]
+        log_file: Option<std::path::PathBuf>,
+    },
+    /// Write JSON log lines without trace ids to a file.
+    Lines {
+        /// The file (appended to).
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// How many lines (at most 50 million).
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Percent of lines at ERROR level (the rest INFO).
+        #[arg(long, default_value_t = 14)]
+        error_percent: u32,
     },
     /// Count what arrives over OTLP/gRPC.
     Sink {
@@ -81,6 +101,9 @@ enum Command {
         /// Stop after this many seconds (at most 600) or at SIGINT/SIGTERM.
         #[arg(long, default_value_t = 600)]
         duration: u64,
+        /// Also accept Loki pushes (`/loki/api/v1/push`, protobuf + snappy) on this address.
+        #[arg(long)]
+        loki_listen: Option<String>,
     },
     /// Measure CPU and private memory of a process and its children over a window.
     Meter {
@@ -107,17 +130,22 @@ fn main() -> anyhow::Result<()> {
             slow_percent,
             logs,
             concurrency,
+            log_file,
         } => {
             let plan = Plan {
                 spans_per_trace: spans_per_trace.max(1),
                 batch: batch.max(1),
                 error_percent,
                 slow_percent,
-                logs,
+                logs: logs || log_file.is_some(),
             };
-            runtime.block_on(send(&endpoint, rate, duration.min(MAX_DURATION_SECS), concurrency.max(1), plan))
+            let lines = log_file.map(LineWriter::open).transpose()?;
+            runtime.block_on(send(&endpoint, rate, duration.min(MAX_DURATION_SECS), concurrency.max(1), plan, lines))
         }
-        Command::Sink { listen, duration } => runtime.block_on(sink(&listen, duration.min(MAX_DURATION_SECS))),
+        Command::Lines { file, count, error_percent } => write_lines(&file, count.min(50_000_000), error_percent),
+        Command::Sink { listen, duration, loki_listen } => {
+            runtime.block_on(sink(&listen, duration.min(MAX_DURATION_SECS), loki_listen))
+        }
         Command::Meter { pid, duration } => meter(pid, duration.min(MAX_DURATION_SECS)),
     }
 }
@@ -279,7 +307,79 @@ async fn export_raw(
     grpc.unary(tonic::Request::new(body), path, tailgate_stages::grpc_raw::RawCodec).await.map(|_| ())
 }
 
-async fn send(endpoint: &str, rate: u64, duration: u64, concurrency: u32, plan: Plan) -> anyhow::Result<()> {
+/// Appends the log lines of sent requests to a file, as a service writing JSON logs would.
+struct LineWriter {
+    file: std::sync::Mutex<std::io::BufWriter<std::fs::File>>,
+}
+
+impl LineWriter {
+    fn open(path: std::path::PathBuf) -> anyhow::Result<Arc<LineWriter>> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Arc::new(LineWriter { file: std::sync::Mutex::new(std::io::BufWriter::new(file)) }))
+    }
+
+    /// The lines of request `sequence`: one per span, with the same ids and outcomes as `build`.
+    fn write_request(&self, sequence: u64, plan: Plan, run_id: u64) -> std::io::Result<u64> {
+        use std::io::Write;
+        let traces = (plan.batch / plan.spans_per_trace).max(1);
+        let Ok(mut file) = self.file.lock() else { return Ok(0) };
+        let mut lines = 0;
+        for t in 0..traces {
+            let trace_number = sequence * u64::from(traces) + u64::from(t);
+            let bucket = (u64::from(t) * 100 / u64::from(traces)) as u32;
+            let error = bucket < plan.error_percent;
+            let slow = !error && bucket < plan.error_percent + plan.slow_percent;
+            for s in 0..plan.spans_per_trace {
+                let failed = error && s + 1 == plan.spans_per_trace;
+                let duration_ms = if s == 0 { if slow { 350 } else { 40 } } else { 5 };
+                writeln!(
+                    file,
+                    r#"{{"time":{},"level":"{}","msg":"handled step {s}","trace_id":"{run_id:016x}{trace_number:016x}","span_id":"{:08x}{:08x}","service":"orders","duration_ms":{duration_ms}}}"#,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or(0),
+                    if failed { "ERROR" } else { "INFO" },
+                    trace_number as u32,
+                    s + 1,
+                )?;
+                lines += 1;
+            }
+        }
+        file.flush()?;
+        Ok(lines)
+    }
+}
+
+fn write_lines(path: &std::path::Path, count: u64, error_percent: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut errors = 0;
+    for n in 0..count {
+        let error = n % 100 < u64::from(error_percent);
+        errors += u64::from(error);
+        writeln!(
+            out,
+            r#"{{"time":"2026-12-01T08:00:00.{:06}Z","level":"{}","msg":"request {n} handled by the orders service","service":"orders","http.route":"/api/orders","duration_ms":{}}}"#,
+            n % 1_000_000,
+            if error { "error" } else { "info" },
+            n % 150,
+        )?;
+    }
+    out.flush()?;
+    println!("wrote {count} lines ({errors} at ERROR) to {}", path.display());
+    Ok(())
+}
+
+async fn send(
+    endpoint: &str,
+    rate: u64,
+    duration: u64,
+    concurrency: u32,
+    plan: Plan,
+    lines: Option<Arc<LineWriter>>,
+) -> anyhow::Result<()> {
     use prost::Message;
     let url = format!("http://{endpoint}");
     let channel = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
@@ -300,6 +400,7 @@ async fn send(endpoint: &str, rate: u64, duration: u64, concurrency: u32, plan: 
         let stats = stats.clone();
         let sequence = sequence.clone();
         let (trace_template, log_template) = (trace_template.clone(), log_template.clone());
+        let lines = lines.clone();
         tasks.push(tokio::spawn(async move {
             let mut grpc = tonic::client::Grpc::new(channel);
             let mut tick = (rate > 0).then(|| {
@@ -324,7 +425,11 @@ async fn send(endpoint: &str, rate: u64, duration: u64, concurrency: u32, plan: 
                         stats.requests_failed.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if plan.logs {
+                if let Some(writer) = &lines {
+                    if let Ok(written) = writer.write_request(n, plan, run_id) {
+                        stats.logs_accepted.fetch_add(written, Ordering::Relaxed);
+                    }
+                } else if plan.logs {
                     let body = log_template.render(n);
                     match export_raw(&mut grpc, "/opentelemetry.proto.collector.logs.v1.LogsService/Export", body).await
                     {
@@ -360,6 +465,7 @@ struct Counts {
     spans: Arc<AtomicU64>,
     logs: Arc<AtomicU64>,
     points: Arc<AtomicU64>,
+    loki_entries: Arc<AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -414,8 +520,28 @@ impl MetricsService for Counts {
     }
 }
 
-async fn sink(listen: &str, duration: u64) -> anyhow::Result<()> {
+/// Counts the entries of Loki pushes (protobuf + snappy) and answers 204.
+async fn loki_push(axum::extract::State(counts): axum::extract::State<Counts>, body: bytes::Bytes) -> http::StatusCode {
+    use prost::Message;
+    let Ok(raw) = snap::raw::Decoder::new().decompress_vec(&body) else { return http::StatusCode::BAD_REQUEST };
+    let Ok(push) = tailgate_stages::export::loki::proto::PushRequest::decode(raw.as_slice()) else {
+        return http::StatusCode::BAD_REQUEST;
+    };
+    let entries: usize = push.streams.iter().map(|s| s.entries.len()).sum();
+    counts.loki_entries.fetch_add(entries as u64, Ordering::Relaxed);
+    http::StatusCode::NO_CONTENT
+}
+
+async fn sink(listen: &str, duration: u64, loki_listen: Option<String>) -> anyhow::Result<()> {
     let counts = Counts::default();
+    if let Some(loki) = loki_listen {
+        let listener = tokio::net::TcpListener::bind(&loki).await?;
+        let app = axum::Router::new()
+            .route("/loki/api/v1/push", axum::routing::post(loki_push))
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+            .with_state(counts.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
     let addr = listen.parse()?;
     let stop = async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -447,10 +573,11 @@ async fn sink(listen: &str, duration: u64) -> anyhow::Result<()> {
         .serve_with_shutdown(addr, stop)
         .await?;
     println!(
-        "sink received: spans {}, log records {}, metric data points {}",
+        "sink received: spans {}, log records {}, metric data points {}, loki entries {}",
         counts.spans.load(Ordering::Relaxed),
         counts.logs.load(Ordering::Relaxed),
-        counts.points.load(Ordering::Relaxed)
+        counts.points.load(Ordering::Relaxed),
+        counts.loki_entries.load(Ordering::Relaxed)
     );
     Ok(())
 }

@@ -8,8 +8,15 @@
 //! - copytruncate: the original shrinks (or its first bytes change) and is read again from its
 //!   beginning; a copy that matches `include` is recognised by its fingerprint and read from where
 //!   the original had got to, so nothing is read twice (lines written between the last read and
-//!   the copy are in the copy; if the copy is outside `include` they are lost, as with any tailer);
+//!   the copy are in the copy; if the copy is outside `include` they are lost, as with any tailer).
+//!   A copy still being written (shorter than that position, or than the fingerprint) waits until
+//!   it has grown past the position; should its bytes stop matching the original's, it is a new
+//!   file after all and is read from its start;
 //! - an inode reused by a new file does not inherit the old file's offset (fingerprint differs).
+//!
+//! Known limit (shared with the Collector): a new file whose first bytes equal everything a
+//! tracked file ever held (a quiet file whose lines carry no timestamp, rotated by rename) is
+//! taken for a copy, and those first bytes are not read again.
 //!
 //! Checkpoints (`filelog/file/<dev><ino>` in the queue's `state` table: offset, whether the
 //! reader is skipping the rest of a cut line, fingerprint, first path) are written in the same
@@ -35,6 +42,8 @@ pub struct Checkpoint {
     pub offset: u64,
     /// Whether the bytes at `offset` are the rest of a line that was cut at `max_log_size`.
     pub skipping: bool,
+    /// Whether the file is a copy still growing towards `offset` (nothing to read before it).
+    pub awaiting_copy: bool,
     /// The file's first bytes.
     pub fingerprint: Vec<u8>,
     /// The path the file was first seen under (drift counts are kept per this path).
@@ -46,7 +55,7 @@ impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(13 + self.fingerprint.len() + self.origin.len());
         out.extend_from_slice(&self.offset.to_be_bytes());
-        out.push(u8::from(self.skipping));
+        out.push(u8::from(self.skipping) | (u8::from(self.awaiting_copy) << 1));
         out.extend_from_slice(&(self.fingerprint.len() as u32).to_be_bytes());
         out.extend_from_slice(&self.fingerprint);
         out.extend_from_slice(self.origin.as_bytes());
@@ -56,11 +65,12 @@ impl Checkpoint {
     /// Reads the stored form.
     pub fn decode(raw: &[u8]) -> Option<Checkpoint> {
         let offset = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
-        let skipping = *raw.get(8)? == 1;
+        let flags = *raw.get(8)?;
+        let (skipping, awaiting_copy) = (flags & 1 != 0, flags & 2 != 0);
         let length = u32::from_be_bytes(raw.get(9..13)?.try_into().ok()?) as usize;
         let fingerprint = raw.get(13..13 + length)?.to_vec();
         let origin = String::from_utf8(raw.get(13 + length..)?.to_vec()).ok()?;
-        Some(Checkpoint { offset, skipping, fingerprint, origin })
+        Some(Checkpoint { offset, skipping, awaiting_copy, fingerprint, origin })
     }
 }
 
@@ -90,6 +100,8 @@ pub struct Tracked {
     pub seen: bool,
     /// An unterminated last line: (file size when first seen, since when).
     pub partial: Option<(u64, Instant)>,
+    /// For a copy still being written: the original's first bytes it must keep matching.
+    pub copy_of: Option<Vec<u8>>,
 }
 
 /// Lines read from one file, and where the file will stand once they are committed.
@@ -215,6 +227,17 @@ pub fn identity(file: &File) -> std::io::Result<(FileId, u64)> {
     Ok(((meta.dev(), meta.ino()), meta.size()))
 }
 
+/// Where a newly found file starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Start {
+    /// First byte to read.
+    pub offset: u64,
+    /// Inside a cut line.
+    pub skipping: bool,
+    /// A copy still growing towards `offset`, with the original's first bytes when known.
+    pub copy_of: Option<Vec<u8>>,
+}
+
 /// Where a newly found file starts: its own checkpoint (same inode, same first bytes), else the
 /// position of a tracked file it is a copy of, else the beginning (or the end, for files found
 /// at the very first start with `start_at: end`).
@@ -225,25 +248,30 @@ pub fn starting_point(
     tracked: &HashMap<FileId, Tracked>,
     fingerprint_size: usize,
     start_at_end: bool,
-) -> (u64, bool) {
+) -> Start {
     if let Some(checkpoint) = stored
         && current.starts_with(&checkpoint.fingerprint)
-        && checkpoint.offset <= size
+        && (checkpoint.offset <= size || checkpoint.awaiting_copy)
     {
-        return (checkpoint.offset, checkpoint.skipping);
+        let copy_of = (checkpoint.offset > size).then(Vec::new);
+        return Start { offset: checkpoint.offset, skipping: checkpoint.skipping, copy_of };
     }
     let copy_of = tracked.values().find(|other| {
         let known = &other.checkpoint.fingerprint;
         // The known bytes must be all the original's first bytes up to the fingerprint size or
-        // up to where it was read, so that only a copy can match.
-        known.len() >= 16
-            && (known.len() >= fingerprint_size || known.len() as u64 >= other.checkpoint.offset)
-            && current.starts_with(known)
+        // up to where it was read, so that only a copy can match; a copy still being written
+        // may hold fewer of them yet.
+        let whole = known.len() >= fingerprint_size || known.len() as u64 >= other.checkpoint.offset;
+        let matches = current.starts_with(known) || (current.len() as u64 == size && known.starts_with(current));
+        known.len() >= 16 && current.len() >= 16 && whole && matches
     });
     if let Some(original) = copy_of {
-        return (original.checkpoint.offset.min(size), false);
+        let offset = original.checkpoint.offset;
+        let growing = (offset > size || current.len() < original.checkpoint.fingerprint.len())
+            .then(|| original.checkpoint.fingerprint.clone());
+        return Start { offset, skipping: false, copy_of: growing };
     }
-    if start_at_end { (size, false) } else { (0, false) }
+    Start { offset: if start_at_end { size } else { 0 }, skipping: false, copy_of: None }
 }
 
 #[cfg(test)]
@@ -256,10 +284,17 @@ mod tests {
         Tracked {
             file: File::open(path).unwrap(),
             path: path.display().to_string(),
-            checkpoint: Checkpoint { offset: 0, skipping: false, fingerprint: Vec::new(), origin: String::new() },
+            checkpoint: Checkpoint {
+                offset: 0,
+                skipping: false,
+                awaiting_copy: false,
+                fingerprint: Vec::new(),
+                origin: String::new(),
+            },
             dirty: false,
             seen: true,
             partial: None,
+            copy_of: None,
         }
     }
 
@@ -309,9 +344,33 @@ mod tests {
 
     #[test]
     fn checkpoints_round_trip() {
-        let checkpoint =
-            Checkpoint { offset: 42, skipping: true, fingerprint: b"{\"a\":1}".to_vec(), origin: "/x/a.log".into() };
+        let checkpoint = Checkpoint {
+            offset: 42,
+            skipping: true,
+            awaiting_copy: true,
+            fingerprint: b"{\"a\":1}".to_vec(),
+            origin: "/x/a.log".into(),
+        };
         assert_eq!(Checkpoint::decode(&checkpoint.encode()), Some(checkpoint));
         assert_eq!(checkpoint_id(&checkpoint_key((7, 9))), Some((7, 9)));
+    }
+
+    #[test]
+    fn a_copy_is_recognised_while_it_is_still_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let content: Vec<u8> = (0..200).flat_map(|n| format!("{{\"n\":{n:05}}}\n").into_bytes()).collect();
+        std::fs::write(&path, &content).unwrap();
+        let mut original = tracked(&path);
+        original.checkpoint.fingerprint = content[..1000].to_vec();
+        original.checkpoint.offset = content.len() as u64;
+        let files = HashMap::from([((1, 1), original)]);
+        // The copy so far holds 500 bytes: fewer than the fingerprint and than the position.
+        let start = starting_point(&content[..500], 500, None, &files, 1000, false);
+        assert_eq!(start.offset, content.len() as u64);
+        assert_eq!(start.copy_of.as_deref(), Some(&content[..1000]));
+        // Other bytes of the same length are a new file.
+        let other: Vec<u8> = content[..500].iter().map(|b| b.wrapping_add(1)).collect();
+        assert_eq!(starting_point(&other, 500, None, &files, 1000, false).offset, 0);
     }
 }

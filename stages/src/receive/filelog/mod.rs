@@ -199,12 +199,20 @@ impl Tailer {
             }
             let Ok(current) = files::fingerprint(&file, fingerprint_size) else { continue };
             let stored = self.stored.remove(&id);
-            let (offset, skipping) =
+            let start =
                 files::starting_point(&current, size, stored.as_ref(), &self.tracked, fingerprint_size, start_at_end);
             let origin = stored.map(|c| c.origin).unwrap_or_else(|| shown.clone());
-            tracing::debug!(file = %shown, offset, "tailing file");
-            let checkpoint = Checkpoint { offset, skipping, fingerprint: current, origin };
-            self.tracked.insert(id, Tracked { file, path: shown, checkpoint, dirty: true, seen: true, partial: None });
+            tracing::debug!(file = %shown, offset = start.offset, copy = start.copy_of.is_some(), "tailing file");
+            let checkpoint = Checkpoint {
+                offset: start.offset,
+                skipping: start.skipping,
+                awaiting_copy: start.copy_of.is_some(),
+                fingerprint: current,
+                origin,
+            };
+            let copy_of = start.copy_of.filter(|original| !original.is_empty());
+            let tracked = Tracked { file, path: shown, checkpoint, dirty: true, seen: true, partial: None, copy_of };
+            self.tracked.insert(id, tracked);
         }
         self.check_tracked(fingerprint_size);
     }
@@ -224,6 +232,28 @@ impl Tailer {
             let known = &tracked.checkpoint.fingerprint;
             let head = files::fingerprint(&tracked.file, known.len().max(fingerprint_size.min(size as usize)))
                 .unwrap_or_default();
+            if tracked.checkpoint.awaiting_copy {
+                // A copy still being written: nothing to read before the original's position,
+                // as long as its bytes keep matching the original's.
+                let diverged = tracked.copy_of.as_ref().is_some_and(|original| {
+                    let common = head.len().min(original.len());
+                    head[..common] != original[..common]
+                });
+                if diverged {
+                    tracing::info!(file = %tracked.path, "file looked like a copy of a tailed file but is not; reading it from the start");
+                    tracked.checkpoint.offset = 0;
+                }
+                if diverged || size >= tracked.checkpoint.offset {
+                    tracked.checkpoint.awaiting_copy = false;
+                    tracked.copy_of = None;
+                    tracked.dirty = true;
+                }
+                if head.len() > known.len() {
+                    tracked.checkpoint.fingerprint = head;
+                    tracked.dirty = true;
+                }
+                continue;
+            }
             let truncated = size < tracked.checkpoint.offset || !head.starts_with(known);
             if truncated {
                 tracing::info!(file = %tracked.path, "log file truncated or rewritten; reading it from the start");
