@@ -465,4 +465,38 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn log_wait_must_outlast_the_decision_wait() {
+        let mut config = Config::embedded_default().unwrap();
+        config.log_mirror.max_wait = config.tail_sample.decision_wait;
+        let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();
+        assert_eq!(paths, vec!["log_mirror.max_wait"]);
+    }
+
+    #[test]
+    fn filelog_and_loki_keys_parse_with_their_defaults() {
+        let text = DEFAULT_CONFIG_YAML.replace(
+            "receivers:\n",
+            "receivers:\n  filelog:\n    include: [/var/log/app/*.jsonl]\n    start_at: beginning\n    max_log_size: 64KiB\n",
+        );
+        let text = text.replace(
+            "  logs:\n    otlp:\n      endpoint: http://127.0.0.1:14317\n",
+            "  logs:\n    loki:\n      endpoint: http://127.0.0.1:3100/loki/api/v1/push\n",
+        );
+        let config = Config::parse(&text).unwrap();
+        let filelog = config.receivers.filelog.unwrap();
+        assert_eq!(filelog.start_at, StartAt::Beginning);
+        assert_eq!(filelog.max_log_size, ByteSize(64 * 1024));
+        assert_eq!(filelog.poll_interval, Duration::from_millis(200));
+        assert_eq!(filelog.fields.duration[0].name, "duration_ms");
+        let logs = config.exporters.logs.unwrap();
+        assert!(logs.otlp.is_none());
+        let loki = logs.loki.unwrap();
+        assert_eq!(loki.out_of_order_action, OutOfOrderAction::RewriteTimestamp);
+        assert_eq!(loki.max_streams, 1000);
+        assert_eq!(ByteSize::parse("1kb"), Some(ByteSize(1000)));
+        assert_eq!(ByteSize::parse("2 MiB"), Some(ByteSize(2 << 20)));
+        assert_eq!(ByteSize::parse("lots"), None);
+    }
 }

@@ -135,12 +135,20 @@ pub struct EntryBuilder<'c> {
     stream_index: HashMap<String, usize>,
     prepared: Prepared,
     per_stream: Vec<Vec<Entry>>,
+    /// Streams this request opens that the stream table does not know yet.
+    opened: usize,
 }
 
 impl<'c> EntryBuilder<'c> {
     /// A builder for one request.
     pub fn new(config: &'c LokiExporter) -> EntryBuilder<'c> {
-        EntryBuilder { config, stream_index: HashMap::new(), prepared: Prepared::default(), per_stream: Vec::new() }
+        EntryBuilder {
+            config,
+            stream_index: HashMap::new(),
+            prepared: Prepared::default(),
+            per_stream: Vec::new(),
+            opened: 0,
+        }
     }
 
     /// Adds every record of a stored batch.
@@ -195,9 +203,10 @@ impl<'c> EntryBuilder<'c> {
         labels.dedup_by(|a, b| a.0 == b.0);
         let mut metadata = Vec::new();
         let mut selector = selector_of(&labels);
+        let room = (self.config.max_streams as usize).saturating_sub(self.opened);
         if !self.stream_index.contains_key(&selector)
             && !streams.newest.contains_key(&selector)
-            && !streams.has_room(self.config.max_streams as usize, now_nanos)
+            && !streams.has_room(room, now_nanos)
         {
             self.prepared.label_overflow += 1;
             let (kept, moved): (Vec<_>, Vec<_>) =
@@ -241,6 +250,9 @@ impl<'c> EntryBuilder<'c> {
             Some(index) => *index,
             None => {
                 let index = self.prepared.streams.len();
+                if !streams.newest.contains_key(&selector) {
+                    self.opened += 1;
+                }
                 self.stream_index.insert(selector.clone(), index);
                 self.prepared.streams.push(Stream { labels, selector });
                 self.per_stream.push(Vec::new());
@@ -392,4 +404,92 @@ pub fn hex(bytes: &[u8]) -> String {
         out.push(DIGITS[usize::from(byte & 0xf)] as char);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
+    use tailgate_config::{LokiExporter, OutOfOrderAction};
+
+    use super::*;
+
+    fn config(max_streams: u32, action: OutOfOrderAction) -> LokiExporter {
+        let mut config: LokiExporter =
+            serde_json::from_value(serde_json::json!({ "endpoint": "http://127.0.0.1:3100/loki/api/v1/push" })).unwrap();
+        config.max_streams = max_streams;
+        config.out_of_order_action = action;
+        config.labels.attributes = vec!["http.route".into()];
+        config
+    }
+
+    fn record(route: &str, line: &str) -> LogRecord {
+        LogRecord {
+            body: Some(AnyValue { value: Some(any_value::Value::StringValue(line.into())) }),
+            attributes: vec![KeyValue {
+                key: "http.route".into(),
+                value: Some(AnyValue { value: Some(any_value::Value::StringValue(route.into())) }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn add(builder: &mut EntryBuilder<'_>, streams: &mut StreamTable, route: &str, line: &str, time: u64) {
+        builder.add_record("checkout", &[], &record(route, line), 17, time, streams, 10);
+    }
+
+    #[test]
+    fn streams_past_the_bound_fall_back_to_service_and_level() {
+        let config = config(2, OutOfOrderAction::Accept);
+        let mut streams = StreamTable::default();
+        let mut builder = EntryBuilder::new(&config);
+        for (n, route) in ["/a", "/b", "/c", "/d"].iter().enumerate() {
+            add(&mut builder, &mut streams, route, &format!("line {n}"), 5);
+        }
+        let prepared = builder.finish(&mut streams);
+        let selectors: Vec<&str> = prepared.streams.iter().map(|s| s.selector.as_str()).collect();
+        assert_eq!(
+            selectors,
+            vec![
+                r#"{http_route="/a", level="error", service_name="checkout"}"#,
+                r#"{http_route="/b", level="error", service_name="checkout"}"#,
+                r#"{level="error", service_name="checkout"}"#,
+            ]
+        );
+        assert_eq!(prepared.label_overflow, 2);
+        // The moved label value travels as structured metadata.
+        let overflowed = prepared.entries.iter().find(|e| e.line == "line 3").unwrap();
+        assert!(overflowed.metadata.contains(&("http_route".to_owned(), "/d".to_owned())));
+    }
+
+    #[test]
+    fn each_stream_goes_out_in_time_order_across_requests() {
+        for (action, expected_times, dropped) in [
+            (OutOfOrderAction::RewriteTimestamp, vec![100, 100, 150], 0),
+            (OutOfOrderAction::Drop, vec![150], 2),
+            (OutOfOrderAction::Accept, vec![50, 90, 150], 0),
+        ] {
+            let config = config(10, action);
+            let mut streams = StreamTable::default();
+            let mut first = EntryBuilder::new(&config);
+            add(&mut first, &mut streams, "/a", "late", 100);
+            add(&mut first, &mut streams, "/a", "early", 60);
+            let prepared = first.finish(&mut streams);
+            let times: Vec<i64> = prepared.entries.iter().map(|e| e.unix_nanos).collect();
+            assert_eq!(times, vec![60, 100], "within a request, oldest first");
+            // The stream table is what a restart reads back.
+            let changes = streams.take_changes();
+            let stored: Vec<(Vec<u8>, Vec<u8>)> =
+                changes.into_iter().map(|(k, v)| (k, v.unwrap().to_vec())).collect();
+            let mut restarted = StreamTable::load(stored.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+            let mut second = EntryBuilder::new(&config);
+            add(&mut second, &mut restarted, "/a", "older", 50);
+            add(&mut second, &mut restarted, "/a", "newer", 150);
+            add(&mut second, &mut restarted, "/a", "old", 90);
+            let prepared = second.finish(&mut restarted);
+            let times: Vec<i64> = prepared.entries.iter().map(|e| e.unix_nanos).collect();
+            assert_eq!(times, expected_times, "{action:?}");
+            assert_eq!(prepared.dropped_out_of_order, dropped);
+        }
+    }
 }
