@@ -128,18 +128,119 @@ impl Default for LogMirrorConfig {
     }
 }
 
-/// Span metrics.
+/// Span metrics, as the Collector's spanmetrics connector: `traces.span.metrics.calls` (sum) and
+/// `traces.span.metrics.duration` (histogram, ms) per service, span name, kind, status code and
+/// the configured dimensions.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpanmetricsConfig {
+    /// Which spans are counted: `all` (every decided span, kept or dropped: rates and latencies
+    /// describe the real traffic) or `kept` (only spans of kept traces).
+    pub source: SpanmetricsSource,
     /// How often accumulated metrics are written for export.
     #[serde(with = "humantime_serde")]
     pub metrics_flush_interval: Duration,
+    /// The duration histogram.
+    pub histogram: HistogramConfig,
+    /// Extra dimensions: span attributes, else resource attributes, else `default` (a dimension
+    /// without value and default is left out of the series).
+    pub dimensions: Vec<DimensionConfig>,
+    /// Most series kept; spans of further series are counted in one overflow series with the
+    /// attribute `otel.metric.overflow: true`.
+    pub aggregation_cardinality_limit: u32,
+    /// A series not updated for this long is forgotten (its state deleted); `0s` keeps series
+    /// for ever (up to the cardinality limit).
+    #[serde(with = "humantime_serde")]
+    pub metrics_expiration: Duration,
+    /// Exemplars on the histogram: trace_id and span_id of spans of kept traces only.
+    pub exemplars: ExemplarsConfig,
 }
 
 impl Default for SpanmetricsConfig {
     fn default() -> Self {
-        SpanmetricsConfig { metrics_flush_interval: Duration::from_secs(15) }
+        SpanmetricsConfig {
+            source: SpanmetricsSource::All,
+            metrics_flush_interval: Duration::from_secs(15),
+            histogram: HistogramConfig::default(),
+            dimensions: Vec::new(),
+            aggregation_cardinality_limit: 2000,
+            metrics_expiration: Duration::from_secs(300),
+            exemplars: ExemplarsConfig::default(),
+        }
+    }
+}
+
+/// Which spans spanmetrics counts.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SpanmetricsSource {
+    /// Every decided span.
+    All,
+    /// Spans of kept traces only.
+    Kept,
+}
+
+/// The duration histogram's buckets.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistogramConfig {
+    /// Unit of the histogram: `ms` (the connector's default).
+    pub unit: String,
+    /// Explicit bucket bounds.
+    pub explicit: ExplicitBuckets,
+}
+
+impl Default for HistogramConfig {
+    fn default() -> Self {
+        HistogramConfig { unit: "ms".into(), explicit: ExplicitBuckets::default() }
+    }
+}
+
+/// Explicit histogram bounds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExplicitBuckets {
+    /// Upper bounds, strictly increasing, as durations (`2ms`, `1s`). Default: the connector's
+    /// 2, 4, 6, 8, 10, 50, 100, 200, 400, 800 ms, 1, 1.4, 2, 5, 10, 15 s.
+    pub buckets: Vec<BucketBound>,
+}
+
+/// A histogram bound, written as a duration (`2ms`, `1.5s`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct BucketBound(#[serde(with = "humantime_serde")] pub Duration);
+
+impl Default for ExplicitBuckets {
+    fn default() -> Self {
+        let ms = [2u64, 4, 6, 8, 10, 50, 100, 200, 400, 800, 1000, 1400, 2000, 5000, 10_000, 15_000];
+        ExplicitBuckets { buckets: ms.iter().map(|ms| BucketBound(Duration::from_millis(*ms))).collect() }
+    }
+}
+
+/// One extra dimension.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DimensionConfig {
+    /// Attribute name, e.g. `http.method`.
+    pub name: String,
+    /// Value when neither the span nor its resource has the attribute.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+/// Exemplars.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExemplarsConfig {
+    /// Attach exemplars.
+    pub enabled: bool,
+    /// Most exemplars per data point per flush.
+    pub max_per_data_point: u32,
+}
+
+impl Default for ExemplarsConfig {
+    fn default() -> Self {
+        ExemplarsConfig { enabled: false, max_per_data_point: 5 }
     }
 }
 
@@ -183,6 +284,27 @@ impl Default for SupervisorConfig {
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl SpanmetricsConfig {
+    fn validate(&self, problems: &mut Problems) {
+        if self.metrics_flush_interval.is_zero() {
+            problems.add("spanmetrics.metrics_flush_interval", "must be above zero");
+        }
+        if self.histogram.unit != "ms" {
+            problems.add("spanmetrics.histogram.unit", "only ms is supported");
+        }
+        let buckets = &self.histogram.explicit.buckets;
+        if buckets.is_empty() || buckets.windows(2).any(|pair| pair[0] >= pair[1]) {
+            problems.add("spanmetrics.histogram.explicit.buckets", "must be non-empty and strictly increasing");
+        }
+        if self.aggregation_cardinality_limit == 0 {
+            problems.add("spanmetrics.aggregation_cardinality_limit", "must be above zero");
+        }
+        if self.dimensions.len() > 16 {
+            problems.add("spanmetrics.dimensions", "at most 16 dimensions");
         }
     }
 }
@@ -290,9 +412,7 @@ impl Config {
                 ),
             );
         }
-        if self.spanmetrics.metrics_flush_interval.is_zero() {
-            problems.add("spanmetrics.metrics_flush_interval", "must be above zero");
-        }
+        self.spanmetrics.validate(&mut problems);
         self.exporters.validate(&mut problems);
         let supervisor = &self.supervisor;
         if supervisor.memory_soft_limit_mib >= supervisor.memory_hard_limit_mib {

@@ -33,6 +33,8 @@ pub enum BatchKind {
     Logs = 2,
     /// [`MetricBatch`]
     Metrics = 3,
+    /// [`SummaryBatch`]
+    Summaries = 4,
 }
 
 impl BatchKind {
@@ -41,6 +43,7 @@ impl BatchKind {
             1 => Some(BatchKind::Spans),
             2 => Some(BatchKind::Logs),
             3 => Some(BatchKind::Metrics),
+            4 => Some(BatchKind::Summaries),
             _ => None,
         }
     }
@@ -210,6 +213,53 @@ pub struct MetricBatch {
     pub data_points: u32,
 }
 
+/// What spanmetrics needs of one decided span (compact: no attributes, no payload).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpanSummary {
+    /// 16-byte trace id (the exemplar's link when the trace was kept).
+    pub trace_id: [u8; 16],
+    /// 8-byte span id.
+    pub span_id: [u8; 8],
+    /// End time, Unix nanoseconds.
+    pub end_unix_nano: u64,
+    /// End minus start, nanoseconds (0 when the end precedes the start).
+    pub duration_nanos: u64,
+    /// OTLP `SpanKind`.
+    pub kind: u8,
+    /// OTLP `Status.code`.
+    pub status_code: u8,
+    /// Whether the span's trace was kept (decided keep, durable in the same transaction).
+    pub kept: bool,
+    /// Index into the batch's `services`.
+    pub service: u32,
+    /// Span name.
+    pub name: String,
+    /// Values of the configured spanmetrics dimensions, in configuration order (empty: absent).
+    pub dimensions: Vec<String>,
+}
+
+/// A batch of span summaries (edge `span_summaries`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SummaryBatch {
+    /// When tail_sample decided these spans, Unix nanoseconds.
+    pub decided_unix_nano: u64,
+    /// Service names the summaries point into.
+    pub services: Vec<String>,
+    /// The summaries.
+    pub summaries: Vec<SpanSummary>,
+}
+
+/// Serializes a summary batch with its header.
+pub fn encode_summaries(batch: &SummaryBatch) -> Result<Vec<u8>, BatchError> {
+    encode(BatchKind::Summaries, batch.summaries.len(), batch)
+}
+
+/// Checked, zero-copy view of a stored summary batch.
+pub fn access_summaries(value: &[u8]) -> Result<&ArchivedSummaryBatch, BatchError> {
+    rkyv::access::<ArchivedSummaryBatch, rancor::Error>(body_of(value, BatchKind::Summaries)?)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
 /// Serializes a batch with its header, ready to append to an edge.
 pub fn encode_spans(batch: &SpanBatch) -> Result<Vec<u8>, BatchError> {
     encode(BatchKind::Spans, batch.spans.len(), batch)
@@ -270,6 +320,7 @@ pub fn verify(value: &[u8]) -> Result<BatchHeader, BatchError> {
         BatchKind::Spans => access_spans(value).map(|_| ())?,
         BatchKind::Logs => access_logs(value).map(|_| ())?,
         BatchKind::Metrics => access_metrics(value).map(|_| ())?,
+        BatchKind::Summaries => access_summaries(value).map(|_| ())?,
     }
     Ok(header)
 }

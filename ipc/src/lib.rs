@@ -15,5 +15,5 @@ pub mod queue;
 pub mod topology;
 pub mod wake;
 
-pub use queue::{EdgeDepth, Queue, QueueError, QueueOpenError, QueueOptions, ReadTxn};
+pub use queue::{EdgeDepth, Queue, QueueError, QueueOpenError, QueueOptions, ReadTxn, WriteTxn};
 pub use topology::{Consumer, Edge, StageId};

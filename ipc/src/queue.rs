@@ -45,6 +45,9 @@ pub type Entries<'t> = Vec<(&'t [u8], &'t [u8])>;
 /// A read transaction usable across `.await` (no thread-local reader slot).
 pub type ReadTxn<'e> = RoTxn<'e, WithoutTls>;
 
+/// A write transaction (holds the environment's single writer lock until commit or drop).
+pub type WriteTxn<'e> = RwTxn<'e>;
+
 /// How to open the queue.
 #[derive(Debug, Clone)]
 pub struct QueueOptions {
@@ -172,7 +175,7 @@ pub struct VerifyReport {
 #[derive(Clone)]
 pub struct Queue {
     env: Env<WithoutTls>,
-    edges: [Table; 5],
+    edges: [Table; Edge::ALL.len()],
     cursors: Table,
     meta: Table,
     pub(crate) decisions: Table,
@@ -235,6 +238,7 @@ impl Queue {
                     table(Edge::Logs.as_str())?,
                     table(Edge::KeptLogs.as_str())?,
                     table(Edge::Metrics.as_str())?,
+                    table(Edge::SpanSummaries.as_str())?,
                 ];
                 let named = [
                     table("cursors")?,

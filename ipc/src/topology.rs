@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! receive --spans--> tail_sample --kept_spans--> export (traces)
-//!    |                    |      \--kept_spans--> spanmetrics --metrics--> export (metrics)
+//!    |                    |      \--span_summaries--> spanmetrics --metrics--> export (metrics)
 //!    |                    \--decisions table (trace_id -> keep/drop)
 //!    +------logs------> log_mirror --kept_logs--> export (logs)
 //!    +------metrics---------------------------------------------> export (metrics)
@@ -17,7 +17,7 @@ pub enum StageId {
     TailSample,
     /// Logs follow their trace's decision: `logs` -> `kept_logs`.
     LogMirror,
-    /// RED metrics from kept spans: `kept_spans` -> `metrics`.
+    /// RED metrics from every decided span: `span_summaries` -> `metrics`.
     Spanmetrics,
     /// Delivery to the backends, one consumer per destination.
     Export,
@@ -64,11 +64,15 @@ pub enum Edge {
     KeptLogs = 3,
     /// Metrics as received plus the ones spanmetrics produces.
     Metrics = 4,
+    /// What spanmetrics needs of every decided span (kept or dropped), written by tail_sample in
+    /// the transaction of the decision.
+    SpanSummaries = 5,
 }
 
 impl Edge {
     /// Every edge.
-    pub const ALL: [Edge; 5] = [Edge::Spans, Edge::KeptSpans, Edge::Logs, Edge::KeptLogs, Edge::Metrics];
+    pub const ALL: [Edge; 6] =
+        [Edge::Spans, Edge::KeptSpans, Edge::Logs, Edge::KeptLogs, Edge::Metrics, Edge::SpanSummaries];
 
     /// The table name in the LMDB environment and the label in metrics.
     pub fn as_str(self) -> &'static str {
@@ -78,6 +82,7 @@ impl Edge {
             Edge::Logs => "logs",
             Edge::KeptLogs => "kept_logs",
             Edge::Metrics => "metrics",
+            Edge::SpanSummaries => "span_summaries",
         }
     }
 
@@ -85,10 +90,11 @@ impl Edge {
     pub fn consumers(self) -> &'static [Consumer] {
         match self {
             Edge::Spans => &[Consumer::TailSample],
-            Edge::KeptSpans => &[Consumer::ExportTraces, Consumer::Spanmetrics],
+            Edge::KeptSpans => &[Consumer::ExportTraces],
             Edge::Logs => &[Consumer::LogMirror],
             Edge::KeptLogs => &[Consumer::ExportLogs, Consumer::ExportLoki],
             Edge::Metrics => &[Consumer::ExportMetrics],
+            Edge::SpanSummaries => &[Consumer::Spanmetrics],
         }
     }
 }
@@ -104,7 +110,7 @@ pub enum Consumer {
     TailSample,
     /// log_mirror reading `logs`.
     LogMirror,
-    /// spanmetrics reading `kept_spans`.
+    /// spanmetrics reading `span_summaries`.
     Spanmetrics,
     /// export's trace destination reading `kept_spans`.
     ExportTraces,
@@ -146,7 +152,8 @@ impl Consumer {
         match self {
             Consumer::TailSample => Edge::Spans,
             Consumer::LogMirror => Edge::Logs,
-            Consumer::Spanmetrics | Consumer::ExportTraces => Edge::KeptSpans,
+            Consumer::Spanmetrics => Edge::SpanSummaries,
+            Consumer::ExportTraces => Edge::KeptSpans,
             Consumer::ExportLogs | Consumer::ExportLoki => Edge::KeptLogs,
             Consumer::ExportMetrics => Edge::Metrics,
         }

@@ -56,8 +56,8 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let edge = prop::sample::select(vec![Edge::Spans, Edge::KeptSpans]);
-    let consumer = prop::sample::select(vec![Consumer::TailSample, Consumer::ExportTraces, Consumer::Spanmetrics]);
+    let edge = prop::sample::select(vec![Edge::Spans, Edge::KeptLogs]);
+    let consumer = prop::sample::select(vec![Consumer::TailSample, Consumer::ExportLogs, Consumer::ExportLoki]);
     prop_oneof![
         5 => (edge, 0u32..5, any::<bool>()).prop_map(|(edge, items, metrics)| Op::Append { edge, items, metrics }),
         4 => (consumer, 0usize..6).prop_map(|(consumer, by)| Op::Advance { consumer, by }),
@@ -83,7 +83,7 @@ struct Model {
 impl Model {
     fn new() -> Model {
         let mut model = Model::default();
-        for edge in [Edge::Spans, Edge::KeptSpans] {
+        for edge in [Edge::Spans, Edge::KeptLogs] {
             model.edges.insert(edge, EdgeModel { next_seq: 1, ..EdgeModel::default() });
             for consumer in edge.consumers() {
                 model.cursors.insert(*consumer, 0);
@@ -191,10 +191,10 @@ fn sequence_numbers_survive_an_empty_edge_and_reopen() {
         advance(Consumer::TailSample, 10),
         Op::Reopen,
         append(Edge::Spans, 1, true),
-        advance(Consumer::ExportTraces, 1),
-        append(Edge::KeptSpans, 1, true),
-        advance(Consumer::ExportTraces, 1),
-        advance(Consumer::Spanmetrics, 1),
+        advance(Consumer::ExportLogs, 1),
+        append(Edge::KeptLogs, 1, true),
+        advance(Consumer::ExportLogs, 1),
+        advance(Consumer::ExportLoki, 1),
     ];
     run_model(&ops);
 }
@@ -208,18 +208,18 @@ fn advance_with_stale_cursor_changes_nothing() {
     let q = open(dir.path(), 64 * MIB);
     let mut wtxn = q.write().unwrap();
     for tag in 1..=4 {
-        q.append(&mut wtxn, Edge::KeptSpans, &span_batch(tag, 2, 1)).unwrap();
+        q.append(&mut wtxn, Edge::KeptLogs, &span_batch(tag, 2, 1)).unwrap();
     }
-    q.advance(&mut wtxn, Consumer::ExportTraces, 0, 3).unwrap();
-    q.advance(&mut wtxn, Consumer::Spanmetrics, 0, 1).unwrap();
+    q.advance(&mut wtxn, Consumer::ExportLogs, 0, 3).unwrap();
+    q.advance(&mut wtxn, Consumer::ExportLoki, 0, 1).unwrap();
     q.commit(wtxn).unwrap();
 
     let snapshot = |q: &Queue, txn: &RoTxn<'_>| {
         (
-            stored(q, txn, Edge::KeptSpans, 0),
-            q.depth(txn, Edge::KeptSpans).unwrap(),
-            q.cursor(txn, Consumer::ExportTraces).unwrap(),
-            q.cursor(txn, Consumer::Spanmetrics).unwrap(),
+            stored(q, txn, Edge::KeptLogs, 0),
+            q.depth(txn, Edge::KeptLogs).unwrap(),
+            q.cursor(txn, Consumer::ExportLogs).unwrap(),
+            q.cursor(txn, Consumer::ExportLoki).unwrap(),
         )
     };
     let before = snapshot(&q, &q.read().unwrap());
@@ -232,8 +232,8 @@ fn advance_with_stale_cursor_changes_nothing() {
         Err(QueueError::CursorMoved { consumer, expected, found }) => (consumer, expected, found),
         other => panic!("expected CursorMoved, got {other:?}"),
     };
-    assert_eq!(moved(q.advance(&mut wtxn, Consumer::ExportTraces, 0, 4)), ("export_traces", 0, 3));
-    assert_eq!(moved(q.advance(&mut wtxn, Consumer::Spanmetrics, 2, 4)), ("spanmetrics", 2, 1));
+    assert_eq!(moved(q.advance(&mut wtxn, Consumer::ExportLogs, 0, 4)), ("export_logs", 0, 3));
+    assert_eq!(moved(q.advance(&mut wtxn, Consumer::ExportLoki, 2, 4)), ("export_loki", 2, 1));
     assert_eq!(snapshot(&q, &wtxn), before, "inside the transaction");
     q.commit(wtxn).unwrap();
     assert_eq!(snapshot(&q, &q.read().unwrap()), before, "after commit");
@@ -416,7 +416,7 @@ fn verify_reports_corrupt_entries() {
     assert_eq!(q.append(&mut wtxn, Edge::Spans, &bad).unwrap(), 2);
     assert_eq!(q.append(&mut wtxn, Edge::Spans, &good).unwrap(), 3);
     assert_eq!(q.append(&mut wtxn, Edge::Metrics, &metric_batch(1, 2, vec![vec![1]])).unwrap(), 1);
-    assert_eq!(q.append(&mut wtxn, Edge::KeptSpans, &bad).unwrap(), 1);
+    assert_eq!(q.append(&mut wtxn, Edge::KeptLogs, &bad).unwrap(), 1);
     // A value without a valid header is refused outright.
     assert!(matches!(q.append(&mut wtxn, Edge::Spans, &[1, 0, 9, 0]), Err(QueueError::Corrupt { seq: 0, .. })));
     assert!(matches!(q.append(&mut wtxn, Edge::Spans, &[7; 16]), Err(QueueError::Corrupt { seq: 0, .. })));
@@ -424,7 +424,7 @@ fn verify_reports_corrupt_entries() {
 
     let report = q.verify().unwrap();
     assert_eq!(report.entries, 5);
-    assert_eq!(report.corrupt, vec![("spans", 2), ("kept_spans", 1)]);
+    assert_eq!(report.corrupt, vec![("spans", 2), ("kept_logs", 1)]);
 
     // The corrupt entry still counts and is deleted like any other once consumed.
     let txn = q.read().unwrap();
@@ -438,7 +438,7 @@ fn verify_reports_corrupt_entries() {
     assert_eq!((depth.batches, depth.items, depth.bytes), (1, 3, good.len() as u64));
     drop(txn);
     let report = q.verify().unwrap();
-    assert_eq!((report.entries, report.corrupt), (3, vec![("kept_spans", 1)]));
+    assert_eq!((report.entries, report.corrupt), (3, vec![("kept_logs", 1)]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ fn child_writer() {
         };
         let requests = seqs.iter().map(|s| s.to_be_bytes().to_vec()).collect();
         let output = metric_batch(last, u32::try_from(items).unwrap(), requests);
-        q.append(&mut wtxn, Edge::KeptSpans, &output).unwrap();
+        q.append(&mut wtxn, Edge::KeptLogs, &output).unwrap();
         q.advance(&mut wtxn, Consumer::TailSample, cursor, last).unwrap();
         q.commit(wtxn).unwrap();
     }
@@ -592,8 +592,8 @@ fn writer_survives_sigkill() {
     let spans = q.depth(&txn, Edge::Spans).unwrap();
     assert_eq!((spans.next_seq, spans.batches, spans.items), (INPUTS + 1, 0, 0));
     // Neither kept_spans consumer ever advanced: every output is still there.
-    assert_eq!(q.cursor(&txn, Consumer::ExportTraces).unwrap(), 0);
-    let outputs = stored(&q, &txn, Edge::KeptSpans, 0);
+    assert_eq!(q.cursor(&txn, Consumer::ExportLogs).unwrap(), 0);
+    let outputs = stored(&q, &txn, Edge::KeptLogs, 0);
     let mut handled = Vec::new();
     let mut total = 0u64;
     for (_, value) in &outputs {
@@ -614,7 +614,7 @@ fn writer_survives_sigkill() {
     assert!(lost.is_empty() && twice.is_empty(), "lost inputs {lost:?}, inputs handled twice {twice:?}");
     assert!(handled.is_sorted(), "inputs handled out of order");
     assert_eq!(total, INPUTS * (INPUTS + 1) / 2);
-    let kept = q.depth(&txn, Edge::KeptSpans).unwrap();
+    let kept = q.depth(&txn, Edge::KeptLogs).unwrap();
     assert_eq!((kept.batches, kept.items), (outputs.len() as u64, total));
     assert_eq!(q.verify().unwrap().corrupt, Vec::<(&str, u64)>::new());
 }

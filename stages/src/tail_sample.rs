@@ -24,6 +24,9 @@ use tailgate_ipc::decisions::{Decision, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use summaries::Summaries;
+
+pub mod summaries;
 use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL};
 
 /// Most stale decisions pruned per step.
@@ -42,17 +45,21 @@ pub struct Policy {
     pub latency_threshold: Duration,
     /// Remember decisions this long.
     pub decision_cache_ttl: Duration,
+    /// Attribute names spanmetrics uses as dimensions (their values go into span summaries).
+    pub dimensions: Vec<String>,
 }
 
 impl Policy {
-    /// The policy configured in `config.tail_sample`.
-    pub fn from_config(config: &tailgate_config::TailSampleConfig) -> Policy {
+    /// The policy configured in `config.tail_sample` (and spanmetrics' dimensions).
+    pub fn from_config(config: &tailgate_config::Config) -> Policy {
+        let sampling = &config.tail_sample;
         Policy {
-            decision_wait: config.decision_wait,
-            root_grace: config.root_grace,
-            keep_errors: config.keep_errors,
-            latency_threshold: config.latency_threshold,
-            decision_cache_ttl: config.decision_cache_ttl,
+            decision_wait: sampling.decision_wait,
+            root_grace: sampling.root_grace,
+            keep_errors: sampling.keep_errors,
+            latency_threshold: sampling.latency_threshold,
+            decision_cache_ttl: sampling.decision_cache_ttl,
+            dimensions: config.spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
         }
     }
 }
@@ -107,6 +114,8 @@ pub struct StepReport {
     pub decided: u64,
     /// Whether more input is waiting (the step stopped at its batch limit).
     pub more_input: bool,
+    /// Span summaries written for spanmetrics.
+    pub summarized: u64,
 }
 
 /// The spans one step emits and the decisions it records, committed together.
@@ -119,6 +128,8 @@ struct StepOutput {
     full: Vec<SpanBatch>,
     /// Decisions made or extended in this step, by trace id.
     decisions: HashMap<[u8; 16], Decision>,
+    /// What spanmetrics gets of every span decided in this step.
+    summaries: Summaries,
 }
 
 impl StepOutput {
@@ -218,6 +229,11 @@ impl Sampler {
         for kept in &output.full {
             queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;
         }
+        let summaries = output.summaries.finish(now_unix_nano);
+        for summary in &summaries {
+            queue.append(&mut wtxn, Edge::SpanSummaries, &batch::encode_summaries(summary)?)?;
+        }
+        report.summarized = summaries.iter().map(|b| b.summaries.len() as u64).sum();
         for (trace_id, decision) in &output.decisions {
             queue.put_decision(&mut wtxn, trace_id, decision)?;
         }
@@ -287,6 +303,7 @@ impl Sampler {
                         } else {
                             report.dropped += 1;
                         }
+                        output.summaries.add(batch, index as u32, decision.keep, &self.policy.dimensions);
                         decision.last_seq = decision.last_seq.max(seq);
                         output.decisions.insert(trace_id, decision);
                     }
@@ -382,9 +399,6 @@ impl Sampler {
                 if let Some(count) = self.undecided.get_mut(&seq) {
                     *count = count.saturating_sub(1);
                 }
-                if !trace.interesting {
-                    continue;
-                }
                 let source = match sources.get(&seq) {
                     Some(source) => *source,
                     None => {
@@ -396,7 +410,10 @@ impl Sampler {
                         source
                     }
                 };
-                output.emit(seq, source, index);
+                output.summaries.add(source, index, trace.interesting, &self.policy.dimensions);
+                if trace.interesting {
+                    output.emit(seq, source, index);
+                }
             }
             let spans = trace.spans.len() as u64;
             if trace.interesting {
@@ -424,7 +441,7 @@ impl Sampler {
 
 /// Runs the stage: steps whenever woken or when the next trace is due.
 pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
-    let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
+    let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
     tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
     let mut full_streak = 0;
     while !ctx.stopping() {
@@ -434,7 +451,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
                 // The index ran ahead of the queue in the failed step: rebuild it from the queue.
-                sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config.tail_sample))?;
+                sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
                 continue;
             }
         };
@@ -447,6 +464,9 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         }
         if report.decided > 0 {
             ctx.waker.wake(StageId::LogMirror);
+        }
+        if report.summarized > 0 {
+            ctx.waker.edge_written(Edge::SpanSummaries);
         }
         if report.more_input {
             continue;
@@ -476,6 +496,7 @@ mod tests {
             keep_errors: true,
             latency_threshold: Duration::from_millis(200),
             decision_cache_ttl: Duration::from_secs(120),
+            dimensions: Vec::new(),
         }
     }
 

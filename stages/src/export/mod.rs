@@ -153,6 +153,7 @@ pub fn assemble(queue: &Queue, consumer: Consumer, max_items: u64) -> Result<(u6
                 }
                 Ok(u64::from(source.data_points.to_native()))
             }
+            Edge::SpanSummaries => Err(StageError::Other("span summaries are not exported".into())),
         })?;
     Ok((cursor, Assembled { request, items, last_seq }))
 }

@@ -415,7 +415,8 @@ mod tests {
 
     fn config(max_streams: u32, action: OutOfOrderAction) -> LokiExporter {
         let mut config: LokiExporter =
-            serde_json::from_value(serde_json::json!({ "endpoint": "http://127.0.0.1:3100/loki/api/v1/push" })).unwrap();
+            serde_json::from_value(serde_json::json!({ "endpoint": "http://127.0.0.1:3100/loki/api/v1/push" }))
+                .unwrap();
         config.max_streams = max_streams;
         config.out_of_order_action = action;
         config.labels.attributes = vec!["http.route".into()];
@@ -479,8 +480,7 @@ mod tests {
             assert_eq!(times, vec![60, 100], "within a request, oldest first");
             // The stream table is what a restart reads back.
             let changes = streams.take_changes();
-            let stored: Vec<(Vec<u8>, Vec<u8>)> =
-                changes.into_iter().map(|(k, v)| (k, v.unwrap().to_vec())).collect();
+            let stored: Vec<(Vec<u8>, Vec<u8>)> = changes.into_iter().map(|(k, v)| (k, v.unwrap().to_vec())).collect();
             let mut restarted = StreamTable::load(stored.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
             let mut second = EntryBuilder::new(&config);
             add(&mut second, &mut restarted, "/a", "older", 50);

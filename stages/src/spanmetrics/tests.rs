@@ -1,0 +1,162 @@
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::metric;
+use tailgate_config::SpanmetricsConfig;
+use tailgate_ipc::QueueOptions;
+use tailgate_ipc::batch::{SpanSummary, SummaryBatch};
+
+use super::*;
+
+fn open_queue() -> (tempfile::TempDir, Queue) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    (dir, queue)
+}
+
+fn summary(name: &str, ms: u64, kept: bool, n: u8) -> SpanSummary {
+    SpanSummary {
+        trace_id: [n; 16],
+        span_id: [n; 8],
+        end_unix_nano: 5,
+        duration_nanos: ms * 1_000_000,
+        kind: 2,
+        status_code: 0,
+        kept,
+        service: 0,
+        name: name.into(),
+        dimensions: Vec::new(),
+    }
+}
+
+fn append(queue: &Queue, summaries: Vec<SpanSummary>) {
+    let batch = SummaryBatch { decided_unix_nano: 1, services: vec!["checkout".into()], summaries };
+    let mut wtxn = queue.write().unwrap();
+    queue.append(&mut wtxn, Edge::SpanSummaries, &batch::encode_summaries(&batch).unwrap()).unwrap();
+    queue.commit(wtxn).unwrap();
+}
+
+/// The last metrics request written.
+fn last_request(queue: &Queue) -> ExportMetricsServiceRequest {
+    let rtxn = queue.read().unwrap();
+    let (_, value) = queue.entries_after(&rtxn, Edge::Metrics, 0).unwrap().last().unwrap().unwrap();
+    let batch = batch::access_metrics(value).unwrap();
+    ExportMetricsServiceRequest::decode(batch.requests[0].as_slice()).unwrap()
+}
+
+/// (span name, calls, histogram count, bucket counts, exemplar trace ids) of one series.
+type Series = (String, i64, u64, Vec<u64>, Vec<Vec<u8>>);
+
+/// Every series of a request.
+fn series_of(request: &ExportMetricsServiceRequest) -> Vec<Series> {
+    let mut calls = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    for resource in &request.resource_metrics {
+        for metric in &resource.scope_metrics[0].metrics {
+            match &metric.data {
+                Some(metric::Data::Sum(sum)) => {
+                    for point in &sum.data_points {
+                        let name = format!("{:?}", point.attributes.get(1).and_then(|a| a.value.clone()));
+                        let Some(number_data_point::Value::AsInt(value)) = point.value else { panic!() };
+                        calls.insert(name, value);
+                    }
+                }
+                Some(metric::Data::Histogram(histogram)) => {
+                    for point in &histogram.data_points {
+                        let name = format!("{:?}", point.attributes.get(1).and_then(|a| a.value.clone()));
+                        let exemplars = point.exemplars.iter().map(|e| e.trace_id.clone()).collect();
+                        out.push((name, 0, point.count, point.bucket_counts.clone(), exemplars));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for entry in &mut out {
+        entry.1 = calls[&entry.0];
+    }
+    out.sort();
+    out
+}
+
+use opentelemetry_proto::tonic::metrics::v1::number_data_point;
+
+#[test]
+fn every_decided_span_counts_and_only_kept_ones_give_exemplars() {
+    let (_dir, queue) = open_queue();
+    let mut config = SpanmetricsConfig::default();
+    config.exemplars.enabled = true;
+    append(&queue, vec![summary("GET /", 3, false, 1), summary("GET /", 350, true, 2), summary("GET /", 30, false, 3)]);
+    let mut accumulator = Accumulator::new(&config);
+    assert_eq!(accumulator.read(&queue).unwrap(), (3, false));
+    assert_eq!(accumulator.flush(&queue, 100).unwrap(), 2);
+    let series = series_of(&last_request(&queue));
+    assert_eq!(series.len(), 1);
+    let (_, calls, count, buckets, exemplars) = &series[0];
+    assert_eq!((*calls, *count), (3, 3));
+    // 3 ms -> (2,4]; 30 ms -> (10,50]; 350 ms -> (200,400].
+    let mut expected = vec![0u64; 17];
+    expected[1] = 1;
+    expected[5] = 1;
+    expected[8] = 1;
+    assert_eq!(buckets, &expected);
+    assert_eq!(exemplars, &vec![vec![2u8; 16]], "only the kept span is an exemplar");
+    // A restart counts on from the durable state: cumulative values grow.
+    append(&queue, vec![summary("GET /", 1, false, 4)]);
+    let mut restarted = Accumulator::new(&config);
+    restarted.read(&queue).unwrap();
+    restarted.flush(&queue, 200).unwrap();
+    assert_eq!(series_of(&last_request(&queue))[0].1, 4);
+}
+
+#[test]
+fn source_kept_counts_kept_spans_only() {
+    let (_dir, queue) = open_queue();
+    let config = SpanmetricsConfig { source: tailgate_config::SpanmetricsSource::Kept, ..Default::default() };
+    append(&queue, vec![summary("GET /", 3, false, 1), summary("GET /", 350, true, 2)]);
+    let mut accumulator = Accumulator::new(&config);
+    accumulator.read(&queue).unwrap();
+    accumulator.flush(&queue, 100).unwrap();
+    assert_eq!(series_of(&last_request(&queue))[0].1, 1);
+}
+
+#[test]
+fn a_flood_of_names_ends_in_the_overflow_series_and_state_stays_bounded() {
+    let (_dir, queue) = open_queue();
+    let config = SpanmetricsConfig { aggregation_cardinality_limit: 10, ..Default::default() };
+    let mut accumulator = Accumulator::new(&config);
+    for round in 0..5 {
+        let summaries = (0..100).map(|n| summary(&format!("GET /item/{round}-{n}"), 5, false, 1)).collect();
+        append(&queue, summaries);
+        accumulator.read(&queue).unwrap();
+        accumulator.flush(&queue, 100 + round).unwrap();
+    }
+    let rtxn = queue.read().unwrap();
+    let stored = queue.state_prefix(&rtxn, SERIES_PREFIX).unwrap();
+    assert_eq!(stored.len(), 11, "10 series and the overflow series");
+    let overflow = stored.iter().find(|(key, _)| SeriesKey::decode(key).unwrap().overflow).unwrap();
+    let state = SeriesState::decode(overflow.1, 17).unwrap();
+    assert_eq!(state.calls, 500 - 10);
+}
+
+#[test]
+fn idle_series_expire() {
+    let (_dir, queue) = open_queue();
+    let config = SpanmetricsConfig { metrics_expiration: Duration::from_secs(60), ..Default::default() };
+    let mut accumulator = Accumulator::new(&config);
+    append(&queue, vec![summary("old", 5, false, 1)]);
+    accumulator.read(&queue).unwrap();
+    accumulator.flush(&queue, 1_000_000_000).unwrap();
+    append(&queue, vec![summary("new", 5, false, 1)]);
+    accumulator.read(&queue).unwrap();
+    accumulator.flush(&queue, 120_000_000_000).unwrap();
+    let rtxn = queue.read().unwrap();
+    let names: Vec<String> = queue
+        .state_prefix(&rtxn, SERIES_PREFIX)
+        .unwrap()
+        .iter()
+        .map(|(key, _)| SeriesKey::decode(key).unwrap().span_name)
+        .collect();
+    assert_eq!(names, vec!["new".to_owned()]);
+    assert_eq!(accumulator.series(), 1);
+}
