@@ -15,6 +15,7 @@
 //! counted from batch headers; the request is assembled only when it is sent. A request carries whole queue
 //! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
 
+pub mod isolate;
 pub mod loki;
 pub mod otlp;
 

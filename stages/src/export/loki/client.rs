@@ -21,26 +21,7 @@ use tailgate_config::{LokiAuth, LokiEncoding, LokiExporter};
 use super::entries::{Entry, Stream};
 use super::proto::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
 
-/// What one push attempt came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PushOutcome {
-    /// Loki took every entry.
-    Accepted,
-    /// Some entry is invalid: split and resend, or drop a single entry with `reason`.
-    Invalid {
-        /// Counter reason derived from Loki's message.
-        reason: &'static str,
-        /// Loki's message.
-        message: String,
-    },
-    /// Try the same request again later.
-    Retry {
-        /// What failed.
-        message: String,
-        /// The server's `Retry-After`, if any.
-        after: Option<Duration>,
-    },
-}
+pub use crate::export::isolate::Attempt as PushOutcome;
 
 /// A Loki push endpoint.
 #[derive(Debug, Clone)]
@@ -108,7 +89,7 @@ impl LokiClient {
                 let encoded = encode_protobuf(streams, entries).encode_to_vec();
                 match snap::raw::Encoder::new().compress_vec(&encoded) {
                     Ok(body) => ("application/x-protobuf", body),
-                    Err(err) => return PushOutcome::Invalid { reason: "encoding", message: err.to_string() },
+                    Err(err) => return PushOutcome::Refused { reason: "encoding", message: err.to_string() },
                 }
             }
             LokiEncoding::Json => ("application/json", encode_json(streams, entries).into_bytes()),
@@ -142,10 +123,10 @@ impl LokiClient {
 /// What an answer means for the request that got it.
 pub fn classify(status: u16, body: &str, message: String, after: Option<Duration>) -> PushOutcome {
     match status {
-        400 | 413 | 422 => PushOutcome::Invalid { reason: reason_of(status, body), message },
+        400 | 413 | 422 => PushOutcome::Refused { reason: reason_of(status, body), message },
         401 | 403 | 404 | 407 | 408 | 429 => PushOutcome::Retry { message, after },
         500..=599 => PushOutcome::Retry { message, after },
-        _ => PushOutcome::Invalid { reason: "rejected", message },
+        _ => PushOutcome::Refused { reason: "rejected", message },
     }
 }
 
@@ -265,7 +246,7 @@ mod tests {
     #[test]
     fn refusals_are_classified_by_status_and_message() {
         let invalid = |status, body: &str| match classify(status, body, String::new(), None) {
-            PushOutcome::Invalid { reason, .. } => Some(reason),
+            PushOutcome::Refused { reason, .. } => Some(reason),
             _ => None,
         };
         assert_eq!(

@@ -4,7 +4,8 @@
 //! requests), turns their records into stream entries ([`entries`]), pushes them
 //! ([`client`]), and moves the cursor together with the stream table (each stream's newest
 //! timestamp) in one transaction. Refused entries are isolated by splitting the request, dropped
-//! one by one and counted by reason; retryable failures resend the same request with backoff.
+//! one by one and counted by reason ([`super::isolate`]); retryable failures resend the same
+//! request with backoff.
 //! The boundary is at-least-once: after a kill between push and commit the same request is built
 //! again from the same stream table, so Loki receives identical entries and keeps one of each.
 
@@ -12,15 +13,12 @@ pub mod client;
 pub mod entries;
 pub mod proto;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use tailgate_config::LokiExporter;
 use tailgate_ipc::batch;
 use tailgate_ipc::{Consumer, Queue};
 
 use crate::context::{StageContext, StageError, unix_nanos_now};
-use client::{LokiClient, PushOutcome};
+use client::LokiClient;
 use entries::{EntryBuilder, Prepared, STREAM_STATE_PREFIX, StreamTable};
 
 /// A Loki destination and its stream table.
@@ -75,52 +73,24 @@ impl LokiSink {
         if prepared.label_overflow > 0 {
             ctx.events.error("label_overflow");
         }
-        let mut refused: BTreeMap<&'static str, u64> = BTreeMap::new();
-        // Ranges of entries still to push, the next one last.
-        let mut pending = Vec::with_capacity(8);
-        pending.push(0..prepared.entries.len());
-        let retry = &ctx.config.exporters.retry_on_failure;
-        while let Some(range) = pending.pop() {
-            if range.is_empty() {
-                continue;
-            }
-            let mut delay = retry.initial_interval;
-            loop {
-                match self.client.push(&prepared.streams, &prepared.entries[range.clone()]).await {
-                    PushOutcome::Accepted => {
-                        ctx.events.sent(range.len() as u64);
-                        break;
-                    }
-                    PushOutcome::Invalid { reason, message } => {
-                        if range.len() == 1 {
-                            tracing::debug!(consumer = consumer.as_str(), reason, %message, "loki refused an entry");
-                            *refused.entry(reason).or_default() += 1;
-                        } else {
-                            // Loki stored the valid entries already; resending them is harmless
-                            // (identical entries are kept once). Left half first keeps order.
-                            let middle = range.start + range.len() / 2;
-                            pending.push(middle..range.end);
-                            pending.push(range.start..middle);
-                        }
-                        break;
-                    }
-                    PushOutcome::Retry { message, after } => {
-                        ctx.events.error("export_retry");
-                        let wait = delay.max(after.unwrap_or_default()).min(Duration::from_secs(30));
-                        tracing::warn!(consumer = consumer.as_str(), retry_in = ?wait, %message, "loki push failed; will retry");
-                        if !super::pause(ctx, wait).await {
-                            return Ok(());
-                        }
-                        delay = (delay * 2).min(retry.max_interval);
-                    }
-                }
-            }
+        let client = &self.client;
+        let delivered = super::isolate::deliver(
+            ctx,
+            consumer.as_str(),
+            &prepared.entries,
+            None,
+            async |part: &[entries::Entry]| client.push(&prepared.streams, part).await,
+        )
+        .await;
+        if delivered.interrupted {
+            return Ok(());
         }
-        for (reason, count) in &refused {
-            ctx.events.dropped(reason, *count);
+        ctx.events.sent(delivered.accepted as u64);
+        for (reason, count) in &delivered.refused {
+            ctx.events.dropped(reason, *count as u64);
         }
-        if !refused.is_empty() {
-            tracing::warn!(consumer = consumer.as_str(), refused = ?refused, records = read.records, "loki refused entries; dropped them, kept the rest");
+        if !delivered.refused.is_empty() {
+            tracing::warn!(consumer = consumer.as_str(), refused = ?delivered.refused, records = read.records, "loki refused entries; dropped them, kept the rest");
         }
         let changes = self.streams.as_mut().map(StreamTable::take_changes).unwrap_or_default();
         super::commit_until_done(ctx, consumer, read.cursor, read.last_seq, &changes).await
