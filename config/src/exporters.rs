@@ -17,8 +17,10 @@ pub struct Exporters {
     /// Where kept logs go: OTLP, Loki, or both (each its own consumer with its own cursor).
     /// Without any, kept logs are counted as dropped (`no_destination`).
     pub logs: Option<LogsDestination>,
-    /// Where metrics go; without one, metrics are counted as dropped (`no_destination`).
-    pub metrics: Option<Destination>,
+    /// Where metrics go (span metrics and received OTLP metrics): OTLP, Prometheus remote write,
+    /// or both (each its own consumer). Without any, metrics are counted as dropped
+    /// (`no_destination`).
+    pub metrics: Option<MetricsDestination>,
     /// Batching of requests.
     #[serde(default)]
     pub batch: BatchConfig,
@@ -128,7 +130,7 @@ pub struct LokiExporter {
     pub headers: BTreeMap<String, String>,
     /// Credentials: `basic` (username and password or password_file) or `bearer_token_file`.
     #[serde(default)]
-    pub auth: Option<LokiAuth>,
+    pub auth: Option<HttpAuth>,
     /// Stream labels. `service.name` always becomes `service_name` and the severity becomes
     /// `level`; these add more.
     #[serde(default)]
@@ -168,10 +170,10 @@ pub enum LokiEncoding {
     Json,
 }
 
-/// Credentials for Loki (or a gateway in front of it).
+/// Credentials for an HTTP backend (or a gateway in front of it).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum LokiAuth {
+pub enum HttpAuth {
     /// HTTP basic auth.
     Basic {
         /// User name.
@@ -218,11 +220,85 @@ pub enum OutOfOrderAction {
     Drop,
 }
 
+/// Destinations of metrics.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsDestination {
+    /// An OTLP/gRPC endpoint.
+    pub otlp: Option<OtlpExporter>,
+    /// A Prometheus remote-write endpoint (Prometheus, Mimir, Thanos receive, VictoriaMetrics).
+    pub prometheusremotewrite: Option<RemoteWriteExporter>,
+}
+
+/// Prometheus remote write 1.0 (protobuf + snappy), with exemplars.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteWriteExporter {
+    /// The write URL, e.g. `http://prometheus:9090/api/v1/write`.
+    pub endpoint: String,
+    /// Extra HTTP headers on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Credentials: `basic` (username and password_file) or `bearer_token_file`.
+    #[serde(default)]
+    pub auth: Option<HttpAuth>,
+    /// Deadline of one request.
+    #[serde(default = "default_export_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Samples older than this are dropped before sending and counted (`stale`): Prometheus
+    /// refuses samples behind its head block (about an hour) unless an out-of-order window is
+    /// configured. `0s` sends everything.
+    #[serde(default = "default_max_sample_age", with = "humantime_serde")]
+    pub max_sample_age: Duration,
+    /// Most samples in one request (Prometheus' own `max_samples_per_send`).
+    #[serde(default = "default_max_samples_per_send")]
+    pub max_samples_per_send: u32,
+    /// While the backend is unreachable: `durable` keeps the backlog on disk and retries (the
+    /// queue holds hours); `drop_during_outage` drops what cannot be sent after a few quick
+    /// retries (counted as `backend_unavailable`), so only fresh samples go out after the outage.
+    #[serde(default)]
+    pub outage_policy: OutagePolicy,
+}
+
+fn default_max_sample_age() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_max_samples_per_send() -> u32 {
+    2000
+}
+
+/// What a destination does while its backend is down.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutagePolicy {
+    /// Hold the backlog on disk and retry.
+    #[default]
+    Durable,
+    /// Drop after a few retries (counted).
+    DropDuringOutage,
+}
+
 impl Exporters {
     pub(crate) fn validate(&self, problems: &mut Problems) {
         self.traces.otlp.validate("exporters.traces.otlp", problems);
         if let Some(metrics) = &self.metrics {
-            metrics.otlp.validate("exporters.metrics.otlp", problems);
+            if metrics.otlp.is_none() && metrics.prometheusremotewrite.is_none() {
+                problems
+                    .add("exporters.metrics", "configure otlp, prometheusremotewrite or both (or remove the section)");
+            }
+            if let Some(otlp) = &metrics.otlp {
+                otlp.validate("exporters.metrics.otlp", problems);
+            }
+            if let Some(remote) = &metrics.prometheusremotewrite {
+                problems.check_url(&remote.endpoint, "exporters.metrics.prometheusremotewrite.endpoint");
+                if remote.timeout.is_zero() {
+                    problems.add("exporters.metrics.prometheusremotewrite.timeout", "must be above zero");
+                }
+                if remote.max_samples_per_send == 0 {
+                    problems.add("exporters.metrics.prometheusremotewrite.max_samples_per_send", "must be above zero");
+                }
+            }
         }
         if let Some(logs) = &self.logs {
             if logs.otlp.is_none() && logs.loki.is_none() {

@@ -93,7 +93,7 @@ impl Edge {
             Edge::KeptSpans => &[Consumer::ExportTraces],
             Edge::Logs => &[Consumer::LogMirror],
             Edge::KeptLogs => &[Consumer::ExportLogs, Consumer::ExportLoki],
-            Edge::Metrics => &[Consumer::ExportMetrics],
+            Edge::Metrics => &[Consumer::ExportMetrics, Consumer::ExportRemoteWrite],
             Edge::SpanSummaries => &[Consumer::Spanmetrics],
         }
     }
@@ -118,13 +118,15 @@ pub enum Consumer {
     ExportLogs,
     /// export's Loki destination reading `kept_logs`.
     ExportLoki,
-    /// export's metric destination reading `metrics`.
+    /// export's OTLP metric destination reading `metrics`.
     ExportMetrics,
+    /// export's Prometheus remote-write destination reading `metrics`.
+    ExportRemoteWrite,
 }
 
 impl Consumer {
     /// Every consumer.
-    pub const ALL: [Consumer; 7] = [
+    pub const ALL: [Consumer; 8] = [
         Consumer::TailSample,
         Consumer::LogMirror,
         Consumer::Spanmetrics,
@@ -132,6 +134,7 @@ impl Consumer {
         Consumer::ExportLogs,
         Consumer::ExportLoki,
         Consumer::ExportMetrics,
+        Consumer::ExportRemoteWrite,
     ];
 
     /// The cursor's key in the cursors table.
@@ -144,6 +147,7 @@ impl Consumer {
             Consumer::ExportLogs => "export_logs",
             Consumer::ExportLoki => "export_loki",
             Consumer::ExportMetrics => "export_metrics",
+            Consumer::ExportRemoteWrite => "export_remote_write",
         }
     }
 
@@ -155,7 +159,7 @@ impl Consumer {
             Consumer::Spanmetrics => Edge::SpanSummaries,
             Consumer::ExportTraces => Edge::KeptSpans,
             Consumer::ExportLogs | Consumer::ExportLoki => Edge::KeptLogs,
-            Consumer::ExportMetrics => Edge::Metrics,
+            Consumer::ExportMetrics | Consumer::ExportRemoteWrite => Edge::Metrics,
         }
     }
 
@@ -165,9 +169,11 @@ impl Consumer {
             Consumer::TailSample => StageId::TailSample,
             Consumer::LogMirror => StageId::LogMirror,
             Consumer::Spanmetrics => StageId::Spanmetrics,
-            Consumer::ExportTraces | Consumer::ExportLogs | Consumer::ExportLoki | Consumer::ExportMetrics => {
-                StageId::Export
-            }
+            Consumer::ExportTraces
+            | Consumer::ExportLogs
+            | Consumer::ExportLoki
+            | Consumer::ExportMetrics
+            | Consumer::ExportRemoteWrite => StageId::Export,
         }
     }
 }

@@ -15,9 +15,11 @@
 //! counted from batch headers; the request is assembled only when it is sent. A request carries whole queue
 //! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
 
+pub mod http;
 pub mod isolate;
 pub mod loki;
 pub mod otlp;
+pub mod prometheus;
 
 use std::time::Duration;
 
@@ -30,6 +32,7 @@ use crate::context::{StageContext, StageError};
 use crate::otlp_wire::{self, Signal};
 use loki::LokiSink;
 use otlp::{OtlpClient, SendOutcome};
+use prometheus::RemoteWriteSink;
 
 /// Most queue batches read into one request.
 const MAX_BATCHES_PER_REQUEST: usize = 256;
@@ -42,6 +45,7 @@ const MAX_REQUEST_BYTES: usize = 3 << 20;
 enum Sink {
     Otlp(OtlpClient),
     Loki(Box<LokiSink>),
+    RemoteWrite(Box<RemoteWriteSink>),
     /// No destination for the edge: count and drop.
     Discard,
 }
@@ -60,8 +64,12 @@ fn sinks(config: &Config) -> Result<Vec<(Consumer, Sink)>, StageError> {
     if let Some(settings) = logs.and_then(|l| l.loki.as_ref()) {
         out.push((Consumer::ExportLoki, Sink::Loki(Box::new(LokiSink::new(settings)?))));
     }
-    if let Some(metrics) = &exporters.metrics {
-        out.push((Consumer::ExportMetrics, otlp(&metrics.otlp, Signal::Metrics)?));
+    let metrics = exporters.metrics.as_ref();
+    if let Some(settings) = metrics.and_then(|m| m.otlp.as_ref()) {
+        out.push((Consumer::ExportMetrics, otlp(settings, Signal::Metrics)?));
+    }
+    if let Some(settings) = metrics.and_then(|m| m.prometheusremotewrite.as_ref()) {
+        out.push((Consumer::ExportRemoteWrite, Sink::RemoteWrite(Box::new(RemoteWriteSink::new(settings)?))));
     }
     for edge in [Edge::KeptLogs, Edge::Metrics] {
         if !out.iter().any(|(consumer, _)| consumer.edge() == edge) {
@@ -76,7 +84,16 @@ fn sinks(config: &Config) -> Result<Vec<(Consumer, Sink)>, StageError> {
 pub fn inactive_consumers(config: &Config) -> Vec<Consumer> {
     let exporters = &config.exporters;
     let logs = exporters.logs.as_ref();
+    let metrics = exporters.metrics.as_ref();
     let mut inactive = Vec::new();
+    let has_metrics_otlp = metrics.is_some_and(|m| m.otlp.is_some());
+    let has_remote_write = metrics.is_some_and(|m| m.prometheusremotewrite.is_some());
+    if !has_metrics_otlp && has_remote_write {
+        inactive.push(Consumer::ExportMetrics);
+    }
+    if !has_remote_write {
+        inactive.push(Consumer::ExportRemoteWrite);
+    }
     let has_logs_otlp = logs.is_some_and(|l| l.otlp.is_some());
     let has_loki = logs.is_some_and(|l| l.loki.is_some());
     // The first consumer of an edge without any destination stays active and discards.
@@ -272,6 +289,7 @@ async fn run_consumer(
         match &mut sink {
             Sink::Otlp(client) => deliver_otlp(ctx, consumer, client, batch_size).await?,
             Sink::Loki(loki) => loki.deliver(ctx, consumer, batch_size).await?,
+            Sink::RemoteWrite(remote) => remote.deliver(ctx, consumer, batch_size).await?,
             Sink::Discard => {
                 let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
                 ctx.events.dropped("no_destination", assembled.items);

@@ -16,7 +16,9 @@
 use std::time::Duration;
 
 use prost::Message;
-use tailgate_config::{LokiAuth, LokiEncoding, LokiExporter};
+use tailgate_config::{LokiEncoding, LokiExporter};
+
+use crate::export::http::{HttpSetup, HttpSetupError};
 
 use super::entries::{Entry, Stream};
 use super::proto::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
@@ -32,53 +34,12 @@ pub struct LokiClient {
     headers: reqwest::header::HeaderMap,
 }
 
-/// Setting up the client failed (bad header, unreadable credentials file).
-#[derive(Debug, thiserror::Error)]
-#[error("loki exporter: {0}")]
-pub struct LokiSetupError(String);
-
 impl LokiClient {
     /// A client for the configured endpoint; credentials files are read here, once.
-    pub fn new(config: &LokiExporter) -> Result<LokiClient, LokiSetupError> {
-        use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-        let mut headers = HeaderMap::new();
-        let value = |text: &str, what: &str| {
-            HeaderValue::from_str(text).map_err(|_| LokiSetupError(format!("{what} is not a valid header value")))
-        };
-        for (name, text) in &config.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| LokiSetupError(format!("{name:?} is not a valid header name")))?;
-            headers.insert(name, value(text, "a configured header")?);
-        }
-        if let Some(tenant) = &config.tenant_id {
-            headers.insert("x-scope-orgid", value(tenant, "tenant_id")?);
-        }
-        let read_secret = |path: &std::path::Path| {
-            std::fs::read_to_string(path)
-                .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|err| LokiSetupError(format!("cannot read {}: {err}", path.display())))
-        };
-        match &config.auth {
-            None => {}
-            Some(LokiAuth::Basic { username, password_file }) => {
-                let password = read_secret(password_file)?;
-                let token = base64(format!("{username}:{password}").as_bytes());
-                let mut header = value(&format!("Basic {token}"), "basic credentials")?;
-                header.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, header);
-            }
-            Some(LokiAuth::BearerTokenFile(path)) => {
-                let mut header = value(&format!("Bearer {}", read_secret(path)?), "the bearer token")?;
-                header.set_sensitive(true);
-                headers.insert(reqwest::header::AUTHORIZATION, header);
-            }
-        }
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|err| LokiSetupError(err.to_string()))?;
+    pub fn new(config: &LokiExporter) -> Result<LokiClient, HttpSetupError> {
+        let tenant = config.tenant_id.as_deref().map(|tenant| ("x-scope-orgid", tenant));
+        let setup = HttpSetup { headers: &config.headers, auth: config.auth.as_ref(), timeout: config.timeout };
+        let (http, headers) = setup.build(tenant)?;
         Ok(LokiClient { http, url: config.endpoint.clone(), encoding: config.encoding, headers })
     }
 
@@ -108,12 +69,7 @@ impl LokiClient {
         if (200..300).contains(&status) {
             return PushOutcome::Accepted;
         }
-        let after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let after = crate::export::http::retry_after(&response);
         let text = response.text().await.unwrap_or_default();
         let message = format!("HTTP {status}: {}", text.trim());
         classify(status, &text, message, after)
@@ -212,36 +168,9 @@ pub fn encode_json(streams: &[Stream], entries: &[Entry]) -> String {
     json!({ "streams": out }).to_string()
 }
 
-/// Standard base64 with padding (for basic auth).
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let word = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
-        for index in 0..4 {
-            if index <= chunk.len() {
-                out.push(ALPHABET[((word >> (18 - 6 * index)) & 0x3f) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, expected) in
-            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
-        {
-            assert_eq!(base64(input.as_bytes()), expected);
-        }
-    }
 
     #[test]
     fn refusals_are_classified_by_status_and_message() {

@@ -41,7 +41,7 @@ struct Read {
 impl LokiSink {
     /// A sink for the configured endpoint.
     pub fn new(config: &LokiExporter) -> Result<LokiSink, StageError> {
-        let client = LokiClient::new(config).map_err(|err| StageError::Other(err.to_string()))?;
+        let client = LokiClient::new(config).map_err(|err| StageError::Other(format!("loki exporter: {err}")))?;
         Ok(LokiSink { config: config.clone(), client, streams: None })
     }
 

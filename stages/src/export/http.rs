@@ -1,0 +1,107 @@
+//! What the HTTP destinations (Loki, Prometheus remote write) share: a client with the
+//! configured headers and credentials. Credentials are read from files once, at start, and
+//! marked sensitive so they never appear in logs or debug output.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tailgate_config::HttpAuth;
+
+/// Setting up a client failed (bad header, unreadable credentials file).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HttpSetupError(String);
+
+/// The settings a client is built from.
+#[derive(Debug)]
+pub struct HttpSetup<'c> {
+    /// Configured headers.
+    pub headers: &'c BTreeMap<String, String>,
+    /// Credentials.
+    pub auth: Option<&'c HttpAuth>,
+    /// Deadline of one request (and of connecting).
+    pub timeout: Duration,
+}
+
+impl HttpSetup<'_> {
+    /// The client and the headers every request carries (plus `extra`, e.g. a tenant header).
+    pub fn build(&self, extra: Option<(&'static str, &str)>) -> Result<(reqwest::Client, HeaderMap), HttpSetupError> {
+        let value = |text: &str, what: &str| {
+            HeaderValue::from_str(text).map_err(|_| HttpSetupError(format!("{what} is not a valid header value")))
+        };
+        let mut headers = HeaderMap::new();
+        for (name, text) in self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| HttpSetupError(format!("{name:?} is not a valid header name")))?;
+            headers.insert(name, value(text, "a configured header")?);
+        }
+        if let Some((name, text)) = extra {
+            headers.insert(name, value(text, name)?);
+        }
+        let read_secret = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|err| HttpSetupError(format!("cannot read {}: {err}", path.display())))
+        };
+        let authorization = match self.auth {
+            None => None,
+            Some(HttpAuth::Basic { username, password_file }) => {
+                let token = base64(format!("{username}:{}", read_secret(password_file)?).as_bytes());
+                Some(value(&format!("Basic {token}"), "basic credentials")?)
+            }
+            Some(HttpAuth::BearerTokenFile(path)) => {
+                Some(value(&format!("Bearer {}", read_secret(path)?), "the bearer token")?)
+            }
+        };
+        if let Some(mut header) = authorization {
+            header.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, header);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| HttpSetupError(err.to_string()))?;
+        Ok((client, headers))
+    }
+}
+
+/// The `Retry-After` of a response, in whole seconds.
+pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let text = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Standard base64 with padding (for basic auth).
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let word = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
+        for index in 0..4 {
+            if index <= chunk.len() {
+                out.push(ALPHABET[((word >> (18 - 6 * index)) & 0x3f) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, expected) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
+        {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+}
