@@ -23,8 +23,12 @@
 //!    `WRITE_MAP` with `NO_SYNC` can leave a torn environment after an OS crash: the supervisor
 //!    checks every batch after an unclean shutdown ([`Queue::verify`]) and readers use checked
 //!    rkyv access, so a torn page is an error, not undefined behaviour.
-//! 6. Intake stops at [`INTAKE_STOP_RATIO`] of the map so downstream stages always have room to
-//!    move data forward and free pages.
+//! 6. The budget is tiered so that no stage can starve the one that frees space: intake stops
+//!    where a commit would take the map past [`INTAKE_STOP_RATIO`] (counting the size of what it
+//!    adds); stages that read one edge and write another stop stepping above
+//!    [`STAGE_STOP_RATIO`] and read at most [`Queue::max_step_bytes`] per step; export, which
+//!    only deletes (moves cursors), is never held back, so it can always free space once its
+//!    backend answers. At the limit every stage waits; none deadlocks.
 
 use std::path::Path;
 
@@ -36,6 +40,14 @@ use crate::topology::{Consumer, Edge};
 
 /// Fraction of the map above which [`Queue::admits`] answers false and receive pushes back.
 pub const INTAKE_STOP_RATIO: f64 = 0.8;
+
+/// Fraction of the map above which stages that write output (tail_sample, log_mirror,
+/// spanmetrics) stop stepping, leaving the rest for export's cursor moves.
+pub const STAGE_STOP_RATIO: f64 = 0.9;
+
+/// Pages a commit needs besides its values (B-tree branches, copied leaves, meta), as a factor
+/// of the value bytes it adds.
+const COMMIT_OVERHEAD: f64 = 1.5;
 
 type Table = Database<'static, Bytes, Bytes>;
 
@@ -398,8 +410,25 @@ impl Queue {
 
     /// Whether intake may add data now (false above [`INTAKE_STOP_RATIO`] of the budget).
     pub fn admits(&self, txn: &RoTxn<'_>) -> Result<bool, QueueError> {
-        let used = self.used_bytes(txn)? as f64;
-        Ok(used < self.capacity_bytes() as f64 * INTAKE_STOP_RATIO)
+        self.admits_bytes(txn, 0)
+    }
+
+    /// Whether intake may commit `incoming` more bytes of values: the map must stay below
+    /// [`INTAKE_STOP_RATIO`] after the commit, counting its B-tree overhead.
+    pub fn admits_bytes(&self, txn: &RoTxn<'_>, incoming: u64) -> Result<bool, QueueError> {
+        let after = self.used_bytes(txn)? as f64 + incoming as f64 * COMMIT_OVERHEAD;
+        Ok(after < self.capacity_bytes() as f64 * INTAKE_STOP_RATIO)
+    }
+
+    /// Whether a stage that writes output may take a step (false above [`STAGE_STOP_RATIO`]).
+    pub fn stage_may_write(&self, txn: &RoTxn<'_>) -> Result<bool, QueueError> {
+        Ok((self.used_bytes(txn)? as f64) < self.capacity_bytes() as f64 * STAGE_STOP_RATIO)
+    }
+
+    /// Most input bytes a stage step reads (its output is at most about as large), so that one
+    /// step cannot cross the headroom between [`STAGE_STOP_RATIO`] and the end of the map.
+    pub fn max_step_bytes(&self) -> usize {
+        usize::try_from(self.capacity_bytes() / 32).unwrap_or(usize::MAX)
     }
 
     /// Reads a value of the `meta` table (stage positions).

@@ -90,6 +90,26 @@ impl StageContext {
     }
 }
 
+impl StageContext {
+    /// The queue is above the stage threshold: waits (a wake-up or one second) for export to
+    /// free space, logging once per episode. `waiting` tracks the episode.
+    pub async fn wait_for_budget(&mut self, waiting: &mut bool) {
+        if !*waiting {
+            tracing::warn!(stage = %self.stage, "queue near its disk budget; waiting for export to free space");
+            *waiting = true;
+        }
+        self.events.error("budget_wait");
+        self.idle(Some(Duration::from_secs(1))).await;
+    }
+
+    /// A step went through: ends a waiting episode.
+    pub fn budget_resumed(&self, waiting: &mut bool) {
+        if std::mem::take(waiting) {
+            tracing::info!(stage = %self.stage, "queue below its stage threshold again; resuming");
+        }
+    }
+}
+
 /// Wall-clock now in Unix nanoseconds (0 if the clock is before 1970).
 pub fn unix_nanos_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)

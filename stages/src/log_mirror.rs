@@ -77,6 +77,8 @@ pub struct MirrorReport {
     pub waiting: u64,
     /// Whether the step stopped at its batch limit.
     pub more_input: bool,
+    /// The queue is above the stage threshold: nothing was done.
+    pub blocked: bool,
 }
 
 /// A batch read but not yet passed by the cursor.
@@ -224,6 +226,10 @@ impl Mirror {
         let mut report = MirrorReport::default();
         let mut output = StepOutput::default();
         let rtxn = queue.read()?;
+        if !queue.stage_may_write(&rtxn)? {
+            report.blocked = true;
+            return Ok(report);
+        }
         let decided_through = queue.decided_through(&rtxn, now_unix_nano)?;
         let mut changed = self.ingest(queue, &rtxn, decided_through, &mut output, &mut report)?;
         changed |= self.resolve_new_decisions(queue, &rtxn, &mut output, &mut report)?;
@@ -275,13 +281,16 @@ impl Mirror {
         report: &mut MirrorReport,
     ) -> Result<bool, StageError> {
         let mut read = 0;
+        let mut bytes = 0usize;
+        let max_bytes = queue.max_step_bytes();
         for entry in queue.entries_after(rtxn, Edge::Logs, self.read_pos)? {
-            if read == MAX_BATCHES_PER_STEP {
+            if read == MAX_BATCHES_PER_STEP || bytes >= max_bytes {
                 report.more_input = true;
                 break;
             }
             read += 1;
             let (seq, value) = entry?;
+            bytes += value.len();
             let source = batch::access_logs(value)?;
             let records = source.logs.len();
             let received = source.received_unix_nano.to_native();
@@ -455,6 +464,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut mirror = Mirror::open(&ctx.queue, rule)?;
     tracing::info!(waiting = mirror.waiting_records(), "log_mirror started");
     let mut full_streak = 0;
+    let mut over_budget = false;
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
         let report = match mirror.step(&ctx.queue, unix_nanos_now()) {
@@ -467,6 +477,11 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
             }
         };
         full_streak = 0;
+        if report.blocked {
+            ctx.wait_for_budget(&mut over_budget).await;
+            continue;
+        }
+        ctx.budget_resumed(&mut over_budget);
         ctx.events.received(report.received);
         ctx.events.sent(report.kept);
         ctx.events.dropped("trace_dropped", report.dropped_trace);

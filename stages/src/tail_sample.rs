@@ -99,6 +99,8 @@ pub struct Sampler {
     persisted_read_pos: u64,
     /// Receive time of the last batch ingested, Unix nanoseconds.
     ingested_until: u64,
+    /// Steps read and write at most the step budget divided by 2^this.
+    step_shift: u32,
 }
 
 /// What one step did.
@@ -116,6 +118,8 @@ pub struct StepReport {
     pub more_input: bool,
     /// Span summaries written for spanmetrics.
     pub summarized: u64,
+    /// The queue is above the stage threshold: nothing was done.
+    pub blocked: bool,
 }
 
 /// The spans one step emits and the decisions it records, committed together.
@@ -124,8 +128,14 @@ struct StepOutput {
     builder: SubsetBuilder,
     spans: Vec<batch::SpanRecord>,
     span_bytes: usize,
-    /// Finished output batches, each at most about [`MAX_OUTPUT_BATCH_BYTES`].
+    /// Finished output batches, each at most about `batch_limit` bytes of spans.
     full: Vec<SpanBatch>,
+    /// Seal output batches at this many bytes of spans.
+    batch_limit: usize,
+    /// Stop deciding once this many bytes of spans were emitted in the step.
+    step_limit: usize,
+    /// Bytes of spans emitted in the step.
+    emitted: usize,
     /// Decisions made or extended in this step, by trace id.
     decisions: HashMap<[u8; 16], Decision>,
     /// What spanmetrics gets of every span decided in this step.
@@ -137,11 +147,12 @@ impl StepOutput {
         if let Some(span) = source.spans.get(index as usize) {
             // Seal before a span would take the batch past the limit (a span above the limit on
             // its own still gets a batch of its own).
-            if self.span_bytes + span.body.len() > MAX_OUTPUT_BATCH_BYTES {
+            if self.span_bytes + span.body.len() > self.batch_limit {
                 self.seal();
             }
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
             self.span_bytes += span.body.len();
+            self.emitted += span.body.len();
             self.spans.push(batch::own_span(span, scope));
         }
     }
@@ -177,6 +188,7 @@ impl Sampler {
             replay_buffered: 0,
             persisted_read_pos: replay_until,
             ingested_until: 0,
+            step_shift: 0,
         })
     }
 
@@ -190,13 +202,25 @@ impl Sampler {
         self.due.first().map(|(due, _)| *due)
     }
 
+    /// Makes steps smaller by a factor of 2^`shift` (after a step found no room in the map:
+    /// near the budget, free pages are scattered and large batches find no contiguous run).
+    pub fn set_step_shift(&mut self, shift: u32) {
+        self.step_shift = shift;
+    }
+
     /// Ingests new input, decides due traces, and commits the result in one write transaction.
     /// On error the in-memory index may be ahead of the queue: the process must exit and
     /// rebuild from the queue (the supervisor restarts it).
     pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<StepReport, StageError> {
         let mut report = StepReport::default();
-        let mut output = StepOutput::default();
+        let step_limit = (queue.max_step_bytes() >> self.step_shift).max(4096);
+        let mut output =
+            StepOutput { batch_limit: step_limit.min(MAX_OUTPUT_BATCH_BYTES), step_limit, ..StepOutput::default() };
         let rtxn = queue.read()?;
+        if !queue.stage_may_write(&rtxn)? {
+            report.blocked = true;
+            return Ok(report);
+        }
         self.ingest(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
         // While replaying, a trace may still have spans in batches not re-read yet: deciding it
         // now would judge it on part of its spans and then skip the rest as already handled.
@@ -205,6 +229,7 @@ impl Sampler {
             // due by the receive time of the last batch read: later spans of those traces, still
             // unread, would otherwise arrive as late spans of a trace judged without them.
             let decide_at = if report.more_input { now_unix_nano.min(self.ingested_until) } else { now_unix_nano };
+            // Stops at the step's output limit and asks for another step (more_input).
             self.decide(queue, &rtxn, decide_at, now_unix_nano, &mut output, &mut report)?;
         }
         drop(rtxn);
@@ -269,13 +294,16 @@ impl Sampler {
         report: &mut StepReport,
     ) -> Result<(), StageError> {
         let mut batches = 0;
+        let mut bytes = 0usize;
+        let max_bytes = output.step_limit;
         let now = unix_nanos_now();
         for entry in queue.entries_after(rtxn, Edge::Spans, self.read_pos)? {
-            if batches == MAX_BATCHES_PER_STEP {
+            if batches == MAX_BATCHES_PER_STEP || bytes >= max_bytes {
                 report.more_input = true;
                 break;
             }
             let (seq, value) = entry?;
+            bytes += value.len();
             let batch = batch::access_spans(value)?;
             let replaying = seq <= self.replay_until;
             // A trace due before this batch was received is decided before the batch is read,
@@ -283,7 +311,12 @@ impl Sampler {
             // or a stop) is judged in receive time, not by what happens to be queued.
             if !replaying && self.read_pos >= self.replay_until {
                 let due_by = batch.received_unix_nano.to_native().min(now).saturating_sub(1);
-                self.decide(queue, rtxn, due_by, now_unix_nano, output, report)?;
+                if !self.decide(queue, rtxn, due_by, now_unix_nano, output, report)? {
+                    // The step's output is full: this batch waits for the next step, after the
+                    // traces due before it are decided.
+                    report.more_input = true;
+                    break;
+                }
             }
             // A clock stepped backwards must not postpone decisions by the size of the step.
             let received = batch.received_unix_nano.to_native().min(now);
@@ -370,7 +403,7 @@ impl Sampler {
     }
 
     /// Decides every pending trace due by `due_by` (receive-time clock); decisions are stamped
-    /// with `now_unix_nano`.
+    /// with `now_unix_nano`. Returns false when it stopped at the step's output limit.
     fn decide(
         &mut self,
         queue: &Queue,
@@ -379,11 +412,15 @@ impl Sampler {
         now_unix_nano: u64,
         output: &mut StepOutput,
         report: &mut StepReport,
-    ) -> Result<(), StageError> {
+    ) -> Result<bool, StageError> {
         let mut sources: HashMap<u64, &ArchivedSpanBatch> = HashMap::new();
         while let Some(&(due, trace_id)) = self.due.first() {
             if due > due_by {
                 break;
+            }
+            if output.emitted >= output.step_limit {
+                report.more_input = true;
+                return Ok(false);
             }
             self.due.pop_first();
             let Some(trace) = self.traces.remove(&trace_id) else { continue };
@@ -425,7 +462,7 @@ impl Sampler {
             let decision = Decision { keep: trace.interesting, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
             output.decisions.insert(trace_id, decision);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn advance_cursor(&mut self) {
@@ -444,18 +481,36 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
     tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
     let mut full_streak = 0;
+    let mut over_budget = false;
+    // Steps shrink by half after each step that found no room in the map, and grow back after
+    // a run of good steps.
+    let (mut step_shift, mut good_steps) = (0u32, 0u32);
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
         let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
+                step_shift = (step_shift + 1).min(12);
+                good_steps = 0;
                 // The index ran ahead of the queue in the failed step: rebuild it from the queue.
                 sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
+                sampler.set_step_shift(step_shift);
                 continue;
             }
         };
         full_streak = 0;
+        good_steps += 1;
+        if step_shift > 0 && good_steps >= 32 {
+            step_shift -= 1;
+            good_steps = 0;
+            sampler.set_step_shift(step_shift);
+        }
+        if report.blocked {
+            ctx.wait_for_budget(&mut over_budget).await;
+            continue;
+        }
+        ctx.budget_resumed(&mut over_budget);
         ctx.events.received(report.ingested);
         ctx.events.sent(report.kept);
         ctx.events.dropped("sampled_out", report.dropped);

@@ -24,6 +24,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 
 pub mod loki;
+pub mod prometheus;
 
 /// A port nobody listens on right now.
 /// Ports are drawn from 20000-31999, below Linux's ephemeral range (32768+), so no outgoing
@@ -74,6 +75,12 @@ pub struct Timing {
     pub filelog: Option<String>,
     /// The `exporters.logs` destination (YAML flow mapping); default: OTLP to the test backend.
     pub logs_destination: Option<String>,
+    /// The `exporters.metrics` destination (YAML flow mapping); default: OTLP to the test backend.
+    pub metrics_destination: Option<String>,
+    /// Extra lines under `spanmetrics:` (indented by two spaces).
+    pub spanmetrics_extra: &'static str,
+    /// `queue.max_size_mib`, the disk budget.
+    pub queue_max_size_mib: u32,
 }
 
 impl Default for Timing {
@@ -87,6 +94,9 @@ impl Default for Timing {
             supervisor_extra: "",
             filelog: None,
             logs_destination: None,
+            metrics_destination: None,
+            spanmetrics_extra: "",
+            queue_max_size_mib: 256,
         }
     }
 }
@@ -117,7 +127,7 @@ receivers:
       http: {{ endpoint: "{http}" }}
 {filelog}
 queue:
-  max_size_mib: 256
+  max_size_mib: {queue_mib}
 tail_sample:
   decision_wait: {dw}
   root_grace: {rg}
@@ -126,10 +136,11 @@ log_mirror:
   max_wait: {lw}
 spanmetrics:
   metrics_flush_interval: {fi}
+{spanmetrics_extra}
 exporters:
   traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
   logs: {logs}
-  metrics: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
+  metrics: {metrics}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
   retry_on_failure: {{ initial_interval: 200ms, max_interval: 1s }}
 supervisor:
@@ -144,6 +155,12 @@ supervisor:
                 .logs_destination
                 .clone()
                 .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\", timeout: 10s }} }}")),
+            metrics = timing
+                .metrics_destination
+                .clone()
+                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\", timeout: 10s }} }}")),
+            spanmetrics_extra = timing.spanmetrics_extra,
+            queue_mib = timing.queue_max_size_mib,
             data = dir.path().join("data").display(),
             dw = timing.decision_wait,
             rg = timing.root_grace,
@@ -324,8 +341,13 @@ impl MetricsService for Backend {
 impl Backend {
     /// Serves the backend on a free loopback port from the given runtime.
     pub fn serve(runtime: &tokio::runtime::Runtime) -> (Backend, SocketAddr) {
+        Backend::serve_at(runtime, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Serves the backend on `addr` (a port chosen earlier, e.g. for a backend that comes up late).
+    pub fn serve_at(runtime: &tokio::runtime::Runtime, addr: SocketAddr) -> (Backend, SocketAddr) {
         let backend = Backend::default();
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
         let service = backend.clone();
         runtime.spawn(async move {

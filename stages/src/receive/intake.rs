@@ -174,7 +174,8 @@ fn encode(result: Result<Vec<u8>, batch::BatchError>) -> Result<Vec<u8>, otlp_wi
 
 fn commit_jobs(queue: &Queue, jobs: &[Job]) -> Result<(), QueueError> {
     let mut wtxn = queue.write()?;
-    if !queue.admits(&wtxn)? {
+    let incoming: usize = jobs.iter().map(|job| job.value.len()).sum();
+    if !queue.admits_bytes(&wtxn, incoming as u64)? {
         return Err(QueueError::Full);
     }
     for job in jobs {

@@ -196,6 +196,10 @@ impl Accumulator {
             return Ok(0);
         }
         let mut wtxn = queue.write()?;
+        if !queue.stage_may_write(&wtxn)? {
+            // Export frees space first; the counts stay in memory (and in the queue) meanwhile.
+            return Err(StageError::Queue(tailgate_ipc::QueueError::Full));
+        }
         let bucket_count = self.bounds.len() + 1;
         let mut points = Vec::with_capacity(self.deltas.len());
         let mut added = Vec::new();

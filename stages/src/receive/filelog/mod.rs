@@ -341,15 +341,16 @@ impl Tailer {
     fn commit(&mut self, output: PollOutput) -> Result<(), StageError> {
         let records = output.logs.len() as u64;
         let batch = (!output.logs.is_empty()).then(|| self.batch_of(&output));
+        let encoded = batch.as_ref().map(batch::encode_logs).transpose()?;
         for (path, drift) in &output.drift {
             self.drift.merge(path, drift);
         }
         let mut wtxn = self.queue.write()?;
-        if !self.queue.admits(&wtxn)? {
+        if !self.queue.admits_bytes(&wtxn, encoded.as_ref().map_or(0, |e| e.len() as u64))? {
             return Err(StageError::Queue(QueueError::Full));
         }
-        if let Some(batch) = batch {
-            self.queue.append(&mut wtxn, Edge::Logs, &batch::encode_logs(&batch)?)?;
+        if let Some(encoded) = encoded {
+            self.queue.append(&mut wtxn, Edge::Logs, &encoded)?;
         }
         let moved: HashMap<FileId, (u64, bool)> =
             output.moved.iter().map(|(id, offset, skipping)| (*id, (*offset, *skipping))).collect();

@@ -1,0 +1,116 @@
+//! At the disk budget: receive pushes back, every stage keeps making progress, and once the
+//! backend returns the whole accepted backlog is delivered (no deadlock at the limit).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{Backend, Tailgate, Timing, free_port, string_kv, trace_request, wait_until};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::trace::v1::{Span, Status, status};
+
+/// A trace of `spans` error spans, each carrying `padding` bytes of attribute.
+fn heavy_trace(n: u32, spans: u32, padding: usize) -> Vec<Span> {
+    let mut trace_id = [0u8; 16];
+    trace_id[..4].copy_from_slice(&n.to_be_bytes());
+    trace_id[15] = 0x5b;
+    let start = 1_700_000_000_000_000_000u64 + u64::from(n) * 1_000_000;
+    (0..spans)
+        .map(|s| {
+            let mut span_id = [0u8; 8];
+            span_id[..4].copy_from_slice(&n.to_be_bytes());
+            span_id[4..].copy_from_slice(&(s + 1).to_be_bytes());
+            let parent = if s == 0 { Vec::new() } else { [&n.to_be_bytes()[..], &1u32.to_be_bytes()[..]].concat() };
+            Span {
+                trace_id: trace_id.to_vec(),
+                span_id: span_id.to_vec(),
+                parent_span_id: parent,
+                name: format!("work {s}"),
+                start_time_unix_nano: start,
+                end_time_unix_nano: start + 5_000_000,
+                attributes: vec![string_kv("payload", &"x".repeat(padding))],
+                status: Some(Status { code: status::StatusCode::Error as i32, message: "failed".into() }),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn at_the_disk_budget_every_stage_progresses_and_the_backlog_drains() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The backend is down: nothing listens on its port yet.
+    let backend_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let timing = Timing {
+        decision_wait: "2s",
+        root_grace: "1s",
+        log_max_wait: "4s",
+        queue_max_size_mib: 16,
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let grpc = tailgate.grpc;
+    // Fill the budget: every trace is kept, so kept spans pile up while the backend is down.
+    let mut accepted: Vec<u32> = Vec::new();
+    let mut refused_in_a_row = 0;
+    let mut refused_total = 0;
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        for request in 0..4000u32 {
+            let traces: Vec<u32> = (0..4).map(|t| request * 4 + t).collect();
+            let spans = traces.iter().flat_map(|n| heavy_trace(*n, 5, 1500)).collect();
+            match client.export(trace_request("budget", spans)).await {
+                Ok(_) => {
+                    accepted.extend(traces);
+                    refused_in_a_row = 0;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    refused_total += 1;
+                    refused_in_a_row += 1;
+                    if refused_in_a_row >= 30 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    assert!(refused_total > 0, "the budget was never reached");
+    // Give the stages time to work at the limit while the backend is still down.
+    std::thread::sleep(Duration::from_secs(5));
+    let (backend, _) = Backend::serve_at(&runtime, backend_addr);
+    let expected: HashSet<([u8; 16], [u8; 8])> = accepted
+        .iter()
+        .flat_map(|n| heavy_trace(*n, 5, 0))
+        .map(|s| (s.trace_id.try_into().unwrap(), s.span_id.try_into().unwrap()))
+        .collect();
+    let delivered = wait_until(Duration::from_secs(120), || {
+        let got = backend.spans();
+        expected.iter().all(|key| got.contains_key(key))
+    });
+    let got = backend.spans();
+    let missing = expected.iter().filter(|key| !got.contains_key(*key)).count();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("status")
+        .arg("--config")
+        .arg(&tailgate.config_path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap_or_default();
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && !l.contains("will retry"))
+        .take(20)
+        .collect();
+    assert!(
+        delivered,
+        "{missing} of {} accepted spans never delivered after the backend returned\nstatus:\n{status}\nlog:\n{}",
+        expected.len(),
+        notable.join("\n")
+    );
+}
