@@ -327,9 +327,12 @@ impl Queue {
         let header =
             BatchHeader::parse(value).map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
         let mut depth = self.depth(wtxn, edge)?;
-        let seq = depth.next_seq;
+        // `next_seq` lives in `meta`; should it be stale (a torn page after an OS crash), the
+        // table's last key still keeps appends strictly increasing instead of failing for ever.
+        let last_key = self.edge_table(edge).last(wtxn)?.map(|(key, _)| key_seq(key)).unwrap_or(0);
+        let seq = depth.next_seq.max(last_key + 1);
         self.edge_table(edge).put_with_flags(wtxn, PutFlags::APPEND, &seq_key(seq), value)?;
-        depth.next_seq += 1;
+        depth.next_seq = seq + 1;
         depth.batches += 1;
         depth.items += u64::from(header.items);
         depth.bytes += value.len() as u64;

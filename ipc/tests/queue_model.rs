@@ -667,3 +667,23 @@ fn only_active_consumers_hold_entries_back() {
         assert_eq!(active.contains(&Consumer::ExportLoki), loki_active);
     }
 }
+
+#[test]
+fn a_stale_next_seq_does_not_stop_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), 16 * MIB);
+    let mut wtxn = q.write().unwrap();
+    for tag in 1..=3 {
+        q.append(&mut wtxn, Edge::Spans, &span_batch(tag, 1, 1)).unwrap();
+    }
+    // A torn meta page: the depth record of the edge no longer reads.
+    q.set_meta_u64(&mut wtxn, "depth/spans", 0).unwrap();
+    q.commit(wtxn).unwrap();
+    let mut wtxn = q.write().unwrap();
+    assert_eq!(q.append(&mut wtxn, Edge::Spans, &span_batch(4, 1, 1)).unwrap(), 4);
+    assert_eq!(q.append(&mut wtxn, Edge::Spans, &span_batch(5, 1, 1)).unwrap(), 5);
+    q.commit(wtxn).unwrap();
+    let txn = q.read().unwrap();
+    let seqs: Vec<u64> = stored(&q, &txn, Edge::Spans, 0).into_iter().map(|(seq, _)| seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+}

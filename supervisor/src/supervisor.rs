@@ -485,8 +485,26 @@ fn open_queue(config: &Config) -> anyhow::Result<Queue> {
             quarantine_and_reopen(&queue_dir, &options)?
         }
     };
-    std::fs::write(&marker, std::process::id().to_string())?;
+    write_durably(&marker, std::process::id().to_string().as_bytes())?;
     Ok(queue)
+}
+
+/// Writes a file and makes it and its directory entry durable: the unclean-shutdown marker must
+/// survive the power loss it is there to detect.
+fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    sync_parent(path)
+}
+
+/// fsyncs the directory holding `path` (makes a create, rename or unlink in it durable).
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 /// Moves a damaged queue aside (kept for inspection) and starts an empty one. Refuses while a
@@ -554,7 +572,12 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
         tracing::error!("exiting non-zero so the service manager restarts tailgate");
         return Ok(ExitCode::FAILURE);
     }
-    std::fs::remove_file(config.data_dir.join(RUNNING_MARKER)).ok();
+    let marker = config.data_dir.join(RUNNING_MARKER);
+    if std::fs::remove_file(&marker).is_ok()
+        && let Err(err) = sync_parent(&marker)
+    {
+        tracing::warn!(error = %err, "cannot make the removal of the RUNNING marker durable");
+    }
     tracing::info!("tailgate stopped cleanly");
     drop(instance_lock);
     Ok(ExitCode::SUCCESS)
