@@ -9,8 +9,8 @@
 //!   `/api/v1/query_exemplars`;
 //! - `storage.tsdb.out_of_order_time_window: 10m` (a config-file key in 2.42, not a flag):
 //!   samples up to 10 minutes older than the newest sample in the head are accepted. Anything
-//!   older is refused as a whole request; 2.42 answers that one ("too old sample") with 500,
-//!   which a sender retries, so a sender must not send such samples.
+//!   older is refused with the whole request; 2.42 answers that one ("too old sample") with 500,
+//!   which a sender following the remote-write spec would retry for ever.
 //!
 //! No scrape jobs: everything in the TSDB came through remote write. The server's own
 //! counters (e.g. `prometheus_http_requests_total{handler="/api/v1/write"}`, the write requests

@@ -39,8 +39,19 @@ pub struct RemoteWriteSink {
     config: RemoteWriteExporter,
     http: reqwest::Client,
     headers: reqwest::header::HeaderMap,
-    /// Last sample time sent per series (labels joined), Unix ms.
-    last_sent: HashMap<String, i64>,
+    /// Last sample time and last exemplar time sent per series (labels joined), Unix ms.
+    last_sent: HashMap<String, (i64, i64)>,
+}
+
+/// Series of one delivery, ready to send, and what was dropped on the way.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Requests' worth of series, each at most `max_samples_per_send` samples.
+    pub chunks: Vec<Vec<TimeSeries>>,
+    /// Samples older than `max_sample_age`.
+    pub stale: u64,
+    /// Samples not newer than the last one sent for their series.
+    pub out_of_order: u64,
 }
 
 /// Refusal reasons from Prometheus' messages.
@@ -109,19 +120,19 @@ impl RemoteWriteSink {
         classify(status, &body, after)
     }
 
-    /// Orders, filters and batches the series of one delivery; counts what it drops.
-    fn prepare(&mut self, converted: Converted, ctx: &StageContext) -> Vec<Vec<TimeSeries>> {
-        let now_ms = (unix_nanos_now() / 1_000_000) as i64;
+    /// Orders, filters and batches the series of one delivery. Prometheus stores samples and
+    /// exemplars of a series only in increasing time: both are sorted, and those not newer than
+    /// what this process last sent for the series are dropped.
+    pub fn prepare(&mut self, converted: Converted, now_ms: i64) -> Prepared {
         let oldest = if self.config.max_sample_age.is_zero() {
             i64::MIN
         } else {
             now_ms - self.config.max_sample_age.as_millis() as i64
         };
-        let (mut stale, mut out_of_order) = (0u64, 0u64);
+        let mut prepared = Prepared { chunks: vec![Vec::new()], ..Prepared::default() };
         if self.last_sent.len() > MAX_TRACKED_SERIES {
             self.last_sent.clear();
         }
-        let mut chunks: Vec<Vec<TimeSeries>> = vec![Vec::new()];
         let mut in_chunk = 0usize;
         for (labels, (mut samples, mut exemplars)) in converted.series {
             for sample in &mut samples {
@@ -129,8 +140,9 @@ impl RemoteWriteSink {
             }
             samples.sort_by_key(|s| s.timestamp);
             let key: String = labels.iter().map(|l| format!("{}\u{1}{}\u{2}", l.name, l.value)).collect();
-            let mut last = self.last_sent.get(&key).copied().unwrap_or(i64::MIN);
+            let (mut last, mut last_exemplar) = self.last_sent.get(&key).copied().unwrap_or((i64::MIN, i64::MIN));
             let before = samples.len();
+            let mut stale = 0;
             samples.retain(|sample| {
                 if sample.timestamp < oldest {
                     stale += 1;
@@ -142,30 +154,33 @@ impl RemoteWriteSink {
                 }
                 fresh
             });
-            out_of_order += (before - samples.len()) as u64;
+            prepared.stale += stale;
+            prepared.out_of_order += (before - samples.len()) as u64 - stale;
             if samples.is_empty() {
                 continue;
             }
-            self.last_sent.insert(key, last);
             for exemplar in &mut exemplars {
                 exemplar.timestamp = exemplar.timestamp.min(now_ms);
             }
+            exemplars.sort_by_key(|e| e.timestamp);
+            exemplars.retain(|exemplar| {
+                let fresh = exemplar.timestamp > last_exemplar && exemplar.timestamp >= oldest;
+                if fresh {
+                    last_exemplar = exemplar.timestamp;
+                }
+                fresh
+            });
+            self.last_sent.insert(key, (last, last_exemplar));
             if in_chunk + samples.len() > self.config.max_samples_per_send as usize && in_chunk > 0 {
-                chunks.push(Vec::new());
+                prepared.chunks.push(Vec::new());
                 in_chunk = 0;
             }
             in_chunk += samples.len();
-            if let Some(chunk) = chunks.last_mut() {
+            if let Some(chunk) = prepared.chunks.last_mut() {
                 chunk.push(TimeSeries { labels, samples, exemplars });
             }
         }
-        let out_of_order = out_of_order.saturating_sub(stale);
-        ctx.events.dropped("stale", stale);
-        ctx.events.dropped("out_of_order", out_of_order);
-        if stale + out_of_order > 0 {
-            tracing::debug!(stale, out_of_order, "samples dropped before sending");
-        }
-        chunks
+        prepared
     }
 
     /// Delivers one request's worth of queue batches (or waits out failures until stopped).
@@ -188,7 +203,17 @@ impl RemoteWriteSink {
         for (reason, points) in &converted.unsupported {
             ctx.events.dropped(reason, *points);
         }
-        let chunks = self.prepare(converted, ctx);
+        let prepared = self.prepare(converted, now_ms);
+        ctx.events.dropped("stale", prepared.stale);
+        ctx.events.dropped("out_of_order", prepared.out_of_order);
+        if prepared.stale + prepared.out_of_order > 0 {
+            tracing::debug!(
+                stale = prepared.stale,
+                out_of_order = prepared.out_of_order,
+                "samples dropped before sending"
+            );
+        }
+        let chunks = prepared.chunks;
         let retry_limit = (self.config.outage_policy == OutagePolicy::DropDuringOutage).then_some(2);
         for chunk in &chunks {
             let delivered =
@@ -213,7 +238,40 @@ impl RemoteWriteSink {
 
 #[cfg(test)]
 mod tests {
+    use super::proto::{Exemplar, Label, Sample};
     use super::*;
+
+    #[test]
+    fn samples_and_exemplars_of_a_series_go_out_in_time_order_once() {
+        let config: RemoteWriteExporter =
+            serde_json::from_value(serde_json::json!({ "endpoint": "http://127.0.0.1:9090/api/v1/write" })).unwrap();
+        let mut sink = RemoteWriteSink::new(&config).unwrap();
+        let labels = vec![Label { name: "__name__".into(), value: "x".into() }];
+        let sample = |timestamp| Sample { value: 1.0, timestamp };
+        let exemplar = |timestamp| Exemplar { labels: Vec::new(), value: 1.0, timestamp };
+        let now = 10_000_000;
+        let mut first = Converted::default();
+        first.series.insert(
+            labels.clone(),
+            (vec![sample(now - 10), sample(now - 30), sample(now + 99)], vec![exemplar(now - 5), exemplar(now - 20)]),
+        );
+        let prepared = sink.prepare(first, now);
+        let series = &prepared.chunks[0][0];
+        let times: Vec<i64> = series.samples.iter().map(|s| s.timestamp).collect();
+        assert_eq!(times, vec![now - 30, now - 10, now], "sorted, the future clamped to now");
+        let exemplar_times: Vec<i64> = series.exemplars.iter().map(|e| e.timestamp).collect();
+        assert_eq!(exemplar_times, vec![now - 20, now - 5]);
+        // Later deliveries: what is not newer than what was sent is dropped; so is the stale.
+        let mut second = Converted::default();
+        second
+            .series
+            .insert(labels, (vec![sample(now - 1), sample(now + 5), sample(now - 4_000_000)], vec![exemplar(now - 6)]));
+        let prepared = sink.prepare(second, now + 10);
+        assert_eq!((prepared.stale, prepared.out_of_order), (1, 1));
+        let series = &prepared.chunks[0][0];
+        assert_eq!(series.samples.iter().map(|s| s.timestamp).collect::<Vec<_>>(), vec![now + 5]);
+        assert!(series.exemplars.is_empty());
+    }
 
     #[test]
     fn prometheus_answers_are_classified_as_measured_on_2_42() {
