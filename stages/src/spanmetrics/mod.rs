@@ -65,7 +65,11 @@ pub struct Accumulator {
     config: SpanmetricsConfig,
     /// Bucket bounds, ms.
     bounds: Vec<f64>,
-    deltas: HashMap<SeriesKey, Delta>,
+    /// Series counted since the last flush, with what they gained.
+    deltas: Vec<(SeriesKey, Delta)>,
+    /// Hash of a series' fields (computed from the summary, without allocating) -> positions in
+    /// `deltas`: the per-span lookup allocates only for a series new since the last flush.
+    index: HashMap<u64, Vec<usize>>,
     /// Encoded keys of the durable series (loaded at the first read).
     known: Option<HashSet<Vec<u8>>>,
     /// The cursor as this process last committed (or found) it; `None` before the first read.
@@ -83,7 +87,8 @@ impl Accumulator {
         Accumulator {
             config: config.clone(),
             bounds,
-            deltas: HashMap::new(),
+            deltas: Vec::new(),
+            index: HashMap::new(),
             known: None,
             cursor: None,
             read_pos: 0,
@@ -123,32 +128,10 @@ impl Accumulator {
         if self.config.source == SpanmetricsSource::Kept && !summary.kept {
             return;
         }
-        let dimensions = self
-            .config
-            .dimensions
-            .iter()
-            .zip(summary.dimensions.iter())
-            .filter_map(|(dimension, value)| {
-                let value = Some(value.as_str()).filter(|v| !v.is_empty()).or(dimension.default.as_deref())?;
-                Some((dimension.name.clone(), value.to_owned()))
-            })
-            .collect();
-        let mut key = SeriesKey {
-            service: service.to_owned(),
-            span_name: summary.name.as_str().to_owned(),
-            kind: summary.kind,
-            status: summary.status_code,
-            dimensions,
-            overflow: false,
-        };
-        if !self.deltas.contains_key(&key) && !self.admit(&key) {
-            key = SeriesKey::overflow();
-        }
-        let bucket_count = self.bounds.len() + 1;
+        let slot = self.slot_of(service, summary);
         let value_ms = summary.duration_nanos.to_native() as f64 / 1e6;
         let bucket = self.bounds.iter().position(|bound| value_ms <= *bound).unwrap_or(self.bounds.len());
-        let delta =
-            self.deltas.entry(key).or_insert_with(|| Delta { buckets: vec![0; bucket_count], ..Delta::default() });
+        let delta = &mut self.deltas[slot].1;
         delta.calls += 1;
         delta.sum_ms += value_ms;
         delta.buckets[bucket] += 1;
@@ -161,6 +144,56 @@ impl Accumulator {
                 time_unix_nano: summary.end_unix_nano.to_native(),
             });
         }
+    }
+
+    /// The position in `deltas` of the summary's series (created if new, the overflow series if
+    /// the cardinality limit is reached).
+    fn slot_of(&mut self, service: &str, summary: &ArchivedSpanSummary) -> usize {
+        use std::hash::{Hash, Hasher};
+        let dimensions = || {
+            self.config.dimensions.iter().zip(summary.dimensions.iter()).filter_map(|(dimension, value)| {
+                let value = Some(value.as_str()).filter(|v| !v.is_empty()).or(dimension.default.as_deref())?;
+                Some((dimension.name.as_str(), value))
+            })
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (service, summary.name.as_str(), summary.kind, summary.status_code).hash(&mut hasher);
+        for dimension in dimensions() {
+            dimension.hash(&mut hasher);
+        }
+        let hash = hasher.finish();
+        let matches = |key: &SeriesKey| {
+            let mut wanted = dimensions();
+            !key.overflow
+                && key.service == service
+                && key.span_name == summary.name.as_str()
+                && key.kind == summary.kind
+                && key.status == summary.status_code
+                && key.dimensions.iter().all(|(n, v)| wanted.next().is_some_and(|(wn, wv)| wn == n && wv == v))
+                && wanted.next().is_none()
+        };
+        if let Some(slot) = self.index.get(&hash).and_then(|slots| slots.iter().find(|s| matches(&self.deltas[**s].0)))
+        {
+            return *slot;
+        }
+        let key = SeriesKey {
+            service: service.to_owned(),
+            span_name: summary.name.as_str().to_owned(),
+            kind: summary.kind,
+            status: summary.status_code,
+            dimensions: dimensions().map(|(n, v)| (n.to_owned(), v.to_owned())).collect(),
+            overflow: false,
+        };
+        let (key, hash) = if self.admit(&key) { (key, hash) } else { (SeriesKey::overflow(), 0) };
+        if key.overflow
+            && let Some(slot) = self.deltas.iter().position(|(k, _)| k.overflow)
+        {
+            return slot;
+        }
+        let slot = self.deltas.len();
+        self.deltas.push((key, Delta { buckets: vec![0; self.bounds.len() + 1], ..Delta::default() }));
+        self.index.entry(hash).or_default().push(slot);
+        slot
     }
 
     /// Whether `key` (not counted since the last flush) is a durable series or one more still
@@ -236,6 +269,7 @@ impl Accumulator {
         }
         self.cursor = Some(self.read_pos);
         self.deltas.clear();
+        self.index.clear();
         self.new_series = 0;
         Ok(data_points)
     }

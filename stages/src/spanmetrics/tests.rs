@@ -160,3 +160,38 @@ fn idle_series_expire() {
     assert_eq!(names, vec!["new".to_owned()]);
     assert_eq!(accumulator.series(), 1);
 }
+
+#[test]
+fn dimensions_take_span_values_then_defaults_and_split_series() {
+    let (_dir, queue) = open_queue();
+    let mut config = SpanmetricsConfig::default();
+    config.dimensions = vec![
+        tailgate_config::DimensionConfig { name: "http.method".into(), default: None },
+        tailgate_config::DimensionConfig { name: "region".into(), default: Some("eu".into()) },
+    ];
+    let with = |method: &str, region: &str| SpanSummary {
+        dimensions: vec![method.into(), region.into()],
+        ..summary("GET /", 5, false, 1)
+    };
+    append(&queue, vec![with("GET", ""), with("GET", ""), with("POST", "us"), with("", "")]);
+    let mut accumulator = Accumulator::new(&config);
+    accumulator.read(&queue).unwrap();
+    accumulator.flush(&queue, 100).unwrap();
+    let rtxn = queue.read().unwrap();
+    let mut series: Vec<(Vec<(String, String)>, u64)> = queue
+        .state_prefix(&rtxn, SERIES_PREFIX)
+        .unwrap()
+        .iter()
+        .map(|(key, value)| (SeriesKey::decode(key).unwrap().dimensions, SeriesState::decode(value, 17).unwrap().calls))
+        .collect();
+    series.sort();
+    let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+    assert_eq!(
+        series,
+        vec![
+            (vec![pair("http.method", "GET"), pair("region", "eu")], 2),
+            (vec![pair("http.method", "POST"), pair("region", "us")], 1),
+            (vec![pair("region", "eu")], 1),
+        ]
+    );
+}
