@@ -164,11 +164,13 @@ fn idle_series_expire() {
 #[test]
 fn dimensions_take_span_values_then_defaults_and_split_series() {
     let (_dir, queue) = open_queue();
-    let mut config = SpanmetricsConfig::default();
-    config.dimensions = vec![
-        tailgate_config::DimensionConfig { name: "http.method".into(), default: None },
-        tailgate_config::DimensionConfig { name: "region".into(), default: Some("eu".into()) },
-    ];
+    let config = SpanmetricsConfig {
+        dimensions: vec![
+            tailgate_config::DimensionConfig { name: "http.method".into(), default: None },
+            tailgate_config::DimensionConfig { name: "region".into(), default: Some("eu".into()) },
+        ],
+        ..SpanmetricsConfig::default()
+    };
     let with = |method: &str, region: &str| SpanSummary {
         dimensions: vec![method.into(), region.into()],
         ..summary("GET /", 5, false, 1)
