@@ -208,6 +208,9 @@ fn run_replay(via_file: bool, disturbance: Disturbance) {
         root_grace: "3s",
         log_max_wait: "8s",
         filelog: via_file.then_some(filelog),
+        // The frozen sampler must stay frozen for the whole drill, not be killed by the
+        // supervisor's liveness check after its default 5 s.
+        supervisor_extra: "  liveness_timeout: 60s",
         ..Timing::default()
     };
     let tailgate = Tailgate::start(backend_addr, &timing);

@@ -272,6 +272,11 @@ pub struct SupervisorConfig {
     /// How long each stage gets to drain on shutdown before it is killed.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// A stage process that stays stopped (SIGSTOP, a frozen cgroup, a tracer) this long is
+    /// killed and restarted: a stopped process may hold the queue's single writer lock and stall
+    /// every stage, and its reader slot pins pages. Checked every `queue.sync_interval`.
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -284,6 +289,7 @@ impl Default for SupervisorConfig {
             max_restarts: 10,
             restart_window: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(10),
+            liveness_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -423,6 +429,9 @@ impl Config {
         }
         if supervisor.restart_backoff_initial > supervisor.restart_backoff_max {
             problems.add("supervisor.restart_backoff_initial", "must not exceed restart_backoff_max");
+        }
+        if supervisor.liveness_timeout.is_zero() {
+            problems.add("supervisor.liveness_timeout", "must be above zero");
         }
         if supervisor.max_restarts == 0 {
             problems.add("supervisor.max_restarts", "must be above zero");

@@ -82,6 +82,8 @@ pub struct StageState {
     pidfd: Option<std::os::fd::OwnedFd>,
     /// The running process was killed for exceeding its memory limit.
     killed_for_memory: bool,
+    /// Since when the running process has been seen stopped (SIGSTOP, frozen cgroup).
+    stopped_since: Option<Instant>,
     generation: u64,
     started_at: Instant,
     backoff: Duration,
@@ -99,6 +101,27 @@ pub struct StageArgs {
 }
 
 impl StageActor {
+    /// Kills a stage process that has been stopped for `liveness_timeout` (its exit restarts it).
+    /// A stopped process ignores SIGTERM and may hold the queue's writer lock, which would stall
+    /// every other stage; LMDB's robust lock is released when the holder dies.
+    fn check_liveness(state: &mut StageState) {
+        let stopped = state.pid.and_then(process_state).is_some_and(|code| code == 'T' || code == 't');
+        if !stopped {
+            state.stopped_since = None;
+            return;
+        }
+        let since = *state.stopped_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= state.policy.liveness_timeout && state.stopping.is_none() {
+            tracing::error!(
+                stage = %state.stage,
+                stopped_for = ?since.elapsed(),
+                "stage process is stopped (SIGSTOP or a frozen cgroup); killing it so it restarts"
+            );
+            state.stopped_since = None;
+            StageActor::signal(state, rustix::process::Signal::KILL);
+        }
+    }
+
     fn spawn_process(myself: &ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
         let mut command = tokio::process::Command::new(&state.launch.exe);
         command.arg("stage").arg(state.stage.as_str()).arg("--data-dir").arg(&state.launch.data_dir);
@@ -193,6 +216,7 @@ impl Actor for StageActor {
             pid: None,
             pidfd: None,
             killed_for_memory: false,
+            stopped_since: None,
             generation: 0,
             started_at: Instant::now(),
             restarts: VecDeque::new(),
@@ -255,6 +279,7 @@ impl Actor for StageActor {
                     state.killed_for_memory = true;
                     StageActor::signal(state, rustix::process::Signal::KILL);
                 }
+                StageActor::check_liveness(state);
                 let _ = reply.send(private);
             }
         }
@@ -266,6 +291,13 @@ impl Actor for StageActor {
         StageActor::signal(state, rustix::process::Signal::KILL);
         Ok(())
     }
+}
+
+/// The state letter of a process (`/proc/PID/stat`: R running, S sleeping, D disk wait, T
+/// stopped, t traced, Z zombie).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }
 
 /// Anonymous resident memory of a process (`RssAnon` of /proc/PID/status): its private heap,
