@@ -64,3 +64,36 @@ fn check_config_names_an_unknown_key() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8(output.stderr).unwrap().contains("latency_treshold"));
 }
+
+#[test]
+fn status_reads_the_queue_without_writing_or_waiting_behind_a_writer() {
+    use tailgate_ipc::{Queue, QueueOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let queue_dir = dir.path().join("queue");
+    let options = QueueOptions { max_size_bytes: 16 << 20, ..QueueOptions::default() };
+    let queue = Queue::open(&queue_dir, &options).unwrap();
+    let size_before = std::fs::metadata(queue_dir.join("data.mdb")).unwrap().len();
+    // A writer that holds the queue's single writer lock and does not let go (a stuck stage).
+    let held = queue.write().unwrap();
+    // No --config: the embedded default would say 1024 MiB; status must report what the queue
+    // was created with, and must not grow the file to the default budget.
+    let mut child = tailgate()
+        .arg("status")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "status waited behind the stuck writer");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    drop(held);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("of 16 MiB"), "{stdout}");
+    assert_eq!(std::fs::metadata(queue_dir.join("data.mdb")).unwrap().len(), size_before);
+}

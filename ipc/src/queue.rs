@@ -214,6 +214,23 @@ fn key_seq(key: &[u8]) -> u64 {
     u64::from_be_bytes(raw)
 }
 
+/// Every table, opened or created by `table`: the edges (in [`Edge`] order), then `cursors`,
+/// `meta`, `decisions`, `decision_expiry` and `state`.
+fn all_tables<T>(
+    mut table: impl FnMut(&str) -> Result<T, heed::Error>,
+) -> Result<([T; Edge::ALL.len()], [T; 5]), heed::Error> {
+    let edges = [
+        table(Edge::Spans.as_str())?,
+        table(Edge::KeptSpans.as_str())?,
+        table(Edge::Logs.as_str())?,
+        table(Edge::KeptLogs.as_str())?,
+        table(Edge::Metrics.as_str())?,
+        table(Edge::SpanSummaries.as_str())?,
+    ];
+    let named = [table("cursors")?, table("meta")?, table("decisions")?, table("decision_expiry")?, table("state")?];
+    Ok((edges, named))
+}
+
 fn depth_key(edge: Edge) -> Vec<u8> {
     format!("depth/{}", edge.as_str()).into_bytes()
 }
@@ -242,33 +259,51 @@ impl Queue {
         env.clear_stale_readers().map_err(lmdb)?;
         let wtxn = env.write_txn().map_err(lmdb)?;
         let tables = env
-            .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, heed::Error> {
-                let mut table = |name: &str| opener.create_database::<Bytes, Bytes>(wtxn, Some(name));
-                let edges = [
-                    table(Edge::Spans.as_str())?,
-                    table(Edge::KeptSpans.as_str())?,
-                    table(Edge::Logs.as_str())?,
-                    table(Edge::KeptLogs.as_str())?,
-                    table(Edge::Metrics.as_str())?,
-                    table(Edge::SpanSummaries.as_str())?,
-                ];
-                let named = [
-                    table("cursors")?,
-                    table("meta")?,
-                    table("decisions")?,
-                    table("decision_expiry")?,
-                    table("state")?,
-                ];
-                Ok(heed::CommitOrAbort::<_, ()>::Commit((edges, named)))
+            .create_databases_and_commit(wtxn, |opener, wtxn| {
+                let tables = all_tables(|name| opener.create_database::<Bytes, Bytes>(wtxn, Some(name)))?;
+                Ok::<_, heed::Error>(heed::CommitOrAbort::<_, ()>::Commit(tables))
             })
             .map_err(lmdb)?
             .unwrap_commit();
+        Ok(Queue::assemble(env, tables, options))
+    }
+
+    fn assemble(env: Env<WithoutTls>, tables: ([Table; Edge::ALL.len()], [Table; 5]), options: &QueueOptions) -> Queue {
         let (edges, [cursors, meta, decisions, decision_expiry, state]) = tables;
         let mut active = [true; Consumer::ALL.len()];
         for consumer in &options.inactive_consumers {
             active[*consumer as usize] = false;
         }
-        Ok(Queue { env, edges, cursors, meta, decisions, decision_expiry, state, active })
+        Queue { env, edges, cursors, meta, decisions, decision_expiry, state, active }
+    }
+
+    /// Opens an existing environment for reading only (`tailgate status`): no write transaction
+    /// (so it never waits behind a stuck writer), the map size the environment was created with
+    /// (the file is never grown), no stale-reader cleanup. Fails if the queue was never created.
+    pub fn open_read_only(dir: &Path, options: &QueueOptions) -> Result<Queue, QueueOpenError> {
+        let lmdb = |source| QueueOpenError::Lmdb { path: dir.display().to_string(), source };
+        let mut builder = EnvOpenOptions::new().read_txn_without_tls();
+        builder.max_dbs(16).max_readers(options.max_readers);
+        // SAFETY: READ_ONLY opens the existing map without writing to it; without a map size
+        // LMDB uses the one stored in the environment. The handle lives as long as the caller.
+        let env = unsafe {
+            builder.flags(EnvFlags::READ_ONLY | EnvFlags::NO_READ_AHEAD);
+            builder.open(dir)
+        }
+        .map_err(lmdb)?;
+        let rtxn = env.read_txn().map_err(lmdb)?;
+        let tables = env
+            .open_databases_and_commit(rtxn, |opener, rtxn| {
+                let tables = all_tables(|name| {
+                    opener
+                        .open_database::<Bytes, Bytes>(rtxn, Some(name))?
+                        .ok_or(heed::Error::Mdb(heed::MdbError::NotFound))
+                })?;
+                Ok::<_, heed::Error>(heed::CommitOrAbort::<_, ()>::Commit(tables))
+            })
+            .map_err(lmdb)?
+            .unwrap_commit();
+        Ok(Queue::assemble(env, tables, options))
     }
 
     /// Starts a read transaction (a consistent snapshot; values borrowed from it are zero-copy).

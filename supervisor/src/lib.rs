@@ -54,7 +54,9 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
     if !queue_dir.join("data.mdb").exists() {
         anyhow::bail!("no queue at {}", queue_dir.display());
     }
-    let queue = Queue::open(&queue_dir, &stage_process::queue_options(&config))?;
+    // Read-only: never waits behind a stuck writer, never grows the file, shows the budget the
+    // queue was created with.
+    let queue = Queue::open_read_only(&queue_dir, &stage_process::queue_options(&config))?;
     let txn = queue.read()?;
     let used = queue.used_bytes(&txn)?;
     let capacity = queue.capacity_bytes();
