@@ -29,8 +29,18 @@ pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>)
         return ExitCode::FAILURE;
     };
     name_process(stage);
-    // If the supervisor dies without stopping us, stop too (SIGTERM: drain as usual).
+    // If the supervisor dies without stopping us, stop too (SIGTERM: drain as usual). The signal
+    // is only armed from now on: a supervisor that died before this line left us orphaned
+    // already, which the parent pid tells.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    let supervisor = std::env::var(crate::supervisor::SUPERVISOR_PID_ENV).ok().and_then(|pid| pid.parse::<i32>().ok());
+    let parent = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
+    if let Some(expected) = supervisor
+        && parent != Some(expected)
+    {
+        eprintln!("stage {stage}: supervisor {expected} is gone; not starting");
+        return ExitCode::FAILURE;
+    }
     let config = match crate::load_config(config_file.as_deref(), data_dir) {
         Ok(config) => config,
         Err(err) => {
