@@ -9,6 +9,8 @@
 #                                                  # written to a tailed file, logs to Loki (60 s)
 #   tests/loadgen/bench.sh logs-max [LINES]        # LINES untraced JSON lines (14% ERROR, default
 #                                                  # 2,000,000) tailed from a file into Loki
+#   tests/loadgen/bench.sh cardinality [NAMES]     # the reference spans with NAMES distinct root
+#                                                  # span names (default 2,000), exemplars on (60 s)
 # Everything runs on loopback; every loop is bounded by --duration.
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
@@ -41,9 +43,23 @@ exporters:
   logs: { loki: { endpoint: http://127.0.0.1:13100/loki/api/v1/push } }
   metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
 YAML
+cat > "$work/cardinality.yaml" <<YAML
+data_dir: $work/data
+receivers:
+  otlp:
+    protocols:
+      grpc: { endpoint: 127.0.0.1:4317 }
+spanmetrics:
+  metrics_flush_interval: 5s
+  exemplars: { enabled: true }
+exporters:
+  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
+  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
+YAML
 config=()
 case "$scenario" in
   logs-*) config=(--config "$work/logs.yaml") ;;
+  cardinality) config=(--config "$work/cardinality.yaml") ;;
 esac
 if [ "$scenario" = logs-max ]; then
   "$bin/tailgate-loadgen" lines --file "$work/logs/app.jsonl" --count "${2:-2000000}"
@@ -90,6 +106,13 @@ case "$scenario" in
     meter=$!
     "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch "${2:-50}" --log-file "$work/logs/app.jsonl"
     wait "$meter"
+    ;;
+  cardinality)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch 50 --span-names "${2:-2000}"
+    wait "$meter"
+    du -k "$work/data/queue/data.mdb" || true   # blocks in use (the file is sparse)
     ;;
   logs-max)
     # The window covers reading, mirroring and pushing every line (lines per CPU-second =

@@ -80,6 +80,9 @@ enum Command {
         /// Append the correlated log records to this file as JSON lines (instead of OTLP).
         #[arg(long)]
         log_file: Option<std::path::PathBuf>,
+        /// Give root spans this many distinct names (`GET /api/orders/<k>`), cycling; 0: one name.
+        #[arg(long, default_value_t = 0)]
+        span_names: u32,
     },
     /// Write JSON log lines without trace ids to a file.
     Lines {
@@ -131,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             logs,
             concurrency,
             log_file,
+            span_names,
         } => {
             let plan = Plan {
                 spans_per_trace: spans_per_trace.max(1),
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 error_percent,
                 slow_percent,
                 logs: logs || log_file.is_some(),
+                span_names,
             };
             let lines = log_file.map(LineWriter::open).transpose()?;
             runtime.block_on(send(&endpoint, rate, duration.min(MAX_DURATION_SECS), concurrency.max(1), plan, lines))
@@ -157,6 +162,8 @@ struct Plan {
     error_percent: u32,
     slow_percent: u32,
     logs: bool,
+    /// Distinct root span names (0: one).
+    span_names: u32,
 }
 
 #[derive(Default)]
@@ -179,6 +186,16 @@ fn kv(key: &str, value: &str) -> KeyValue {
 /// Builds request number `sequence`: whole traces, `plan.batch` spans, plus correlated logs.
 /// Returns (traces request, logs request, spans of kept traces).
 fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, ExportLogsServiceRequest, u64) {
+    build_variant(sequence, plan, run_id, 0)
+}
+
+/// Like `build`, with the root span names of template `variant` (see `Plan::span_names`).
+fn build_variant(
+    sequence: u64,
+    plan: Plan,
+    run_id: u64,
+    variant: u32,
+) -> (ExportTraceServiceRequest, ExportLogsServiceRequest, u64) {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let traces = (plan.batch / plan.spans_per_trace).max(1);
@@ -215,7 +232,11 @@ fn build(sequence: u64, plan: Plan, run_id: u64) -> (ExportTraceServiceRequest, 
                 trace_id: trace_id.to_vec(),
                 span_id: span_id.to_vec(),
                 parent_span_id: parent,
-                name: if s == 0 { "GET /api/orders".into() } else { format!("SELECT orders {s}") },
+                name: match (s, plan.span_names) {
+                    (0, 0) => "GET /api/orders".into(),
+                    (0, names) => format!("GET /api/orders/{}", (variant * traces + t) % names),
+                    _ => format!("SELECT orders {s}"),
+                },
                 kind: if s == 0 { span::SpanKind::Server as i32 } else { span::SpanKind::Client as i32 },
                 start_time_unix_nano: start,
                 end_time_unix_nano: end,
@@ -389,6 +410,16 @@ async fn send(
     let traces_per_request = u64::from((plan.batch / plan.spans_per_trace).max(1));
     let spans_per_request = traces_per_request * u64::from(plan.spans_per_trace);
     let trace_template = Arc::new(Template::new(traces.encode_to_vec(), run_id, traces_per_request, spans_per_request));
+    // One template per group of root names, so that `span_names` distinct names go out.
+    let variants = plan.span_names.div_ceil(traces_per_request as u32).max(1);
+    let trace_templates: Arc<Vec<Template>> = Arc::new(
+        (0..variants)
+            .map(|variant| {
+                let (traces, _, _) = build_variant(0, plan, run_id, variant);
+                Template::new(traces.encode_to_vec(), run_id, traces_per_request, spans_per_request)
+            })
+            .collect(),
+    );
     let log_template = Arc::new(Template::new(logs.encode_to_vec(), run_id, traces_per_request, spans_per_request));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(duration);
@@ -400,6 +431,7 @@ async fn send(
         let stats = stats.clone();
         let sequence = sequence.clone();
         let (trace_template, log_template) = (trace_template.clone(), log_template.clone());
+        let trace_templates = trace_templates.clone();
         let lines = lines.clone();
         tasks.push(tokio::spawn(async move {
             let mut grpc = tonic::client::Grpc::new(channel);
@@ -414,7 +446,7 @@ async fn send(
                     tick.tick().await;
                 }
                 let n = sequence.fetch_add(1, Ordering::Relaxed);
-                let body = trace_template.render(n);
+                let body = trace_templates[(n % trace_templates.len() as u64) as usize].render(n);
                 match export_raw(&mut grpc, "/opentelemetry.proto.collector.trace.v1.TraceService/Export", body).await {
                     Ok(()) => {
                         stats.spans_accepted.fetch_add(trace_template.items, Ordering::Relaxed);
@@ -637,7 +669,12 @@ fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
         let delta = now.saturating_sub(start.get(pid).copied().unwrap_or(0));
         used += delta;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        per_process.push(format!("{} {:.2}%", name.trim(), delta as f64 / ticks_per_second / elapsed * 100.0));
+        let private_mib = memory_kb(*pid).map_or(0.0, |(private, _)| private as f64 / 1024.0);
+        per_process.push(format!(
+            "{} {:.2}% ({private_mib:.1} MiB)",
+            name.trim(),
+            delta as f64 / ticks_per_second / elapsed * 100.0
+        ));
     }
     let (private, pss) =
         end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
