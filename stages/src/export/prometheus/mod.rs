@@ -5,7 +5,7 @@
 //! ([`convert`]), then per series: orders samples by time, clamps timestamps in the future to
 //! now, drops samples older than `max_sample_age` (`stale`) and samples not newer than the last
 //! one this process sent for the series (`out_of_order`), and sends the series in requests of at
-//! most `max_samples_per_send` samples.
+//! most `max_samples_per_send` samples and about 2 MiB encoded.
 //!
 //! Answers (measured on Prometheus 2.42): 400 (`out of order sample`, `out of bounds`,
 //! `duplicate sample for timestamp`) and 500 with `too old sample` (with an out-of-order window)
@@ -32,6 +32,10 @@ use proto::{TimeSeries, WriteRequest};
 
 /// Series remembered for ordering; beyond this the memory starts over.
 const MAX_TRACKED_SERIES: usize = 200_000;
+
+/// A request stops growing at about this many encoded bytes (before snappy), well below the
+/// body limits of Prometheus and the gateways in front of it.
+const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// A remote-write destination.
 #[derive(Debug)]
@@ -133,7 +137,7 @@ impl RemoteWriteSink {
         if self.last_sent.len() > MAX_TRACKED_SERIES {
             self.last_sent.clear();
         }
-        let mut in_chunk = 0usize;
+        let (mut in_chunk, mut chunk_bytes) = (0usize, 0usize);
         for (labels, (mut samples, mut exemplars)) in converted.series {
             for sample in &mut samples {
                 sample.timestamp = sample.timestamp.min(now_ms);
@@ -171,11 +175,17 @@ impl RemoteWriteSink {
                 fresh
             });
             self.last_sent.insert(key, (last, last_exemplar));
-            if in_chunk + samples.len() > self.config.max_samples_per_send as usize && in_chunk > 0 {
+            // Encoded size: labels, 11 bytes per sample, about 60 per exemplar.
+            let bytes = labels.iter().map(|l| l.name.len() + l.value.len() + 4).sum::<usize>()
+                + samples.len() * 11
+                + exemplars.len() * 60;
+            let too_many = in_chunk + samples.len() > self.config.max_samples_per_send as usize;
+            if in_chunk > 0 && (too_many || chunk_bytes + bytes > MAX_REQUEST_BYTES) {
                 prepared.chunks.push(Vec::new());
-                in_chunk = 0;
+                (in_chunk, chunk_bytes) = (0, 0);
             }
             in_chunk += samples.len();
+            chunk_bytes += bytes;
             if let Some(chunk) = prepared.chunks.last_mut() {
                 chunk.push(TimeSeries { labels, samples, exemplars });
             }
@@ -271,6 +281,30 @@ mod tests {
         let series = &prepared.chunks[0][0];
         assert_eq!(series.samples.iter().map(|s| s.timestamp).collect::<Vec<_>>(), vec![now + 5]);
         assert!(series.exemplars.is_empty());
+    }
+
+    #[test]
+    fn requests_are_capped_by_encoded_size() {
+        let config: RemoteWriteExporter = serde_json::from_value(serde_json::json!({
+            "endpoint": "http://127.0.0.1:9090/api/v1/write", "max_samples_per_send": 1_000_000
+        }))
+        .unwrap();
+        let mut sink = RemoteWriteSink::new(&config).unwrap();
+        let mut converted = Converted::default();
+        for n in 0..3000 {
+            let labels = vec![
+                Label { name: "__name__".into(), value: "x".into() },
+                Label { name: "long".into(), value: format!("{n:0>2000}") },
+            ];
+            converted.series.insert(labels, (vec![Sample { value: 1.0, timestamp: 5 }], Vec::new()));
+        }
+        let prepared = sink.prepare(converted, 10);
+        assert!(prepared.chunks.len() >= 3, "{} chunks", prepared.chunks.len());
+        for chunk in &prepared.chunks {
+            let encoded = WriteRequest { timeseries: chunk.clone() }.encode_to_vec().len();
+            assert!(encoded <= MAX_REQUEST_BYTES + 4096, "{encoded} bytes");
+        }
+        assert_eq!(prepared.chunks.iter().map(Vec::len).sum::<usize>(), 3000);
     }
 
     #[test]
