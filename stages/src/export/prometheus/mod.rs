@@ -175,10 +175,12 @@ impl RemoteWriteSink {
                 fresh
             });
             self.last_sent.insert(key, (last, last_exemplar));
-            // Encoded size: labels, 11 bytes per sample, about 60 per exemplar.
-            let bytes = labels.iter().map(|l| l.name.len() + l.value.len() + 4).sum::<usize>()
-                + samples.len() * 11
-                + exemplars.len() * 60;
+            // Encoded size: labels (with their tags and lengths), 13 bytes per sample, about 64
+            // per exemplar, the series' own tag and length.
+            let bytes = labels.iter().map(|l| l.name.len() + l.value.len() + 9).sum::<usize>()
+                + samples.len() * 13
+                + exemplars.len() * 64
+                + 8;
             let too_many = in_chunk + samples.len() > self.config.max_samples_per_send as usize;
             if in_chunk > 0 && (too_many || chunk_bytes + bytes > MAX_REQUEST_BYTES) {
                 prepared.chunks.push(Vec::new());
