@@ -39,6 +39,14 @@ fn a_signal_to_the_process_group_stops_the_stages_in_order() {
         .spawn()
         .unwrap();
     let supervisor = child.id();
+    // Not the harness's `Tailgate`: stop this one too should an assertion fail.
+    struct StopOnDrop(u32);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            signal(self.0, "TERM");
+        }
+    }
+    let _guard = StopOnDrop(supervisor);
     assert!(wait_until(Duration::from_secs(20), || stage_pids(supervisor).len() == 5), "stages did not start");
     let stages: Vec<u32> = stage_pids(supervisor).values().copied().collect();
     // Ctrl-C in a terminal: SIGINT to every process of the foreground group.
