@@ -505,3 +505,32 @@ fn copytruncate_with_a_copy_inside_include_that_takes_longer_than_a_poll_reads_n
     append(&mut writer, &after);
     run.expect_exactly_once(&concat(&[&before, &after]), |_| false);
 }
+
+#[test]
+fn copytruncate_while_the_original_keeps_growing_reads_nothing_twice() {
+    let run = Run::start(BEGINNING, |_| {});
+    let path = run.path("app.log");
+    let mut writer = open_append(&path);
+    let before = lines("growing-before", 0..300);
+    append(&mut writer, &before);
+    run.wait_for_or_fail(&before, "lines before the copy");
+    // The copy starts (its first part is seen by a poll), the service keeps writing to the
+    // original, and those lines are read from the original before the copy ends and the
+    // original is truncated: the copy must not deliver them again.
+    let content = std::fs::read(&path).unwrap();
+    let cut = 2_000 + content[2_000..].iter().position(|b| *b == b'\n').unwrap() + 1;
+    let mut copy = File::create(run.path("app.1.log")).unwrap();
+    copy.write_all(&content[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let during = lines("growing-during", 0..50);
+    append(&mut writer, &during);
+    run.wait_for_or_fail(&during, "lines written while the copy was made");
+    let content = std::fs::read(&path).unwrap();
+    copy.write_all(&content[cut..]).unwrap();
+    drop(copy);
+    std::thread::sleep(Duration::from_millis(400));
+    writer.set_len(0).unwrap();
+    let after = lines("growing-after", 0..100);
+    append(&mut writer, &after);
+    run.expect_exactly_once(&concat(&[&before, &during, &after]), |_| false);
+}

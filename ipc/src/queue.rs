@@ -363,9 +363,13 @@ impl Queue {
             BatchHeader::parse(value).map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
         let mut depth = self.depth(wtxn, edge)?;
         // `next_seq` lives in `meta`; should it be stale (a torn page after an OS crash), the
-        // table's last key still keeps appends strictly increasing instead of failing for ever.
-        let last_key = self.edge_table(edge).last(wtxn)?.map(|(key, _)| key_seq(key)).unwrap_or(0);
-        let seq = depth.next_seq.max(last_key + 1);
+        // table's last key and the consumers' cursors still keep appends strictly increasing and
+        // above what was consumed, instead of failing for ever or hiding behind a cursor.
+        let mut last_used = self.edge_table(edge).last(wtxn)?.map(|(key, _)| key_seq(key)).unwrap_or(0);
+        for consumer in edge.consumers() {
+            last_used = last_used.max(self.cursor(wtxn, *consumer)?);
+        }
+        let seq = depth.next_seq.max(last_used + 1);
         self.edge_table(edge).put_with_flags(wtxn, PutFlags::APPEND, &seq_key(seq), value)?;
         depth.next_seq = seq + 1;
         depth.batches += 1;

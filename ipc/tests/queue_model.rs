@@ -687,3 +687,22 @@ fn a_stale_next_seq_does_not_stop_appends() {
     let seqs: Vec<u64> = stored(&q, &txn, Edge::Spans, 0).into_iter().map(|(seq, _)| seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
 }
+
+#[test]
+fn a_stale_next_seq_on_an_empty_edge_stays_above_the_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), 16 * MIB);
+    let mut wtxn = q.write().unwrap();
+    for tag in 1..=3 {
+        q.append(&mut wtxn, Edge::Spans, &span_batch(tag, 1, 1)).unwrap();
+    }
+    q.advance(&mut wtxn, Consumer::TailSample, 0, 3).unwrap();
+    q.set_meta_u64(&mut wtxn, "depth/spans", 0).unwrap();
+    q.commit(wtxn).unwrap();
+    let mut wtxn = q.write().unwrap();
+    // Everything was consumed and deleted: only the cursor remembers how far the edge got.
+    assert_eq!(q.append(&mut wtxn, Edge::Spans, &span_batch(4, 1, 1)).unwrap(), 4);
+    q.commit(wtxn).unwrap();
+    let txn = q.read().unwrap();
+    assert_eq!(stored(&q, &txn, Edge::Spans, 3).len(), 1, "the new batch is visible after the cursor");
+}

@@ -122,6 +122,9 @@ pub struct StepReport {
     pub blocked: bool,
 }
 
+/// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
+const SUMMARY_OVERHEAD_BYTES: usize = 72;
+
 /// The spans one step emits and the decisions it records, committed together.
 #[derive(Default)]
 struct StepOutput {
@@ -155,6 +158,14 @@ impl StepOutput {
             self.emitted += span.body.len();
             self.spans.push(batch::own_span(span, scope));
         }
+    }
+
+    /// Writes the span's summary for spanmetrics; it counts against the step's output limit like
+    /// an emitted span, so a step deciding many dropped traces stays bounded too.
+    fn summarize(&mut self, source: &ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
+        self.summaries.add(source, index, kept, dimensions);
+        let name = source.spans.get(index as usize).map_or(0, |span| span.name.len());
+        self.emitted += SUMMARY_OVERHEAD_BYTES + name;
     }
 
     /// Closes the batch being built.
@@ -336,7 +347,7 @@ impl Sampler {
                         } else {
                             report.dropped += 1;
                         }
-                        output.summaries.add(batch, index as u32, decision.keep, &self.policy.dimensions);
+                        output.summarize(batch, index as u32, decision.keep, &self.policy.dimensions);
                         decision.last_seq = decision.last_seq.max(seq);
                         output.decisions.insert(trace_id, decision);
                     }
@@ -447,7 +458,7 @@ impl Sampler {
                         source
                     }
                 };
-                output.summaries.add(source, index, trace.interesting, &self.policy.dimensions);
+                output.summarize(source, index, trace.interesting, &self.policy.dimensions);
                 if trace.interesting {
                     output.emit(seq, source, index);
                 }

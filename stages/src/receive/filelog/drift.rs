@@ -74,7 +74,7 @@ fn truncate(text: &str, max: usize) -> String {
 }
 
 /// Drift counts of every file, as stored plus what this process added since its last commit.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DriftTable {
     files: HashMap<String, Drift>,
     dirty: HashSet<String>,

@@ -102,6 +102,10 @@ pub struct Tracked {
     pub partial: Option<(u64, Instant)>,
     /// For a copy still being written: the original's first bytes it must keep matching.
     pub copy_of: Option<Vec<u8>>,
+    /// For a copy whose original is still tailed and not yet truncated: the original. The copy
+    /// is not read meanwhile (its lines are the original's); its position follows the
+    /// original's, and it is released where the original stood when that is truncated or gone.
+    pub original: Option<FileId>,
 }
 
 /// Lines read from one file, and where the file will stand once they are committed.
@@ -236,6 +240,8 @@ pub struct Start {
     pub skipping: bool,
     /// A copy still growing towards `offset`, with the original's first bytes when known.
     pub copy_of: Option<Vec<u8>>,
+    /// The tracked file this one is a copy of.
+    pub original: Option<FileId>,
 }
 
 /// Where a newly found file starts: its own checkpoint (same inode, same first bytes), else the
@@ -254,9 +260,9 @@ pub fn starting_point(
         && (checkpoint.offset <= size || checkpoint.awaiting_copy)
     {
         let copy_of = (checkpoint.offset > size).then(Vec::new);
-        return Start { offset: checkpoint.offset, skipping: checkpoint.skipping, copy_of };
+        return Start { offset: checkpoint.offset, skipping: checkpoint.skipping, copy_of, original: None };
     }
-    let copy_of = tracked.values().find(|other| {
+    let copy_of = tracked.iter().find(|(_, other)| {
         let known = &other.checkpoint.fingerprint;
         // The known bytes must be all the original's first bytes up to the fingerprint size or
         // up to where it was read, so that only a copy can match; a copy still being written
@@ -265,13 +271,13 @@ pub fn starting_point(
         let matches = current.starts_with(known) || (current.len() as u64 == size && known.starts_with(current));
         known.len() >= 16 && current.len() >= 16 && whole && matches
     });
-    if let Some(original) = copy_of {
+    if let Some((id, original)) = copy_of {
         let offset = original.checkpoint.offset;
         let growing = (offset > size || current.len() < original.checkpoint.fingerprint.len())
             .then(|| original.checkpoint.fingerprint.clone());
-        return Start { offset, skipping: false, copy_of: growing };
+        return Start { offset, skipping: false, copy_of: growing, original: Some(*id) };
     }
-    Start { offset: if start_at_end { size } else { 0 }, skipping: false, copy_of: None }
+    Start { offset: if start_at_end { size } else { 0 }, skipping: false, copy_of: None, original: None }
 }
 
 #[cfg(test)]
@@ -295,6 +301,7 @@ mod tests {
             seen: true,
             partial: None,
             copy_of: None,
+            original: None,
         }
     }
 

@@ -211,7 +211,9 @@ impl Tailer {
                 origin,
             };
             let copy_of = start.copy_of.filter(|original| !original.is_empty());
-            let tracked = Tracked { file, path: shown, checkpoint, dirty: true, seen: true, partial: None, copy_of };
+            let original = start.original;
+            let tracked =
+                Tracked { file, path: shown, checkpoint, dirty: true, seen: true, partial: None, copy_of, original };
             self.tracked.insert(id, tracked);
         }
         self.check_tracked(fingerprint_size);
@@ -227,7 +229,12 @@ impl Tailer {
     /// Truncation, changed first bytes, growing fingerprints, and files gone and drained.
     fn check_tracked(&mut self, fingerprint_size: usize) {
         let mut gone = Vec::new();
+        // Where originals stood when they were truncated in this poll.
+        let mut truncated_at: HashMap<FileId, u64> = HashMap::new();
         for (id, tracked) in &mut self.tracked {
+            if tracked.original.is_some() {
+                continue;
+            }
             let Ok((_, size)) = files::identity(&tracked.file) else { continue };
             let known = &tracked.checkpoint.fingerprint;
             let head = files::fingerprint(&tracked.file, known.len().max(fingerprint_size.min(size as usize)))
@@ -257,6 +264,7 @@ impl Tailer {
             let truncated = size < tracked.checkpoint.offset || !head.starts_with(known);
             if truncated {
                 tracing::info!(file = %tracked.path, "log file truncated or rewritten; reading it from the start");
+                truncated_at.insert(*id, tracked.checkpoint.offset);
                 tracked.checkpoint.offset = 0;
                 tracked.checkpoint.skipping = false;
                 tracked.partial = None;
@@ -272,8 +280,44 @@ impl Tailer {
         for id in gone {
             if let Some(tracked) = self.tracked.remove(&id) {
                 tracing::debug!(file = %tracked.path, "log file gone and fully read; no longer tailed");
+                truncated_at.insert(id, tracked.checkpoint.offset);
             }
             self.forgotten.push(id);
+        }
+        self.follow_originals(&truncated_at, fingerprint_size);
+    }
+
+    /// Copies whose original is still tailed follow its position without being read; once the
+    /// original is truncated or gone (`released_at`: where it stood), the copy is read on from
+    /// there. A "copy" whose bytes stop matching the original's is a file of its own after all.
+    fn follow_originals(&mut self, released_at: &HashMap<FileId, u64>, fingerprint_size: usize) {
+        let offsets: HashMap<FileId, u64> = self.tracked.iter().map(|(id, t)| (*id, t.checkpoint.offset)).collect();
+        for tracked in self.tracked.values_mut() {
+            let Some(original) = tracked.original else { continue };
+            let Ok((_, size)) = files::identity(&tracked.file) else { continue };
+            let head = files::fingerprint(&tracked.file, fingerprint_size.min(size as usize)).unwrap_or_default();
+            let diverged = tracked.copy_of.as_ref().is_some_and(|bytes| {
+                let common = head.len().min(bytes.len());
+                head[..common] != bytes[..common]
+            });
+            let (release, at) = match (released_at.get(&original), offsets.get(&original)) {
+                _ if diverged => (true, 0),
+                (Some(at), _) => (true, *at),
+                (None, Some(at)) => (false, *at),
+                (None, None) => (true, tracked.checkpoint.offset),
+            };
+            let offset = if diverged { 0 } else { tracked.checkpoint.offset.max(at) };
+            tracked.dirty |= offset != tracked.checkpoint.offset || release;
+            tracked.checkpoint.offset = offset;
+            if release {
+                tracing::debug!(file = %tracked.path, offset = tracked.checkpoint.offset, diverged, "copy released");
+                tracked.original = None;
+                tracked.copy_of = None;
+                tracked.checkpoint.awaiting_copy = tracked.checkpoint.offset > size;
+                if head.len() > tracked.checkpoint.fingerprint.len() {
+                    tracked.checkpoint.fingerprint = head;
+                }
+            }
         }
     }
 
@@ -294,6 +338,10 @@ impl Tailer {
                 break;
             }
             let Some(tracked) = self.tracked.get_mut(&id) else { continue };
+            if tracked.original.is_some() {
+                // A copy whose lines the original still delivers.
+                continue;
+            }
             let Ok((_, size)) = files::identity(&tracked.file) else { continue };
             let chunk = match tracked.read(size, limits, now) {
                 Ok(chunk) => chunk,
@@ -342,9 +390,19 @@ impl Tailer {
         let records = output.logs.len() as u64;
         let batch = (!output.logs.is_empty()).then(|| self.batch_of(&output));
         let encoded = batch.as_ref().map(batch::encode_logs).transpose()?;
+        // Counted only if the lines are committed: a refused commit reads them again.
+        let before = self.drift.clone();
         for (path, drift) in &output.drift {
             self.drift.merge(path, drift);
         }
+        let committed = self.commit_with(output, records, encoded);
+        if committed.is_err() {
+            self.drift = before;
+        }
+        committed
+    }
+
+    fn commit_with(&mut self, output: PollOutput, records: u64, encoded: Option<Vec<u8>>) -> Result<(), StageError> {
         let mut wtxn = self.queue.write()?;
         if !self.queue.admits_bytes(&wtxn, encoded.as_ref().map_or(0, |e| e.len() as u64))? {
             return Err(StageError::Queue(QueueError::Full));
