@@ -17,6 +17,10 @@ pub const MAX_BATCHES_PER_STEP: usize = 64;
 /// BENCHMARKS.md).
 pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(100);
 
+/// log_mirror steps at most this often: its records wait for decisions that take seconds, and
+/// every step costs a transaction and a scan of new decisions (measured in BENCHMARKS.md).
+pub const LOG_STEP_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Output batches are closed at about this many bytes of item payload, so export can send a
 /// batch in one request below common gRPC message limits (4 MiB).
 pub const MAX_OUTPUT_BATCH_BYTES: usize = 1 << 20;

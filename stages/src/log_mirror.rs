@@ -25,7 +25,7 @@ use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
 use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
-use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL};
+use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES};
 
 /// Meta key of the last `logs` sequence number read.
 const READ_POS_KEY: &str = "log_mirror/read_pos";
@@ -500,7 +500,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         // also move without one (it ingested spans, or has nothing left and "now" moves on), so
         // records that wait are looked at again at least once per second.
         let timeout = (report.waiting > 0).then_some(Duration::from_secs(1));
-        ctx.idle_paced(timeout, stepped_at, MIN_STEP_INTERVAL).await;
+        ctx.idle_paced(timeout, stepped_at, LOG_STEP_INTERVAL).await;
     }
     ctx.events.log_summary();
     Ok(())
