@@ -13,6 +13,9 @@ use tailgate_stages::events::StageEvents;
 use tailgate_stages::{StageContext, run_stage};
 use tracing::Instrument;
 
+/// Environment variable that tells a stage process its supervisor's pid.
+pub const SUPERVISOR_PID_ENV: &str = "TAILGATE_SUPERVISOR_PID";
+
 /// Options every process opens the queue with.
 pub fn queue_options(config: &Config) -> QueueOptions {
     QueueOptions {
@@ -33,7 +36,7 @@ pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>)
     // is only armed from now on: a supervisor that died before this line left us orphaned
     // already, which the parent pid tells.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
-    let supervisor = std::env::var(crate::supervisor::SUPERVISOR_PID_ENV).ok().and_then(|pid| pid.parse::<i32>().ok());
+    let supervisor = std::env::var(SUPERVISOR_PID_ENV).ok().and_then(|pid| pid.parse::<i32>().ok());
     let parent = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
     if let Some(expected) = supervisor
         && parent != Some(expected)

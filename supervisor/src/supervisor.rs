@@ -32,9 +32,6 @@ use tailgate_ipc::{Queue, StageId};
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 const RUNNING_MARKER: &str = "RUNNING";
 
-/// Environment variable that tells a stage process its supervisor's pid.
-pub const SUPERVISOR_PID_ENV: &str = "TAILGATE_SUPERVISOR_PID";
-
 /// How to launch a stage process.
 #[derive(Debug, Clone)]
 pub struct Launch {
@@ -135,7 +132,7 @@ impl StageActor {
         // `timeout`, `kill -- -PGID`) reaches the supervisor alone, which then stops the stages
         // in order. The stages learn of the supervisor's death through the parent-death signal.
         command.process_group(0);
-        command.env(SUPERVISOR_PID_ENV, std::process::id().to_string());
+        command.env(crate::stage_process::SUPERVISOR_PID_ENV, std::process::id().to_string());
         command.stdin(std::process::Stdio::null()).kill_on_drop(false);
         let mut child = command.spawn()?;
         state.generation += 1;
