@@ -8,6 +8,8 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tailgate_config::HttpAuth;
 
+use super::isolate::Attempt;
+
 /// Setting up a client failed (bad header, unreadable credentials file).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -68,10 +70,44 @@ impl HttpSetup<'_> {
     }
 }
 
-/// The `Retry-After` of a response, in whole seconds.
-pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let text = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// A backend's answer to one request.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After`, in whole seconds.
+    pub after: Option<Duration>,
+    /// The body of a non-2xx answer (the backend's explanation); empty on success.
+    pub body: String,
+}
+
+impl Answer {
+    /// Whether the backend took the request.
+    pub fn accepted(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// Sends a request; a transport failure is retryable.
+pub async fn send(request: reqwest::RequestBuilder) -> Result<Answer, Attempt> {
+    let response =
+        request.send().await.map_err(|err| Attempt::Retry { message: format!("transport: {err}"), after: None })?;
+    let status = response.status().as_u16();
+    let after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = if (200..300).contains(&status) { String::new() } else { response.text().await.unwrap_or_default() };
+    Ok(Answer { status, after, body })
+}
+
+/// Snappy's block format (what Loki and remote write take), or a refusal to send.
+pub fn snappy(bytes: &[u8]) -> Result<Vec<u8>, Attempt> {
+    snap::raw::Encoder::new()
+        .compress_vec(bytes)
+        .map_err(|err| Attempt::Refused { reason: "encoding", message: err.to_string() })
 }
 
 /// Standard base64 with padding (for basic auth).

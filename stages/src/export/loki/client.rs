@@ -18,7 +18,7 @@ use std::time::Duration;
 use prost::Message;
 use tailgate_config::{LokiEncoding, LokiExporter};
 
-use crate::export::http::{HttpSetup, HttpSetupError};
+use crate::export::http::{self, HttpSetup, HttpSetupError};
 
 use super::entries::{Entry, Stream};
 use super::proto::{EntryAdapter, LabelPairAdapter, PushRequest, StreamAdapter, Timestamp};
@@ -46,13 +46,10 @@ impl LokiClient {
     /// Sends `entries` (grouped by stream, each stream oldest first) as one push.
     pub async fn push(&self, streams: &[Stream], entries: &[Entry]) -> PushOutcome {
         let (content_type, body) = match self.encoding {
-            LokiEncoding::Protobuf => {
-                let encoded = encode_protobuf(streams, entries).encode_to_vec();
-                match snap::raw::Encoder::new().compress_vec(&encoded) {
-                    Ok(body) => ("application/x-protobuf", body),
-                    Err(err) => return PushOutcome::Refused { reason: "encoding", message: err.to_string() },
-                }
-            }
+            LokiEncoding::Protobuf => match http::snappy(&encode_protobuf(streams, entries).encode_to_vec()) {
+                Ok(body) => ("application/x-protobuf", body),
+                Err(refused) => return refused,
+            },
             LokiEncoding::Json => ("application/json", encode_json(streams, entries).into_bytes()),
         };
         let request = self
@@ -61,18 +58,14 @@ impl LokiClient {
             .headers(self.headers.clone())
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body);
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return PushOutcome::Retry { message: format!("transport: {err}"), after: None },
-        };
-        let status = response.status().as_u16();
-        if (200..300).contains(&status) {
-            return PushOutcome::Accepted;
+        match http::send(request).await {
+            Ok(answer) if answer.accepted() => PushOutcome::Accepted,
+            Ok(answer) => {
+                let message = format!("HTTP {}: {}", answer.status, answer.body.trim());
+                classify(answer.status, &answer.body, message, answer.after)
+            }
+            Err(failed) => failed,
         }
-        let after = crate::export::http::retry_after(&response);
-        let text = response.text().await.unwrap_or_default();
-        let message = format!("HTTP {status}: {}", text.trim());
-        classify(status, &text, message, after)
     }
 }
 

@@ -24,7 +24,7 @@ use prost::Message;
 use tailgate_config::{OutagePolicy, RemoteWriteExporter};
 use tailgate_ipc::{Consumer, batch};
 
-use super::http::{HttpSetup, retry_after};
+use super::http::{self, HttpSetup};
 use super::isolate::{self, Attempt};
 use crate::context::{StageContext, StageError, unix_nanos_now};
 use convert::Converted;
@@ -99,29 +99,22 @@ impl RemoteWriteSink {
     }
 
     async fn push(&self, series: &[TimeSeries]) -> Attempt {
-        let request = WriteRequest { timeseries: series.to_vec() }.encode_to_vec();
-        let body = match snap::raw::Encoder::new().compress_vec(&request) {
+        let body = match http::snappy(&WriteRequest { timeseries: series.to_vec() }.encode_to_vec()) {
             Ok(body) => body,
-            Err(err) => return Attempt::Refused { reason: "encoding", message: err.to_string() },
+            Err(refused) => return refused,
         };
-        let sent = self
+        let request = self
             .http
             .post(&self.config.endpoint)
             .headers(self.headers.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
             .header(reqwest::header::CONTENT_ENCODING, "snappy")
             .header("x-prometheus-remote-write-version", "0.1.0")
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(err) => return Attempt::Retry { message: format!("transport: {err}"), after: None },
-        };
-        let status = response.status().as_u16();
-        let after = retry_after(&response);
-        let body = if (200..300).contains(&status) { String::new() } else { response.text().await.unwrap_or_default() };
-        classify(status, &body, after)
+            .body(body);
+        match http::send(request).await {
+            Ok(answer) => classify(answer.status, &answer.body, answer.after),
+            Err(failed) => failed,
+        }
     }
 
     /// Orders, filters and batches the series of one delivery. Prometheus stores samples and
