@@ -11,17 +11,24 @@
 //!   export writes the bytes back out without decoding them. Only the fields a stage decides on
 //!   (ids, times, status, severity, names) are lifted out beside the bytes.
 //!
-//! Layout of a stored value: an 8-byte [`BatchHeader`] followed by the rkyv archive.
-//! The header lets the queue count items without touching the archive.
+//! Layout of a stored value: a 12-byte [`BatchHeader`] (format version, kind, item count, CRC-32
+//! of the archive) followed by the rkyv archive. The header lets the queue count items without
+//! touching the archive. rkyv's validation catches broken structure (pointers, lengths) but not a
+//! flipped byte inside a payload; the checksum catches those, and every checked access tests it,
+//! so a damaged batch is found by the stage that reads it (and quarantined), never sent on.
+//! Version 2 values (8-byte header, no checksum) written by earlier builds stay readable.
 
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Format version written into every header; a reader rejects any other.
-pub const BATCH_FORMAT_VERSION: u16 = 2;
+pub const BATCH_FORMAT_VERSION: u16 = 3;
 
 /// Size of the header that precedes every archive in the queue.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = 12;
+
+/// Header size of format version 2 (no checksum), still accepted on read.
+const V2_HEADER_LEN: usize = 8;
 
 /// What kind of batch follows the header; lets tools and the verifier check an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,17 +82,30 @@ pub enum BatchError {
     /// rkyv's validation rejected the archive (torn write, corruption, wrong type).
     #[error("batch archive invalid: {0}")]
     Archive(String),
+    /// The archive's bytes do not match the checksum in the header.
+    #[error("batch checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum {
+        /// CRC-32 in the header.
+        stored: u32,
+        /// CRC-32 of the bytes found.
+        computed: u32,
+    },
 }
 
 impl BatchHeader {
     /// Reads and checks the header of a stored value.
     pub fn parse(value: &[u8]) -> Result<BatchHeader, BatchError> {
-        let Some(head) = value.get(..HEADER_LEN) else {
+        let Some(head) = value.get(..V2_HEADER_LEN) else {
             return Err(BatchError::Header("value shorter than the header"));
         };
         let version = u16::from_le_bytes([head[0], head[1]]);
-        if version != BATCH_FORMAT_VERSION {
-            return Err(BatchError::Header("unknown format version"));
+        let header_len = match version {
+            BATCH_FORMAT_VERSION => HEADER_LEN,
+            2 => V2_HEADER_LEN,
+            _ => return Err(BatchError::Header("unknown format version")),
+        };
+        if value.len() < header_len {
+            return Err(BatchError::Header("value shorter than the header"));
         }
         let kind = BatchKind::from_u16(u16::from_le_bytes([head[2], head[3]]))
             .ok_or(BatchError::Header("unknown batch kind"))?;
@@ -93,11 +113,34 @@ impl BatchHeader {
         Ok(BatchHeader { kind, items })
     }
 
+    /// Writes the header with a zero checksum; [`seal`] fills it in once the archive follows.
     fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&BATCH_FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&(self.kind as u16).to_le_bytes());
         out.extend_from_slice(&self.items.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
     }
+}
+
+/// Stores the CRC-32 of the archive in the header of a freshly encoded value.
+fn seal(mut value: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&value[HEADER_LEN..]);
+    value[V2_HEADER_LEN..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+    value
+}
+
+/// The archive bytes of a stored value, after checking the header's checksum (format 3).
+fn checked_body(value: &[u8]) -> Result<&[u8], BatchError> {
+    if u16::from_le_bytes([value[0], value[1]]) != BATCH_FORMAT_VERSION {
+        return Ok(&value[V2_HEADER_LEN..]);
+    }
+    let stored = u32::from_le_bytes([value[8], value[9], value[10], value[11]]);
+    let body = &value[HEADER_LEN..];
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(BatchError::Checksum { stored, computed });
+    }
+    Ok(body)
 }
 
 /// An OTLP `Resource` as its wire bytes, plus what stages look up without decoding it.
@@ -284,7 +327,9 @@ where
     let items = u32::try_from(items).map_err(|_| BatchError::Header("more than u32::MAX items"))?;
     let mut out = Vec::with_capacity(1024);
     BatchHeader { kind, items }.write(&mut out);
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out).map_err(|err| BatchError::Archive(err.to_string()))
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out)
+        .map(seal)
+        .map_err(|err| BatchError::Archive(err.to_string()))
 }
 
 fn body_of(value: &[u8], expected: BatchKind) -> Result<&[u8], BatchError> {
@@ -292,7 +337,7 @@ fn body_of(value: &[u8], expected: BatchKind) -> Result<&[u8], BatchError> {
     if header.kind != expected {
         return Err(BatchError::WrongKind { expected, found: header.kind });
     }
-    Ok(&value[HEADER_LEN..])
+    checked_body(value)
 }
 
 /// Checked, zero-copy view of a stored span batch.
@@ -467,9 +512,11 @@ mod tests {
                 rejected += 1;
             }
         }
-        // Some bytes are plain data (ids, payload) and may change freely; pointers and lengths
-        // must be caught.
-        assert!(rejected > 0);
+        // The checksum catches a flip anywhere, payload bytes included.
+        assert_eq!(rejected, bytes.len() - HEADER_LEN);
+        let mut header_flip = bytes.clone();
+        header_flip[9] ^= 1;
+        assert!(matches!(access_spans(&header_flip), Err(BatchError::Checksum { .. })));
         let truncated = &bytes[..bytes.len() - 3];
         assert!(access_spans(truncated).is_err());
     }

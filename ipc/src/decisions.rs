@@ -159,7 +159,12 @@ impl Queue {
 
     /// The decision for `trace_id`, if one is recorded.
     pub fn decision(&self, txn: &RoTxn<'_>, trace_id: &[u8; 16]) -> Result<Option<Decision>, QueueError> {
-        Ok(self.decisions.get(txn, trace_id)?.and_then(Decision::decode))
+        match self.get_sealed(self.decisions, "decisions", txn, trace_id)? {
+            None => Ok(None),
+            Some(raw) => Decision::decode(raw)
+                .map(Some)
+                .ok_or_else(|| QueueError::Damaged { table: "decisions", key: trace_id.to_vec() }),
+        }
     }
 
     /// Records (or updates) a decision.
@@ -174,8 +179,8 @@ impl Queue {
         {
             self.decision_expiry.delete(wtxn, &expiry_key(previous.decided_unix_ms, trace_id))?;
         }
-        self.decisions.put(wtxn, trace_id, &decision.encode())?;
-        self.decision_expiry.put(wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
+        self.put_sealed(self.decisions, wtxn, trace_id, &decision.encode())?;
+        self.put_sealed(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
         Ok(())
     }
 
@@ -203,7 +208,8 @@ impl Queue {
             }
             let mut trace_id = [0u8; 16];
             trace_id.copy_from_slice(&key[8..]);
-            let decision = self.decisions.get(wtxn, &trace_id)?.and_then(Decision::decode);
+            // A damaged decision is pruned like any other (verification reports damage).
+            let decision = self.decision(wtxn, &trace_id).ok().flatten();
             if decision.is_some_and(|d| d.last_seq > cursor) {
                 continue;
             }

@@ -12,8 +12,10 @@
 pub mod batch;
 pub mod decisions;
 pub mod queue;
+pub mod repair;
 pub mod topology;
 pub mod wake;
 
 pub use queue::{EdgeDepth, Queue, QueueError, QueueOpenError, QueueOptions, ReadTxn, WriteTxn};
+pub use repair::{LossRecord, RepairReport};
 pub use topology::{Consumer, Edge, StageId};

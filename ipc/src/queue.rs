@@ -10,6 +10,12 @@
 //!   [`crate::decisions`]);
 //! - `state`: small per-stage durable state (spanmetrics series, export offsets).
 //!
+//! Every value of the small tables (`cursors`, `meta`, `state`, `decisions`, `decision_expiry`)
+//! is sealed: stored with a CRC-32 of its key and value, checked on every read. Batches carry
+//! their own checksum ([`crate::batch`]). A damaged value or batch is an error naming what is
+//! damaged ([`QueueError::Damaged`], [`QueueError::Corrupt`]), which [`crate::repair`] turns
+//! into the smallest repair that keeps everything intact.
+//!
 //! Invariants:
 //! 1. A stage step (read input, write output, advance its cursor, delete consumed input) is one
 //!    write transaction, so a process killed at any instant loses nothing and emits nothing twice.
@@ -115,19 +121,72 @@ pub enum QueueError {
         /// What is stored.
         found: u64,
     },
-    /// A stored value is not a valid batch.
-    #[error("corrupt entry {seq} in edge {edge}: {source}")]
+    /// A stored value is not a valid batch (`seq` 0: a value refused before it was stored).
+    #[error("corrupt entry {seq} in edge {name}: {source}", name = .edge.as_str())]
     Corrupt {
-        /// Edge name.
-        edge: &'static str,
+        /// The edge.
+        edge: Edge,
         /// Sequence number.
         seq: u64,
         /// What is wrong.
         source: BatchError,
     },
+    /// A value of a small table failed its checksum or has the wrong shape.
+    #[error("damaged value in table {table} under key {}", String::from_utf8_lossy(.key))]
+    Damaged {
+        /// The table (`cursors`, `meta`, `state`, `decisions`, `decision_expiry`).
+        table: &'static str,
+        /// The key whose value is damaged.
+        key: Vec<u8>,
+    },
     /// Any other LMDB error.
     #[error("lmdb: {0}")]
     Lmdb(heed::Error),
+}
+
+impl QueueError {
+    /// Maps a batch that failed its checks to [`QueueError::Corrupt`] at `edge`/`seq`.
+    pub fn corrupt_at(edge: Edge, seq: u64) -> impl FnOnce(BatchError) -> QueueError {
+        move |source| QueueError::Corrupt { edge, seq, source }
+    }
+
+    /// Whether this error names stored damage that [`Queue::repair_damage`] can repair.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, QueueError::Corrupt { seq: 1.., .. } | QueueError::Damaged { .. })
+    }
+}
+
+/// Names of the small (sealed) tables, in the order [`all_tables`] opens them.
+pub(crate) const SMALL_TABLES: [&str; 5] = ["cursors", "meta", "decisions", "decision_expiry", "state"];
+
+/// Format of the queue's values: 3 = sealed small tables and checksummed batches.
+pub const QUEUE_FORMAT: u64 = 3;
+pub(crate) const FORMAT_KEY: &str = "queue/format";
+
+/// Stores `value` followed by the CRC-32 of `key` and `value`.
+pub(crate) fn seal(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 4);
+    out.extend_from_slice(value);
+    out.extend_from_slice(&seal_crc(key, value).to_le_bytes());
+    out
+}
+
+fn seal_crc(key: &[u8], value: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(key);
+    hasher.update(value);
+    hasher.finalize()
+}
+
+/// The value inside a sealed entry, or `None` when its checksum does not match.
+pub(crate) fn unseal<'v>(key: &[u8], stored: &'v [u8]) -> Option<&'v [u8]> {
+    let split = stored.len().checked_sub(4)?;
+    let (value, crc) = stored.split_at(split);
+    (u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) == seal_crc(key, value)).then_some(value)
+}
+
+fn u64_of(raw: &[u8]) -> Option<u64> {
+    raw.try_into().ok().map(u64::from_be_bytes)
 }
 
 impl From<heed::Error> for QueueError {
@@ -153,16 +212,20 @@ pub struct EdgeDepth {
 }
 
 impl EdgeDepth {
-    fn decode(value: Option<&[u8]>) -> EdgeDepth {
-        let Some(value) = value.filter(|v| v.len() == 32) else {
-            return EdgeDepth { next_seq: 1, ..EdgeDepth::default() };
-        };
+    fn decode(value: &[u8]) -> Option<EdgeDepth> {
+        if value.len() != 32 {
+            return None;
+        }
         let word = |i: usize| {
             let mut raw = [0u8; 8];
             raw.copy_from_slice(&value[i * 8..i * 8 + 8]);
             u64::from_be_bytes(raw)
         };
-        EdgeDepth { next_seq: word(0), batches: word(1), items: word(2), bytes: word(3) }
+        Some(EdgeDepth { next_seq: word(0), batches: word(1), items: word(2), bytes: word(3) })
+    }
+
+    fn empty() -> EdgeDepth {
+        EdgeDepth { next_seq: 1, ..EdgeDepth::default() }
     }
 
     fn encode(&self) -> [u8; 32] {
@@ -203,11 +266,11 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-fn seq_key(seq: u64) -> [u8; 8] {
+pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-fn key_seq(key: &[u8]) -> u64 {
+pub(crate) fn key_seq(key: &[u8]) -> u64 {
     let mut raw = [0u8; 8];
     let len = key.len().min(8);
     raw[8 - len..].copy_from_slice(&key[..len]);
@@ -231,7 +294,7 @@ fn all_tables<T>(
     Ok((edges, named))
 }
 
-fn depth_key(edge: Edge) -> Vec<u8> {
+pub(crate) fn depth_key(edge: Edge) -> Vec<u8> {
     format!("depth/{}", edge.as_str()).into_bytes()
 }
 
@@ -265,7 +328,97 @@ impl Queue {
             })
             .map_err(lmdb)?
             .unwrap_commit();
-        Ok(Queue::assemble(env, tables, options))
+        let queue = Queue::assemble(env, tables, options);
+        queue.migrate().map_err(|err| match err {
+            QueueError::Lmdb(source) => lmdb(source),
+            other => lmdb(heed::Error::Io(std::io::Error::other(other.to_string()))),
+        })?;
+        Ok(queue)
+    }
+
+    /// Seals the small tables of an environment written before values were sealed (format 2),
+    /// once, by whichever process opens it first.
+    fn migrate(&self) -> Result<(), QueueError> {
+        {
+            let rtxn = self.read()?;
+            if self.meta.get(&rtxn, FORMAT_KEY.as_bytes())?.is_some() {
+                return Ok(());
+            }
+        }
+        let mut wtxn = self.write()?;
+        if self.meta.get(&wtxn, FORMAT_KEY.as_bytes())?.is_some() {
+            return Ok(());
+        }
+        for table in self.small_tables() {
+            let mut rewritten = Vec::new();
+            for entry in table.iter(&wtxn)? {
+                let (key, value) = entry?;
+                rewritten.push((key.to_vec(), seal(key, value)));
+            }
+            for (key, value) in rewritten {
+                table.put(&mut wtxn, &key, &value)?;
+            }
+        }
+        self.set_meta_u64(&mut wtxn, FORMAT_KEY, QUEUE_FORMAT)?;
+        self.commit(wtxn)
+    }
+
+    /// The small tables with their names ([`SMALL_TABLES`] order).
+    pub(crate) fn small_tables(&self) -> [Table; 5] {
+        [self.cursors, self.meta, self.decisions, self.decision_expiry, self.state]
+    }
+
+    pub(crate) fn edge_tables(&self) -> &[Table; Edge::ALL.len()] {
+        &self.edges
+    }
+
+    /// Reads a sealed value of a small table.
+    pub(crate) fn get_sealed<'t>(
+        &self,
+        table: Table,
+        name: &'static str,
+        txn: &'t RoTxn<'_>,
+        key: &[u8],
+    ) -> Result<Option<&'t [u8]>, QueueError> {
+        match table.get(txn, key)? {
+            None => Ok(None),
+            Some(stored) => {
+                unseal(key, stored).map(Some).ok_or_else(|| QueueError::Damaged { table: name, key: key.to_vec() })
+            }
+        }
+    }
+
+    /// Writes a sealed value of a small table.
+    pub(crate) fn put_sealed(
+        &self,
+        table: Table,
+        wtxn: &mut RwTxn<'_>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), QueueError> {
+        Ok(table.put(wtxn, key, &seal(key, value))?)
+    }
+
+    /// Reads a sealed u64 (wrong length is damage too).
+    fn get_sealed_u64(
+        &self,
+        table: Table,
+        name: &'static str,
+        txn: &RoTxn<'_>,
+        key: &[u8],
+    ) -> Result<Option<u64>, QueueError> {
+        match self.get_sealed(table, name, txn, key)? {
+            None => Ok(None),
+            Some(raw) => u64_of(raw).map(Some).ok_or_else(|| QueueError::Damaged { table: name, key: key.to_vec() }),
+        }
+    }
+
+    pub(crate) fn cursors_table(&self) -> Table {
+        self.cursors
+    }
+
+    pub(crate) fn meta_table(&self) -> Table {
+        self.meta
     }
 
     fn assemble(env: Env<WithoutTls>, tables: ([Table; Edge::ALL.len()], [Table; 5]), options: &QueueOptions) -> Queue {
@@ -327,7 +480,7 @@ impl Queue {
 
     /// The consumer's cursor: the last sequence number it has fully handled (0: none).
     pub fn cursor(&self, txn: &RoTxn<'_>, consumer: Consumer) -> Result<u64, QueueError> {
-        Ok(self.cursors.get(txn, consumer.as_str().as_bytes())?.map(key_seq).unwrap_or(0))
+        Ok(self.get_sealed_u64(self.cursors, "cursors", txn, consumer.as_str().as_bytes())?.unwrap_or(0))
     }
 
     /// Entries of `edge` with a sequence number above `after`, in order, borrowed from the map.
@@ -350,18 +503,41 @@ impl Queue {
 
     /// What `edge` holds now.
     pub fn depth(&self, txn: &RoTxn<'_>, edge: Edge) -> Result<EdgeDepth, QueueError> {
-        Ok(EdgeDepth::decode(self.meta.get(txn, &depth_key(edge))?))
+        let key = depth_key(edge);
+        match self.get_sealed(self.meta, "meta", txn, &key)? {
+            None => Ok(EdgeDepth::empty()),
+            Some(raw) => EdgeDepth::decode(raw).ok_or(QueueError::Damaged { table: "meta", key }),
+        }
     }
 
-    fn put_depth(&self, wtxn: &mut RwTxn<'_>, edge: Edge, depth: &EdgeDepth) -> Result<(), QueueError> {
-        Ok(self.meta.put(wtxn, &depth_key(edge), &depth.encode())?)
+    /// The edge's depth; if its record is damaged (a torn `meta` page), recounted from the
+    /// batches' headers, so appends and deletes keep working and the next write stores it whole.
+    pub(crate) fn depth_or_recount(&self, txn: &RoTxn<'_>, edge: Edge) -> Result<EdgeDepth, QueueError> {
+        match self.depth(txn, edge) {
+            Err(QueueError::Damaged { .. }) => {
+                tracing::warn!(edge = edge.as_str(), "depth record damaged; recounting the edge");
+                let mut depth = EdgeDepth::empty();
+                for entry in self.edge_table(edge).iter(txn)? {
+                    let (key, value) = entry?;
+                    depth.next_seq = depth.next_seq.max(key_seq(key) + 1);
+                    depth.batches += 1;
+                    depth.items += BatchHeader::parse(value).map(|h| u64::from(h.items)).unwrap_or(0);
+                    depth.bytes += value.len() as u64;
+                }
+                Ok(depth)
+            }
+            other => other,
+        }
+    }
+
+    pub(crate) fn put_depth(&self, wtxn: &mut RwTxn<'_>, edge: Edge, depth: &EdgeDepth) -> Result<(), QueueError> {
+        self.put_sealed(self.meta, wtxn, &depth_key(edge), &depth.encode())
     }
 
     /// Appends a batch (as produced by [`crate::batch`]) to `edge`; returns its sequence number.
     pub fn append(&self, wtxn: &mut RwTxn<'_>, edge: Edge, value: &[u8]) -> Result<u64, QueueError> {
-        let header =
-            BatchHeader::parse(value).map_err(|source| QueueError::Corrupt { edge: edge.as_str(), seq: 0, source })?;
-        let mut depth = self.depth(wtxn, edge)?;
+        let header = BatchHeader::parse(value).map_err(|source| QueueError::Corrupt { edge, seq: 0, source })?;
+        let mut depth = self.depth_or_recount(wtxn, edge)?;
         // `next_seq` lives in `meta`; should it be stale (a torn page after an OS crash), the
         // table's last key and the consumers' cursors still keep appends strictly increasing and
         // above what was consumed, instead of failing for ever or hiding behind a cursor.
@@ -389,7 +565,7 @@ impl Queue {
         if to == found {
             return Ok(());
         }
-        self.cursors.put(wtxn, consumer.as_str().as_bytes(), &seq_key(to))?;
+        self.put_sealed(self.cursors, wtxn, consumer.as_str().as_bytes(), &seq_key(to))?;
         let edge = consumer.edge();
         let mut lowest = to;
         for other in self.active_consumers(edge) {
@@ -408,7 +584,7 @@ impl Queue {
         self.active[consumer as usize]
     }
 
-    fn delete_through(&self, wtxn: &mut RwTxn<'_>, edge: Edge, last: u64) -> Result<(), QueueError> {
+    pub(crate) fn delete_through(&self, wtxn: &mut RwTxn<'_>, edge: Edge, last: u64) -> Result<(), QueueError> {
         let table = self.edge_table(edge);
         let end = seq_key(last);
         let range = (std::ops::Bound::Unbounded, std::ops::Bound::Included(&end[..]));
@@ -424,7 +600,7 @@ impl Queue {
             return Ok(());
         }
         table.delete_range(wtxn, &range)?;
-        let mut depth = self.depth(wtxn, edge)?;
+        let mut depth = self.depth_or_recount(wtxn, edge)?;
         depth.batches = depth.batches.saturating_sub(batches);
         depth.items = depth.items.saturating_sub(items);
         depth.bytes = depth.bytes.saturating_sub(bytes);
@@ -475,30 +651,30 @@ impl Queue {
 
     /// Reads a value of the `meta` table (stage positions).
     pub fn meta_u64(&self, txn: &RoTxn<'_>, key: &str) -> Result<Option<u64>, QueueError> {
-        Ok(self.meta.get(txn, key.as_bytes())?.map(key_seq))
+        self.get_sealed_u64(self.meta, "meta", txn, key.as_bytes())
     }
 
     /// Writes a value of the `meta` table.
     pub fn set_meta_u64(&self, wtxn: &mut RwTxn<'_>, key: &str, value: u64) -> Result<(), QueueError> {
-        Ok(self.meta.put(wtxn, key.as_bytes(), &seq_key(value))?)
+        self.put_sealed(self.meta, wtxn, key.as_bytes(), &seq_key(value))
     }
 
     pub(crate) fn put_meta(&self, wtxn: &mut RwTxn<'_>, key: &str, value: &[u8]) -> Result<(), QueueError> {
-        Ok(self.meta.put(wtxn, key.as_bytes(), value)?)
+        self.put_sealed(self.meta, wtxn, key.as_bytes(), value)
     }
 
     pub(crate) fn get_meta<'t>(&self, txn: &'t RoTxn<'_>, key: &str) -> Result<Option<&'t [u8]>, QueueError> {
-        Ok(self.meta.get(txn, key.as_bytes())?)
+        self.get_sealed(self.meta, "meta", txn, key.as_bytes())
     }
 
     /// A stage's durable private value.
     pub fn state_get<'t>(&self, txn: &'t RoTxn<'_>, key: &[u8]) -> Result<Option<&'t [u8]>, QueueError> {
-        Ok(self.state.get(txn, key)?)
+        self.get_sealed(self.state, "state", txn, key)
     }
 
     /// Stores a stage's durable private value.
     pub fn state_put(&self, wtxn: &mut RwTxn<'_>, key: &[u8], value: &[u8]) -> Result<(), QueueError> {
-        Ok(self.state.put(wtxn, key, value)?)
+        self.put_sealed(self.state, wtxn, key, value)
     }
 
     /// Deletes a stage's durable private value (absent is fine).
@@ -511,7 +687,9 @@ impl Queue {
     pub fn state_prefix<'t>(&self, txn: &'t RoTxn<'_>, prefix: &[u8]) -> Result<Entries<'t>, QueueError> {
         let mut out = Vec::new();
         for entry in self.state.prefix_iter(txn, prefix)? {
-            out.push(entry?);
+            let (key, stored) = entry?;
+            let value = unseal(key, stored).ok_or_else(|| QueueError::Damaged { table: "state", key: key.to_vec() })?;
+            out.push((key, value));
         }
         Ok(out)
     }

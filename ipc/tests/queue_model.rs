@@ -409,7 +409,7 @@ fn verify_reports_corrupt_entries() {
     bad.extend_from_slice(&[0xab; 64]);
     assert_eq!(batch::verify(&good).unwrap().items, 3);
     assert_eq!(BatchHeader::parse(&bad).unwrap().items, 3);
-    assert!(matches!(batch::verify(&bad), Err(batch::BatchError::Archive(_))));
+    assert!(matches!(batch::verify(&bad), Err(batch::BatchError::Checksum { .. })));
 
     let mut wtxn = q.write().unwrap();
     assert_eq!(q.append(&mut wtxn, Edge::Spans, &good).unwrap(), 1);

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedLogBatch, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
 use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
-use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn};
+use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES};
@@ -184,7 +184,7 @@ impl Mirror {
             if seq > read_pos {
                 break;
             }
-            let source = batch::access_logs(value)?;
+            let source = batch::access_logs(value).map_err(QueueError::corrupt_at(Edge::Logs, seq))?;
             let records = source.logs.len();
             let stored = queue.state_get(&rtxn, &bitmap_key(seq))?;
             let mut resolved = vec![0u8; records.div_ceil(8)];
@@ -291,7 +291,7 @@ impl Mirror {
             read += 1;
             let (seq, value) = entry?;
             bytes += value.len();
-            let source = batch::access_logs(value)?;
+            let source = batch::access_logs(value).map_err(QueueError::corrupt_at(Edge::Logs, seq))?;
             let records = source.logs.len();
             let received = source.received_unix_nano.to_native();
             let timed_out = decided_through >= received.saturating_add(self.rule.max_wait.as_nanos() as u64);
@@ -454,7 +454,7 @@ fn load<'t>(queue: &Queue, rtxn: &'t ReadTxn<'_>, seq: u64) -> Result<&'t Archiv
     let value = queue
         .get(rtxn, Edge::Logs, seq)?
         .ok_or_else(|| StageError::Other(format!("logs batch {seq} vanished while referenced")))?;
-    Ok(batch::access_logs(value)?)
+    Ok(batch::access_logs(value).map_err(QueueError::corrupt_at(Edge::Logs, seq))?)
 }
 
 /// Runs the stage: steps when woken (new logs, new decisions) and while records wait for the

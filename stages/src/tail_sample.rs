@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
 use tailgate_ipc::decisions::{Decision, SAMPLER_READ_POS_KEY, SamplerWatermark};
-use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn, StageId};
+use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use summaries::Summaries;
@@ -315,7 +315,7 @@ impl Sampler {
             }
             let (seq, value) = entry?;
             bytes += value.len();
-            let batch = batch::access_spans(value)?;
+            let batch = batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
             let replaying = seq <= self.replay_until;
             // A trace due before this batch was received is decided before the batch is read,
             // as it would have been had the sampler been running then: a backlog (after downtime
@@ -453,7 +453,7 @@ impl Sampler {
                         let value = queue
                             .get(rtxn, Edge::Spans, seq)?
                             .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
-                        let source = batch::access_spans(value)?;
+                        let source = batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
                         sources.insert(seq, source);
                         source
                     }

@@ -37,14 +37,27 @@ pub fn check_config(file: &Path) -> ExitCode {
 }
 
 /// `tailgate status`: the queue's depth per edge and consumer, read from the live environment.
-pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
-    match print_status(config_file, data_dir) {
+pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, clear_losses: bool) -> ExitCode {
+    let result =
+        if clear_losses { clear_loss_records(config_file, data_dir) } else { print_status(config_file, data_dir) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tailgate status: {err}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn clear_loss_records(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load_config(config_file.as_deref(), data_dir)?;
+    let queue_dir = config.queue_dir();
+    if !queue_dir.join("data.mdb").exists() {
+        anyhow::bail!("no queue at {}", queue_dir.display());
+    }
+    let queue = tailgate_ipc::Queue::open(&queue_dir, &stage_process::queue_options(&config))?;
+    println!("{} damage records acknowledged", queue.clear_losses()?);
+    Ok(())
 }
 
 fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -69,6 +82,15 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
         used as f64 / capacity as f64 * 100.0,
         if queue.admits(&txn)? { "open" } else { "refusing (budget reached)" }
     );
+    let data = std::fs::File::open(queue_dir.join("data.mdb"))?;
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&data.metadata()?) * 512;
+    let free = rustix::fs::fstatvfs(&data).map(|st| st.f_bavail * st.f_frsize)?;
+    println!(
+        "disk: {:.0} MiB of the budget reserved on disk{}, {:.0} MiB free on the filesystem",
+        mib(allocated.min(capacity)),
+        if allocated >= capacity { " (all)" } else { " (NOT all: a full filesystem can stop stages)" },
+        mib(free)
+    );
     println!("{:<12} {:>10} {:>12} {:>14} {:>10}", "edge", "batches", "items", "bytes", "next_seq");
     for edge in Edge::ALL {
         let depth = queue.depth(&txn, edge)?;
@@ -88,6 +110,13 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
         }
     }
     println!("decisions    {:>10}", queue.decision_count(&txn)?);
+    let losses = queue.losses(&txn)?;
+    if !losses.is_empty() {
+        println!("damage repaired ({} records; `tailgate status --clear-losses` acknowledges them)", losses.len());
+        for record in losses {
+            println!("  {} {record}", format_unix_ms(record.at_unix_ms));
+        }
+    }
     drop(txn);
     let drift = tailgate_stages::receive::filelog::stored_drift(&queue)?;
     if !drift.is_empty() {
@@ -100,6 +129,11 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
         }
     }
     Ok(())
+}
+
+/// RFC 3339 (UTC, seconds) for a Unix millisecond time.
+fn format_unix_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 /// Sets up logging to stderr (journald picks it up under systemd). `RUST_LOG` overrides the

@@ -28,7 +28,7 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Print the queue's true backlog: per edge batches, items and bytes; per consumer cursors;
-    /// disk budget use. Works while tailgate runs.
+    /// disk budget use; repaired damage; log schema drift. Works while tailgate runs.
     Status {
         /// Configuration file, as given to `run`.
         #[arg(long, short = 'c', value_name = "FILE")]
@@ -36,6 +36,9 @@ enum Command {
         /// Data directory, as given to `run`.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Acknowledge the recorded damage repairs (they stop being listed).
+        #[arg(long)]
+        clear_losses: bool,
     },
     /// Validate a configuration file and print every problem with its path (exit 1 on error).
     CheckConfig {
@@ -61,7 +64,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
         Command::CheckConfig { file } => tailgate::check_config(&file),
-        Command::Status { config, data_dir } => tailgate::status(config, data_dir),
+        Command::Status { config, data_dir, clear_losses } => tailgate::status(config, data_dir, clear_losses),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }
 }

@@ -10,7 +10,7 @@ use tailgate_config::Config;
 use tailgate_ipc::wake::{WakeListener, Waker, socket_dir};
 use tailgate_ipc::{Queue, QueueOptions, StageId};
 use tailgate_stages::events::StageEvents;
-use tailgate_stages::{StageContext, run_stage};
+use tailgate_stages::{StageContext, StageError, run_stage};
 use tracing::Instrument;
 
 /// Environment variable that tells a stage process its supervisor's pid.
@@ -99,17 +99,34 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
         tracing::info!("stop requested; draining");
         let _ = stop.send(true);
     });
-    let ctx = StageContext {
-        stage,
-        config: Arc::new(config),
-        queue,
-        waker,
-        wake,
-        shutdown,
-        events: Arc::new(StageEvents::new(stage)),
-    };
-    tracing::debug!("stage started");
-    run_stage(ctx).await?;
+    let config = Arc::new(config);
+    let events = Arc::new(StageEvents::new(stage));
+    let mut wake = Some(wake);
+    loop {
+        let ctx = StageContext {
+            stage,
+            config: config.clone(),
+            queue: queue.clone(),
+            waker: waker.clone(),
+            wake: match wake.take() {
+                Some(wake) => wake,
+                None => WakeListener::bind(&run_dir, stage)?,
+            },
+            shutdown: shutdown.clone(),
+            events: events.clone(),
+        };
+        tracing::debug!("stage started");
+        match run_stage(ctx).await {
+            Ok(()) => break,
+            // Damage found while reading: repair exactly that entry, record it, and start the
+            // stage over from its durable state (what a restart would do, without one).
+            Err(StageError::Queue(err)) if err.is_damage() => match queue.repair_damage(&err)? {
+                Some(record) => tracing::error!(repair = %record, "queue damage repaired; stage starts over"),
+                None => return Err(err.into()),
+            },
+            Err(err) => return Err(err.into()),
+        }
+    }
     drop(lock);
     Ok(())
 }

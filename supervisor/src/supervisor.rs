@@ -14,8 +14,10 @@
 //!   tail_sample, log_mirror, spanmetrics, export. Each gets SIGTERM and `shutdown_timeout` to
 //!   drain before SIGKILL. Whatever is still queued stays on disk for the next start.
 //! - A marker file `RUNNING` in the data dir is removed only by a clean shutdown; if it is there
-//!   at start, the last run ended uncleanly (power loss, OS crash, SIGKILL of the supervisor) and
-//!   the queue is verified batch by batch before any stage starts.
+//!   at start, the last run ended uncleanly (power loss, OS crash, SIGKILL of the supervisor,
+//!   escalation) and every table of the queue is checked before any stage starts
+//!   ([`Queue::repair`]): damaged entries are quarantined one by one and recorded, everything
+//!   intact stays. Only an environment LMDB cannot open at all is moved aside.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -499,31 +501,57 @@ fn open_queue(config: &Config) -> anyhow::Result<Queue> {
     let queue = match Queue::open(&queue_dir, &options) {
         Ok(queue) if !unclean => queue,
         Ok(queue) => {
-            tracing::warn!("previous run did not shut down cleanly; verifying the queue");
-            match queue.verify() {
-                Ok(report) if report.corrupt.is_empty() => {
-                    tracing::info!(entries = report.entries, "queue verified");
-                    queue
-                }
-                Ok(report) => {
-                    tracing::error!(corrupt = ?report.corrupt, "queue holds corrupt batches");
-                    drop(queue);
-                    quarantine_and_reopen(&queue_dir, &options)?
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "queue cannot be read");
-                    drop(queue);
-                    quarantine_and_reopen(&queue_dir, &options)?
-                }
+            tracing::warn!("previous run did not shut down cleanly; checking every table of the queue");
+            let report = queue.repair()?;
+            for record in &report.records {
+                tracing::error!(repair = %record, "queue damage repaired");
             }
+            if !report.depth_corrected.is_empty() {
+                let edges: Vec<&str> = report.depth_corrected.iter().map(|edge| edge.as_str()).collect();
+                tracing::warn!(edges = ?edges, "queue depth recomputed from the stored batches");
+            }
+            tracing::info!(values = report.checked, repairs = report.records.len(), "queue checked");
+            queue
         }
+        // Only an environment LMDB cannot open at all is moved aside whole.
         Err(err) => {
             tracing::error!(error = %err, "queue cannot be opened");
             quarantine_and_reopen(&queue_dir, &options)?
         }
     };
+    reserve_disk(&queue_dir, queue.capacity_bytes())?;
     write_durably(&marker, std::process::id().to_string().as_bytes())?;
     Ok(queue)
+}
+
+/// Backs the whole map with disk blocks before any stage writes. The queue writes through a
+/// shared memory map (`WRITE_MAP`) into a sparse file: a page the filesystem cannot back would be
+/// a SIGBUS in whichever stage touched it, not an error. Allocated up front, the budget is the
+/// only limit the queue can hit, and that one is a clean `Full` with pushback.
+fn reserve_disk(queue_dir: &Path, capacity: u64) -> anyhow::Result<()> {
+    let path = queue_dir.join("data.mdb");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSPC) => {
+            let free = rustix::fs::fstatvfs(&file).map(|st| st.f_bavail * st.f_frsize).unwrap_or(0);
+            let allocated = file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+            anyhow::bail!(
+                "the filesystem of {} cannot hold the queue's disk budget: queue.max_size_mib needs {} MiB, \
+                 {} MiB are allocated and {} MiB free; free space or lower queue.max_size_mib",
+                queue_dir.display(),
+                capacity >> 20,
+                allocated >> 20,
+                free >> 20
+            )
+        }
+        // Filesystems without fallocate (some network filesystems): run, but say what is at risk.
+        Err(err @ (rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS)) => {
+            tracing::warn!(error = %err, "cannot reserve the queue's disk space; a full filesystem will stop stages");
+            Ok(())
+        }
+        Err(err) => Err(anyhow::anyhow!("cannot reserve the queue's disk space in {}: {err}", path.display())),
+    }
 }
 
 /// Writes a file and makes it and its directory entry durable: the unclean-shutdown marker must

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tailgate_config::Config;
 use tailgate_ipc::batch;
-use tailgate_ipc::{Consumer, Edge, Queue, ReadTxn};
+use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
 use crate::context::{StageContext, StageError};
 use crate::otlp_wire::{self, Signal};
@@ -126,7 +126,11 @@ pub fn read_batches(
         if taken > 0 && bytes + value.len() > MAX_REQUEST_BYTES {
             break;
         }
-        items += take(seq, value)?;
+        // A batch that fails its checks names itself, so the stage can quarantine exactly it.
+        items += take(seq, value).map_err(|err| match err {
+            StageError::Batch(source) => StageError::Queue(QueueError::Corrupt { edge: consumer.edge(), seq, source }),
+            other => other,
+        })?;
         bytes += value.len();
         last_seq = seq;
     }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tailgate_config::{SpanmetricsConfig, SpanmetricsSource};
 use tailgate_ipc::batch::{self, ArchivedSpanSummary, MetricBatch};
-use tailgate_ipc::{Consumer, Edge, Queue};
+use tailgate_ipc::{Consumer, Edge, Queue, QueueError};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use crate::limits::MAX_BATCHES_PER_STEP;
@@ -112,7 +112,7 @@ impl Accumulator {
                 return Ok((read, true));
             }
             let (seq, value) = entry?;
-            let source = batch::access_summaries(value)?;
+            let source = batch::access_summaries(value).map_err(QueueError::corrupt_at(Edge::SpanSummaries, seq))?;
             for summary in source.summaries.iter() {
                 let service =
                     source.services.get(summary.service.to_native() as usize).map(|s| s.as_str()).unwrap_or("");
