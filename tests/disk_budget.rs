@@ -41,9 +41,6 @@ fn heavy_trace(n: u32, spans: u32, padding: usize) -> Vec<Span> {
 
 #[test]
 fn at_the_disk_budget_every_stage_progresses_and_the_backlog_drains() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    // The backend is down: nothing listens on its port yet.
-    let backend_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let timing = Timing {
         decision_wait: "2s",
         root_grace: "1s",
@@ -51,7 +48,66 @@ fn at_the_disk_budget_every_stage_progresses_and_the_backlog_drains() {
         queue_max_size_mib: 16,
         ..Timing::default()
     };
-    let tailgate = Tailgate::start(backend_addr, &timing);
+    fill_then_drain(&timing, |_| {});
+}
+
+/// The filesystem fills up (another writer takes every free block) while the backend is down:
+/// the budget was reserved at start, so the queue still takes data up to its budget, pushes back
+/// there, no stage dies (no SIGBUS through the memory map), and the backlog drains.
+#[test]
+fn a_full_filesystem_is_pushback_not_a_crash() {
+    let timing = Timing {
+        decision_wait: "2s",
+        root_grace: "1s",
+        log_max_wait: "4s",
+        queue_max_size_mib: 16,
+        data_tmpfs_mib: Some(40),
+        ..Timing::default()
+    };
+    fill_then_drain(&timing, |tailgate| {
+        // Take every block the queue did not reserve.
+        let filler = tailgate.data_dir().join("filler");
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "count=64"])
+            .arg(format!("of={}", filler.display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+        let free = std::process::Command::new("df").arg("--output=avail").arg(tailgate.data_dir()).output().unwrap();
+        let avail: u64 = String::from_utf8_lossy(&free.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+        assert!(avail < 1024, "the filesystem still has {avail} KiB free");
+    });
+    // The supervisor refuses a budget the filesystem cannot hold, with the numbers.
+    let dir = tempfile::tempdir().unwrap();
+    common::mount_tmpfs(&dir.path().join("data"), 20);
+    let config = dir.path().join("tailgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: {}\nqueue: {{ max_size_mib: 32 }}\nreceivers: {{ otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{}\" }} }} }} }}\nexporters: {{ traces: {{ otlp: {{ endpoint: \"http://127.0.0.1:9\" }} }} }}\n",
+            dir.path().join("data").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("umount").arg("-l").arg(dir.path().join("data")).status();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot hold the queue's disk budget") && stderr.contains("needs 32 MiB"), "{stderr}");
+}
+
+fn fill_then_drain(timing: &Timing, before_load: impl FnOnce(&Tailgate)) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The backend is down: nothing listens on its port yet.
+    let backend_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tailgate = Tailgate::start(backend_addr, timing);
+    let stages_before = common::stage_pids(tailgate.pid());
+    before_load(&tailgate);
     let grpc = tailgate.grpc;
     // Fill the budget: every trace is kept, so kept spans pile up while the backend is down.
     let mut accepted: Vec<u32> = Vec::new();
@@ -113,4 +169,5 @@ fn at_the_disk_budget_every_stage_progresses_and_the_backlog_drains() {
         expected.len(),
         notable.join("\n")
     );
+    assert_eq!(common::stage_pids(tailgate.pid()), stages_before, "a stage died at the limit:\n{}", notable.join("\n"));
 }

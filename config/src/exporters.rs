@@ -49,10 +49,43 @@ pub struct OtlpExporter {
     /// `none` or `gzip`. gzip costs ~4-5 us per span; use it only on a narrow uplink.
     #[serde(default)]
     pub compression: Compression,
+    /// Added to `timeout` per MiB of request, so a large request over a slow uplink is not cut
+    /// off (and resent) for ever: the default 10s per MiB covers a 1 Mbit/s link.
+    #[serde(default = "default_timeout_per_mib", with = "humantime_serde")]
+    pub timeout_per_mib: Duration,
+    /// HTTP/2 keepalive pings, as the Collector's gRPC client `keepalive`.
+    #[serde(default)]
+    pub keepalive: KeepaliveConfig,
 }
 
 fn default_export_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_timeout_per_mib() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// HTTP/2 keepalive of a gRPC connection: a ping every `time` while idle or busy, and the
+/// connection is dropped when the answer does not come within `timeout` (a dead link is found
+/// in seconds, not after TCP's retransmission backoff).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// Interval between pings.
+    #[serde(with = "humantime_serde")]
+    pub time: Duration,
+    /// How long to wait for the ping's answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Ping also while no request is in flight.
+    pub permit_without_stream: bool,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig { time: Duration::from_secs(10), timeout: Duration::from_secs(5), permit_without_stream: true }
+    }
 }
 
 /// Request compression.

@@ -81,6 +81,8 @@ pub struct Timing {
     pub spanmetrics_extra: &'static str,
     /// `queue.max_size_mib`, the disk budget.
     pub queue_max_size_mib: u32,
+    /// Put the data directory on a tmpfs of this many MiB (needs root; unmounted on drop).
+    pub data_tmpfs_mib: Option<u32>,
 }
 
 impl Default for Timing {
@@ -97,6 +99,7 @@ impl Default for Timing {
             metrics_destination: None,
             spanmetrics_extra: "",
             queue_max_size_mib: 256,
+            data_tmpfs_mib: None,
         }
     }
 }
@@ -170,6 +173,9 @@ supervisor:
         );
         let config_path = dir.path().join("tailgate.yaml");
         std::fs::write(&config_path, config).unwrap();
+        if let Some(mib) = timing.data_tmpfs_mib {
+            mount_tmpfs(&dir.path().join("data"), mib);
+        }
         let child = spawn_tailgate(&config_path, dir.path());
         let tailgate = Tailgate { child, dir, grpc, http, config_path };
         assert!(
@@ -234,7 +240,29 @@ impl Drop for Tailgate {
                 signal(pid, "KILL");
             }
         }
+        let data = self.data_dir();
+        if is_mount_point(&data) {
+            let _ = Command::new("umount").arg("-l").arg(&data).status();
+        }
     }
+}
+
+/// Mounts a tmpfs of `mib` MiB at `dir` (created if missing). Needs root, as CI has.
+pub fn mount_tmpfs(dir: &Path, mib: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .expect("mount(8) runs");
+    assert!(status.success(), "mounting a tmpfs needs root (CI runs the tests as root)");
+}
+
+fn is_mount_point(dir: &Path) -> bool {
+    let target = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|mounts| mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(target.as_str())))
+        .unwrap_or(false)
 }
 
 /// Starts `tailgate run --config <file>` with its output in `<dir>/tailgate.log`.

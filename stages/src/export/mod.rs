@@ -307,7 +307,7 @@ async fn run_consumer(
 async fn deliver_otlp(
     ctx: &StageContext,
     consumer: Consumer,
-    client: &OtlpClient,
+    client: &mut OtlpClient,
     batch_size: u64,
 ) -> Result<(), StageError> {
     let retry = &ctx.config.exporters.retry_on_failure;

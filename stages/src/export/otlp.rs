@@ -1,6 +1,18 @@
 //! OTLP/gRPC client sending pre-assembled request bytes (no prost encode on the way out), and
 //! the OTLP retry rules: which answers are retried, which are final.
+//!
+//! Dead connections: a request that times out is never retried on the connection it went out
+//! on. Over a link that silently drops packets, its bytes still sit in the TCP send queue, and a
+//! retry on the same connection would queue behind them: when the link returns both copies
+//! arrive (duplicates), and only after TCP's retransmission backoff (tens of seconds). So on a
+//! timeout or transport failure the client aborts every connection it opened (the socket closes
+//! with zero linger: a reset that discards the unsent copy) and the retry opens a fresh one.
+//! HTTP/2 keepalive pings find a dead link while nothing is being sent.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,11 +42,15 @@ pub enum SendOutcome {
 }
 
 /// An OTLP/gRPC destination.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct OtlpClient {
+    endpoint: Endpoint,
     channel: Channel,
+    /// The connections the current channel opened, to abort them on a timeout.
+    connections: Arc<Mutex<Vec<Weak<AbortSwitch>>>>,
     path: PathAndQuery,
     timeout: Duration,
+    timeout_per_mib: Duration,
     gzip: bool,
 }
 
@@ -44,41 +60,174 @@ impl OtlpClient {
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
             .map_err(|err| format!("bad endpoint {}: {err}", config.endpoint))?
             .connect_timeout(config.timeout)
-            .timeout(config.timeout)
-            .tcp_nodelay(true);
+            .http2_keep_alive_interval(config.keepalive.time)
+            .keep_alive_timeout(config.keepalive.timeout)
+            .keep_alive_while_idle(config.keepalive.permit_without_stream);
         let path = match signal {
             Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
             Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
             Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
         };
+        let connections = Arc::new(Mutex::new(Vec::new()));
         Ok(OtlpClient {
-            channel: endpoint.connect_lazy(),
+            channel: endpoint.connect_with_connector_lazy(Connector { connections: connections.clone() }),
+            endpoint,
+            connections,
             path: PathAndQuery::from_static(path),
             timeout: config.timeout,
+            timeout_per_mib: config.timeout_per_mib,
             gzip: config.compression == Compression::Gzip,
         })
     }
 
-    /// Sends one encoded `Export*ServiceRequest`.
-    pub async fn send(&self, request: Bytes) -> SendOutcome {
+    /// The deadline of a request of `bytes`: the configured timeout plus `timeout_per_mib` for
+    /// every MiB, so a large request over a slow uplink can finish.
+    pub fn timeout_for(&self, bytes: usize) -> Duration {
+        self.timeout + self.timeout_per_mib.mul_f64(bytes as f64 / (1024.0 * 1024.0))
+    }
+
+    /// Aborts every connection of this client and starts a new channel: the next request goes
+    /// out on a fresh connection, and nothing queued on the old ones is ever sent.
+    pub fn reconnect(&mut self) {
+        let old = std::mem::take(&mut *self.connections.lock().unwrap_or_else(|e| e.into_inner()));
+        for switch in old.iter().filter_map(Weak::upgrade) {
+            switch.abort();
+        }
+        self.channel = self.endpoint.connect_with_connector_lazy(Connector { connections: self.connections.clone() });
+    }
+
+    /// Sends one encoded `Export*ServiceRequest`. After a timeout or a transport failure the
+    /// connection is dropped (see the module docs).
+    pub async fn send(&mut self, request: Bytes) -> SendOutcome {
+        let outcome = self.send_once(request).await;
+        if let SendOutcome::Retryable(_) = &outcome {
+            self.reconnect();
+        }
+        outcome
+    }
+
+    async fn send_once(&self, request: Bytes) -> SendOutcome {
+        let timeout = self.timeout_for(request.len());
         let mut grpc = tonic::client::Grpc::new(self.channel.clone());
         if self.gzip {
             grpc = grpc.send_compressed(CompressionEncoding::Gzip);
         }
         grpc = grpc.accept_compressed(CompressionEncoding::Gzip);
-        if let Err(err) = grpc.ready().await {
-            return SendOutcome::Retryable(format!("connect: {err}"));
+        let attempt = async {
+            if let Err(err) = grpc.ready().await {
+                return SendOutcome::Retryable(format!("connect: {err}"));
+            }
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(timeout);
+            match grpc.unary(request, self.path.clone(), RawCodec).await {
+                Ok(response) => match otlp_wire::parse_partial_success(response.get_ref()) {
+                    Ok((rejected, message)) => SendOutcome::Accepted { rejected: rejected.max(0) as u64, message },
+                    // The data was accepted; only the optional detail is unreadable.
+                    Err(_) => SendOutcome::Accepted { rejected: 0, message: String::new() },
+                },
+                Err(status) => classify(&status),
+            }
+        };
+        // The grpc-timeout header tells the server; this bounds the wait here (connect included).
+        match tokio::time::timeout(timeout + Duration::from_millis(100), attempt).await {
+            Ok(outcome) => outcome,
+            Err(_) => SendOutcome::Retryable(format!("DeadlineExceeded: no answer within {timeout:?}")),
         }
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(self.timeout);
-        match grpc.unary(request, self.path.clone(), RawCodec).await {
-            Ok(response) => match otlp_wire::parse_partial_success(response.get_ref()) {
-                Ok((rejected, message)) => SendOutcome::Accepted { rejected: rejected.max(0) as u64, message },
-                // The data was accepted; only the optional detail is unreadable.
-                Err(_) => SendOutcome::Accepted { rejected: 0, message: String::new() },
-            },
-            Err(status) => classify(&status),
+    }
+}
+
+/// Opens TCP connections for the channel, each with an [`AbortSwitch`] the client keeps.
+#[derive(Clone)]
+struct Connector {
+    connections: Arc<Mutex<Vec<Weak<AbortSwitch>>>>,
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = AbortableIo;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<AbortableIo, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connections = self.connections.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or_else(|| std::io::Error::other(format!("no host in {uri}")))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            stream.set_nodelay(true)?;
+            // Closing never waits to deliver what is still queued: a reset discards it.
+            stream.set_zero_linger()?;
+            let switch = Arc::new(AbortSwitch::default());
+            let mut held = connections.lock().unwrap_or_else(|e| e.into_inner());
+            held.retain(|weak| weak.strong_count() > 0);
+            held.push(Arc::downgrade(&switch));
+            Ok(AbortableIo { io: hyper_util::rt::TokioIo::new(stream), switch })
+        })
+    }
+}
+
+/// Lets the client fail a connection's I/O from outside, so its driver drops the socket.
+#[derive(Debug, Default)]
+struct AbortSwitch {
+    aborted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl AbortSwitch {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            waker.wake();
         }
+    }
+
+    /// Registers the polling task, then tells whether the connection was aborted.
+    fn check(&self, cx: &Context<'_>) -> Result<(), std::io::Error> {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection dropped after a timeout",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A TCP connection whose reads and writes fail once its [`AbortSwitch`] is thrown.
+struct AbortableIo {
+    io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    switch: Arc<AbortSwitch>,
+}
+
+impl hyper::rt::Read for AbortableIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.switch.check(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for AbortableIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.switch.check(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.switch.check(cx)?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
