@@ -4,6 +4,9 @@
 #     (tests/sdk/requirements.txt) for the SDK interop tests, under target/sdk-venv;
 #   - Prometheus (Debian's `prometheus` package, 2.42) for the remote-write tests, which start
 #     their own instances on loopback ports with temporary data directories;
+#   - iptables and conntrack (Debian packages) for the chaos drill (tests/chaos_drill.rs), which
+#     cuts a link between two network namespaces it creates; it and the full-filesystem test
+#     (a tmpfs mount) need root, as CI runs them;
 #   - cargo-nextest, if missing.
 # Extra arguments go to `cargo nextest run`.
 set -euo pipefail
@@ -19,6 +22,14 @@ export TAILGATE_SDK_PYTHON="$PWD/$venv/bin/python3"
 if ! command -v prometheus >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
     || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; }
+fi
+
+missing=()
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
+    || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; }
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

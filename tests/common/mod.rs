@@ -83,6 +83,10 @@ pub struct Timing {
     pub queue_max_size_mib: u32,
     /// Put the data directory on a tmpfs of this many MiB (needs root; unmounted on drop).
     pub data_tmpfs_mib: Option<u32>,
+    /// Run tailgate inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// Extra keys of every OTLP exporter (YAML flow-mapping entries, each led by a comma).
+    pub otlp_extra: &'static str,
 }
 
 impl Default for Timing {
@@ -100,6 +104,8 @@ impl Default for Timing {
             spanmetrics_extra: "",
             queue_max_size_mib: 256,
             data_tmpfs_mib: None,
+            netns: None,
+            otlp_extra: ", timeout: 10s",
         }
     }
 }
@@ -141,7 +147,7 @@ spanmetrics:
   metrics_flush_interval: {fi}
 {spanmetrics_extra}
 exporters:
-  traces: {{ otlp: {{ endpoint: "http://{backend}", timeout: 10s }} }}
+  traces: {{ otlp: {{ endpoint: "http://{backend}"{otlp_extra} }} }}
   logs: {logs}
   metrics: {metrics}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
@@ -157,11 +163,12 @@ supervisor:
             logs = timing
                 .logs_destination
                 .clone()
-                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\", timeout: 10s }} }}")),
+                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\"{} }} }}", timing.otlp_extra)),
             metrics = timing
                 .metrics_destination
                 .clone()
-                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\", timeout: 10s }} }}")),
+                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\"{} }} }}", timing.otlp_extra)),
+            otlp_extra = timing.otlp_extra,
             spanmetrics_extra = timing.spanmetrics_extra,
             queue_mib = timing.queue_max_size_mib,
             data = dir.path().join("data").display(),
@@ -176,13 +183,14 @@ supervisor:
         if let Some(mib) = timing.data_tmpfs_mib {
             mount_tmpfs(&dir.path().join("data"), mib);
         }
-        let child = spawn_tailgate(&config_path, dir.path());
+        let child = spawn_tailgate_in(&config_path, dir.path(), timing.netns.as_deref());
         let tailgate = Tailgate { child, dir, grpc, http, config_path };
-        assert!(
-            wait_until(Duration::from_secs(20), || TcpStream::connect(grpc).is_ok()
-                && TcpStream::connect(http).is_ok()),
-            "tailgate did not open its OTLP ports"
-        );
+        let listening = || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok();
+        let up = match timing.netns.as_deref() {
+            Some(ns) => in_netns(ns, || wait_until(Duration::from_secs(20), listening)),
+            None => wait_until(Duration::from_secs(20), listening),
+        };
+        assert!(up, "tailgate did not open its OTLP ports");
         tailgate
     }
 
@@ -267,8 +275,22 @@ fn is_mount_point(dir: &Path) -> bool {
 
 /// Starts `tailgate run --config <file>` with its output in `<dir>/tailgate.log`.
 pub fn spawn_tailgate(config: &Path, dir: &Path) -> Child {
+    spawn_tailgate_in(config, dir, None)
+}
+
+/// Like [`spawn_tailgate`], inside network namespace `netns` when given (`ip netns exec`
+/// execs, so the child's pid is tailgate's).
+pub fn spawn_tailgate_in(config: &Path, dir: &Path, netns: Option<&str>) -> Child {
     let log = std::fs::File::create(dir.join("tailgate.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tailgate"))
+    let mut command = match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_tailgate")]);
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_tailgate")),
+    };
+    command
         .arg("run")
         .arg("--config")
         .arg(config)
@@ -278,6 +300,30 @@ pub fn spawn_tailgate(config: &Path, dir: &Path) -> Child {
         .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// Runs `f` on a thread that has joined network namespace `ns` (`/run/netns/<ns>`): every
+/// socket `f` creates lives there, and keeps living there after `f` returns.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(ns);
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// Moves the calling thread into network namespace `ns`.
+pub fn enter_netns(ns: &str) {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&file),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .unwrap();
 }
 
 /// Sends a signal by name with kill(1).
@@ -319,6 +365,8 @@ pub struct Received {
     pub metrics: Vec<ExportMetricsServiceRequest>,
     /// Answer the next this-many trace requests with UNAVAILABLE.
     pub fail_next_traces: u32,
+    /// When each trace request in `traces` arrived.
+    pub trace_arrivals: Vec<Instant>,
 }
 
 /// An OTLP/gRPC backend (standing in for Jaeger / a Collector) built from the official
@@ -340,6 +388,7 @@ impl TraceService for Backend {
             return Err(tonic::Status::unavailable("backend restarting"));
         }
         received.traces.push(request.into_inner());
+        received.trace_arrivals.push(Instant::now());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }

@@ -43,7 +43,7 @@ const MAX_REQUEST_BYTES: usize = 3 << 20;
 
 /// Where one consumer delivers.
 enum Sink {
-    Otlp(OtlpClient),
+    Otlp(Box<OtlpClient>),
     Loki(Box<LokiSink>),
     RemoteWrite(Box<RemoteWriteSink>),
     /// No destination for the edge: count and drop.
@@ -54,7 +54,7 @@ enum Sink {
 fn sinks(config: &Config) -> Result<Vec<(Consumer, Sink)>, StageError> {
     let exporters = &config.exporters;
     let otlp = |settings: &tailgate_config::OtlpExporter, signal| {
-        OtlpClient::new(settings, signal).map(Sink::Otlp).map_err(StageError::Other)
+        OtlpClient::new(settings, signal).map(|client| Sink::Otlp(Box::new(client))).map_err(StageError::Other)
     };
     let mut out = vec![(Consumer::ExportTraces, otlp(&exporters.traces.otlp, Signal::Traces)?)];
     let logs = exporters.logs.as_ref();
