@@ -287,7 +287,7 @@ fn uplink_cut_and_restored_loses_and_duplicates_nothing() {
     for (kept, undelivered, delivered) in &samples {
         assert!(*delivered <= delivered_at_cut + 1_000, "deliveries continued through the cut: {samples:?}");
         // What is not in kept_spans yet is still in tail_sample's decision window (2 s + grace).
-        let window = (4 * TRACES_PER_SECOND * SPANS_PER_TRACE) as u64;
+        let window = 4 * TRACES_PER_SECOND * SPANS_PER_TRACE;
         assert!(
             kept <= &(undelivered + 500) && undelivered - kept.min(undelivered) <= window,
             "depth {kept} vs undelivered {undelivered}: {samples:?}"
