@@ -27,6 +27,28 @@ pub struct Exporters {
     /// Retries of failed requests.
     #[serde(default)]
     pub retry_on_failure: RetryConfig,
+    /// OTLP items the backend keeps refusing go to the dead-letter store instead of blocking
+    /// the queue (`tailgate dead-letter` lists, replays and drops them).
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// When an OTLP item counts as poison.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// How long a request may keep failing with an error the backend answers (INTERNAL,
+    /// UNKNOWN, DATA_LOSS) before it is split to find the items that cause it; such an item is
+    /// dead-lettered once other requests get through. Outages (unreachable, timeouts,
+    /// UNAVAILABLE) never dead-letter anything.
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig { after: Duration::from_secs(300) }
+    }
 }
 
 /// One destination.

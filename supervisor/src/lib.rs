@@ -49,6 +49,79 @@ pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, clear_los
     }
 }
 
+/// `tailgate dead-letter list|replay|drop [--consumer C]`.
+pub fn dead_letter(
+    action: &str,
+    consumer: Option<&str>,
+    config_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    match run_dead_letter(action, consumer, config_file, data_dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tailgate dead-letter: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_dead_letter(
+    action: &str,
+    consumer: Option<&str>,
+    config_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tailgate_stages::export::dead_letter;
+    let config = load_config(config_file.as_deref(), data_dir)?;
+    let queue_dir = config.queue_dir();
+    if !queue_dir.join("data.mdb").exists() {
+        anyhow::bail!("no queue at {}", queue_dir.display());
+    }
+    let consumer = match consumer {
+        None => None,
+        Some(name) => Some(
+            tailgate_ipc::Consumer::ALL
+                .into_iter()
+                .find(|c| c.as_str() == name)
+                .ok_or_else(|| anyhow::anyhow!("unknown consumer {name:?}"))?,
+        ),
+    };
+    let options = stage_process::queue_options(&config);
+    match action {
+        "list" => {
+            let queue = tailgate_ipc::Queue::open_read_only(&queue_dir, &options)?;
+            let txn = queue.read()?;
+            let letters = dead_letter::list(&queue, &txn, consumer)?;
+            println!("{} dead letters", letters.len());
+            for letter in letters {
+                println!(
+                    "  {} {} {} items, {} bytes, {}: {}",
+                    format_unix_ms(letter.at_unix_ms),
+                    letter.consumer,
+                    letter.items,
+                    letter.request.len(),
+                    letter.reason,
+                    letter.message
+                );
+            }
+        }
+        "replay" => {
+            let queue = tailgate_ipc::Queue::open(&queue_dir, &options)?;
+            dead_letter::request_replay(&queue)?;
+            // Wake export, which may be idle.
+            if let Ok(waker) = tailgate_ipc::wake::Waker::new(&tailgate_ipc::wake::socket_dir(&config.data_dir)) {
+                waker.wake(tailgate_ipc::StageId::Export);
+            }
+            println!("replay requested; the export stage sends the dead letters again (see `dead-letter list`)");
+        }
+        _ => {
+            let queue = tailgate_ipc::Queue::open(&queue_dir, &options)?;
+            println!("{} dead letters dropped", dead_letter::drop_all(&queue, consumer)?);
+        }
+    }
+    Ok(())
+}
+
 fn clear_loss_records(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load_config(config_file.as_deref(), data_dir)?;
     let queue_dir = config.queue_dir();

@@ -40,6 +40,22 @@ enum Command {
         #[arg(long)]
         clear_losses: bool,
     },
+    /// OTLP items a backend kept refusing (see `exporters.dead_letter`): list them, ask the
+    /// running export stage to send them again, or delete them.
+    DeadLetter {
+        /// `list`, `replay` or `drop`.
+        #[arg(value_parser = ["list", "replay", "drop"])]
+        action: String,
+        /// Only this destination's items (e.g. `export_traces`).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Validate a configuration file and print every problem with its path (exit 1 on error).
     CheckConfig {
         /// The configuration file to check.
@@ -64,6 +80,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
         Command::CheckConfig { file } => tailgate::check_config(&file),
+        Command::DeadLetter { action, consumer, config, data_dir } => {
+            tailgate::dead_letter(&action, consumer.as_deref(), config, data_dir)
+        }
         Command::Status { config, data_dir, clear_losses } => tailgate::status(config, data_dir, clear_losses),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }

@@ -5,8 +5,12 @@
 //! back), except the first consumer of an edge with no destination at all, which counts what it
 //! reads as dropped (`no_destination`).
 //!
-//! Ack rule: a queue batch leaves the queue only when the backend acknowledged the request that
-//! carried it, or when the backend refused it permanently (counted as dropped with a reason).
+//! Ack rule: a queue batch leaves the queue only when the backend acknowledged the requests that
+//! carried it, or refused items of it for good: OTLP items go to the dead-letter store
+//! ([`dead_letter`]), Loki entries and remote-write series are dropped and counted by reason.
+//! Requests are capped by their encoded size; a request the backend refuses (too large,
+//! invalid) or keeps failing on is split until the refused items stand alone ([`isolate`]).
+//! Retries back off through a circuit breaker per destination ([`isolate::Breaker`]).
 //! The boundary to the backend is at-least-once: a request sent but not yet committed is sent
 //! again after a kill.
 //!
@@ -15,10 +19,12 @@
 //! counted from batch headers; the request is assembled only when it is sent. A request carries whole queue
 //! batches, so it may exceed `send_batch_size` (which is a trigger, not a cap).
 
+pub mod dead_letter;
 pub mod http;
 pub mod isolate;
 pub mod loki;
 pub mod otlp;
+pub mod parts;
 pub mod prometheus;
 
 use std::time::Duration;
@@ -30,8 +36,10 @@ use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
 use crate::context::{StageContext, StageError};
 use crate::otlp_wire::{self, Signal};
+use isolate::{Attempt, Breaker, Policy};
 use loki::LokiSink;
 use otlp::{OtlpClient, SendOutcome};
+use parts::Items;
 use prometheus::RemoteWriteSink;
 
 /// Most queue batches read into one request.
@@ -212,7 +220,7 @@ fn commit(
     consumer: Consumer,
     from: u64,
     to: u64,
-    changes: &[(Vec<u8>, Option<[u8; 8]>)],
+    changes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<(), StageError> {
     let mut wtxn = queue.write()?;
     queue.advance(&mut wtxn, consumer, from, to)?;
@@ -264,9 +272,13 @@ async fn run_consumer(
     let batch_timeout = exporters.batch.timeout;
     // When this consumer first saw the items it is now waiting to send (the batch timer).
     let mut waiting_since: Option<std::time::Instant> = None;
+    let mut breaker = Breaker::default();
     loop {
         if ctx.stopping() {
             return Ok(());
+        }
+        if let Sink::Otlp(client) = &mut sink {
+            replay_dead_letters(ctx, consumer, client).await?;
         }
         let items = pending_items(&ctx.queue, consumer, batch_size)?;
         if items == 0 {
@@ -291,9 +303,9 @@ async fn run_consumer(
         }
         waiting_since = None;
         match &mut sink {
-            Sink::Otlp(client) => deliver_otlp(ctx, consumer, client, batch_size).await?,
-            Sink::Loki(loki) => loki.deliver(ctx, consumer, batch_size).await?,
-            Sink::RemoteWrite(remote) => remote.deliver(ctx, consumer, batch_size).await?,
+            Sink::Otlp(client) => deliver_otlp(ctx, consumer, client, &mut breaker, batch_size).await?,
+            Sink::Loki(loki) => loki.deliver(ctx, consumer, &mut breaker, batch_size).await?,
+            Sink::RemoteWrite(remote) => remote.deliver(ctx, consumer, &mut breaker, batch_size).await?,
             Sink::Discard => {
                 let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
                 ctx.events.dropped("no_destination", assembled.items);
@@ -303,43 +315,92 @@ async fn run_consumer(
     }
 }
 
-/// Sends one OTLP request's worth of queue batches, retrying until it is taken or refused.
+/// Sends one request's worth of queue batches: split into parts within the request size limit,
+/// each retried through the circuit breaker until it is taken; a part the backend refuses (too
+/// large, invalid) or keeps failing on is split until the refused items stand alone, and those
+/// go to the dead-letter store in the same transaction that moves the cursor.
 async fn deliver_otlp(
     ctx: &StageContext,
     consumer: Consumer,
     client: &mut OtlpClient,
+    breaker: &mut Breaker,
     batch_size: u64,
 ) -> Result<(), StageError> {
-    let retry = &ctx.config.exporters.retry_on_failure;
-    let (cursor, assembled) = assemble(&ctx.queue, consumer, batch_size)?;
-    let request = Bytes::from(assembled.request);
-    let mut delay = retry.initial_interval;
-    loop {
-        match client.send(request.clone()).await {
+    let read = Items::read(&ctx.queue, consumer, batch_size)?;
+    let policy = Policy { retry_limit: None, persistent_after: Some(ctx.config.exporters.dead_letter.after) };
+    let initial = read.parts(MAX_REQUEST_BYTES);
+    let delivered = isolate::deliver(ctx, consumer.as_str(), &read.items, initial, policy, breaker, async |part| {
+        match client.send(Bytes::from(read.encode(part))).await {
             SendOutcome::Accepted { rejected, message } => {
-                ctx.events.sent(assembled.items.saturating_sub(rejected));
                 if rejected > 0 {
                     tracing::warn!(consumer = consumer.as_str(), rejected, %message, "backend rejected part of a request");
                     ctx.events.dropped("rejected_by_backend", rejected);
                 }
-                break;
+                Attempt::Accepted
             }
-            SendOutcome::Permanent(reason) => {
-                tracing::warn!(consumer = consumer.as_str(), items = assembled.items, %reason, "backend refused request permanently; dropping it");
-                ctx.events.dropped("permanent_error", assembled.items);
-                break;
+            SendOutcome::Permanent(message) => Attempt::Refused { reason: "permanent_error", message },
+            SendOutcome::Failed(message) => Attempt::Failed { message },
+            SendOutcome::Retryable(message) => Attempt::Retry { message, after: None },
+        }
+    })
+    .await;
+    if delivered.interrupted {
+        return Ok(());
+    }
+    let mut changes = Vec::with_capacity(delivered.refused_items.len());
+    let mut refused_count = 0u64;
+    for (n, (index, reason, message)) in delivered.refused_items.iter().enumerate() {
+        let item = read.items[*index];
+        refused_count += u64::from(item.count);
+        let request = read.encode(std::slice::from_ref(&item));
+        let (key, value) = dead_letter::entry(consumer, n, item.count, reason, message, &request);
+        changes.push((key, Some(value)));
+    }
+    if refused_count > 0 {
+        tracing::warn!(consumer = consumer.as_str(), items = refused_count, refused = ?delivered.refused, "backend refused items; kept them in the dead-letter store, delivered the rest");
+        ctx.events.dropped("dead_lettered", refused_count);
+    }
+    ctx.events.sent(read.count().saturating_sub(refused_count));
+    commit_until_done(ctx, consumer, read.cursor, read.last_seq, &changes).await
+}
+
+/// Sends the consumer's dead letters again once per replay request (`tailgate dead-letter
+/// replay`): what the backend takes is deleted, the rest stays. Stops at the first failure
+/// that is not about the item (the backend is down: try again at the next request).
+async fn replay_dead_letters(
+    ctx: &StageContext,
+    consumer: Consumer,
+    client: &mut OtlpClient,
+) -> Result<(), StageError> {
+    let (stamp, letters) = {
+        let rtxn = ctx.queue.read()?;
+        let Some(stamp) = dead_letter::pending_replay(&ctx.queue, &rtxn, consumer)? else { return Ok(()) };
+        (stamp, dead_letter::list(&ctx.queue, &rtxn, Some(consumer))?)
+    };
+    let (mut sent, mut kept) = (0u64, 0u64);
+    let mut delivered = Vec::new();
+    for letter in &letters {
+        match client.send(Bytes::from(letter.request.clone())).await {
+            SendOutcome::Accepted { .. } => {
+                sent += u64::from(letter.items);
+                delivered.push(letter.key.clone());
             }
-            SendOutcome::Retryable(reason) => {
-                ctx.events.error("export_retry");
-                tracing::warn!(consumer = consumer.as_str(), retry_in = ?delay, %reason, "export failed; will retry");
-                if !pause(ctx, delay).await {
-                    return Ok(());
-                }
-                delay = (delay * 2).min(retry.max_interval);
+            SendOutcome::Permanent(_) | SendOutcome::Failed(_) => kept += u64::from(letter.items),
+            SendOutcome::Retryable(message) => {
+                tracing::warn!(consumer = consumer.as_str(), %message, "dead-letter replay stopped: destination unavailable");
+                break;
             }
         }
     }
-    commit_until_done(ctx, consumer, cursor, assembled.last_seq, &[]).await
+    let mut wtxn = ctx.queue.write()?;
+    for key in &delivered {
+        ctx.queue.state_delete(&mut wtxn, key)?;
+    }
+    dead_letter::replay_handled(&ctx.queue, &mut wtxn, consumer, stamp)?;
+    ctx.queue.commit(wtxn)?;
+    ctx.events.sent(sent);
+    tracing::info!(consumer = consumer.as_str(), sent, kept, "dead letters replayed");
+    Ok(())
 }
 
 /// Commits the cursor move, waiting out a full queue (the move itself frees space).
@@ -348,7 +409,7 @@ async fn commit_until_done(
     consumer: Consumer,
     from: u64,
     to: u64,
-    changes: &[(Vec<u8>, Option<[u8; 8]>)],
+    changes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Result<(), StageError> {
     let mut full_streak = 0;
     loop {

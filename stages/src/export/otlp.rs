@@ -37,6 +37,9 @@ pub enum SendOutcome {
     },
     /// Worth another attempt later (unavailable, deadline, throttled...).
     Retryable(String),
+    /// The backend answered with an error that may come from this request's content
+    /// (INTERNAL, UNKNOWN, DATA_LOSS answered by the server, not by the transport).
+    Failed(String),
     /// The backend will never take this request (invalid argument, too large...): drop it.
     Permanent(String),
 }
@@ -100,7 +103,7 @@ impl OtlpClient {
     /// connection is dropped (see the module docs).
     pub async fn send(&mut self, request: Bytes) -> SendOutcome {
         let outcome = self.send_once(request).await;
-        if let SendOutcome::Retryable(_) = &outcome {
+        if matches!(&outcome, SendOutcome::Retryable(_)) {
             self.reconnect();
         }
         outcome
@@ -238,16 +241,23 @@ impl hyper::rt::Write for AbortableIo {
 ///   transient faults: dropping on them would empty the queue over a flaky link;
 /// - UNAUTHENTICATED and PERMISSION_DENIED are configuration mistakes: hold the backlog and
 ///   log, rather than discard it until an operator fixes the credentials;
-/// - RESOURCE_EXHAUSTED is final only without RetryInfo (a size or quota refusal).
+/// - RESOURCE_EXHAUSTED is final only without RetryInfo (a size or quota refusal: grpc-go's
+///   answer to a message over its limit), as is OUT_OF_RANGE (tonic's); the caller splits the
+///   request rather than dropping it;
+/// - INTERNAL, UNKNOWN and DATA_LOSS that the server itself answered (no transport error behind
+///   them) may be caused by the request's content: [`SendOutcome::Failed`].
 pub fn classify(status: &tonic::Status) -> SendOutcome {
     let message = format!("{:?}: {}", status.code(), status.message());
+    let from_server = std::error::Error::source(status).is_none();
     match status.code() {
         Code::InvalidArgument
         | Code::NotFound
         | Code::AlreadyExists
         | Code::FailedPrecondition
+        | Code::OutOfRange
         | Code::Unimplemented => SendOutcome::Permanent(message),
         Code::ResourceExhausted if status.details().is_empty() => SendOutcome::Permanent(message),
+        Code::Internal | Code::Unknown | Code::DataLoss if from_server => SendOutcome::Failed(message),
         _ => SendOutcome::Retryable(message),
     }
 }
@@ -258,10 +268,17 @@ mod tests {
 
     #[test]
     fn transport_failures_and_auth_problems_are_retried() {
-        for code in [Code::Unknown, Code::Internal, Code::Unavailable, Code::DeadlineExceeded, Code::Unauthenticated] {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Unauthenticated] {
             assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Retryable(_)), "{code:?}");
         }
-        for code in [Code::InvalidArgument, Code::Unimplemented, Code::ResourceExhausted] {
+        // Answered by the server: possibly the content's fault.
+        for code in [Code::Unknown, Code::Internal, Code::DataLoss] {
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Failed(_)), "{code:?}");
+        }
+        // The same codes from a broken transport are an outage.
+        let cut = tonic::Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(matches!(classify(&cut), SendOutcome::Retryable(_)), "{cut:?}");
+        for code in [Code::InvalidArgument, Code::Unimplemented, Code::ResourceExhausted, Code::OutOfRange] {
             assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Permanent(_)), "{code:?}");
         }
         let throttled =

@@ -30,6 +30,41 @@ pub fn encode_resource_group(
     put_optional_field(out, 3, resource_schema_url.as_bytes());
 }
 
+/// One scope of a resource entry: its encoded scope, schema URL and items.
+pub struct ScopeItems<'a> {
+    /// Encoded `InstrumentationScope` (may be empty).
+    pub scope: &'a [u8],
+    /// The scope's `schema_url`.
+    pub schema_url: &'a str,
+    /// Encoded spans or log records.
+    pub items: Vec<&'a [u8]>,
+}
+
+/// Appends one `resource_spans` / `resource_logs` entry holding every given scope: a resource
+/// shared by several scopes (or batches) is written once.
+pub fn encode_resource(out: &mut Vec<u8>, resource: &[u8], resource_schema_url: &str, scopes: &[ScopeItems<'_>]) {
+    let scope_len = |scope: &ScopeItems<'_>| {
+        optional_field_len(scope.scope.len())
+            + scope.items.iter().map(|item| field_len(item.len())).sum::<usize>()
+            + optional_field_len(scope.schema_url.len())
+    };
+    let group_len = optional_field_len(resource.len())
+        + scopes.iter().map(|scope| field_len(scope_len(scope))).sum::<usize>()
+        + optional_field_len(resource_schema_url.len());
+    out.reserve(field_len(group_len));
+    put_header(out, 1, group_len);
+    put_optional_field(out, 1, resource);
+    for scope in scopes {
+        put_header(out, 2, scope_len(scope));
+        put_optional_field(out, 1, scope.scope);
+        for item in &scope.items {
+            put_field(out, 2, item);
+        }
+        put_optional_field(out, 3, scope.schema_url.as_bytes());
+    }
+    put_optional_field(out, 3, resource_schema_url.as_bytes());
+}
+
 fn varint_len(value: usize) -> usize {
     let bits = usize::BITS - (value | 1).leading_zeros();
     bits.div_ceil(7) as usize

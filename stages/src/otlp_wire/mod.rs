@@ -28,7 +28,7 @@ mod schema;
 mod tests;
 mod wire;
 
-pub use encode::encode_resource_group;
+pub use encode::{ScopeItems, encode_resource, encode_resource_group};
 pub use json::json_to_protobuf;
 use schema::Message;
 use wire::{Fail, Reader, Val, relocate, walk};
@@ -511,6 +511,41 @@ fn count_in<M: Message>(data: &[u8], depth: u32, points: &mut u32) -> Result<(),
         }
         Ok(())
     })
+}
+
+/// Splits an encoded export request into its top-level entries (each `resource_*` field with
+/// its key and length), each of which is a valid request of the same type on its own: what a
+/// request too large for the backend is split along. Fails on anything but length-delimited
+/// top-level fields.
+pub fn split_top_level(request: &[u8]) -> Result<Vec<&[u8]>, WireError> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *bytes.get(*at)?;
+            *at += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < request.len() {
+        let start = at;
+        let bad = |what| WireError::Other(format!("cannot split request at byte {start}: {what}"));
+        let key = varint(request, &mut at).ok_or_else(|| bad("truncated key"))?;
+        if key & 7 != 2 {
+            return Err(bad("not a length-delimited field"));
+        }
+        let len = varint(request, &mut at).ok_or_else(|| bad("truncated length"))?;
+        let end = usize::try_from(len).ok().and_then(|len| at.checked_add(len)).filter(|end| *end <= request.len());
+        let end = end.ok_or_else(|| bad("length past the end"))?;
+        out.push(&request[start..end]);
+        at = end;
+    }
+    Ok(out)
 }
 
 /// Reads `partial_success` from an encoded `Export{Trace,Logs,Metrics}ServiceResponse`:

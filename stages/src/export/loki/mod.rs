@@ -63,7 +63,13 @@ impl LokiSink {
     }
 
     /// Delivers one request's worth of queue batches (or waits out failures until stopped).
-    pub async fn deliver(&mut self, ctx: &StageContext, consumer: Consumer, max_items: u64) -> Result<(), StageError> {
+    pub async fn deliver(
+        &mut self,
+        ctx: &StageContext,
+        consumer: Consumer,
+        breaker: &mut super::isolate::Breaker,
+        max_items: u64,
+    ) -> Result<(), StageError> {
         let read = self.read(&ctx.queue, consumer, max_items)?;
         let prepared = &read.prepared;
         ctx.events.dropped("out_of_order", prepared.dropped_out_of_order);
@@ -78,7 +84,9 @@ impl LokiSink {
             ctx,
             consumer.as_str(),
             &prepared.entries,
-            None,
+            vec![0..prepared.entries.len()],
+            super::isolate::Policy::default(),
+            breaker,
             async |part: &[entries::Entry]| client.push(&prepared.streams, part).await,
         )
         .await;
@@ -92,7 +100,14 @@ impl LokiSink {
         if !delivered.refused.is_empty() {
             tracing::warn!(consumer = consumer.as_str(), refused = ?delivered.refused, records = read.records, "loki refused entries; dropped them, kept the rest");
         }
-        let changes = self.streams.as_mut().map(StreamTable::take_changes).unwrap_or_default();
+        let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .streams
+            .as_mut()
+            .map(StreamTable::take_changes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| (key, value.map(|v| v.to_vec())))
+            .collect();
         super::commit_until_done(ctx, consumer, read.cursor, read.last_seq, &changes).await
     }
 }

@@ -189,7 +189,13 @@ impl RemoteWriteSink {
     }
 
     /// Delivers one request's worth of queue batches (or waits out failures until stopped).
-    pub async fn deliver(&mut self, ctx: &StageContext, consumer: Consumer, max_items: u64) -> Result<(), StageError> {
+    pub async fn deliver(
+        &mut self,
+        ctx: &StageContext,
+        consumer: Consumer,
+        breaker: &mut isolate::Breaker,
+        max_items: u64,
+    ) -> Result<(), StageError> {
         let now_ms = (unix_nanos_now() / 1_000_000) as i64;
         let mut converted = Converted::default();
         let (cursor, last_seq, _) = {
@@ -220,12 +226,18 @@ impl RemoteWriteSink {
         }
         let chunks = prepared.chunks;
         let retry_limit = (self.config.outage_policy == OutagePolicy::DropDuringOutage).then_some(2);
+        let policy = isolate::Policy { retry_limit, persistent_after: None };
         for chunk in &chunks {
-            let delivered =
-                isolate::deliver(ctx, consumer.as_str(), chunk, retry_limit, async |part: &[TimeSeries]| {
-                    self.push(part).await
-                })
-                .await;
+            let delivered = isolate::deliver(
+                ctx,
+                consumer.as_str(),
+                chunk,
+                vec![0..chunk.len()],
+                policy,
+                breaker,
+                async |part: &[TimeSeries]| self.push(part).await,
+            )
+            .await;
             if delivered.interrupted {
                 return Ok(());
             }
