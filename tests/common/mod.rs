@@ -87,6 +87,8 @@ pub struct Timing {
     pub netns: Option<String>,
     /// Extra keys of every OTLP exporter (YAML flow-mapping entries, each led by a comma).
     pub otlp_extra: &'static str,
+    /// Extra lines under `exporters:` (indented by two spaces).
+    pub exporters_extra: &'static str,
 }
 
 impl Default for Timing {
@@ -106,6 +108,7 @@ impl Default for Timing {
             data_tmpfs_mib: None,
             netns: None,
             otlp_extra: ", timeout: 10s",
+            exporters_extra: "",
         }
     }
 }
@@ -152,6 +155,7 @@ exporters:
   metrics: {metrics}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
   retry_on_failure: {{ initial_interval: 200ms, max_interval: 1s }}
+{exporters_extra}
 supervisor:
   restart_backoff_initial: 50ms
   restart_backoff_max: 1s
@@ -169,6 +173,7 @@ supervisor:
                 .clone()
                 .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\"{} }} }}", timing.otlp_extra)),
             otlp_extra = timing.otlp_extra,
+            exporters_extra = timing.exporters_extra,
             spanmetrics_extra = timing.spanmetrics_extra,
             queue_mib = timing.queue_max_size_mib,
             data = dir.path().join("data").display(),
@@ -367,6 +372,10 @@ pub struct Received {
     pub fail_next_traces: u32,
     /// When each trace request in `traces` arrived.
     pub trace_arrivals: Vec<Instant>,
+    /// When each trace request was answered, taken or not.
+    pub trace_attempts: Vec<Instant>,
+    /// Refuse every trace request holding a span of this name, with this code.
+    pub poison: Option<(String, tonic::Code)>,
 }
 
 /// An OTLP/gRPC backend (standing in for Jaeger / a Collector) built from the official
@@ -383,6 +392,14 @@ impl TraceService for Backend {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut received = self.received.lock().unwrap();
+        received.trace_attempts.push(Instant::now());
+        if let Some((name, code)) = &received.poison {
+            let request = request.get_ref();
+            let spans = request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans);
+            if spans.clone().any(|span| &span.name == name) {
+                return Err(tonic::Status::new(*code, "poisoned request"));
+            }
+        }
         if received.fail_next_traces > 0 {
             received.fail_next_traces -= 1;
             return Err(tonic::Status::unavailable("backend restarting"));
@@ -423,6 +440,16 @@ impl Backend {
 
     /// Serves the backend on `addr` (a port chosen earlier, e.g. for a backend that comes up late).
     pub fn serve_at(runtime: &tokio::runtime::Runtime, addr: SocketAddr) -> (Backend, SocketAddr) {
+        Backend::serve_limited(runtime, addr, 64 << 20)
+    }
+
+    /// Serves the backend refusing trace requests over `max_message_bytes` (tonic answers
+    /// OUT_OF_RANGE, as for any server's message size limit).
+    pub fn serve_limited(
+        runtime: &tokio::runtime::Runtime,
+        addr: SocketAddr,
+        max_message_bytes: usize,
+    ) -> (Backend, SocketAddr) {
         let backend = Backend::default();
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -430,7 +457,9 @@ impl Backend {
         runtime.spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(
-                    TraceServiceServer::new(service.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                    TraceServiceServer::new(service.clone())
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                        .max_decoding_message_size(max_message_bytes),
                 )
                 .add_service(LogsServiceServer::new(service.clone()))
                 .add_service(MetricsServiceServer::new(service))
