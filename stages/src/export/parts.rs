@@ -204,13 +204,14 @@ impl Items {
         for item in part {
             let scope = &self.scopes[item.scope as usize];
             let body = &self.bytes[item.start as usize..item.end as usize];
-            let entry = match resources.iter().position(|(r, _, _)| *r == scope.resource) {
-                Some(index) => &mut resources[index],
+            let index = match resources.iter().position(|(r, _, _)| *r == scope.resource) {
+                Some(index) => index,
                 None => {
                     resources.push((scope.resource, Vec::new(), Vec::new()));
-                    resources.last_mut().expect("just pushed")
+                    resources.len() - 1
                 }
             };
+            let entry = &mut resources[index];
             match entry.2.iter().position(|s| *s == item.scope) {
                 Some(index) => entry.1[index].items.push(body),
                 None => {

@@ -84,7 +84,7 @@ impl LokiSink {
             ctx,
             consumer.as_str(),
             &prepared.entries,
-            vec![0..prepared.entries.len()],
+            Vec::from([0..prepared.entries.len()]),
             super::isolate::Policy::default(),
             breaker,
             async |part: &[entries::Entry]| client.push(&prepared.streams, part).await,

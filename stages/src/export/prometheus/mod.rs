@@ -232,7 +232,7 @@ impl RemoteWriteSink {
                 ctx,
                 consumer.as_str(),
                 chunk,
-                vec![0..chunk.len()],
+                Vec::from([0..chunk.len()]),
                 policy,
                 breaker,
                 async |part: &[TimeSeries]| self.push(part).await,
