@@ -84,7 +84,7 @@ impl LokiSink {
             ctx,
             consumer.as_str(),
             &prepared.entries,
-            Vec::from([0..prepared.entries.len()]),
+            std::iter::once(0..prepared.entries.len()).collect(),
             super::isolate::Policy::default(),
             breaker,
             async |part: &[entries::Entry]| client.push(&prepared.streams, part).await,

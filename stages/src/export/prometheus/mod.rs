@@ -232,7 +232,7 @@ impl RemoteWriteSink {
                 ctx,
                 consumer.as_str(),
                 chunk,
-                Vec::from([0..chunk.len()]),
+                std::iter::once(0..chunk.len()).collect(),
                 policy,
                 breaker,
                 async |part: &[TimeSeries]| self.push(part).await,
