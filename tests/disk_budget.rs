@@ -171,3 +171,88 @@ fn fill_then_drain(timing: &Timing, before_load: impl FnOnce(&Tailgate)) {
     );
     assert_eq!(common::stage_pids(tailgate.pid()), stages_before, "a stage died at the limit:\n{}", notable.join("\n"));
 }
+
+/// `when_full: drop_oldest`: with the backend down, the destination gives up its oldest data
+/// at the budget instead of pushing back; intake goes on, and once the backend returns every
+/// accepted span is either delivered or counted as dropped, the newest delivered.
+#[test]
+fn drop_oldest_keeps_intake_open_and_counts_what_it_drops() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let backend_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let timing = Timing {
+        decision_wait: "2s",
+        root_grace: "1s",
+        log_max_wait: "4s",
+        queue_max_size_mib: 16,
+        otlp_extra: ", timeout: 10s, when_full: drop_oldest",
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let grpc = tailgate.grpc;
+    let mut accepted: Vec<u32> = Vec::new();
+    let mut refused = 0;
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        // About three budgets' worth of kept spans.
+        for request in 0..1500u32 {
+            let traces: Vec<u32> = (0..4).map(|t| request * 4 + t).collect();
+            let spans = traces.iter().flat_map(|n| heavy_trace(*n, 5, 1500)).collect();
+            match client.export(trace_request("budget", spans)).await {
+                Ok(_) => accepted.extend(traces),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let log_path = tailgate.dir.path().join("tailgate.log");
+    let dropped = || -> u64 {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("dropped this destination's oldest data") && l.contains("export_traces"))
+            .filter_map(|l| l.split("items=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(dropped() > 0, "nothing was dropped at the budget");
+    // Intake stayed open but for short spells while a drop round freed space.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("status")
+        .arg("--config")
+        .arg(&tailgate.config_path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(refused < 150, "{refused} of 1500 requests refused: intake pushed back\n{status}");
+    let (backend, _) = Backend::serve_at(&runtime, backend_addr);
+    let spans_of = |n: &u32| heavy_trace(*n, 5, 0).into_iter().map(|s| (s.trace_id, s.span_id));
+    let total = accepted.len() as u64 * 5;
+    assert!(
+        wait_until(Duration::from_secs(90), || backend.spans().len() as u64 + dropped() == total),
+        "delivered {} + dropped {} != accepted {total}",
+        backend.spans().len(),
+        dropped()
+    );
+    let got = backend.spans();
+    assert!(got.values().all(|(_, times)| *times == 1), "a span was delivered twice");
+    // The newest traces are the ones kept.
+    let newest = accepted.last().unwrap();
+    let delivered_of = |n: &u32| {
+        spans_of(n)
+            .filter(|(t, s)| got.contains_key(&(t.clone().try_into().unwrap(), s.clone().try_into().unwrap())))
+            .count()
+    };
+    let first_delivered = accepted.iter().position(|n| delivered_of(n) > 0);
+    assert_eq!(
+        delivered_of(newest),
+        5,
+        "newest trace not delivered; delivered {} dropped {} of {total}; first delivered trace index {first_delivered:?} of {}",
+        got.len(),
+        dropped(),
+        accepted.len()
+    );
+    let oldest = accepted.first().unwrap();
+    assert!(!spans_of(oldest).any(|(t, s)| got.contains_key(&(t.try_into().unwrap(), s.try_into().unwrap()))));
+}

@@ -78,6 +78,23 @@ pub struct OtlpExporter {
     /// HTTP/2 keepalive pings, as the Collector's gRPC client `keepalive`.
     #[serde(default)]
     pub keepalive: KeepaliveConfig,
+    /// When the queue reaches its disk budget while this destination's backlog is in it:
+    /// `push_back` (receive answers RESOURCE_EXHAUSTED / 503 until space frees up) or
+    /// `drop_oldest` (this destination gives up its oldest batches, counted as `budget_full`,
+    /// so intake goes on and the newest data is what is kept).
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+/// A destination's policy at the disk budget.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Stop intake until space frees up; nothing accepted is dropped.
+    #[default]
+    PushBack,
+    /// Drop this destination's oldest batches (counted) to make room for new data.
+    DropOldest,
 }
 
 fn default_export_timeout() -> Duration {
@@ -205,6 +222,18 @@ pub struct LokiExporter {
     /// or `drop` (count it as `out_of_order`).
     #[serde(default)]
     pub out_of_order_action: OutOfOrderAction,
+    /// Entries older than this are dropped before sending and counted (`stale`): Loki refuses
+    /// entries older than its `reject_old_samples_max_age` (a week by default) and, per stream,
+    /// those more than about an hour (`max_chunk_age` / 2) behind the newest it holds. `0s`
+    /// (the default) sends everything and counts what Loki refuses (`too_old`).
+    #[serde(default, with = "humantime_serde")]
+    pub max_entry_age: Duration,
+    /// When the queue reaches its disk budget while this destination's backlog is in it:
+    /// `push_back` (receive answers RESOURCE_EXHAUSTED / 503 until space frees up) or
+    /// `drop_oldest` (this destination gives up its oldest batches, counted as `budget_full`,
+    /// so intake goes on and the newest data is what is kept).
+    #[serde(default)]
+    pub when_full: WhenFull,
     /// Deadline of one push request.
     #[serde(default = "default_export_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -313,6 +342,12 @@ pub struct RemoteWriteExporter {
     /// retries (counted as `backend_unavailable`), so only fresh samples go out after the outage.
     #[serde(default)]
     pub outage_policy: OutagePolicy,
+    /// When the queue reaches its disk budget while this destination's backlog is in it:
+    /// `push_back` (receive answers RESOURCE_EXHAUSTED / 503 until space frees up) or
+    /// `drop_oldest` (this destination gives up its oldest batches, counted as `budget_full`,
+    /// so intake goes on and the newest data is what is kept).
+    #[serde(default)]
+    pub when_full: WhenFull,
 }
 
 fn default_max_sample_age() -> Duration {

@@ -53,6 +53,9 @@ pub struct Policy {
     /// cause it; a single item that keeps failing while other parts get through is refused
     /// (`persistent_error`), for the caller to dead-letter.
     pub persistent_after: Option<Duration>,
+    /// Give up the attempt (interrupted, nothing committed) when a retry would wait while the
+    /// queue refuses intake: the destination drops its oldest data instead (`drop_oldest`).
+    pub yield_when_full: bool,
 }
 
 /// The outcome of delivering all items.
@@ -197,15 +200,37 @@ pub async fn deliver<T>(
                     break;
                 }
             }
+            if policy.yield_when_full && !super::queue_admits(ctx) {
+                delivered.interrupted = true;
+                return delivered;
+            }
             let wait = breaker.failed(consumer, &message, retry.initial_interval, retry.max_interval);
             let wait = wait.max(after.unwrap_or_default()).min(Duration::from_secs(30));
-            if !super::pause(ctx, wait).await {
+            if !wait_or_yield(ctx, wait, policy.yield_when_full).await {
                 delivered.interrupted = true;
                 return delivered;
             }
         }
     }
     delivered
+}
+
+/// Waits `wait`; false when stopping, or (with `yield_when_full`) as soon as the queue refuses
+/// intake, so the destination can drop its oldest data at once rather than after the wait.
+async fn wait_or_yield(ctx: &StageContext, wait: Duration, yield_when_full: bool) -> bool {
+    if !yield_when_full {
+        return super::pause(ctx, wait).await;
+    }
+    let until = Instant::now() + wait;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        if !super::pause(ctx, left.min(Duration::from_millis(250))).await || !super::queue_admits(ctx) {
+            return false;
+        }
+    }
 }
 
 fn retry_limit_reached(policy: Policy, failures: u32) -> bool {

@@ -30,7 +30,7 @@ pub mod prometheus;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tailgate_config::Config;
+use tailgate_config::{Config, WhenFull};
 use tailgate_ipc::batch;
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
@@ -56,6 +56,63 @@ enum Sink {
     RemoteWrite(Box<RemoteWriteSink>),
     /// No destination for the edge: count and drop.
     Discard,
+}
+
+impl Sink {
+    /// The destination's policy at the disk budget.
+    fn when_full(&self) -> WhenFull {
+        match self {
+            Sink::Otlp(client) => client.when_full,
+            Sink::Loki(loki) => loki.when_full(),
+            Sink::RemoteWrite(remote) => remote.when_full(),
+            Sink::Discard => WhenFull::PushBack,
+        }
+    }
+}
+
+/// Whether the queue takes intake now, with room for a step's worth more (receive's group
+/// commits are refused a little below the intake line). A read error counts as yes.
+fn queue_admits(ctx: &StageContext) -> bool {
+    let room = ctx.queue.max_step_bytes() as u64;
+    ctx.queue.read().and_then(|txn| ctx.queue.admits_bytes(&txn, room)).unwrap_or(true)
+}
+
+/// `when_full: drop_oldest`: while intake is refused, the destination gives up its oldest
+/// batches (a tenth of the budget's worth per round), counted as `budget_full`. Returns whether
+/// it dropped anything.
+fn drop_oldest(ctx: &StageContext, consumer: Consumer) -> Result<bool, StageError> {
+    let queue = &ctx.queue;
+    let (cursor, to, items, bytes) = {
+        let rtxn = queue.read()?;
+        if queue.admits_bytes(&rtxn, queue.max_step_bytes() as u64)? {
+            return Ok(false);
+        }
+        let cursor = queue.cursor(&rtxn, consumer)?;
+        let goal = queue.capacity_bytes() / 10;
+        let (mut to, mut items, mut bytes) = (cursor, 0u64, 0u64);
+        for entry in queue.entries_after(&rtxn, consumer.edge(), cursor)? {
+            let (seq, value) = entry?;
+            to = seq;
+            bytes += value.len() as u64;
+            items += batch::BatchHeader::parse(value).map(|h| u64::from(h.items)).unwrap_or(0);
+            if bytes >= goal {
+                break;
+            }
+        }
+        (cursor, to, items, bytes)
+    };
+    if to == cursor {
+        return Ok(false);
+    }
+    commit(queue, consumer, cursor, to, &[])?;
+    ctx.events.dropped("budget_full", items);
+    tracing::warn!(
+        consumer = consumer.as_str(),
+        items,
+        bytes,
+        "queue at its disk budget: dropped this destination's oldest data (when_full: drop_oldest)"
+    );
+    Ok(true)
 }
 
 /// The export consumers the configuration gives a destination, each with its sink.
@@ -280,6 +337,15 @@ async fn run_consumer(
         if let Sink::Otlp(client) = &mut sink {
             replay_dead_letters(ctx, consumer, client).await?;
         }
+        // Nothing of this destination's left to drop while intake stays refused: the data is
+        // elsewhere; retry at the backoff's pace instead of spinning.
+        if sink.when_full() == WhenFull::DropOldest
+            && !queue_admits(ctx)
+            && !drop_oldest(ctx, consumer)?
+            && !pause(ctx, exporters.retry_on_failure.max_interval).await
+        {
+            return Ok(());
+        }
         let items = pending_items(&ctx.queue, consumer, batch_size)?;
         if items == 0 {
             waiting_since = None;
@@ -327,7 +393,11 @@ async fn deliver_otlp(
     batch_size: u64,
 ) -> Result<(), StageError> {
     let read = Items::read(&ctx.queue, consumer, batch_size)?;
-    let policy = Policy { retry_limit: None, persistent_after: Some(ctx.config.exporters.dead_letter.after) };
+    let policy = Policy {
+        retry_limit: None,
+        persistent_after: Some(ctx.config.exporters.dead_letter.after),
+        yield_when_full: client.when_full == WhenFull::DropOldest,
+    };
     let initial = read.parts(MAX_REQUEST_BYTES);
     let delivered = isolate::deliver(ctx, consumer.as_str(), &read.items, initial, policy, breaker, async |part| {
         match client.send(Bytes::from(read.encode(part))).await {

@@ -55,6 +55,8 @@ pub struct OtlpClient {
     timeout: Duration,
     timeout_per_mib: Duration,
     gzip: bool,
+    /// The destination's policy at the disk budget.
+    pub when_full: tailgate_config::WhenFull,
 }
 
 impl OtlpClient {
@@ -79,6 +81,7 @@ impl OtlpClient {
             path: PathAndQuery::from_static(path),
             timeout: config.timeout,
             timeout_per_mib: config.timeout_per_mib,
+            when_full: config.when_full,
             gzip: config.compression == Compression::Gzip,
         })
     }

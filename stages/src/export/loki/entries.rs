@@ -65,6 +65,8 @@ pub struct Prepared {
     pub label_overflow: u64,
     /// Records whose body could not be decoded (counted, sent with an empty line).
     pub undecodable: u64,
+    /// Records older than `max_entry_age`, dropped before sending.
+    pub stale: u64,
 }
 
 /// The stream table as loaded from the queue, plus what this process changed since.
@@ -187,6 +189,11 @@ impl<'c> EntryBuilder<'c> {
         streams: &mut StreamTable,
         now_nanos: i64,
     ) {
+        let max_age = self.config.max_entry_age.as_nanos() as i64;
+        if max_age > 0 && time_unix_nano > 0 && (time_unix_nano as i64) < now_nanos.saturating_sub(max_age) {
+            self.prepared.stale += 1;
+            return;
+        }
         let level = level_of(severity, &record.severity_text);
         let mut labels = vec![("service_name".to_owned(), service.to_owned()), ("level".to_owned(), level.to_owned())];
         for key in &self.config.labels.resource {
@@ -433,6 +440,20 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn entries_past_max_entry_age_are_dropped_and_counted() {
+        let mut config = config(10, OutOfOrderAction::Accept);
+        config.max_entry_age = std::time::Duration::from_secs(3600);
+        let mut builder = EntryBuilder::new(&config);
+        let mut streams = StreamTable::default();
+        let now = 10_000_000_000_000i64;
+        let hour = 3_600_000_000_000u64;
+        builder.add_record("checkout", &[], &record("/a", "old"), 17, now as u64 - 2 * hour, &mut streams, now);
+        builder.add_record("checkout", &[], &record("/a", "fresh"), 17, now as u64 - hour / 2, &mut streams, now);
+        let prepared = builder.finish(&mut streams);
+        assert_eq!((prepared.stale, prepared.entries.len()), (1, 1));
     }
 
     fn add(builder: &mut EntryBuilder<'_>, streams: &mut StreamTable, route: &str, line: &str, time: u64) {

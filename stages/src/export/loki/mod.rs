@@ -62,6 +62,11 @@ impl LokiSink {
         Ok(Read { cursor, last_seq, records, prepared })
     }
 
+    /// The destination's policy at the disk budget.
+    pub fn when_full(&self) -> tailgate_config::WhenFull {
+        self.config.when_full
+    }
+
     /// Delivers one request's worth of queue batches (or waits out failures until stopped).
     pub async fn deliver(
         &mut self,
@@ -73,6 +78,7 @@ impl LokiSink {
         let read = self.read(&ctx.queue, consumer, max_items)?;
         let prepared = &read.prepared;
         ctx.events.dropped("out_of_order", prepared.dropped_out_of_order);
+        ctx.events.dropped("stale", prepared.stale);
         if prepared.undecodable > 0 {
             ctx.events.error("undecodable_record");
         }
@@ -85,7 +91,10 @@ impl LokiSink {
             consumer.as_str(),
             &prepared.entries,
             std::iter::once(0..prepared.entries.len()).collect(),
-            super::isolate::Policy::default(),
+            super::isolate::Policy {
+                yield_when_full: self.config.when_full == tailgate_config::WhenFull::DropOldest,
+                ..super::isolate::Policy::default()
+            },
             breaker,
             async |part: &[entries::Entry]| client.push(&prepared.streams, part).await,
         )

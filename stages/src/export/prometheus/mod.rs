@@ -188,6 +188,11 @@ impl RemoteWriteSink {
         prepared
     }
 
+    /// The destination's policy at the disk budget.
+    pub fn when_full(&self) -> tailgate_config::WhenFull {
+        self.config.when_full
+    }
+
     /// Delivers one request's worth of queue batches (or waits out failures until stopped).
     pub async fn deliver(
         &mut self,
@@ -226,7 +231,11 @@ impl RemoteWriteSink {
         }
         let chunks = prepared.chunks;
         let retry_limit = (self.config.outage_policy == OutagePolicy::DropDuringOutage).then_some(2);
-        let policy = isolate::Policy { retry_limit, persistent_after: None };
+        let policy = isolate::Policy {
+            retry_limit,
+            persistent_after: None,
+            yield_when_full: self.config.when_full == tailgate_config::WhenFull::DropOldest,
+        };
         for chunk in &chunks {
             let delivered = isolate::deliver(
                 ctx,
