@@ -28,6 +28,8 @@ struct Link {
     tailgate_ns: String,
     backend_ns: String,
     backend_ip: String,
+    /// tailgate's end of the veth pair.
+    tailgate_dev: String,
 }
 
 fn run(args: &[&str]) {
@@ -41,7 +43,12 @@ impl Link {
         let (a, b) = (format!("tg-drill-a-{id}"), format!("tg-drill-b-{id}"));
         let (va, vb) = (format!("tgva{}", id % 100_000), format!("tgvb{}", id % 100_000));
         let net = format!("10.{}.{}", 200 + id % 50, (id / 50) % 250);
-        let link = Link { tailgate_ns: a.clone(), backend_ns: b.clone(), backend_ip: format!("{net}.2") };
+        let link = Link {
+            tailgate_ns: a.clone(),
+            backend_ns: b.clone(),
+            backend_ip: format!("{net}.2"),
+            tailgate_dev: va.clone(),
+        };
         run(&["ip", "netns", "add", &a]);
         run(&["ip", "netns", "add", &b]);
         run(&["ip", "link", "add", &va, "type", "veth", "peer", "name", &vb]);
@@ -92,6 +99,29 @@ impl Link {
         for ns in [&self.tailgate_ns, &self.backend_ns] {
             let _ = Command::new("ip").args(["netns", "exec", ns, "conntrack", "-F"]).output();
         }
+    }
+
+    /// Limits tailgate's uplink to `rate` (tc token bucket, e.g. `1mbit`).
+    fn throttle(&self, rate: &str) {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.tailgate_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &self.tailgate_dev,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+        ]);
     }
 
     fn restore(&self, port: u16) {
@@ -299,4 +329,64 @@ fn uplink_cut_and_restored_loses_and_duplicates_nothing() {
     assert!(peak <= 2 * baseline + 4096, "export's private memory grew from {baseline} KiB to {peak} KiB: {memory:?}");
     let status = status_of(&tailgate);
     assert_eq!(edge_items(&status, "kept_spans"), 0, "backlog left after the drain:\n{status}");
+}
+
+/// A 1 Mbit/s uplink and requests of about 1.5 MiB (12 s on the wire each): the deadline grows
+/// with the request (`timeout: 3s` + `timeout_per_mib`), so every request finishes on its first
+/// attempt instead of timing out and going out again for ever.
+#[test]
+fn a_slow_uplink_delivers_large_requests_once() {
+    let link = Link::create();
+    link.throttle("1mbit");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let backend_ip = link.backend_ip.clone();
+    let (backend, backend_addr) =
+        in_netns(&link.backend_ns, || Backend::serve_at(&runtime, format!("{backend_ip}:0").parse().unwrap()));
+    let timing = Timing {
+        decision_wait: "2s",
+        root_grace: "1s",
+        batch_timeout: "1s",
+        netns: Some(link.tailgate_ns.clone()),
+        otlp_extra: ", timeout: 3s, timeout_per_mib: 10s",
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    // 100 error traces of 5 spans with 3 KiB of attributes: about 1.5 MiB of spans.
+    let traces: Vec<TestTrace> = (0..100)
+        .map(|n| {
+            let mut trace = TestTrace::new(n, Outcome::Error, 4);
+            for span in &mut trace.spans {
+                span.attributes.push(string_kv("payload", &format!("{n:04}").repeat(768)));
+            }
+            trace
+        })
+        .collect();
+    let grpc = tailgate.grpc;
+    in_netns(&link.tailgate_ns, || {
+        let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        client_rt.block_on(async {
+            let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+            for chunk in traces.chunks(10) {
+                let spans = chunk.iter().flat_map(|t| t.spans.clone()).collect();
+                client.export(trace_request("slow", spans)).await.unwrap();
+            }
+        })
+    });
+    let expected: HashSet<([u8; 16], [u8; 8])> = traces
+        .iter()
+        .flat_map(|t| t.spans.iter())
+        .map(|s| (s.trace_id.as_slice().try_into().unwrap(), s.span_id.as_slice().try_into().unwrap()))
+        .collect();
+    let log_path = tailgate.dir.path().join("tailgate.log");
+    let delivered = wait_until(Duration::from_secs(90), || {
+        let got = backend.spans();
+        expected.iter().all(|key| got.contains_key(key))
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(delivered, "not delivered over the slow link\n{log}");
+    assert!(!log.contains("DeadlineExceeded"), "a request timed out on the slow link\n{log}");
+    let got = backend.spans();
+    assert!(got.values().all(|(_, times)| *times == 1), "a span was delivered twice");
+    let largest = backend.received.lock().unwrap().traces.iter().map(prost::Message::encoded_len).max().unwrap();
+    assert!(largest > 1 << 20, "requests were small ({largest} bytes): the test did not test a slow request");
 }

@@ -11,6 +11,11 @@
 #                                                  # 2,000,000) tailed from a file into Loki
 #   tests/loadgen/bench.sh cardinality [NAMES]     # the reference spans with NAMES distinct root
 #                                                  # span names (default 2,000), exemplars on (60 s)
+#   tests/loadgen/bench.sh drain [SECONDS]         # backend down: 100,000 spans/s, every trace
+#                                                  # kept, for SECONDS (default 36: 3.6 M kept
+#                                                  # spans, two hours of the reference's kept
+#                                                  # rate); then the backend returns and the
+#                                                  # backlog drains (rate, memory over time)
 # Everything runs on loopback; every loop is bounded by --duration.
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
@@ -56,8 +61,21 @@ exporters:
   traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
   metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
 YAML
+cat > "$work/drain.yaml" <<YAML
+data_dir: $work/data
+receivers:
+  otlp:
+    protocols:
+      grpc: { endpoint: 127.0.0.1:4317 }
+queue:
+  max_size_mib: 4096
+exporters:
+  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
+  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
+YAML
 config=()
 case "$scenario" in
+  drain) config=(--config "$work/drain.yaml") ;;
   logs-*) config=(--config "$work/logs.yaml") ;;
   cardinality) config=(--config "$work/cardinality.yaml") ;;
 esac
@@ -113,6 +131,50 @@ case "$scenario" in
     "$bin/tailgate-loadgen" send --rate 2500 --duration 60 --batch 50 --span-names "${2:-2000}"
     wait "$meter"
     du -k "$work/data/queue/data.mdb" || true   # blocks in use (the file is sparse)
+    ;;
+  drain)
+    kill -TERM "$sink"; wait "$sink" || true
+    export_pid=""
+    for _ in $(seq 50); do
+      export_pid=$(pgrep -P "$tailgate" -f 'stage export' || true)
+      [ -n "$export_pid" ] && break
+      sleep 0.1
+    done
+    rss() { awk '/^RssAnon/ {print $2}' "/proc/$export_pid/status" 2>/dev/null || echo 0; }
+    items() { "$bin/tailgate" status --config "$work/drain.yaml" | awk -v e="$1" '$1 == e {print $3}'; }
+    bytes() { "$bin/tailgate" status --config "$work/drain.yaml" | awk -v e="$1" '$1 == e {print $4}'; }
+    fill=${2:-36}
+    echo "fill: backend down, $fill s at 100,000 spans/s, every trace kept"
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration "$((fill + 15))" > "$work/meter.out" &
+    meter=$!
+    ( for i in $(seq "$((fill + 15))"); do echo "fill t=${i}s export RssAnon $(rss) KiB"; sleep 1; done ) > "$work/rss-fill.out" &
+    sampler=$!
+    "$bin/tailgate-loadgen" send --rate 100000 --duration "$fill" --batch 512 --error-percent 100 --slow-percent 0
+    wait "$meter"; wait "$sampler"
+    cat "$work/meter.out"
+    echo "stored after the fill (decisions done): kept_spans $(items kept_spans) spans, $(bytes kept_spans) bytes"
+    awk 'NR % 10 == 0' "$work/rss-fill.out"
+    backlog_bytes=$(bytes kept_spans); backlog_items=$(items kept_spans)
+    "$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --duration 600 > "$work/sink.out" &
+    sink=$!
+    start=$(date +%s.%N)
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter-drain.out" &
+    meter=$!
+    first=""; first_left=""
+    for i in $(seq 1200); do
+      left=$(items kept_spans)
+      echo "drain t=$(python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")s kept_spans $left export RssAnon $(rss) KiB" >> "$work/rss-drain.out"
+      if [ -z "$first" ] && [ "$left" != "$backlog_items" ]; then first=$(date +%s.%N); first_left=$left; fi
+      [ "$left" = 0 ] && break
+      sleep 0.25
+    done
+    end=$(date +%s.%N)
+    awk 'NR % 4 == 1' "$work/rss-drain.out"
+    # From the sink's start (includes waiting for the circuit's next probe, up to 5 s), and from
+    # the first delivered batch (the drain proper: what was left then, over the time it took).
+    python3 -c "import sys; s,f,e=map(float,sys.argv[1:4]); b=int(sys.argv[4]); n=int(sys.argv[5]); l=int(sys.argv[6]); print(f'drained {n} spans / {b/1e6:.0f} MB in {e-s:.1f} s after the backend returned ({b/1e6/(e-s):.0f} MB/s); from the first delivery: {l} spans / {b*l/n/1e6:.0f} MB in {e-f:.1f} s = {b*l/n/1e6/(e-f):.0f} MB/s, {l/(e-f):,.0f} spans/s')" "$start" "$first" "$end" "$backlog_bytes" "$backlog_items" "$first_left"
+    wait "$meter" || true
+    echo "drain window (first 20 s):"; cat "$work/meter-drain.out"
     ;;
   logs-max)
     # The window covers reading, mirroring and pushing every line (lines per CPU-second =
