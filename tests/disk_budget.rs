@@ -229,11 +229,22 @@ fn drop_oldest_keeps_intake_open_and_counts_what_it_drops() {
     let (backend, _) = Backend::serve_at(&runtime, backend_addr);
     let spans_of = |n: &u32| heavy_trace(*n, 5, 0).into_iter().map(|s| (s.trace_id, s.span_id));
     let total = accepted.len() as u64 * 5;
+    let done = wait_until(Duration::from_secs(90), || backend.spans().len() as u64 + dropped() == total);
+    let status_now = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("status")
+        .arg("--config")
+        .arg(&tailgate.config_path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let notable: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).rev().take(15).collect();
     assert!(
-        wait_until(Duration::from_secs(90), || backend.spans().len() as u64 + dropped() == total),
-        "delivered {} + dropped {} != accepted {total}",
+        done,
+        "delivered {} + dropped {} != accepted {total}\n{status_now}\n{}",
         backend.spans().len(),
-        dropped()
+        dropped(),
+        notable.join("\n")
     );
     let got = backend.spans();
     assert!(got.values().all(|(_, times)| *times == 1), "a span was delivered twice");

@@ -45,3 +45,88 @@ fn stopped_stages_are_killed_and_restarted_without_loss() {
     let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap();
     assert!(log.contains("stage process is stopped"), "the kill was not logged");
 }
+
+/// Another process holds the queue's writer lock for 8 s (what a stage frozen inside a write
+/// transaction does): receivers keep answering within `queue.write_timeout` (2 s) with a
+/// retryable refusal instead of hanging, nothing refused is stored (no duplicate when the
+/// client retries), and once the lock is free everything accepted is delivered exactly.
+#[test]
+fn a_held_writer_lock_gets_refusals_not_hangs() {
+    use common::{TestTrace, trace_request};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use std::time::Instant;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let queue_dir = tailgate.data_dir().join("queue");
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let options = tailgate_ipc::QueueOptions { max_size_bytes: 256 << 20, ..Default::default() };
+        let queue = tailgate_ipc::Queue::open(&queue_dir, &options).unwrap();
+        let wtxn = queue.write().unwrap();
+        held_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        drop(wtxn);
+    });
+    held_rx.recv().unwrap();
+    let held_since = Instant::now();
+    let grpc = tailgate.grpc;
+    let http = tailgate.http;
+    let traces: Vec<TestTrace> = (0..12).map(|n| TestTrace::new(n, common::Outcome::Error, 2)).collect();
+    let (accepted, refused) = runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let http_client = reqwest::Client::new();
+        let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+        for (i, trace) in traces.iter().enumerate() {
+            let started = Instant::now();
+            let request = trace_request("held", trace.spans.clone());
+            let ok = if i % 2 == 0 {
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(Duration::from_secs(10));
+                match client.export(call).await {
+                    Ok(_) => true,
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                        false
+                    }
+                }
+            } else {
+                let body = prost::Message::encode_to_vec(&request);
+                let response = http_client
+                    .post(format!("http://{http}/v1/traces"))
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status().as_u16() {
+                    200 => true,
+                    503 => {
+                        assert!(response.headers().contains_key("retry-after"));
+                        false
+                    }
+                    other => panic!("unexpected HTTP {other}"),
+                }
+            };
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(4), "request {i} took {took:?} while the lock was held");
+            if ok {
+                accepted.push(trace.clone())
+            } else {
+                refused.push(trace.clone())
+            }
+            if held_since.elapsed() > Duration::from_secs(6) {
+                break;
+            }
+        }
+        (accepted, refused)
+    });
+    holder.join().unwrap();
+    assert!(!refused.is_empty(), "nothing was refused while the writer lock was held");
+    // The refused ones are sent again (what a client does) after the lock is free.
+    runtime.block_on(send_in_waves(grpc, http, &refused, Duration::ZERO, |_| {}));
+    let all: Vec<TestTrace> = accepted.into_iter().chain(refused).collect();
+    assert_exact_delivery(&backend, &all, Duration::from_secs(2), false);
+}

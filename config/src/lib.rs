@@ -71,11 +71,16 @@ pub struct QueueConfig {
     /// nothing, a power loss at most this interval.
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
+    /// How long a receiver waits to write a request into the queue before it answers a
+    /// retryable refusal (RESOURCE_EXHAUSTED / 503 with a retry hint) instead of hanging while
+    /// another stage holds the queue's writer lock (a frozen or stalled stage).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        QueueConfig { max_size_mib: 1024, sync_interval: Duration::from_secs(1) }
+        QueueConfig { max_size_mib: 1024, sync_interval: Duration::from_secs(1), write_timeout: Duration::from_secs(2) }
     }
 }
 

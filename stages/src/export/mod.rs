@@ -80,7 +80,7 @@ fn queue_admits(ctx: &StageContext) -> bool {
 /// `when_full: drop_oldest`: while intake is refused, the destination gives up its oldest
 /// batches (a tenth of the budget's worth per round), counted as `budget_full`. Returns whether
 /// it dropped anything.
-fn drop_oldest(ctx: &StageContext, consumer: Consumer) -> Result<bool, StageError> {
+async fn drop_oldest(ctx: &StageContext, consumer: Consumer) -> Result<bool, StageError> {
     let queue = &ctx.queue;
     let (cursor, to, items, bytes) = {
         let rtxn = queue.read()?;
@@ -104,7 +104,8 @@ fn drop_oldest(ctx: &StageContext, consumer: Consumer) -> Result<bool, StageErro
     if to == cursor {
         return Ok(false);
     }
-    commit(queue, consumer, cursor, to, &[])?;
+    // Near the end of the map even a delete can find no room (copied pages): wait it out.
+    commit_until_done(ctx, consumer, cursor, to, &[]).await?;
     ctx.events.dropped("budget_full", items);
     tracing::warn!(
         consumer = consumer.as_str(),
@@ -341,7 +342,7 @@ async fn run_consumer(
         // elsewhere; retry at the backoff's pace instead of spinning.
         if sink.when_full() == WhenFull::DropOldest
             && !queue_admits(ctx)
-            && !drop_oldest(ctx, consumer)?
+            && !drop_oldest(ctx, consumer).await?
             && !pause(ctx, exporters.retry_on_failure.max_interval).await
         {
             return Ok(());

@@ -82,7 +82,7 @@ struct ExportCall<S> {
 pub fn status_of(err: &AcceptError) -> Status {
     match err {
         AcceptError::Invalid(message) => Status::invalid_argument(message.clone()),
-        AcceptError::Full => {
+        AcceptError::Full | AcceptError::Busy => {
             let message = err.to_string();
             let details = status_with_retry_info(Code::ResourceExhausted as i32, &message, RETRY_AFTER_SECS);
             Status::with_details(Code::ResourceExhausted, message, details)

@@ -77,7 +77,7 @@ async fn handle(State(state): State<HttpState>, headers: HeaderMap, body: Bytes,
     match state.intake.accept(signal, &protobuf).await {
         Ok(_) => success(encoding),
         Err(AcceptError::Invalid(message)) => error(encoding, StatusCode::BAD_REQUEST, 3, &message),
-        Err(err @ AcceptError::Full) => {
+        Err(err @ (AcceptError::Full | AcceptError::Busy)) => {
             let mut response = error(encoding, StatusCode::SERVICE_UNAVAILABLE, 8, &err.to_string());
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             response

@@ -1,17 +1,24 @@
 //! The path from a request to a committed batch, shared by the gRPC and HTTP servers.
 //!
-//! A handler transcodes its request (wire walk -> rkyv batch), queues the encoded batch as a
-//! job, and yields once so that other requests already read from the sockets can queue theirs.
-//! The first handler to run again commits every queued job in one write transaction (group
-//! commit) on the receive runtime's own thread and answers the others. A handler answers its
-//! client only after that commit: the ack rule.
+//! A handler transcodes its request (wire walk -> rkyv batch) and queues the encoded batch as a
+//! job for receive's committer thread, which commits every job queued meanwhile in one write
+//! transaction (group commit) and answers each. A handler answers its client only after that
+//! commit: the ack rule.
 //!
-//! Committing on the runtime thread (receive runs a single-threaded runtime) avoids a thread
-//! hand-off per request: at the reference load the hand-off's context switches cost more than
-//! the commit. The price is that the runtime waits while another stage holds LMDB's writer
-//! lock (microseconds to a few milliseconds); sockets buffer meanwhile.
+//! Why a thread of its own: LMDB's writer lock has no timeout. A stage frozen inside a write
+//! transaction (SIGSTOP, a frozen cgroup, an I/O stall) would block whatever thread waits for the
+//! lock; on receive's runtime thread that would stop every connection from being answered. The
+//! committer blocks instead, and a handler whose job is not committing within
+//! `queue.write_timeout` answers a retryable refusal (RESOURCE_EXHAUSTED with RetryInfo / 503
+//! with Retry-After). Abandon-or-commit: each job has a state the handler and the committer
+//! race for with one compare-and-swap: either the handler abandons it (the committer then
+//! skips it, so a client that retries never finds its data committed twice) or the committer
+//! claims it once it holds the lock (the handler then waits for the commit, which is moments
+//! away). The hand-off costs one wake-up per group commit, not per request.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tailgate_ipc::batch::{self, MetricBatch};
 use tailgate_ipc::wake::Waker;
@@ -24,6 +31,10 @@ use crate::otlp_wire::{self, Signal};
 /// Most jobs committed in one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 256;
 
+const PENDING: u8 = 0;
+const COMMITTING: u8 = 1;
+const ABANDONED: u8 = 2;
+
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
@@ -33,6 +44,10 @@ pub enum AcceptError {
     /// The queue is at its disk budget (gRPC RESOURCE_EXHAUSTED, HTTP 503 + Retry-After).
     #[error("queue is full; retry later")]
     Full,
+    /// The queue could not be written in time: another stage holds it (gRPC
+    /// RESOURCE_EXHAUSTED, HTTP 503 + Retry-After). Nothing of the request was stored.
+    #[error("queue is busy (its writer lock is held); retry later")]
+    Busy,
     /// The queue failed (gRPC UNAVAILABLE, HTTP 503); the stage is restarting.
     #[error("queue unavailable: {0}")]
     Unavailable(String),
@@ -41,20 +56,44 @@ pub enum AcceptError {
 struct Job {
     edge: Edge,
     value: Vec<u8>,
+    state: Arc<AtomicU8>,
     reply: oneshot::Sender<Result<(), AcceptError>>,
+}
+
+/// What the handlers and the committer thread share.
+struct Shared {
+    waiting: Mutex<Vec<Job>>,
+    ready: Condvar,
+    closed: AtomicBool,
+}
+
+impl Shared {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent; keep going.
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Stops the committer once the last handle is gone.
+struct Closer(Arc<Shared>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        let _guard = self.0.lock_waiting();
+        self.0.ready.notify_all();
+    }
 }
 
 /// Handle used by request handlers.
 #[derive(Clone)]
 pub struct Intake {
-    queue: Queue,
-    waker: Arc<Waker>,
+    shared: Arc<Shared>,
+    _closer: Arc<Closer>,
     events: Arc<StageEvents>,
-    waiting: Arc<Mutex<Vec<Job>>>,
     /// Duration attributes of log records (judged on when they carry no trace).
     durations: Arc<Vec<(String, f64)>>,
-    /// Reports a queue failure other than "full": the stage must exit and be restarted.
-    failures: mpsc::UnboundedSender<QueueError>,
+    write_timeout: Duration,
 }
 
 impl std::fmt::Debug for Intake {
@@ -64,16 +103,22 @@ impl std::fmt::Debug for Intake {
 }
 
 impl Intake {
-    /// An intake committing to `queue`; queue failures arrive on the returned receiver.
+    /// An intake committing to `queue` on its own thread; queue failures arrive on the returned
+    /// receiver.
     pub fn new(
         queue: Queue,
         waker: Arc<Waker>,
         events: Arc<StageEvents>,
         durations: Vec<(String, f64)>,
-    ) -> (Intake, mpsc::UnboundedReceiver<QueueError>) {
+        write_timeout: Duration,
+    ) -> Result<(Intake, mpsc::UnboundedReceiver<QueueError>), std::io::Error> {
         let (failures, failed) = mpsc::unbounded_channel();
-        let waiting = Arc::new(Mutex::new(Vec::new()));
-        (Intake { queue, waker, events, waiting, durations: Arc::new(durations), failures }, failed)
+        let shared =
+            Arc::new(Shared { waiting: Mutex::new(Vec::new()), ready: Condvar::new(), closed: AtomicBool::new(false) });
+        let committer = Committer { shared: shared.clone(), queue, waker, failures };
+        std::thread::Builder::new().name("tg-receive-commit".into()).spawn(move || committer.run())?;
+        let closer = Arc::new(Closer(shared.clone()));
+        Ok((Intake { shared, _closer: closer, events, durations: Arc::new(durations), write_timeout }, failed))
     }
 
     /// Validates, transcodes and durably queues one OTLP request (protobuf bytes). Returns the
@@ -101,45 +146,65 @@ impl Intake {
         if items == 0 {
             return Ok(0);
         }
-        let (reply, answer) = oneshot::channel();
-        self.lock_waiting().push(Job { edge, value, reply });
-        // Let handlers of requests that are already read queue their jobs too.
-        tokio::task::yield_now().await;
-        self.commit_waiting();
-        let outcome = answer.await.map_err(|_| AcceptError::Unavailable("intake stopped".into()))?;
+        let (reply, mut answer) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(PENDING));
+        {
+            let mut waiting = self.shared.lock_waiting();
+            waiting.push(Job { edge, value, state: state.clone(), reply });
+            if waiting.len() == 1 {
+                self.shared.ready.notify_one();
+            }
+        }
+        let outcome = match tokio::time::timeout(self.write_timeout, &mut answer).await {
+            Ok(answered) => answered.map_err(|_| AcceptError::Unavailable("intake stopped".into()))?,
+            // Not claimed by a commit in time: abandon it, unless the committer just claimed it.
+            Err(_) if state.compare_exchange(PENDING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
+                Err(AcceptError::Busy)
+            }
+            Err(_) => answer.await.map_err(|_| AcceptError::Unavailable("intake stopped".into()))?,
+        };
         match &outcome {
             Ok(()) => {
                 self.events.received(items);
                 self.events.sent(items);
             }
             Err(AcceptError::Full) => self.events.dropped("refused_queue_full", items),
+            Err(AcceptError::Busy) => self.events.dropped("refused_queue_busy", items),
             Err(_) => self.events.error("queue"),
         }
         outcome.map(|()| items)
     }
+}
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Job>> {
-        // A panic while holding this lock cannot leave the Vec inconsistent; keep going.
-        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// The thread that takes the writer lock so the runtime never waits for it.
+struct Committer {
+    shared: Arc<Shared>,
+    queue: Queue,
+    waker: Arc<Waker>,
+    /// Reports a queue failure other than "full": the stage must exit and be restarted.
+    failures: mpsc::UnboundedSender<QueueError>,
+}
 
-    /// Commits every waiting job (in chunks of [`MAX_JOBS_PER_COMMIT`]) and answers them.
-    fn commit_waiting(&self) {
+impl Committer {
+    fn run(self) {
         loop {
             let jobs: Vec<Job> = {
-                let mut waiting = self.lock_waiting();
+                let mut waiting = self.shared.lock_waiting();
+                while waiting.is_empty() {
+                    if self.shared.closed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    waiting = self.shared.ready.wait(waiting).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
                 let take = waiting.len().min(MAX_JOBS_PER_COMMIT);
                 // A client that went away before its commit gets no answer; committing its data
                 // would duplicate what it sends again.
                 waiting.drain(..take).filter(|job| !job.reply.is_closed()).collect()
             };
             if jobs.is_empty() {
-                if self.lock_waiting().is_empty() {
-                    return;
-                }
                 continue;
             }
-            let outcome = commit_jobs(&self.queue, &jobs);
+            let (outcome, jobs) = commit_jobs(&self.queue, jobs);
             let answer = match &outcome {
                 Ok(()) => Ok(()),
                 Err(QueueError::Full) => Err(AcceptError::Full),
@@ -172,14 +237,29 @@ fn encode(result: Result<Vec<u8>, batch::BatchError>) -> Result<Vec<u8>, otlp_wi
     result.map_err(|err| otlp_wire::WireError::Other(err.to_string()))
 }
 
-fn commit_jobs(queue: &Queue, jobs: &[Job]) -> Result<(), QueueError> {
-    let mut wtxn = queue.write()?;
-    let incoming: usize = jobs.iter().map(|job| job.value.len()).sum();
-    if !queue.admits_bytes(&wtxn, incoming as u64)? {
-        return Err(QueueError::Full);
+/// Takes the writer lock, claims the jobs not abandoned meanwhile, and commits them. Returns
+/// the outcome and the claimed jobs (the ones to answer).
+fn commit_jobs(queue: &Queue, jobs: Vec<Job>) -> (Result<(), QueueError>, Vec<Job>) {
+    let mut wtxn = match queue.write() {
+        Ok(wtxn) => wtxn,
+        Err(err) => return (Err(err), jobs),
+    };
+    let jobs: Vec<Job> = jobs
+        .into_iter()
+        .filter(|job| job.state.compare_exchange(PENDING, COMMITTING, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+        .collect();
+    if jobs.is_empty() {
+        return (Ok(()), jobs);
     }
-    for job in jobs {
-        queue.append(&mut wtxn, job.edge, &job.value)?;
-    }
-    queue.commit(wtxn)
+    let outcome = (|| {
+        let incoming: usize = jobs.iter().map(|job| job.value.len()).sum();
+        if !queue.admits_bytes(&wtxn, incoming as u64)? {
+            return Err(QueueError::Full);
+        }
+        for job in &jobs {
+            queue.append(&mut wtxn, job.edge, &job.value)?;
+        }
+        queue.commit(wtxn)
+    })();
+    (outcome, jobs)
 }

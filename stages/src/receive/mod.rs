@@ -26,7 +26,13 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         None => tailgate_config::FieldAliases::default().duration,
     };
     let durations = durations.iter().map(|field| (field.name.clone(), field.unit.nanos())).collect();
-    let (intake, mut failures) = Intake::new(ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone(), durations);
+    let (intake, mut failures) = Intake::new(
+        ctx.queue.clone(),
+        ctx.waker.clone(),
+        ctx.events.clone(),
+        durations,
+        ctx.config.queue.write_timeout,
+    )?;
     let protocols = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.protocols.clone());
     let (grpc, http) = protocols.map(|p| (p.grpc, p.http)).unwrap_or_default();
     let mut servers = tokio::task::JoinSet::new();
