@@ -130,3 +130,64 @@ fn a_held_writer_lock_gets_refusals_not_hangs() {
     let all: Vec<TestTrace> = accepted.into_iter().chain(refused).collect();
     assert_exact_delivery(&backend, &all, Duration::from_secs(2), false);
 }
+
+/// tail_sample stops itself (SIGSTOP, via a test-only fault point) while it holds the queue's
+/// writer lock, under load: every other writer waits behind it. Receivers keep answering (OK or
+/// a retryable refusal, never a hang past a few seconds), the supervisor kills the stopped stage
+/// after `liveness_timeout`, LMDB recovers the lock it held, and after clients retry their
+/// refusals the delivered set is exact.
+#[test]
+fn a_stage_stopped_inside_its_write_transaction_is_replaced() {
+    use common::{TestTrace, trace_request};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use std::time::Instant;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let timing = Timing {
+        decision_wait: "20s",
+        root_grace: "1s",
+        supervisor_extra: "  liveness_timeout: 2s",
+        env: vec![("TAILGATE_TEST_FAULT", "stop_in_write_txn")],
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let first = tailgate.stage_pid("tail_sample").unwrap();
+    let trigger = tailgate.data_dir().join("run").join("fault-stop_in_write_txn");
+    let grpc = tailgate.grpc;
+    let traces: Vec<TestTrace> = (0..40).map(|n| TestTrace::new(n, common::Outcome::Error, 2)).collect();
+    let refusals = runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        let mut refusals = 0;
+        for (i, trace) in traces.iter().enumerate() {
+            if i == 10 {
+                std::fs::write(&trigger, b"").unwrap();
+            }
+            // A client that retries refusals, as OTLP exporters do.
+            loop {
+                let started = Instant::now();
+                let mut call = tonic::Request::new(trace_request("frozen", trace.spans.clone()));
+                call.set_timeout(Duration::from_secs(10));
+                let outcome = client.export(call).await;
+                assert!(started.elapsed() < Duration::from_secs(4), "a request hung for {:?}", started.elapsed());
+                match outcome {
+                    Ok(_) => break,
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                        refusals += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        refusals
+    });
+    assert!(!trigger.exists(), "the fault point was never reached");
+    let second = tailgate.wait_for_restart("tail_sample", first);
+    assert_ne!(first, second);
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(2), false);
+    let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap();
+    assert!(log.contains("test fault point hit"), "{log}");
+    eprintln!("{refusals} refusals while tail_sample held the lock stopped");
+}

@@ -76,3 +76,48 @@ fn stages_end_when_the_supervisor_is_killed() {
         "stages outlived their supervisor"
     );
 }
+
+/// A stage process left on the data dir by an earlier run (here: one started by hand, the way a
+/// stage outlives a supervisor that was killed while the stage was still draining) holds its
+/// stage lock. The next supervisor finds it, ends it, and starts its own stages, instead of
+/// counting their failed lock as crashes until it escalates.
+#[test]
+fn a_new_supervisor_ends_stages_left_by_a_dead_one() {
+    use common::{Outcome, TestTrace, assert_exact_delivery, send_in_waves, spawn_tailgate};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let mut tailgate = Tailgate::start(backend_addr, &Timing::default());
+    assert!(wait_until(Duration::from_secs(20), || stage_pids(tailgate.pid()).len() == 5));
+    assert!(tailgate.stop().success());
+    let data_dir = tailgate.data_dir();
+    let mut stray = Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .args(["stage", "export", "--config"])
+        .arg(&tailgate.config_path)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = data_dir.join("run").join("export.lock");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let file = std::fs::File::open(&lock).unwrap();
+            file.try_lock().is_err()
+        }),
+        "the stray stage did not take its lock"
+    );
+
+    tailgate.child = spawn_tailgate(&tailgate.config_path, tailgate.dir.path());
+    assert!(wait_until(Duration::from_secs(20), || stage_pids(tailgate.pid()).len() == 5), "stages did not all start");
+    assert!(
+        wait_until(Duration::from_secs(10), || stray.try_wait().unwrap().is_some()),
+        "the stray stage is still running"
+    );
+    let traces: Vec<TestTrace> = (0..6).map(|n| TestTrace::new(n, Outcome::Error, 2)).collect();
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::ZERO, |_| {}));
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
+    let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap();
+    assert!(log.contains("still uses this data dir"), "{log}");
+    assert!(!log.contains("holds"), "a stage of the new run failed on a held lock:\n{log}");
+}

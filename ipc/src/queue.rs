@@ -621,6 +621,11 @@ impl Queue {
         Ok(pages * page_size)
     }
 
+    /// The environment's directory (`<data_dir>/queue`).
+    pub fn path(&self) -> &Path {
+        self.env.path()
+    }
+
     /// The map size: the disk budget.
     pub fn capacity_bytes(&self) -> u64 {
         self.env.info().map_size as u64

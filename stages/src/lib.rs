@@ -14,6 +14,7 @@
 pub mod context;
 pub mod events;
 pub mod export;
+pub mod fault;
 pub mod grpc_raw;
 pub mod limits;
 pub mod log_mirror;

@@ -255,6 +255,7 @@ impl Sampler {
             return Ok(report);
         }
         let mut wtxn = queue.write()?;
+        crate::fault::stop_here(&queue_run_dir(queue), "stop_in_write_txn");
         queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
         if read_pos != self.persisted_read_pos {
             queue.set_meta_u64(&mut wtxn, SAMPLER_READ_POS_KEY, read_pos)?;
@@ -545,6 +546,11 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");
     ctx.events.log_summary();
     Ok(())
+}
+
+/// The run directory (wake sockets, locks, fault triggers) of the queue's data directory.
+fn queue_run_dir(queue: &Queue) -> std::path::PathBuf {
+    tailgate_ipc::wake::socket_dir(queue.path().parent().unwrap_or(queue.path()))
 }
 
 #[cfg(test)]

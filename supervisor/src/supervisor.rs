@@ -554,6 +554,54 @@ fn reserve_disk(queue_dir: &Path, capacity: u64) -> anyhow::Result<()> {
     }
 }
 
+/// Ends stage processes a dead predecessor left running on this data directory (they hold their
+/// stage locks, so new stages would fail to start and count as crashes): SIGTERM, then SIGKILL
+/// after `grace`. Found by their command line (`tailgate stage <name> --data-dir <dir>`).
+fn end_orphaned_stages(data_dir: &Path, grace: Duration) {
+    let me = std::process::id();
+    let dir = data_dir.as_os_str().as_encoded_bytes().to_vec();
+    let orphans: Vec<(i32, String)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid as u32 != me)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let at = args.iter().position(|arg| *arg == b"stage")?;
+            let name = std::str::from_utf8(args.get(at + 1)?).ok()?;
+            StageId::parse(name)?;
+            let dir_at = args.iter().position(|arg| *arg == b"--data-dir")?;
+            (args.get(dir_at + 1)? == &dir.as_slice()).then(|| (pid, name.to_string()))
+        })
+        .collect();
+    if orphans.is_empty() {
+        return;
+    }
+    for (pid, stage) in &orphans {
+        tracing::warn!(pid, stage, "a stage process of an earlier run still uses this data dir; stopping it");
+        if let Some(pid) = rustix::process::Pid::from_raw(*pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    while Instant::now() < deadline && orphans.iter().any(|(pid, _)| alive(*pid)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (pid, stage) in orphans.iter().filter(|(pid, _)| alive(*pid)) {
+        tracing::warn!(pid, stage, "orphaned stage did not stop in time; killing it");
+        if let Some(pid) = rustix::process::Pid::from_raw(*pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// Writes a file and makes it and its directory entry durable: the unclean-shutdown marker must
 /// survive the power loss it is there to detect.
 fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -606,6 +654,7 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     if instance_lock.try_lock().is_err() {
         anyhow::bail!("another tailgate is running with data dir {}", config.data_dir.display());
     }
+    end_orphaned_stages(&config.data_dir, config.supervisor.shutdown_timeout);
     let queue = open_queue(&config)?;
     let launch = Arc::new(Launch {
         exe: std::env::current_exe()?,

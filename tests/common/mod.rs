@@ -89,6 +89,8 @@ pub struct Timing {
     pub otlp_extra: &'static str,
     /// Extra lines under `exporters:` (indented by two spaces).
     pub exporters_extra: &'static str,
+    /// Environment variables for the first start (e.g. a test fault point).
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for Timing {
@@ -109,6 +111,7 @@ impl Default for Timing {
             netns: None,
             otlp_extra: ", timeout: 10s",
             exporters_extra: "",
+            env: Vec::new(),
         }
     }
 }
@@ -188,7 +191,7 @@ supervisor:
         if let Some(mib) = timing.data_tmpfs_mib {
             mount_tmpfs(&dir.path().join("data"), mib);
         }
-        let child = spawn_tailgate_in(&config_path, dir.path(), timing.netns.as_deref());
+        let child = spawn_tailgate_with(&config_path, dir.path(), timing.netns.as_deref(), &timing.env);
         let tailgate = Tailgate { child, dir, grpc, http, config_path };
         let listening = || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok();
         let up = match timing.netns.as_deref() {
@@ -286,6 +289,11 @@ pub fn spawn_tailgate(config: &Path, dir: &Path) -> Child {
 /// Like [`spawn_tailgate`], inside network namespace `netns` when given (`ip netns exec`
 /// execs, so the child's pid is tailgate's).
 pub fn spawn_tailgate_in(config: &Path, dir: &Path, netns: Option<&str>) -> Child {
+    spawn_tailgate_with(config, dir, netns, &[])
+}
+
+/// Like [`spawn_tailgate_in`], with extra environment variables.
+pub fn spawn_tailgate_with(config: &Path, dir: &Path, netns: Option<&str>, env: &[(&str, &str)]) -> Child {
     let log = std::fs::File::create(dir.join("tailgate.log")).unwrap();
     let mut command = match netns {
         Some(ns) => {
@@ -295,6 +303,7 @@ pub fn spawn_tailgate_in(config: &Path, dir: &Path, netns: Option<&str>) -> Chil
         }
         None => Command::new(env!("CARGO_BIN_EXE_tailgate")),
     };
+    command.envs(env.iter().copied());
     command
         .arg("run")
         .arg("--config")
