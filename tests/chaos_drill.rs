@@ -65,40 +65,27 @@ impl Link {
     /// Cuts the uplink the way the field report did: DROP on the backend's port (both ways) and
     /// a conntrack flush on both sides.
     fn cut(&self, port: u16) {
-        let port = port.to_string();
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.backend_ns,
-            "iptables",
-            "-I",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            &port,
-            "-j",
-            "DROP",
-        ]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.backend_ns,
-            "iptables",
-            "-I",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--sport",
-            &port,
-            "-j",
-            "DROP",
-        ]);
+        self.drop_rules("-I", port);
         for ns in [&self.tailgate_ns, &self.backend_ns] {
             let _ = Command::new("ip").args(["netns", "exec", ns, "conntrack", "-F"]).output();
         }
+    }
+
+    /// Inserts (`-I`) or deletes (`-D`) the DROP rules of the backend's port.
+    fn drop_rules(&self, action: &str, port: u16) {
+        let port = port.to_string();
+        for (chain, side) in [("INPUT", "--dport"), ("OUTPUT", "--sport")] {
+            let rule = ["-p", "tcp", side, port.as_str(), "-j", "DROP"];
+            let mut args = vec!["ip", "netns", "exec", self.backend_ns.as_str(), "iptables", action, chain];
+            args.extend(rule);
+            run(&args);
+        }
+    }
+
+    /// Serves the test backend inside the backend's namespace (its listener lives there).
+    fn serve_backend(&self, runtime: &tokio::runtime::Runtime) -> (Backend, std::net::SocketAddr) {
+        let at: std::net::SocketAddr = format!("{}:0", self.backend_ip).parse().unwrap();
+        in_netns(&self.backend_ns, || Backend::serve_at(runtime, at))
     }
 
     /// Limits tailgate's uplink to `rate` (tc token bucket, e.g. `1mbit`).
@@ -125,37 +112,7 @@ impl Link {
     }
 
     fn restore(&self, port: u16) {
-        let port = port.to_string();
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.backend_ns,
-            "iptables",
-            "-D",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            &port,
-            "-j",
-            "DROP",
-        ]);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.backend_ns,
-            "iptables",
-            "-D",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--sport",
-            &port,
-            "-j",
-            "DROP",
-        ]);
+        self.drop_rules("-D", port);
     }
 }
 
@@ -204,9 +161,7 @@ const TRACES_PER_SECOND: u64 = 100;
 fn uplink_cut_and_restored_loses_and_duplicates_nothing() {
     let link = Link::create();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let backend_ip = link.backend_ip.clone();
-    let (backend, backend_addr) =
-        in_netns(&link.backend_ns, || Backend::serve_at(&runtime, format!("{backend_ip}:0").parse().unwrap()));
+    let (backend, backend_addr) = link.serve_backend(&runtime);
     let timing = Timing {
         decision_wait: "2s",
         root_grace: "1s",
@@ -339,9 +294,7 @@ fn a_slow_uplink_delivers_large_requests_once() {
     let link = Link::create();
     link.throttle("1mbit");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let backend_ip = link.backend_ip.clone();
-    let (backend, backend_addr) =
-        in_netns(&link.backend_ns, || Backend::serve_at(&runtime, format!("{backend_ip}:0").parse().unwrap()));
+    let (backend, backend_addr) = link.serve_backend(&runtime);
     let timing = Timing {
         decision_wait: "2s",
         root_grace: "1s",
