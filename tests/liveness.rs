@@ -138,6 +138,18 @@ fn a_held_writer_lock_gets_refusals_not_hangs() {
 /// refusals the delivered set is exact.
 #[test]
 fn a_stage_stopped_inside_its_write_transaction_is_replaced() {
+    stage_stuck_inside_its_write_transaction("stop_in_write_txn");
+}
+
+/// The same with a stage that keeps running but never commits (a deadlock or an I/O stall
+/// inside its write transaction): the supervisor finds the lock's owner in `lock.mdb` and
+/// kills that stage, never the ones waiting behind it.
+#[test]
+fn a_stage_hung_inside_its_write_transaction_is_replaced() {
+    stage_stuck_inside_its_write_transaction("hang_in_write_txn");
+}
+
+fn stage_stuck_inside_its_write_transaction(fault: &'static str) {
     use common::{TestTrace, trace_request};
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
     use std::time::Instant;
@@ -148,12 +160,12 @@ fn a_stage_stopped_inside_its_write_transaction_is_replaced() {
         decision_wait: "20s",
         root_grace: "1s",
         supervisor_extra: "  liveness_timeout: 2s",
-        env: vec![("TAILGATE_TEST_FAULT", "stop_in_write_txn")],
+        env: vec![("TAILGATE_TEST_FAULT", fault)],
         ..Timing::default()
     };
     let tailgate = Tailgate::start(backend_addr, &timing);
     let first = tailgate.stage_pid("tail_sample").unwrap();
-    let trigger = tailgate.data_dir().join("run").join("fault-stop_in_write_txn");
+    let trigger = tailgate.data_dir().join("run").join(format!("fault-{fault}"));
     let grpc = tailgate.grpc;
     let traces: Vec<TestTrace> = (0..40).map(|n| TestTrace::new(n, common::Outcome::Error, 2)).collect();
     let refusals = runtime.block_on(async {
@@ -163,8 +175,9 @@ fn a_stage_stopped_inside_its_write_transaction_is_replaced() {
             if i == 10 {
                 std::fs::write(&trigger, b"").unwrap();
             }
-            // A client that retries refusals, as OTLP exporters do.
-            loop {
+            // A client that retries refusals, as OTLP exporters do (bounded: 60 attempts).
+            for attempt in 0.. {
+                assert!(attempt < 60, "trace {i} still refused after 60 attempts: the stall never ended");
                 let started = Instant::now();
                 let mut call = tonic::Request::new(trace_request("frozen", trace.spans.clone()));
                 call.set_timeout(Duration::from_secs(10));
@@ -189,5 +202,8 @@ fn a_stage_stopped_inside_its_write_transaction_is_replaced() {
     assert_exact_delivery(&backend, &traces, Duration::from_secs(2), false);
     let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap();
     assert!(log.contains("test fault point hit"), "{log}");
-    eprintln!("{refusals} refusals while tail_sample held the lock stopped");
+    if fault == "hang_in_write_txn" {
+        assert!(log.contains("holds the queue's writer lock without progress"), "{log}");
+    }
+    eprintln!("{refusals} refusals while tail_sample held the lock ({fault})");
 }

@@ -44,6 +44,12 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RoTxn, RwTxn, With
 use crate::batch::{self, BatchError, BatchHeader};
 use crate::topology::{Consumer, Edge};
 
+/// Byte offset of the writer mutex in `lock.mdb` (LMDB's `MDB_txninfo.mt2`, one cache line in).
+const WRITER_MUTEX_OFFSET: u64 = 64;
+
+/// The owner TID bits of a robust futex word (below `FUTEX_OWNER_DIED` and `FUTEX_WAITERS`).
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+
 /// Fraction of the map above which [`Queue::admits`] answers false and receive pushes back.
 pub const INTAKE_STOP_RATIO: f64 = 0.8;
 
@@ -619,6 +625,30 @@ impl Queue {
             pages += (stat.branch_pages + stat.leaf_pages + stat.overflow_pages) as u64;
         }
         Ok(pages * page_size)
+    }
+
+    /// The thread id (TID) holding the environment's writer lock, read from `lock.mdb`, or
+    /// `None` when it is free. LMDB on Linux uses a process-shared robust pthread mutex at byte
+    /// 64 of the lock file, and a robust mutex's futex word holds its owner's TID (with the
+    /// waiters and owner-died bits above it). The layout is LMDB's build choice, not an API: a
+    /// caller verifies it once by taking the lock itself ([`Queue::writer_lock_layout_ok`]).
+    pub fn writer_lock_owner(&self) -> Option<u32> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(self.env.path().join("lock.mdb")).ok()?;
+        let mut word = [0u8; 4];
+        file.read_exact_at(&mut word, WRITER_MUTEX_OFFSET).ok()?;
+        let tid = u32::from_ne_bytes(word) & FUTEX_TID_MASK;
+        (tid != 0).then_some(tid)
+    }
+
+    /// Whether [`Queue::writer_lock_owner`] reads this LMDB build right: takes the writer lock
+    /// on the calling thread and checks that the owner read is this thread.
+    pub fn writer_lock_layout_ok(&self) -> bool {
+        let Ok(wtxn) = self.write() else { return false };
+        let owner = self.writer_lock_owner();
+        drop(wtxn);
+        let free = self.writer_lock_owner();
+        owner == Some(rustix::thread::gettid().as_raw_nonzero().get() as u32) && free.is_none()
     }
 
     /// The environment's directory (`<data_dir>/queue`).

@@ -563,6 +563,29 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_lock_owner_is_read_from_the_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        assert_eq!(q.writer_lock_owner(), None);
+        assert!(q.writer_lock_layout_ok());
+        // Held by another thread: that thread's id.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = q.clone();
+        let thread = std::thread::spawn(move || {
+            let wtxn = holder.write().unwrap();
+            tx.send(rustix::thread::gettid().as_raw_nonzero().get() as u32).unwrap();
+            released.recv().unwrap();
+            drop(wtxn);
+        });
+        let tid = rx.recv().unwrap();
+        assert_eq!(q.writer_lock_owner(), Some(tid));
+        release.send(()).unwrap();
+        thread.join().unwrap();
+        assert_eq!(q.writer_lock_owner(), None);
+    }
+
+    #[test]
     fn run_time_damage_is_repaired_entry_by_entry() {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path());

@@ -6,6 +6,8 @@
 //! Points:
 //! - `stop_in_write_txn`: tail_sample stops itself (SIGSTOP) while holding the queue's writer
 //!   lock, as a frozen cgroup or a debugger would: every other writer waits behind it.
+//! - `hang_in_write_txn`: tail_sample's thread blocks for ever while holding the writer lock (a
+//!   deadlock or an I/O stall): the process keeps running, only it never commits.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,13 +25,20 @@ fn trigger(run_dir: &Path, point: &str) -> PathBuf {
     run_dir.join(format!("fault-{point}"))
 }
 
-/// At `point`: if armed and triggered, consume the trigger and stop this process.
-pub fn stop_here(run_dir: &Path, point: &str) {
-    if armed() != Some(point) {
+/// Inside a write transaction: the `stop_in_write_txn` and `hang_in_write_txn` points.
+pub fn in_write_txn(run_dir: &Path) {
+    let Some(point) = armed().filter(|p| *p == "stop_in_write_txn" || *p == "hang_in_write_txn") else {
+        return;
+    };
+    if std::fs::remove_file(trigger(run_dir, point)).is_err() {
         return;
     }
-    if std::fs::remove_file(trigger(run_dir, point)).is_ok() {
-        tracing::warn!(point, "test fault point hit: stopping this process");
+    tracing::warn!(point, "test fault point hit");
+    if point == "stop_in_write_txn" {
         let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
+    } else {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }

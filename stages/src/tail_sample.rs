@@ -255,7 +255,7 @@ impl Sampler {
             return Ok(report);
         }
         let mut wtxn = queue.write()?;
-        crate::fault::stop_here(&queue_run_dir(queue), "stop_in_write_txn");
+        crate::fault::in_write_txn(&queue_run_dir(queue));
         queue.advance(&mut wtxn, Consumer::TailSample, old_cursor, self.cursor)?;
         if read_pos != self.persisted_read_pos {
             queue.set_meta_u64(&mut wtxn, SAMPLER_READ_POS_KEY, read_pos)?;

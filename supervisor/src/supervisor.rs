@@ -65,6 +65,9 @@ pub enum StageMsg {
     Pid(RpcReplyPort<Option<u32>>),
     /// Check the process's private memory against the hard limit; reply with it (bytes).
     CheckMemory(RpcReplyPort<Option<u64>>),
+    /// The process `pid` has held the queue's writer lock without committing for this long:
+    /// kill it (if it is still the running process) so it restarts and the lock is released.
+    KillLockHolder(u32, Duration),
 }
 
 /// Watches one stage process.
@@ -270,6 +273,17 @@ impl Actor for StageActor {
             StageMsg::Pid(reply) => {
                 let _ = reply.send(state.pid);
             }
+            StageMsg::KillLockHolder(pid, held) => {
+                if state.pid == Some(pid) && state.stopping.is_none() {
+                    tracing::error!(
+                        stage = %state.stage,
+                        pid,
+                        held_for = ?held,
+                        "stage holds the queue's writer lock without progress (hung inside a write transaction); killing it so it restarts"
+                    );
+                    StageActor::signal(state, rustix::process::Signal::KILL);
+                }
+            }
             StageMsg::CheckMemory(reply) => {
                 let private = state.pid.and_then(private_memory_bytes);
                 let hard = state.policy.memory_hard_limit_mib * 1024 * 1024;
@@ -349,6 +363,60 @@ pub struct SupervisorState {
     shutting_down: bool,
     memory_soft_limit_bytes: u64,
     over_soft_limit: bool,
+    /// Whether `lock.mdb` can be read for the writer lock's owner on this LMDB build.
+    lock_watch_enabled: bool,
+    /// The writer lock's owner (TID) and the last committed transaction when it was first seen
+    /// holding it, and since when.
+    lock_watch: Option<(u32, u64, Instant)>,
+    liveness_timeout: Duration,
+}
+
+/// A stage that holds the queue's writer lock and does not commit (a deadlock or a stall inside
+/// a write transaction; a stopped holder is handled by the stopped-state check) stalls every
+/// other writer. Seen on the same owner with no commit for `liveness_timeout`, the holding stage
+/// is killed; LMDB's robust lock is released when its holder dies. Stages waiting for the lock
+/// are never blamed: only the owner is.
+async fn check_writer_lock(state: &mut SupervisorState) {
+    if !state.lock_watch_enabled {
+        return;
+    }
+    let Some(owner) = state.queue.writer_lock_owner() else {
+        state.lock_watch = None;
+        return;
+    };
+    let txn = state.queue.last_txn_id();
+    let since = match state.lock_watch {
+        Some((seen, seen_txn, since)) if seen == owner && seen_txn == txn => since,
+        _ => {
+            state.lock_watch = Some((owner, txn, Instant::now()));
+            return;
+        }
+    };
+    let held = since.elapsed();
+    if held < state.liveness_timeout {
+        return;
+    }
+    let Some(pid) = thread_group_of(owner) else { return };
+    let mut ours = false;
+    for (_, actor) in &state.stages {
+        if let Ok(Some(stage_pid)) = ractor::call!(actor, StageMsg::Pid)
+            && stage_pid == pid
+        {
+            ours = true;
+            let _ = actor.cast(StageMsg::KillLockHolder(pid, held));
+        }
+    }
+    if !ours {
+        tracing::warn!(pid, held_for = ?held, "a process that is not a stage holds the queue's writer lock; writers wait");
+    }
+    // Judge the next owner (or this one again) afresh.
+    state.lock_watch = None;
+}
+
+/// The process (thread group) of thread `tid`.
+fn thread_group_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|line| line.strip_prefix("Tgid:")).and_then(|rest| rest.trim().parse().ok())
 }
 
 /// Restarts stages over the hard limit (in their actors) and warns once per crossing when all
@@ -398,7 +466,16 @@ impl Actor for Supervisor {
             stages.push((stage, actor));
         }
         myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        let lock_watch_enabled = args.queue.writer_lock_layout_ok();
+        if !lock_watch_enabled {
+            tracing::warn!(
+                "cannot read the queue's writer lock owner on this LMDB build; a stage hung inside a write transaction is not detected"
+            );
+        }
         Ok(SupervisorState {
+            lock_watch_enabled,
+            lock_watch: None,
+            liveness_timeout: args.policy.liveness_timeout,
             memory_soft_limit_bytes: args.policy.memory_soft_limit_mib * 1024 * 1024,
             over_soft_limit: false,
             stages,
@@ -426,6 +503,7 @@ impl Actor for Supervisor {
                 }
                 if !state.shutting_down {
                     check_memory(state).await;
+                    check_writer_lock(state).await;
                 }
             }
             SupervisorMsg::Shutdown(reply) => {
