@@ -16,6 +16,11 @@
 #                                                  # spans, two hours of the reference's kept
 #                                                  # rate); then the backend returns and the
 #                                                  # backlog drains (rate, memory over time)
+#   tests/loadgen/bench.sh restart                 # the reference load (50-span requests) while
+#                                                  # tail_sample, receive and log_mirror are
+#                                                  # SIGKILLed and tail_sample SIGSTOPped once each:
+#                                                  # time from the signal to the stage ready again;
+#                                                  # then the supervisor's CPU while idle
 # Everything runs on loopback; every loop is bounded by --duration.
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
@@ -175,6 +180,41 @@ case "$scenario" in
     python3 -c "import sys; s,f,e=map(float,sys.argv[1:4]); b=int(sys.argv[4]); n=int(sys.argv[5]); l=int(sys.argv[6]); print(f'drained {n} spans / {b/1e6:.0f} MB in {e-s:.1f} s after the backend returned ({b/1e6/(e-s):.0f} MB/s); from the first delivery: {l} spans / {b*l/n/1e6:.0f} MB in {e-f:.1f} s = {b*l/n/1e6/(e-f):.0f} MB/s, {l/(e-f):,.0f} spans/s')" "$start" "$first" "$end" "$backlog_bytes" "$backlog_items" "$first_left"
     wait "$meter" || true
     echo "drain window (first 20 s):"; cat "$work/meter-drain.out"
+    ;;
+  restart)
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 50 --batch 50 --logs > "$work/send.out" &
+    load=$!
+    ready_after() {  # stage, unix time: seconds from then to the stage's next "ready" log line
+      python3 - "$work/tailgate.log" "$1" "$2" <<'PY'
+import datetime, re, sys
+log, stage, t0 = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ready = {"tail_sample": "tail_sample started", "receive": "otlp grpc receiver listening", "log_mirror": "log_mirror started"}[stage]
+for line in open(log, errors="replace"):
+    line = re.sub(r"\[[0-9;]*m", "", line)
+    if ready not in line:
+        continue
+    stamp = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+    if stamp > t0:
+        print(f"{stage}: ready {1000 * (stamp - t0):.0f} ms after the signal")
+        break
+else:
+    print(f"{stage}: not ready again")
+PY
+    }
+    for stage in tail_sample receive log_mirror; do
+      sleep 8
+      pid=$(pgrep -P "$tailgate" -f "stage $stage")
+      t0=$(date +%s.%N); kill -KILL "$pid"
+      sleep 2; ready_after "$stage" "$t0"
+    done
+    sleep 5
+    pid=$(pgrep -P "$tailgate" -f "stage tail_sample")
+    t0=$(date +%s.%N); kill -STOP "$pid"
+    sleep 8; echo "SIGSTOP (liveness_timeout 5 s):"; ready_after tail_sample "$t0"
+    wait "$load"; cat "$work/send.out"
+    sleep 20
+    echo "idle (load over, decisions and exports done):"
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out"
     ;;
   logs-max)
     # The window covers reading, mirroring and pushing every line (lines per CPU-second =
