@@ -65,6 +65,9 @@ pub enum StageMsg {
     Pid(RpcReplyPort<Option<u32>>),
     /// Check the process's private memory against the hard limit; reply with it (bytes).
     CheckMemory(RpcReplyPort<Option<u64>>),
+    /// A child changed state (SIGCHLD): see whether the process was stopped, and if so, check
+    /// again exactly when `liveness_timeout` has passed.
+    CheckStopped,
     /// The process `pid` has held the queue's writer lock without committing for this long:
     /// kill it (if it is still the running process) so it restarts and the lock is released.
     KillLockHolder(u32, Duration),
@@ -109,13 +112,22 @@ impl StageActor {
     /// Kills a stage process that has been stopped for `liveness_timeout` (its exit restarts it).
     /// A stopped process ignores SIGTERM and may hold the queue's writer lock, which would stall
     /// every other stage; LMDB's robust lock is released when the holder dies.
-    fn check_liveness(state: &mut StageState) {
+    fn check_liveness(myself: &ActorRef<StageMsg>, state: &mut StageState) {
         let stopped = state.pid.and_then(process_state).is_some_and(|code| code == 'T' || code == 't');
         if !stopped {
             state.stopped_since = None;
             return;
         }
-        let since = *state.stopped_since.get_or_insert_with(Instant::now);
+        let since = match state.stopped_since {
+            Some(since) => since,
+            None => {
+                // Seen stopped for the first time: come back exactly when the timeout is up.
+                let now = Instant::now();
+                state.stopped_since = Some(now);
+                myself.send_after(state.policy.liveness_timeout, || StageMsg::CheckStopped);
+                now
+            }
+        };
         if since.elapsed() >= state.policy.liveness_timeout && state.stopping.is_none() {
             tracing::error!(
                 stage = %state.stage,
@@ -273,6 +285,7 @@ impl Actor for StageActor {
             StageMsg::Pid(reply) => {
                 let _ = reply.send(state.pid);
             }
+            StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
             StageMsg::KillLockHolder(pid, held) => {
                 if state.pid == Some(pid) && state.stopping.is_none() {
                     tracing::error!(
@@ -300,7 +313,7 @@ impl Actor for StageActor {
                     state.killed_for_memory = true;
                     StageActor::signal(state, rustix::process::Signal::KILL);
                 }
-                StageActor::check_liveness(state);
+                StageActor::check_liveness(&myself, state);
                 let _ = reply.send(private);
             }
         }
@@ -337,6 +350,8 @@ pub enum SupervisorMsg {
     Shutdown(RpcReplyPort<()>),
     /// Periodic fsync of the queue.
     Sync,
+    /// A child changed state (SIGCHLD: exited, stopped, continued).
+    ChildSignal,
 }
 
 /// The root actor.
@@ -466,6 +481,21 @@ impl Actor for Supervisor {
             stages.push((stage, actor));
         }
         myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        // A stopped child raises SIGCHLD at once: the liveness clock starts when the stage stops,
+        // not at the next tick. (The tick still catches stops that raise no SIGCHLD.)
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+            Ok(mut children) => {
+                let supervisor = myself.clone();
+                tokio::spawn(async move {
+                    while children.recv().await.is_some() {
+                        if supervisor.cast(SupervisorMsg::ChildSignal).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(err) => tracing::warn!(error = %err, "no SIGCHLD stream; stopped stages are noticed on the tick"),
+        }
         let lock_watch_enabled = args.queue.writer_lock_layout_ok();
         if !lock_watch_enabled {
             tracing::warn!(
@@ -504,6 +534,11 @@ impl Actor for Supervisor {
                 if !state.shutting_down {
                     check_memory(state).await;
                     check_writer_lock(state).await;
+                }
+            }
+            SupervisorMsg::ChildSignal => {
+                for (_, actor) in &state.stages {
+                    let _ = actor.cast(StageMsg::CheckStopped);
                 }
             }
             SupervisorMsg::Shutdown(reply) => {
