@@ -30,7 +30,7 @@ mod wire;
 
 pub use encode::{ScopeItems, encode_resource, encode_resource_group};
 pub use json::json_to_protobuf;
-use schema::Message;
+use wire::Message;
 use wire::{Fail, Reader, Val, relocate, walk};
 
 /// Deepest message nesting accepted (the request itself is depth 0).

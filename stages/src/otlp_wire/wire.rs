@@ -1,11 +1,66 @@
 //! The wire walker: a cursor over protobuf bytes and a schema-driven, allocation-free check of
-//! one message (recursing into nested messages), handing known fields to a visitor.
+//! one message (recursing into nested messages), handing known fields to a visitor; and the
+//! vocabulary of message layouts (`Ty`, `Field`, `Message`) that `schema` writes them in.
 
-use super::schema::{Field, Message, Ty};
 use super::{FieldPath, MAX_DEPTH, WireError};
 
 /// Errors travel boxed inside the walker so results stay two words wide on the hot path.
 pub(super) type Fail = Box<WireError>;
+
+// The vocabulary message layouts are written in (`schema` holds the layouts themselves).
+
+/// How a field is encoded and what is checked about it.
+#[derive(Clone, Copy)]
+pub(super) enum Ty {
+    /// Varint (int32/int64/uint32/uint64/sint32/bool/enum).
+    Varint,
+    /// 64-bit (fixed64/sfixed64/double).
+    Fixed64,
+    /// 32-bit (fixed32/sfixed32/float).
+    Fixed32,
+    /// Length-delimited, valid UTF-8.
+    Str,
+    /// Length-delimited, any bytes.
+    Bytes,
+    /// Length-delimited id: empty or exactly this many bytes.
+    Id(usize),
+    /// Nested message, checked by `check::<ThatMessage>`.
+    Msg(fn(&[u8], u32) -> Result<(), Fail>),
+    /// Repeated 64-bit scalar, packed (length-delimited) or not.
+    PackedFixed64,
+    /// Repeated varint, packed (length-delimited) or not.
+    PackedVarint,
+    /// Nested message the caller walks itself (it gets the bytes unchecked).
+    Custom,
+}
+
+/// One known field of a message.
+#[derive(Clone, Copy)]
+pub(super) struct Field {
+    pub num: u32,
+    pub name: &'static str,
+    pub ty: Ty,
+    pub repeated: bool,
+}
+
+/// A message layout.
+pub(super) trait Message {
+    /// The known field with this number. A `match` per message, so once inlined the walker's
+    /// dispatch on the field's type folds away into direct code per field.
+    fn field(number: u32) -> Option<Field>;
+}
+
+pub(super) const fn one(num: u32, name: &'static str, ty: Ty) -> Field {
+    Field { num, name, ty, repeated: false }
+}
+
+pub(super) const fn many(num: u32, name: &'static str, ty: Ty) -> Field {
+    Field { num, name, ty, repeated: true }
+}
+
+pub(super) const fn msg<M: Message>() -> Ty {
+    Ty::Msg(check::<M>)
+}
 
 #[cold]
 fn truncated(offset: usize) -> Fail {
