@@ -95,5 +95,10 @@ fn status_reads_the_queue_without_writing_or_waiting_behind_a_writer() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("of 16 MiB"), "{stdout}");
+    // The stuck writer is named: here this test process, which is no stage.
+    assert!(
+        stdout.contains(&format!("writer lock: held by pid {} (not a tailgate stage)", std::process::id())),
+        "{stdout}"
+    );
     assert_eq!(std::fs::metadata(queue_dir.join("data.mdb")).unwrap().len(), size_before);
 }

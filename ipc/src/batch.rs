@@ -370,6 +370,17 @@ pub fn verify(value: &[u8]) -> Result<BatchHeader, BatchError> {
     Ok(header)
 }
 
+/// When the data in a stored value was accepted (or produced), Unix nanoseconds; `None` when
+/// the value does not pass its checks.
+pub fn received_unix_nano(value: &[u8]) -> Option<u64> {
+    Some(match BatchHeader::parse(value).ok()?.kind {
+        BatchKind::Spans => access_spans(value).ok()?.received_unix_nano.to_native(),
+        BatchKind::Logs => access_logs(value).ok()?.received_unix_nano.to_native(),
+        BatchKind::Metrics => access_metrics(value).ok()?.received_unix_nano.to_native(),
+        BatchKind::Summaries => access_summaries(value).ok()?.decided_unix_nano.to_native(),
+    })
+}
+
 /// Builds an owned batch out of records picked from archived batches, copying each referenced
 /// resource and scope once.
 ///

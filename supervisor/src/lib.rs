@@ -164,16 +164,43 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
         if allocated >= capacity { " (all)" } else { " (NOT all: a full filesystem can stop stages)" },
         mib(free)
     );
-    println!("{:<12} {:>10} {:>12} {:>14} {:>10}", "edge", "batches", "items", "bytes", "next_seq");
+    match queue.writer_lock_owner() {
+        None => println!("writer lock: free"),
+        Some(tid) => {
+            let pid = supervisor::thread_group_of(tid).unwrap_or(tid);
+            let who = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .and_then(|cmdline| {
+                    let args: Vec<String> =
+                        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                    let at = args.iter().position(|a| a == "stage")?;
+                    Some(format!("stage {}", args.get(at + 1)?))
+                })
+                .unwrap_or_else(|| "not a tailgate stage".to_string());
+            println!("writer lock: held by pid {pid} ({who})");
+        }
+    }
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    println!("{:<12} {:>10} {:>12} {:>14} {:>10} {:>10}", "edge", "batches", "items", "bytes", "next_seq", "oldest");
     for edge in Edge::ALL {
         let depth = queue.depth(&txn, edge)?;
+        // Age of the oldest stored batch (when it was accepted or produced).
+        let oldest = queue
+            .entries_after(&txn, edge, 0)?
+            .next()
+            .and_then(|entry| entry.ok())
+            .and_then(|(_, value)| tailgate_ipc::batch::received_unix_nano(value))
+            .map(|at| format!("{:.1}s", now.saturating_sub(at) as f64 / 1e9))
+            .unwrap_or_else(|| "-".to_string());
         println!(
-            "{:<12} {:>10} {:>12} {:>14} {:>10}",
+            "{:<12} {:>10} {:>12} {:>14} {:>10} {:>10}",
             edge.as_str(),
             depth.batches,
             depth.items,
             depth.bytes,
-            depth.next_seq
+            depth.next_seq,
+            oldest
         );
     }
     println!("{:<16} {:<12} {:>10}", "consumer", "edge", "cursor");

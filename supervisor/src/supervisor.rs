@@ -429,7 +429,7 @@ async fn check_writer_lock(state: &mut SupervisorState) {
 }
 
 /// The process (thread group) of thread `tid`.
-fn thread_group_of(tid: u32) -> Option<u32> {
+pub(crate) fn thread_group_of(tid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     status.lines().find_map(|line| line.strip_prefix("Tgid:")).and_then(|rest| rest.trim().parse().ok())
 }
