@@ -2,7 +2,9 @@
 //! process) and the stage process entry point.
 #![forbid(unsafe_code)]
 
+mod proc;
 pub mod stage_process;
+mod startup;
 pub mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -167,7 +169,7 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
     match queue.writer_lock_owner() {
         None => println!("writer lock: free"),
         Some(tid) => {
-            let pid = supervisor::thread_group_of(tid).unwrap_or(tid);
+            let pid = proc::thread_group_of(tid).unwrap_or(tid);
             let who = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .ok()
                 .and_then(|cmdline| {

@@ -17,7 +17,7 @@
 //!   at start, the last run ended uncleanly (power loss, OS crash, SIGKILL of the supervisor,
 //!   escalation) and every table of the queue is checked before any stage starts
 //!   ([`Queue::repair`]): damaged entries are quarantined one by one and recorded, everything
-//!   intact stays. Only an environment LMDB cannot open at all is moved aside.
+//!   intact stays. Only an environment LMDB cannot open at all is moved aside (`startup.rs`).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,6 @@ use tailgate_ipc::{Queue, StageId};
 
 /// A stage process that ran at least this long resets its restart backoff.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
-const RUNNING_MARKER: &str = "RUNNING";
 
 /// How to launch a stage process.
 #[derive(Debug, Clone)]
@@ -113,7 +112,7 @@ impl StageActor {
     /// A stopped process ignores SIGTERM and may hold the queue's writer lock, which would stall
     /// every other stage; LMDB's robust lock is released when the holder dies.
     fn check_liveness(myself: &ActorRef<StageMsg>, state: &mut StageState) {
-        let stopped = state.pid.and_then(process_state).is_some_and(|code| code == 'T' || code == 't');
+        let stopped = state.pid.and_then(crate::proc::process_state).is_some_and(|code| code == 'T' || code == 't');
         if !stopped {
             state.stopped_since = None;
             return;
@@ -298,7 +297,7 @@ impl Actor for StageActor {
                 }
             }
             StageMsg::CheckMemory(reply) => {
-                let private = state.pid.and_then(private_memory_bytes);
+                let private = state.pid.and_then(crate::proc::private_memory_bytes);
                 let hard = state.policy.memory_hard_limit_mib * 1024 * 1024;
                 if let Some(bytes) = private
                     && bytes > hard
@@ -325,22 +324,6 @@ impl Actor for StageActor {
         StageActor::signal(state, rustix::process::Signal::KILL);
         Ok(())
     }
-}
-
-/// The state letter of a process (`/proc/PID/stat`: R running, S sleeping, D disk wait, T
-/// stopped, t traced, Z zombie).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
-}
-
-/// Anonymous resident memory of a process (`RssAnon` of /proc/PID/status): its private heap,
-/// without the shared queue map that makes RSS overstate it. O(1) to read, unlike smaps_rollup.
-fn private_memory_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("RssAnon:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Messages of the supervisor.
@@ -411,7 +394,7 @@ async fn check_writer_lock(state: &mut SupervisorState) {
     if held < state.liveness_timeout {
         return;
     }
-    let Some(pid) = thread_group_of(owner) else { return };
+    let Some(pid) = crate::proc::thread_group_of(owner) else { return };
     let mut ours = false;
     for (_, actor) in &state.stages {
         if let Ok(Some(stage_pid)) = ractor::call!(actor, StageMsg::Pid)
@@ -426,12 +409,6 @@ async fn check_writer_lock(state: &mut SupervisorState) {
     }
     // Judge the next owner (or this one again) afresh.
     state.lock_watch = None;
-}
-
-/// The process (thread group) of thread `tid`.
-pub(crate) fn thread_group_of(tid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status.lines().find_map(|line| line.strip_prefix("Tgid:")).and_then(|rest| rest.trim().parse().ok())
 }
 
 /// Restarts stages over the hard limit (in their actors) and warns once per crossing when all
@@ -604,160 +581,6 @@ fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     if path.is_absolute() { Ok(path.to_path_buf()) } else { Ok(std::env::current_dir()?.join(path)) }
 }
 
-/// Opens the queue, verifying it first if the last run did not end cleanly.
-fn open_queue(config: &Config) -> anyhow::Result<Queue> {
-    let options = crate::stage_process::queue_options(config);
-    let marker = config.data_dir.join(RUNNING_MARKER);
-    let unclean = marker.exists();
-    std::fs::create_dir_all(&config.data_dir)?;
-    let queue_dir = config.queue_dir();
-    let queue = match Queue::open(&queue_dir, &options) {
-        Ok(queue) if !unclean => queue,
-        Ok(queue) => {
-            tracing::warn!("previous run did not shut down cleanly; checking every table of the queue");
-            let report = queue.repair()?;
-            for record in &report.records {
-                tracing::error!(repair = %record, "queue damage repaired");
-            }
-            if !report.depth_corrected.is_empty() {
-                let edges: Vec<&str> = report.depth_corrected.iter().map(|edge| edge.as_str()).collect();
-                tracing::warn!(edges = ?edges, "queue depth recomputed from the stored batches");
-            }
-            tracing::info!(values = report.checked, repairs = report.records.len(), "queue checked");
-            queue
-        }
-        // Only an environment LMDB cannot open at all is moved aside whole.
-        Err(err) => {
-            tracing::error!(error = %err, "queue cannot be opened");
-            quarantine_and_reopen(&queue_dir, &options)?
-        }
-    };
-    reserve_disk(&queue_dir, queue.capacity_bytes())?;
-    write_durably(&marker, std::process::id().to_string().as_bytes())?;
-    Ok(queue)
-}
-
-/// Backs the whole map with disk blocks before any stage writes. The queue writes through a
-/// shared memory map (`WRITE_MAP`) into a sparse file: a page the filesystem cannot back would be
-/// a SIGBUS in whichever stage touched it, not an error. Allocated up front, the budget is the
-/// only limit the queue can hit, and that one is a clean `Full` with pushback.
-fn reserve_disk(queue_dir: &Path, capacity: u64) -> anyhow::Result<()> {
-    let path = queue_dir.join("data.mdb");
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
-    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOSPC) => {
-            let free = rustix::fs::fstatvfs(&file).map(|st| st.f_bavail * st.f_frsize).unwrap_or(0);
-            let allocated = file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
-            anyhow::bail!(
-                "the filesystem of {} cannot hold the queue's disk budget: queue.max_size_mib needs {} MiB, \
-                 {} MiB are allocated and {} MiB free; free space or lower queue.max_size_mib",
-                queue_dir.display(),
-                capacity >> 20,
-                allocated >> 20,
-                free >> 20
-            )
-        }
-        // Filesystems without fallocate (some network filesystems): run, but say what is at risk.
-        Err(err @ (rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS)) => {
-            tracing::warn!(error = %err, "cannot reserve the queue's disk space; a full filesystem will stop stages");
-            Ok(())
-        }
-        Err(err) => Err(anyhow::anyhow!("cannot reserve the queue's disk space in {}: {err}", path.display())),
-    }
-}
-
-/// Ends stage processes a dead predecessor left running on this data directory (they hold their
-/// stage locks, so new stages would fail to start and count as crashes): SIGTERM, then SIGKILL
-/// after `grace`. Found by their command line (`tailgate stage <name> --data-dir <dir>`).
-fn end_orphaned_stages(data_dir: &Path, grace: Duration) {
-    let me = std::process::id();
-    let dir = data_dir.as_os_str().as_encoded_bytes().to_vec();
-    let orphans: Vec<(i32, String)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid as u32 != me)
-        .filter_map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let at = args.iter().position(|arg| *arg == b"stage")?;
-            let name = std::str::from_utf8(args.get(at + 1)?).ok()?;
-            StageId::parse(name)?;
-            let dir_at = args.iter().position(|arg| *arg == b"--data-dir")?;
-            (args.get(dir_at + 1)? == &dir.as_slice()).then(|| (pid, name.to_string()))
-        })
-        .collect();
-    if orphans.is_empty() {
-        return;
-    }
-    for (pid, stage) in &orphans {
-        tracing::warn!(pid, stage, "a stage process of an earlier run still uses this data dir; stopping it");
-        if let Some(pid) = rustix::process::Pid::from_raw(*pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-    }
-    let deadline = Instant::now() + grace;
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
-            .unwrap_or(false)
-    };
-    while Instant::now() < deadline && orphans.iter().any(|(pid, _)| alive(*pid)) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for (pid, stage) in orphans.iter().filter(|(pid, _)| alive(*pid)) {
-        tracing::warn!(pid, stage, "orphaned stage did not stop in time; killing it");
-        if let Some(pid) = rustix::process::Pid::from_raw(*pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-    }
-}
-
-/// Writes a file and makes it and its directory entry durable: the unclean-shutdown marker must
-/// survive the power loss it is there to detect.
-fn write_durably(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    sync_parent(path)
-}
-
-/// fsyncs the directory holding `path` (makes a create, rename or unlink in it durable).
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-/// Moves a damaged queue aside (kept for inspection) and starts an empty one. Refuses while a
-/// stage process of an earlier run still holds its lock (it could still be writing).
-fn quarantine_and_reopen(queue_dir: &Path, options: &tailgate_ipc::QueueOptions) -> anyhow::Result<Queue> {
-    let run_dir = tailgate_ipc::wake::socket_dir(queue_dir.parent().unwrap_or(queue_dir));
-    let mut held = Vec::new();
-    for stage in StageId::ALL {
-        let path = run_dir.join(format!("{}.lock", stage.as_str()));
-        if let Ok(file) = std::fs::File::options().read(true).write(true).open(&path) {
-            match file.try_lock() {
-                Ok(()) => held.push(file),
-                Err(_) => {
-                    anyhow::bail!("a {stage} process of an earlier run still uses the queue; not moving it aside")
-                }
-            }
-        }
-    }
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let aside = queue_dir.with_file_name(format!("queue.corrupt-{stamp}"));
-    std::fs::rename(queue_dir, &aside)?;
-    tracing::error!(moved_to = %aside.display(), "damaged queue moved aside; starting with an empty queue");
-    let queue = Queue::open(queue_dir, options)?;
-    drop(held);
-    Ok(queue)
-}
-
 async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     config.data_dir = absolute(&config.data_dir)?;
     std::fs::create_dir_all(&config.data_dir)?;
@@ -767,8 +590,8 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     if instance_lock.try_lock().is_err() {
         anyhow::bail!("another tailgate is running with data dir {}", config.data_dir.display());
     }
-    end_orphaned_stages(&config.data_dir, config.supervisor.shutdown_timeout);
-    let queue = open_queue(&config)?;
+    crate::startup::end_orphaned_stages(&config.data_dir, config.supervisor.shutdown_timeout);
+    let queue = crate::startup::open_queue(&config)?;
     let launch = Arc::new(Launch {
         exe: std::env::current_exe()?,
         config_file: config_file.map(|f| absolute(&f)).transpose()?,
@@ -799,12 +622,7 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
         tracing::error!("exiting non-zero so the service manager restarts tailgate");
         return Ok(ExitCode::FAILURE);
     }
-    let marker = config.data_dir.join(RUNNING_MARKER);
-    if std::fs::remove_file(&marker).is_ok()
-        && let Err(err) = sync_parent(&marker)
-    {
-        tracing::warn!(error = %err, "cannot make the removal of the RUNNING marker durable");
-    }
+    crate::startup::clear_running_marker(&config.data_dir);
     tracing::info!("tailgate stopped cleanly");
     drop(instance_lock);
     Ok(ExitCode::SUCCESS)
