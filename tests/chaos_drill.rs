@@ -135,15 +135,6 @@ fn edge_items(status: &str, edge: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {edge} line in status:\n{status}"))
 }
 
-fn status_of(tailgate: &Tailgate) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_tailgate"))
-        .args(["status", "--config"])
-        .arg(&tailgate.config_path)
-        .output()
-        .unwrap();
-    String::from_utf8(output.stdout).unwrap()
-}
-
 /// Private (anonymous resident) memory of a process, KiB.
 fn rss_anon_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -215,7 +206,7 @@ fn uplink_cut_and_restored_loses_and_duplicates_nothing() {
     let mut memory = Vec::new();
     while cut_at.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_secs(1));
-        let status = status_of(&tailgate);
+        let status = tailgate.status();
         let kept = edge_items(&status, "kept_spans");
         let delivered = backend.spans().len() as u64;
         let undelivered = (spans_sent(Instant::now()) as u64).saturating_sub(delivered);
@@ -282,7 +273,7 @@ fn uplink_cut_and_restored_loses_and_duplicates_nothing() {
     let baseline = memory[0].max(1);
     let peak = *memory.iter().max().unwrap();
     assert!(peak <= 2 * baseline + 4096, "export's private memory grew from {baseline} KiB to {peak} KiB: {memory:?}");
-    let status = status_of(&tailgate);
+    let status = tailgate.status();
     assert_eq!(edge_items(&status, "kept_spans"), 0, "backlog left after the drain:\n{status}");
 }
 

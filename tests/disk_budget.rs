@@ -12,17 +12,6 @@ use common::{Backend, Tailgate, Timing, free_port, string_kv, trace_request, wai
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status, status};
 
-/// What `tailgate status` prints for this instance (empty if it cannot run).
-fn status_of(tailgate: &Tailgate) -> String {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
-        .arg("status")
-        .arg("--config")
-        .arg(&tailgate.config_path)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
 /// A trace of `spans` error spans, each carrying `padding` bytes of attribute.
 fn heavy_trace(n: u32, spans: u32, padding: usize) -> Vec<Span> {
     let mut trace_id = [0u8; 16];
@@ -161,7 +150,7 @@ fn fill_then_drain(timing: &Timing, before_load: impl FnOnce(&Tailgate)) {
     });
     let got = backend.spans();
     let missing = expected.iter().filter(|key| !got.contains_key(*key)).count();
-    let status = status_of(&tailgate);
+    let status = tailgate.status();
     let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap_or_default();
     let notable: Vec<&str> = log
         .lines()
@@ -233,7 +222,7 @@ fn drop_oldest_keeps_intake_open_and_counts_what_it_drops() {
     // Intake took far more than the budget holds: dropping made room. (It still pushes back
     // while the budget is filled by spans the sampler has not decided yet: those are no
     // destination's backlog, so there is nothing to drop.)
-    let status = status_of(&tailgate);
+    let status = tailgate.status();
     let accepted_bytes = accepted.len() as u64 * 5 * 1500;
     assert!(
         accepted_bytes > 24 << 20,
@@ -243,7 +232,7 @@ fn drop_oldest_keeps_intake_open_and_counts_what_it_drops() {
     let spans_of = |n: &u32| heavy_trace(*n, 5, 0).into_iter().map(|s| (s.trace_id, s.span_id));
     let total = accepted.len() as u64 * 5;
     let done = wait_until(Duration::from_secs(90), || backend.spans().len() as u64 + dropped() == total);
-    let status_now = status_of(&tailgate);
+    let status_now = tailgate.status();
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let notable: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).rev().take(15).collect();
     assert!(

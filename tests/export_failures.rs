@@ -7,26 +7,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use opentelemetry_proto::tonic::trace::v1::Span;
-
-fn tailgate_cli(tailgate: &Tailgate, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_tailgate"))
-        .args(args)
-        .arg("--config")
-        .arg(&tailgate.config_path)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn log_of(tailgate: &Tailgate) -> String {
-    std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap_or_default()
-}
 
 /// Error traces (always kept); trace `poisoned` gets a span named "poison".
 fn traces_with_poison(range: std::ops::Range<u32>, poisoned: u32) -> (Vec<TestTrace>, TestTrace) {
@@ -72,22 +56,21 @@ fn poisoned_item_is_dead_lettered(code: tonic::Code, reason: &str) {
     let spans = backend.spans();
     let poison_span = span_keys(&bad.spans[1..2])[0];
     assert!(!spans.contains_key(&poison_span), "the refused span was delivered");
-    let listed = tailgate_cli(&tailgate, &["dead-letter", "list"]);
+    let listed = tailgate.cli(&["dead-letter", "list"]);
     assert!(listed.starts_with("1 dead letters"), "{listed}");
     assert!(listed.contains("export_traces 1 items") && listed.contains(reason), "{listed}");
-    assert!(tailgate_cli(&tailgate, &["status"]).contains("kept_spans            0"), "backlog left behind the poison");
+    assert!(tailgate.cli(&["status"]).contains("kept_spans            0"), "backlog left behind the poison");
 
     // The backend is fixed; the operator replays.
     backend.received.lock().unwrap().poison = None;
-    tailgate_cli(&tailgate, &["dead-letter", "replay"]);
+    tailgate.cli(&["dead-letter", "replay"]);
     assert!(
         wait_until(Duration::from_secs(20), || backend.spans().contains_key(&poison_span)),
         "replay did not deliver the dead letter\n{}",
-        log_of(&tailgate)
+        tailgate.log()
     );
     assert!(
-        wait_until(Duration::from_secs(5), || tailgate_cli(&tailgate, &["dead-letter", "list"])
-            .starts_with("0 dead letters")),
+        wait_until(Duration::from_secs(5), || tailgate.cli(&["dead-letter", "list"]).starts_with("0 dead letters")),
         "delivered dead letters are removed"
     );
 }
@@ -124,7 +107,7 @@ fn a_request_too_large_for_the_backend_is_split() {
     assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
     let largest = backend.received.lock().unwrap().traces.iter().map(prost::Message::encoded_len).max().unwrap();
     assert!(largest <= 64 * 1024, "a request of {largest} bytes got through a 64 KiB limit");
-    assert!(tailgate_cli(&tailgate, &["dead-letter", "list"]).starts_with("0 dead letters"));
+    assert!(tailgate.cli(&["dead-letter", "list"]).starts_with("0 dead letters"));
 }
 
 /// During an outage the request rate is bounded: a few backed-off retries, then the circuit
@@ -148,10 +131,10 @@ fn an_outage_opens_the_circuit_and_the_probe_closes_it() {
     assert!(window.len() <= 5 + 4 + 1, "{} requests in 20 s of outage: {window:?}", window.len());
     assert!(gaps.iter().skip(5).all(|gap| *gap >= Duration::from_millis(4_900)), "probes closer than 5 s: {gaps:?}");
     assert!(window.len() >= 5 + 2, "the circuit never probed: {window:?}");
-    let log = log_of(&tailgate);
+    let log = tailgate.log();
     assert_eq!(log.matches("circuit open").count(), 1, "{log}");
     // The backend recovers: the next probe succeeds, the circuit closes, everything arrives.
     backend.received.lock().unwrap().fail_next_traces = 0;
     assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
-    assert!(log_of(&tailgate).contains("circuit closed"));
+    assert!(tailgate.log().contains("circuit closed"));
 }

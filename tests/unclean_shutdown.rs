@@ -27,10 +27,6 @@ fn kill_tree(tailgate: &mut Tailgate) {
     assert!(wait_until(Duration::from_secs(10), || !stages.iter().any(alive)), "stage processes outlived SIGKILL");
 }
 
-fn log_of(tailgate: &Tailgate) -> String {
-    std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap()
-}
-
 /// Sends error traces (always kept) while the backend refuses traces, so they stay queued.
 fn queue_undeliverable_traces(
     runtime: &tokio::runtime::Runtime,
@@ -88,7 +84,7 @@ fn sigkill_of_the_whole_tree_keeps_the_backlog() {
     backend.received.lock().unwrap().fail_next_traces = 0;
     tailgate.child = spawn_tailgate(&tailgate.config_path, tailgate.dir.path());
     assert_exact_delivery(&backend, &traces, Duration::from_secs(2), true);
-    let log = log_of(&tailgate);
+    let log = tailgate.log();
     assert!(log.contains("previous run did not shut down cleanly"), "{log}");
     assert!(log.contains("queue checked"), "{log}");
 }
@@ -112,17 +108,6 @@ fn flip_after(tailgate: &Tailgate, needle: &[u8], offset: usize) -> usize {
 
 fn span_key(span: &opentelemetry_proto::tonic::trace::v1::Span) -> ([u8; 16], [u8; 8]) {
     (span.trace_id.as_slice().try_into().unwrap(), span.span_id.as_slice().try_into().unwrap())
-}
-
-fn status_of(tailgate: &Tailgate) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tailgate"))
-        .arg("status")
-        .arg("--config")
-        .arg(&tailgate.config_path)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// Items the `status` damage records say were lost on `table`.
@@ -161,7 +146,7 @@ fn one_damaged_batch(clean_stop: bool) {
         let spans = backend.spans();
         traces.iter().filter(|t| t.spans.iter().all(|s| spans.contains_key(&span_key(s)))).count()
     };
-    let lost_reported = || reported_lost_items(&status_of(&tailgate), "kept_spans");
+    let lost_reported = || reported_lost_items(&tailgate.status(), "kept_spans");
     assert!(
         wait_until(Duration::from_secs(20), || lost_reported() > 0 && {
             let lost = traces.len() - delivered_traces(&backend);
@@ -170,13 +155,13 @@ fn one_damaged_batch(clean_stop: bool) {
         "delivered {} of {} traces; status:\n{}\nlog:\n{}",
         delivered_traces(&backend),
         traces.len(),
-        status_of(&tailgate),
-        log_of(&tailgate)
+        tailgate.status(),
+        tailgate.log()
     );
     let spans = backend.spans();
     assert!(!damaged.spans.iter().any(|s| spans.contains_key(&span_key(s))), "the damaged batch was sent");
     assert!(delivered_traces(&backend) >= traces.len() / 2, "intact batches must be delivered");
-    let log = log_of(&tailgate);
+    let log = tailgate.log();
     assert!(log.contains("queue damage repaired"), "{log}");
     assert!(!log.contains("moved aside"), "{log}");
     if !clean_stop {
@@ -223,9 +208,9 @@ fn a_damaged_cursor_and_meta_keep_the_backlog() {
     backend.received.lock().unwrap().fail_next_traces = 0;
     tailgate.child = spawn_tailgate(&tailgate.config_path, tailgate.dir.path());
     assert_exact_delivery(&backend, &traces, Duration::from_secs(2), true);
-    let status = status_of(&tailgate);
+    let status = tailgate.status();
     assert!(status.contains("cursors: reset"), "{status}");
     assert!(status.contains("cursor of export_traces was damaged"), "{status}");
-    let log = log_of(&tailgate);
+    let log = tailgate.log();
     assert!(log.contains("queue damage repaired"), "{log}");
 }

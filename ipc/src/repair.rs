@@ -57,6 +57,34 @@ pub struct LossRecord {
 }
 
 impl LossRecord {
+    /// A record made now: `entries` of `table` got `action`, because of `reason`; no sequence
+    /// range and no items until [`LossRecord::seqs`] / [`LossRecord::items`] say so.
+    fn new(table: &str, action: &str, entries: u64, reason: String) -> LossRecord {
+        LossRecord {
+            at_unix_ms: now_ms(),
+            table: table.to_string(),
+            first_seq: 0,
+            last_seq: 0,
+            entries,
+            items: 0,
+            action: action.to_string(),
+            reason,
+        }
+    }
+
+    /// Batch `seq` of `edge` (holding `items`) deleted as damaged.
+    fn quarantined(edge: Edge, seq: u64, items: u64, reason: String) -> LossRecord {
+        LossRecord::new(edge.as_str(), "quarantined", 1, reason).seqs(seq, seq).items(items)
+    }
+
+    fn seqs(self, first_seq: u64, last_seq: u64) -> LossRecord {
+        LossRecord { first_seq, last_seq, ..self }
+    }
+
+    fn items(self, items: u64) -> LossRecord {
+        LossRecord { items, ..self }
+    }
+
     fn encode(&self) -> String {
         format!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
@@ -179,16 +207,7 @@ impl Queue {
                     if *name == "cursors" {
                         reset_cursors.extend(Consumer::ALL.iter().map(|c| c.as_str().as_bytes().to_vec()));
                     }
-                    report.records.push(LossRecord {
-                        at_unix_ms: now_ms(),
-                        table: name.to_string(),
-                        first_seq: 0,
-                        last_seq: 0,
-                        entries: 0,
-                        items: 0,
-                        action: "emptied".into(),
-                        reason: format!("table cannot be read: {err}"),
-                    });
+                    report.records.push(LossRecord::new(name, "emptied", 0, format!("table cannot be read: {err}")));
                 }
             }
         }
@@ -258,31 +277,18 @@ impl Queue {
             let first = table.first(wtxn).ok().flatten().map(|(key, _)| key_seq(key)).unwrap_or(0);
             table.clear(wtxn)?;
             let depth = stored_depth.unwrap_or_default();
-            report.records.push(LossRecord {
-                at_unix_ms: now_ms(),
-                table: edge.as_str().into(),
-                first_seq: first,
-                last_seq: depth.next_seq.saturating_sub(1).max(last_key),
-                entries: depth.batches,
-                items: depth.items,
-                action: "emptied".into(),
-                reason: format!("edge cannot be read: {err}"),
-            });
+            report.records.push(
+                LossRecord::new(edge.as_str(), "emptied", depth.batches, format!("edge cannot be read: {err}"))
+                    .seqs(first, depth.next_seq.saturating_sub(1).max(last_key))
+                    .items(depth.items),
+            );
             actual = EdgeDepth::default();
             damaged.clear();
         }
         for (seq, _, header, reason) in damaged {
             table.delete(wtxn, &seq_key(seq))?;
-            report.records.push(LossRecord {
-                at_unix_ms: now_ms(),
-                table: edge.as_str().into(),
-                first_seq: seq,
-                last_seq: seq,
-                entries: 1,
-                items: header.map(|h| u64::from(h.items)).unwrap_or(0),
-                action: "quarantined".into(),
-                reason,
-            });
+            let items = header.map(|h| u64::from(h.items)).unwrap_or(0);
+            report.records.push(LossRecord::quarantined(edge, seq, items, reason));
         }
         let mut highest_cursor = 0;
         for consumer in edge.consumers() {
@@ -309,19 +315,12 @@ impl Queue {
         let to = first.map(|seq| seq - 1).unwrap_or(depth.next_seq.saturating_sub(1));
         self.put_sealed(self.cursors_table(), wtxn, consumer.as_str().as_bytes(), &seq_key(to))?;
         let last = depth.next_seq.saturating_sub(1);
-        Ok(LossRecord {
-            at_unix_ms: now_ms(),
-            table: "cursors".into(),
-            first_seq: if last > to { to + 1 } else { 0 },
-            last_seq: if last > to { last } else { 0 },
-            entries: 1,
-            items: 0,
-            action: "reset".into(),
-            reason: format!(
-                "cursor of {} was damaged; reset to {to}: batches it may already have delivered are delivered again",
-                consumer.as_str()
-            ),
-        })
+        let reason = format!(
+            "cursor of {} was damaged; reset to {to}: batches it may already have delivered are delivered again",
+            consumer.as_str()
+        );
+        let record = LossRecord::new("cursors", "reset", 1, reason);
+        Ok(if last > to { record.seqs(to + 1, last) } else { record })
     }
 
     /// Deletes a damaged value of `meta`, `state`, `decisions` or `decision_expiry`. An edge
@@ -345,16 +344,12 @@ impl Queue {
         } else {
             String::from_utf8_lossy(key).into_owned()
         };
-        Ok(Some(LossRecord {
-            at_unix_ms: now_ms(),
-            table: table.into(),
-            first_seq: 0,
-            last_seq: 0,
-            entries: 1,
-            items: 0,
-            action: "deleted".into(),
-            reason: format!("damaged value of {shown}; its owner starts from the default"),
-        }))
+        Ok(Some(LossRecord::new(
+            table,
+            "deleted",
+            1,
+            format!("damaged value of {shown}; its owner starts from the default"),
+        )))
     }
 
     /// Repairs the damage one stage tripped over at run time; returns what was done, or `None`
@@ -375,16 +370,12 @@ impl Queue {
                 depth.bytes = depth.bytes.saturating_sub(bytes);
                 depth.next_seq = depth.next_seq.max(seq + 1);
                 self.put_depth(&mut wtxn, *edge, &depth)?;
-                LossRecord {
-                    at_unix_ms: now_ms(),
-                    table: edge.as_str().into(),
-                    first_seq: *seq,
-                    last_seq: *seq,
-                    entries: 1,
-                    items: header.map(|h| u64::from(h.items)).unwrap_or(0),
-                    action: "quarantined".into(),
-                    reason: reason.to_string(),
-                }
+                LossRecord::quarantined(
+                    *edge,
+                    *seq,
+                    header.map(|h| u64::from(h.items)).unwrap_or(0),
+                    reason.to_string(),
+                )
             }
             QueueError::Damaged { table, key } => {
                 let Some(index) = small_table_index(table) else { return Ok(None) };
@@ -403,16 +394,12 @@ impl Queue {
                     self.small_tables()[index].delete(&mut wtxn, key)?;
                     let mut report = RepairReport::default();
                     self.repair_edge(&mut wtxn, *edge, &mut report)?;
-                    LossRecord {
-                        at_unix_ms: now_ms(),
-                        table: "meta".into(),
-                        first_seq: 0,
-                        last_seq: 0,
-                        entries: 1,
-                        items: 0,
-                        action: "recomputed".into(),
-                        reason: format!("depth of {} was damaged; recomputed from the edge", edge.as_str()),
-                    }
+                    LossRecord::new(
+                        "meta",
+                        "recomputed",
+                        1,
+                        format!("depth of {} was damaged; recomputed from the edge", edge.as_str()),
+                    )
                 } else {
                     match self.delete_damaged_value(&mut wtxn, table, key)? {
                         Some(record) => record,

@@ -245,6 +245,28 @@ supervisor:
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
+
+    /// Runs `tailgate <args> --config <this config>`, asserts it succeeds, returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_tailgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// What `tailgate status` prints for this instance.
+    pub fn status(&self) -> String {
+        self.cli(&["status"])
+    }
+
+    /// The supervisor's and stages' log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tailgate.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Tailgate {

@@ -116,11 +116,6 @@ impl Breaker {
         }
         self.failures = 0;
     }
-
-    /// Whether the circuit is open.
-    pub fn is_open(&self) -> bool {
-        self.opened_at.is_some()
-    }
 }
 
 /// One range still to send, and how far its failure has got.
