@@ -678,6 +678,18 @@ impl Queue {
         Ok((self.used_bytes(txn)? as f64) < self.capacity_bytes() as f64 * STAGE_STOP_RATIO)
     }
 
+    /// Whether a write step of about `bytes` finds room without depending on contiguous runs of
+    /// free pages: twice that much of the map lies past its high-water mark (pages never used
+    /// yet), or at most half the map is in use (free runs are then long). LMDB stores a value
+    /// larger than a page in consecutive pages; near the budget the free ones are scattered.
+    pub fn has_room_for_step(&self, txn: &RoTxn<'_>, bytes: u64) -> Result<bool, QueueError> {
+        let info = self.env.info();
+        let page_size = u64::from(self.cursors.stat(txn)?.page_size);
+        let capacity = info.map_size as u64;
+        let never_used = capacity.saturating_sub((info.last_page_number as u64 + 1) * page_size);
+        Ok(never_used >= bytes.saturating_mul(2) || self.used_bytes(txn)?.saturating_mul(2) <= capacity)
+    }
+
     /// Most input bytes a stage step reads (its output is at most about as large), so that one
     /// step cannot cross the headroom between [`STAGE_STOP_RATIO`] and the end of the map.
     pub fn max_step_bytes(&self) -> usize {

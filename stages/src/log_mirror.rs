@@ -25,7 +25,7 @@ use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
-use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES};
+use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, StepSizer};
 
 /// Meta key of the last `logs` sequence number read.
 const READ_POS_KEY: &str = "log_mirror/read_pos";
@@ -79,6 +79,8 @@ pub struct MirrorReport {
     pub more_input: bool,
     /// The queue is above the stage threshold: nothing was done.
     pub blocked: bool,
+    /// The step committed a write transaction.
+    pub wrote: bool,
 }
 
 /// A batch read but not yet passed by the cursor.
@@ -117,6 +119,8 @@ fn bitmap_key(seq: u64) -> Vec<u8> {
 /// What a step resolved, to be committed together.
 #[derive(Default)]
 struct StepOutput {
+    /// Output batches are sealed at this many bytes of payload.
+    batch_limit: usize,
     builder: SubsetBuilder,
     kept: Vec<batch::LogEntry>,
     kept_bytes: usize,
@@ -127,7 +131,7 @@ impl StepOutput {
     fn emit(&mut self, seq: u64, source: &ArchivedLogBatch, index: u32) {
         let Some(log) = source.logs.get(index as usize) else { return };
         // Seal before a record would take the batch past the limit.
-        if !self.kept.is_empty() && self.kept_bytes + log.body.len() > MAX_OUTPUT_BATCH_BYTES {
+        if !self.kept.is_empty() && self.kept_bytes + log.body.len() > self.batch_limit {
             self.seal();
         }
         let scope = self.builder.scope(seq, log.scope.to_native(), &source.resources, &source.scopes);
@@ -161,6 +165,8 @@ pub struct Mirror {
     decisions_seen_ms: u64,
     /// Stored bitmaps of batches the cursor passed in this step, to delete.
     passed_stored: Vec<u64>,
+    /// Most bytes a step reads, and the size of its output batches; see [`StepSizer`].
+    step_limit: usize,
 }
 
 impl Mirror {
@@ -178,6 +184,7 @@ impl Mirror {
             waiting: HashMap::new(),
             decisions_seen_ms: 0,
             passed_stored: Vec::new(),
+            step_limit: queue.max_step_bytes(),
         };
         for entry in queue.entries_after(&rtxn, Edge::Logs, cursor)? {
             let (seq, value) = entry?;
@@ -220,11 +227,22 @@ impl Mirror {
         self.pending.values().filter(|p| p.unresolved > 0).map(|p| p.received).min()
     }
 
+    /// Sets the most bytes a step reads and the size of its output batches ([`StepSizer`]).
+    pub fn set_step_limit(&mut self, bytes: usize) {
+        self.step_limit = bytes;
+    }
+
     /// Reads new batches, resolves what can be resolved, commits kept records, bitmaps and the
     /// cursor in one write transaction. On error the index may be ahead of the queue: reopen.
     pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<MirrorReport, StageError> {
         let mut report = MirrorReport::default();
-        let mut output = StepOutput::default();
+        let mut output = StepOutput {
+            batch_limit: self.step_limit.min(MAX_OUTPUT_BATCH_BYTES),
+            builder: SubsetBuilder::default(),
+            kept: Vec::new(),
+            kept_bytes: 0,
+            full: Vec::new(),
+        };
         let rtxn = queue.read()?;
         if !queue.stage_may_write(&rtxn)? {
             report.blocked = true;
@@ -263,6 +281,7 @@ impl Mirror {
         }
         queue.commit(wtxn)?;
         self.persisted_read_pos = self.read_pos;
+        report.wrote = true;
         Ok(report)
     }
 
@@ -282,7 +301,7 @@ impl Mirror {
     ) -> Result<bool, StageError> {
         let mut read = 0;
         let mut bytes = 0usize;
-        let max_bytes = queue.max_step_bytes();
+        let max_bytes = self.step_limit;
         for entry in queue.entries_after(rtxn, Edge::Logs, self.read_pos)? {
             if read == MAX_BATCHES_PER_STEP || bytes >= max_bytes {
                 report.more_input = true;
@@ -465,18 +484,25 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     tracing::info!(waiting = mirror.waiting_records(), "log_mirror started");
     let mut full_streak = 0;
     let mut over_budget = false;
+    let mut sizer = StepSizer::default();
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
+        mirror.set_step_limit(sizer.limit(&ctx.queue));
         let report = match mirror.step(&ctx.queue, unix_nanos_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
+                sizer.shrink(&ctx.queue);
                 // The index ran ahead of the queue in the failed step: rebuild it.
                 mirror = Mirror::open(&ctx.queue, rule)?;
                 continue;
             }
         };
-        full_streak = 0;
+        // Only a write says the map had room again (a rebuilt index writes nothing at first).
+        if report.wrote {
+            full_streak = 0;
+        }
+        sizer.stepped(&ctx.queue, report.wrote);
         if report.blocked {
             ctx.wait_for_budget(&mut over_budget).await;
             continue;

@@ -27,7 +27,7 @@ use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use summaries::Summaries;
 
 pub mod summaries;
-use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL};
+use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL, StepSizer};
 
 /// Most stale decisions pruned per step.
 const MAX_PRUNE_PER_STEP: usize = 4096;
@@ -99,8 +99,8 @@ pub struct Sampler {
     persisted_read_pos: u64,
     /// Receive time of the last batch ingested, Unix nanoseconds.
     ingested_until: u64,
-    /// Steps read and write at most the step budget divided by 2^this.
-    step_shift: u32,
+    /// Most bytes a step reads (its output is at most about as large); see [`StepSizer`].
+    step_limit: usize,
 }
 
 /// What one step did.
@@ -120,6 +120,8 @@ pub struct StepReport {
     pub summarized: u64,
     /// The queue is above the stage threshold: nothing was done.
     pub blocked: bool,
+    /// The step committed a write transaction.
+    pub wrote: bool,
 }
 
 /// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
@@ -199,7 +201,7 @@ impl Sampler {
             replay_buffered: 0,
             persisted_read_pos: replay_until,
             ingested_until: 0,
-            step_shift: 0,
+            step_limit: queue.max_step_bytes(),
         })
     }
 
@@ -213,10 +215,9 @@ impl Sampler {
         self.due.first().map(|(due, _)| *due)
     }
 
-    /// Makes steps smaller by a factor of 2^`shift` (after a step found no room in the map:
-    /// near the budget, free pages are scattered and large batches find no contiguous run).
-    pub fn set_step_shift(&mut self, shift: u32) {
-        self.step_shift = shift;
+    /// Sets the most bytes a step reads and the size of its output batches ([`StepSizer`]).
+    pub fn set_step_limit(&mut self, bytes: usize) {
+        self.step_limit = bytes;
     }
 
     /// Ingests new input, decides due traces, and commits the result in one write transaction.
@@ -224,7 +225,7 @@ impl Sampler {
     /// rebuild from the queue (the supervisor restarts it).
     pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<StepReport, StageError> {
         let mut report = StepReport::default();
-        let step_limit = (queue.max_step_bytes() >> self.step_shift).max(4096);
+        let step_limit = self.step_limit;
         let mut output =
             StepOutput { batch_limit: step_limit.min(MAX_OUTPUT_BATCH_BYTES), step_limit, ..StepOutput::default() };
         let rtxn = queue.read()?;
@@ -286,6 +287,7 @@ impl Sampler {
         queue.prune_decisions(&mut wtxn, prune_before_ms, self.cursor, MAX_PRUNE_PER_STEP)?;
         queue.commit(wtxn)?;
         self.persisted_read_pos = read_pos;
+        report.wrote = true;
         Ok(report)
     }
 
@@ -494,30 +496,25 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     tracing::info!(cursor = sampler.cursor, replay_until = sampler.replay_until, "tail_sample started");
     let mut full_streak = 0;
     let mut over_budget = false;
-    // Steps shrink by half after each step that found no room in the map, and grow back after
-    // a run of good steps.
-    let (mut step_shift, mut good_steps) = (0u32, 0u32);
+    let mut sizer = StepSizer::default();
     while !ctx.stopping() {
         let stepped_at = std::time::Instant::now();
+        sampler.set_step_limit(sizer.limit(&ctx.queue));
         let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
-                step_shift = (step_shift + 1).min(12);
-                good_steps = 0;
+                sizer.shrink(&ctx.queue);
                 // The index ran ahead of the queue in the failed step: rebuild it from the queue.
                 sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
-                sampler.set_step_shift(step_shift);
                 continue;
             }
         };
-        full_streak = 0;
-        good_steps += 1;
-        if step_shift > 0 && good_steps >= 32 {
-            step_shift -= 1;
-            good_steps = 0;
-            sampler.set_step_shift(step_shift);
+        // Only a write says the map had room again (a replay after a failed step writes nothing).
+        if report.wrote {
+            full_streak = 0;
         }
+        sizer.stepped(&ctx.queue, report.wrote);
         if report.blocked {
             ctx.wait_for_budget(&mut over_budget).await;
             continue;
