@@ -207,3 +207,54 @@ fn stage_stuck_inside_its_write_transaction(fault: &'static str) {
     }
     eprintln!("{refusals} refusals while tail_sample held the lock ({fault})");
 }
+
+/// A stage that runs but does nothing (its loop awaits something that never completes, outside
+/// any transaction: no lock held, the process is not stopped, its runtime answers) misses its
+/// heartbeat and is killed after `liveness_timeout`, then restarted; intake never stalls,
+/// nothing is lost or duplicated, and the idle stages beside it, whose heartbeats come from
+/// their waits, are left alone.
+#[test]
+fn a_stage_hung_outside_any_transaction_is_replaced() {
+    use common::{TestTrace, trace_request};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let timing = Timing {
+        decision_wait: "1s",
+        root_grace: "1s",
+        supervisor_extra: "  liveness_timeout: 2s",
+        env: vec![("TAILGATE_TEST_FAULT", "hang_in_step")],
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let before = common::stage_pids(tailgate.pid());
+    let first = before["tail_sample"];
+    let trigger = tailgate.data_dir().join("run").join("fault-hang_in_step");
+    let grpc = tailgate.grpc;
+    let traces: Vec<TestTrace> = (0..40).map(|n| TestTrace::new(n, common::Outcome::Error, 2)).collect();
+    let log_path = tailgate.dir.path().join("tailgate.log");
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        for (i, trace) in traces.iter().enumerate() {
+            if i == 10 {
+                std::fs::write(&trigger, b"").unwrap();
+            }
+            client.export(trace_request("hung", trace.spans.clone())).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let second = tailgate.wait_for_restart("tail_sample", first);
+    assert_ne!(first, second);
+    assert!(!trigger.exists(), "the fault point was never reached");
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(2), false);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("test fault point hit"), "{log}");
+    assert!(log.contains("heartbeat overdue"), "tail_sample was not killed for its heartbeat:\n{log}");
+    let after = common::stage_pids(tailgate.pid());
+    for (stage, pid) in &before {
+        if stage != "tail_sample" {
+            assert_eq!(after.get(stage), Some(pid), "{stage} was restarted although it was only idle:\n{log}");
+        }
+    }
+}

@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod decisions;
+pub mod heartbeat;
 pub mod queue;
 pub mod repair;
 pub mod topology;

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tailgate_config::Config;
+use tailgate_ipc::heartbeat::{BEAT_INTERVAL, Heartbeat};
 use tailgate_ipc::wake::{WakeListener, Waker};
 use tailgate_ipc::{Queue, QueueError, StageId};
 use tokio::sync::watch;
 
 use crate::events::StageEvents;
+use crate::limits::REBUILD_ALLOWANCE;
 
 /// A stage failed; the process exits non-zero and the supervisor restarts it.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,18 @@ pub struct StageContext {
     pub shutdown: watch::Receiver<bool>,
     /// Counters every stage emits alike.
     pub events: Arc<StageEvents>,
+    /// This process's heartbeat slot, read by the supervisor ([`tailgate_ipc::heartbeat`]).
+    pub heartbeat: Arc<Heartbeat>,
+}
+
+/// Stops the heartbeat task of [`StageContext::beat_while_runtime_runs`] when dropped.
+#[derive(Debug)]
+pub struct BeatGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for BeatGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for StageContext {
@@ -58,13 +72,49 @@ impl StageContext {
         *self.shutdown.borrow()
     }
 
-    /// Sleeps until a wake-up, `timeout`, or shutdown, whichever comes first.
+    /// Stamps the heartbeat at the head of a step: the stage promises to stamp again (at its
+    /// next step or while it waits) within the supervisor's liveness timeout.
+    pub fn beat(&self) {
+        self.heartbeat.beat();
+    }
+
+    /// For stages whose work runs in many tasks, each bounded by its own timeouts (receive's
+    /// servers, export's destinations): renews the heartbeat every [`BEAT_INTERVAL`] from a
+    /// task of the stage's runtime until the guard is dropped. The stamps stop when the runtime
+    /// is blocked (a thread stuck in a system call or a lock, an endless loop) or the process
+    /// hangs; stepping stages stamp from their loop instead, which also catches an await that
+    /// never completes.
+    pub fn beat_while_runtime_runs(&self) -> BeatGuard {
+        let heartbeat = self.heartbeat.clone();
+        BeatGuard(tokio::spawn(async move {
+            loop {
+                heartbeat.beat_within(BEAT_INTERVAL);
+                tokio::time::sleep(BEAT_INTERVAL).await;
+            }
+        }))
+    }
+
+    /// Stamps the heartbeat before rebuilding the stage's index from the queue (after a failed
+    /// step), which may read a large backlog before the next step.
+    pub fn rebuilding(&self) {
+        self.heartbeat.beat_within(REBUILD_ALLOWANCE);
+    }
+
+    /// Sleeps until a wake-up, `timeout`, or shutdown, whichever comes first, renewing the
+    /// heartbeat every [`BEAT_INTERVAL`] while it waits.
     pub async fn idle(&mut self, timeout: Option<Duration>) {
         let mut shutdown = self.shutdown.clone();
-        tokio::select! {
-            _ = self.wake.wait(timeout) => {}
-            _ = shutdown.wait_for(|stop| *stop) => {}
+        let woken = self.wake.wait(timeout);
+        tokio::pin!(woken);
+        loop {
+            self.heartbeat.beat_within(BEAT_INTERVAL);
+            tokio::select! {
+                _ = &mut woken => break,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = tokio::time::sleep(BEAT_INTERVAL) => {}
+            }
         }
+        self.heartbeat.beat();
     }
 
     /// Like [`StageContext::idle`], then keeps steps at least `min_interval` apart (counted from

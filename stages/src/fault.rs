@@ -8,6 +8,9 @@
 //!   lock, as a frozen cgroup or a debugger would: every other writer waits behind it.
 //! - `hang_in_write_txn`: tail_sample's thread blocks for ever while holding the writer lock (a
 //!   deadlock or an I/O stall): the process keeps running, only it never commits.
+//! - `hang_in_step`: tail_sample's loop awaits something that never completes, outside any
+//!   transaction (a lost wake-up, an async deadlock): the runtime stays responsive, the stage
+//!   does nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -41,4 +44,14 @@ pub fn in_write_txn(run_dir: &Path) {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
+}
+
+/// At the head of a step, outside any transaction: the `hang_in_step` point.
+pub async fn hang_in_step(run_dir: &Path) {
+    let Some(point) = armed().filter(|p| *p == "hang_in_step") else { return };
+    if std::fs::remove_file(trigger(run_dir, point)).is_err() {
+        return;
+    }
+    tracing::warn!(point, "test fault point hit");
+    std::future::pending::<()>().await;
 }

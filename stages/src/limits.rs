@@ -27,6 +27,10 @@ pub const LOG_STEP_INTERVAL: Duration = Duration::from_millis(250);
 /// batch in one request below common gRPC message limits (4 MiB).
 pub const MAX_OUTPUT_BATCH_BYTES: usize = 1 << 20;
 
+/// How long a stage may take to rebuild its index from the queue (at start, and after a failed
+/// step) before its next heartbeat: it reads the backlog between its cursor and read position.
+pub const REBUILD_ALLOWANCE: Duration = Duration::from_secs(60);
+
 /// Smallest step a [`StepSizer`] shrinks to: one page of output.
 pub const MIN_STEP_BYTES: usize = 4096;
 

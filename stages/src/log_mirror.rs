@@ -486,6 +486,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut over_budget = false;
     let mut sizer = StepSizer::default();
     while !ctx.stopping() {
+        ctx.beat();
         let stepped_at = std::time::Instant::now();
         mirror.set_step_limit(sizer.limit(&ctx.queue));
         let report = match mirror.step(&ctx.queue, unix_nanos_now()) {
@@ -494,6 +495,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
                 sizer.shrink(&ctx.queue);
                 // The index ran ahead of the queue in the failed step: rebuild it.
+                ctx.rebuilding();
                 mirror = Mirror::open(&ctx.queue, rule)?;
                 continue;
             }

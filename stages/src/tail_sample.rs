@@ -498,6 +498,8 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut over_budget = false;
     let mut sizer = StepSizer::default();
     while !ctx.stopping() {
+        ctx.beat();
+        crate::fault::hang_in_step(&queue_run_dir(&ctx.queue)).await;
         let stepped_at = std::time::Instant::now();
         sampler.set_step_limit(sizer.limit(&ctx.queue));
         let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
@@ -506,6 +508,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
                 sizer.shrink(&ctx.queue);
                 // The index ran ahead of the queue in the failed step: rebuild it from the queue.
+                ctx.rebuilding();
                 sampler = Sampler::open(&ctx.queue, Policy::from_config(&ctx.config))?;
                 continue;
             }

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tailgate_config::Config;
+use tailgate_ipc::heartbeat::Heartbeat;
 use tailgate_ipc::wake::{WakeListener, Waker, socket_dir};
 use tailgate_ipc::{Queue, QueueOptions, StageId};
 use tailgate_stages::events::StageEvents;
+use tailgate_stages::limits::REBUILD_ALLOWANCE;
 use tailgate_stages::{StageContext, StageError, run_stage};
 use tracing::Instrument;
 
@@ -90,6 +92,8 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
     if lock.try_lock().is_err() {
         anyhow::bail!("another {stage} process holds {}", run_dir.display());
     }
+    // Claimed before the queue is opened: the supervisor judges this process by it from now on.
+    let heartbeat = Arc::new(Heartbeat::claim(&run_dir, stage, REBUILD_ALLOWANCE)?);
     let queue = Queue::open(&config.queue_dir(), &queue_options(&config))?;
     let waker = Arc::new(Waker::new(&run_dir)?);
     let wake = WakeListener::bind(&run_dir, stage)?;
@@ -114,6 +118,7 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
             },
             shutdown: shutdown.clone(),
             events: events.clone(),
+            heartbeat: heartbeat.clone(),
         };
         tracing::debug!("stage started");
         match run_stage(ctx).await {
@@ -121,7 +126,10 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
             // Damage found while reading: repair exactly that entry, record it, and start the
             // stage over from its durable state (what a restart would do, without one).
             Err(StageError::Queue(err)) if err.is_damage() => match queue.repair_damage(&err)? {
-                Some(record) => tracing::error!(repair = %record, "queue damage repaired; stage starts over"),
+                Some(record) => {
+                    tracing::error!(repair = %record, "queue damage repaired; stage starts over");
+                    heartbeat.beat_within(REBUILD_ALLOWANCE);
+                }
                 None => return Err(err.into()),
             },
             Err(err) => return Err(err.into()),

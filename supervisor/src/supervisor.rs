@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tailgate_config::{Config, SupervisorConfig};
+use tailgate_ipc::heartbeat::Heartbeat;
+use tailgate_ipc::wake::socket_dir;
 use tailgate_ipc::{Queue, StageId};
+use tailgate_stages::limits::REBUILD_ALLOWANCE;
 
 /// A stage process that ran at least this long resets its restart backoff.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
@@ -96,6 +99,10 @@ pub struct StageState {
     backoff: Duration,
     restarts: VecDeque<Instant>,
     stopping: Option<RpcReplyPort<()>>,
+    /// The stage's heartbeat slot, mapped once the first process created it.
+    heartbeat: Option<Heartbeat>,
+    /// The running process was killed for a missed heartbeat (one kill per process).
+    killed_hung: bool,
 }
 
 /// What a stage actor starts with.
@@ -138,6 +145,40 @@ impl StageActor {
         }
     }
 
+    /// Kills a stage process whose heartbeat promise is more than `liveness_timeout` overdue:
+    /// it is running (a stopped one is handled above) but stuck, in a deadlock, an await that
+    /// never completes, a blocked runtime or an endless loop. A process that never claimed its
+    /// slot is judged from its start, with the allowance a stage has to open the queue.
+    fn check_heartbeat(state: &mut StageState) {
+        let Some(pid) = state.pid else { return };
+        if state.stopping.is_some() || state.stopped_since.is_some() || state.killed_hung {
+            return;
+        }
+        if state.heartbeat.is_none() {
+            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+        }
+        let overdue = match state.heartbeat.as_ref().and_then(|slot| slot.overdue(pid)) {
+            Some(overdue) => overdue,
+            None => state.started_at.elapsed().saturating_sub(REBUILD_ALLOWANCE),
+        };
+        if overdue < state.policy.liveness_timeout {
+            return;
+        }
+        // Hung inside a write transaction: the writer-lock check names that (and kills it).
+        let holds_lock = state.queue.writer_lock_owner().and_then(crate::proc::thread_group_of) == Some(pid);
+        if holds_lock {
+            return;
+        }
+        tracing::error!(
+            stage = %state.stage,
+            pid,
+            overdue = ?overdue,
+            "stage made no progress (heartbeat overdue): hung; killing it so it restarts"
+        );
+        state.killed_hung = true;
+        StageActor::signal(state, rustix::process::Signal::KILL);
+    }
+
     fn spawn_process(myself: &ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
         let mut command = tokio::process::Command::new(&state.launch.exe);
         command.arg("stage").arg(state.stage.as_str()).arg("--data-dir").arg(&state.launch.data_dir);
@@ -158,6 +199,7 @@ impl StageActor {
             .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
             .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
         state.killed_for_memory = false;
+        state.killed_hung = false;
         state.started_at = Instant::now();
         tracing::info!(stage = %state.stage, pid = ?state.pid, "stage process started");
         let generation = state.generation;
@@ -242,6 +284,8 @@ impl Actor for StageActor {
             started_at: Instant::now(),
             restarts: VecDeque::new(),
             stopping: None,
+            heartbeat: None,
+            killed_hung: false,
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
@@ -313,6 +357,7 @@ impl Actor for StageActor {
                     StageActor::signal(state, rustix::process::Signal::KILL);
                 }
                 StageActor::check_liveness(&myself, state);
+                StageActor::check_heartbeat(state);
                 let _ = reply.send(private);
             }
         }

@@ -496,6 +496,9 @@ async fn commit_until_done(
 
 /// Runs the export stage: one consumer task per destination, fed by the stage's wake-ups.
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
+    // Every wait of a destination is bounded by a timeout or the backoff; the runtime's own
+    // heartbeat shows the process is not stuck.
+    let _heartbeat = ctx.beat_while_runtime_runs();
     let sinks = sinks(&ctx.config)?;
     for (consumer, sink) in &sinks {
         if matches!(sink, Sink::Discard) {

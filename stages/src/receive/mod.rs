@@ -20,6 +20,7 @@ const MIB: usize = 1024 * 1024;
 /// Runs the receive stage until shutdown: stops accepting and finishes in-flight requests (each
 /// answered after its commit).
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
+    let _heartbeat = ctx.beat_while_runtime_runs();
     // OTLP log records are judged on the same duration fields as file lines.
     let durations = match &ctx.config.receivers.filelog {
         Some(filelog) => filelog.fields.duration.clone(),

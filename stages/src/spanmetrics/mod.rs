@@ -309,6 +309,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut next_flush = Instant::now() + interval;
     let mut full_streak = 0;
     while !ctx.stopping() {
+        ctx.beat();
         let (read, more) = accumulator.read(&ctx.queue)?;
         ctx.events.received(read);
         if Instant::now() >= next_flush {
