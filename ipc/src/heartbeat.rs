@@ -15,6 +15,7 @@
 //! earlier process of the stage carries that process's pid and is not taken for the new one's.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,8 +70,13 @@ impl Heartbeat {
     }
 
     fn map(run_dir: &Path, stage: StageId, create: bool) -> std::io::Result<Heartbeat> {
-        let file =
-            OpenOptions::new().read(true).write(true).create(create).truncate(false).open(slot_path(run_dir, stage))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .open(slot_path(run_dir, stage))?;
         if file.metadata()?.len() < SLOT_BYTES as u64 {
             file.set_len(SLOT_BYTES as u64)?;
         }

@@ -2,6 +2,7 @@
 //! process) and the stage process entry point.
 #![forbid(unsafe_code)]
 
+pub mod control;
 mod proc;
 pub mod stage_process;
 mod startup;
@@ -39,9 +40,12 @@ pub fn check_config(file: &Path) -> ExitCode {
 }
 
 /// `tailgate status`: the queue's depth per edge and consumer, read from the live environment.
-pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, clear_losses: bool) -> ExitCode {
-    let result =
-        if clear_losses { clear_loss_records(config_file, data_dir) } else { print_status(config_file, data_dir) };
+pub fn status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, clear_losses: bool, json: bool) -> ExitCode {
+    let result = if clear_losses {
+        clear_loss_records(config_file, data_dir)
+    } else {
+        print_status(config_file, data_dir, json)
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -135,56 +139,57 @@ fn clear_loss_records(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -
     Ok(())
 }
 
-fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use tailgate_ipc::{Edge, Queue};
+fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let config = load_config(config_file.as_deref(), data_dir)?;
+    let queue = queue_report(&config)?;
+    let supervisor = control::ask(&config.data_dir, &control::Request::Status);
+    if json {
+        let supervisor = match &supervisor {
+            Ok(answer) => serde_json::json!({ "running": true, "stages": answer["stages"] }),
+            Err(err) => serde_json::json!({ "running": false, "error": err.to_string() }),
+        };
+        let report = serde_json::json!({ "queue": queue, "supervisor": supervisor });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    print_queue_report(&queue);
+    match supervisor {
+        Ok(answer) => {
+            let stages: Vec<control::StageStatus> = serde_json::from_value(answer["stages"].clone())?;
+            print_stages(&stages);
+        }
+        Err(err) => println!("supervisor: not answering ({err}); the queue above is read directly"),
+    }
+    Ok(())
+}
+
+/// The queue's state, read-only: never waits behind a stuck writer, never grows the file, and
+/// shows the budget the queue was created with.
+fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
+    use serde_json::json;
+    use tailgate_ipc::{Edge, Queue};
     let queue_dir = config.queue_dir();
     if !queue_dir.join("data.mdb").exists() {
         anyhow::bail!("no queue at {}", queue_dir.display());
     }
-    // Read-only: never waits behind a stuck writer, never grows the file, shows the budget the
-    // queue was created with.
-    let queue = Queue::open_read_only(&queue_dir, &stage_process::queue_options(&config))?;
+    let queue = Queue::open_read_only(&queue_dir, &stage_process::queue_options(config))?;
     let txn = queue.read()?;
-    let used = queue.used_bytes(&txn)?;
-    let capacity = queue.capacity_bytes();
-    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    println!(
-        "queue {}: {:.1} MiB in use of {:.0} MiB ({:.1}%), intake {}",
-        queue_dir.display(),
-        mib(used),
-        mib(capacity),
-        used as f64 / capacity as f64 * 100.0,
-        if queue.admits(&txn)? { "open" } else { "refusing (budget reached)" }
-    );
     let data = std::fs::File::open(queue_dir.join("data.mdb"))?;
     let allocated = std::os::unix::fs::MetadataExt::blocks(&data.metadata()?) * 512;
-    let free = rustix::fs::fstatvfs(&data).map(|st| st.f_bavail * st.f_frsize)?;
-    println!(
-        "disk: {:.0} MiB of the budget reserved on disk{}, {:.0} MiB free on the filesystem",
-        mib(allocated.min(capacity)),
-        if allocated >= capacity { " (all)" } else { " (NOT all: a full filesystem can stop stages)" },
-        mib(free)
-    );
-    match queue.writer_lock_owner() {
-        None => println!("writer lock: free"),
-        Some(tid) => {
-            let pid = proc::thread_group_of(tid).unwrap_or(tid);
-            let who = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .ok()
-                .and_then(|cmdline| {
-                    let args: Vec<String> =
-                        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                    let at = args.iter().position(|a| a == "stage")?;
-                    Some(format!("stage {}", args.get(at + 1)?))
-                })
-                .unwrap_or_else(|| "not a tailgate stage".to_string());
-            println!("writer lock: held by pid {pid} ({who})");
-        }
-    }
+    let filesystem_free = rustix::fs::fstatvfs(&data).map(|st| st.f_bavail * st.f_frsize)?;
+    let writer_lock = queue.writer_lock_owner().map(|tid| {
+        let pid = proc::thread_group_of(tid).unwrap_or(tid);
+        let stage = std::fs::read(format!("/proc/{pid}/cmdline")).ok().and_then(|cmdline| {
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let at = args.iter().position(|a| a == "stage")?;
+            Some(args.get(at + 1)?.clone())
+        });
+        json!({ "pid": pid, "stage": stage })
+    });
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    println!("{:<12} {:>10} {:>12} {:>14} {:>10} {:>10}", "edge", "batches", "items", "bytes", "next_seq", "oldest");
+    let mut edges = Vec::new();
     for edge in Edge::ALL {
         let depth = queue.depth(&txn, edge)?;
         // Age of the oldest stored batch (when it was accepted or produced).
@@ -193,44 +198,178 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyh
             .next()
             .and_then(|entry| entry.ok())
             .and_then(|(_, value)| tailgate_ipc::batch::received_unix_nano(value))
-            .map(|at| format!("{:.1}s", now.saturating_sub(at) as f64 / 1e9))
-            .unwrap_or_else(|| "-".to_string());
+            .map(|at| now.saturating_sub(at) as f64 / 1e9);
+        edges.push(json!({
+            "edge": edge.as_str(),
+            "batches": depth.batches,
+            "items": depth.items,
+            "bytes": depth.bytes,
+            "next_seq": depth.next_seq,
+            "oldest_age_seconds": oldest,
+        }));
+    }
+    let mut consumers = Vec::new();
+    for edge in Edge::ALL {
+        for consumer in queue.active_consumers(edge) {
+            consumers.push(json!({
+                "consumer": consumer.as_str(),
+                "edge": edge.as_str(),
+                "cursor": queue.cursor(&txn, consumer)?,
+            }));
+        }
+    }
+    let losses: Vec<serde_json::Value> = queue
+        .losses(&txn)?
+        .into_iter()
+        .map(|record| {
+            json!({
+                "at": format_unix_ms(record.at_unix_ms),
+                "table": record.table,
+                "first_seq": record.first_seq,
+                "last_seq": record.last_seq,
+                "entries": record.entries,
+                "items": record.items,
+                "summary": record.to_string(),
+            })
+        })
+        .collect();
+    let report = json!({
+        "path": queue_dir.display().to_string(),
+        "used_bytes": queue.used_bytes(&txn)?,
+        "capacity_bytes": queue.capacity_bytes(),
+        "intake_open": queue.admits(&txn)?,
+        "reserved_bytes": allocated.min(queue.capacity_bytes()),
+        "filesystem_free_bytes": filesystem_free,
+        "writer_lock": writer_lock,
+        "edges": edges,
+        "consumers": consumers,
+        "decisions": queue.decision_count(&txn)?,
+        "losses": losses,
+    });
+    drop(txn);
+    let drift: serde_json::Map<String, serde_json::Value> = tailgate_stages::receive::filelog::stored_drift(&queue)?
+        .into_iter()
+        .map(|(path, counts)| (path, json!(counts.summary())))
+        .collect();
+    let mut report = report;
+    report["log_schema_drift"] = serde_json::Value::Object(drift);
+    Ok(report)
+}
+
+fn print_queue_report(q: &serde_json::Value) {
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let (used, capacity) = (num(&q["used_bytes"]), num(&q["capacity_bytes"]).max(1));
+    println!(
+        "queue {}: {:.1} MiB in use of {:.0} MiB ({:.1}%), intake {}",
+        q["path"].as_str().unwrap_or(""),
+        mib(used),
+        mib(capacity),
+        used as f64 / capacity as f64 * 100.0,
+        if q["intake_open"].as_bool().unwrap_or(false) { "open" } else { "refusing (budget reached)" }
+    );
+    let reserved = num(&q["reserved_bytes"]);
+    println!(
+        "disk: {:.0} MiB of the budget reserved on disk{}, {:.0} MiB free on the filesystem",
+        mib(reserved),
+        if reserved >= capacity { " (all)" } else { " (NOT all: a full filesystem can stop stages)" },
+        mib(num(&q["filesystem_free_bytes"]))
+    );
+    match q["writer_lock"].as_object() {
+        None => println!("writer lock: free"),
+        Some(holder) => {
+            let who = holder
+                .get("stage")
+                .and_then(|s| s.as_str())
+                .map(|s| format!("stage {s}"))
+                .unwrap_or_else(|| "not a tailgate stage".to_string());
+            println!("writer lock: held by pid {} ({who})", holder.get("pid").map(num).unwrap_or(0));
+        }
+    }
+    println!("{:<14} {:>10} {:>12} {:>14} {:>10} {:>10}", "edge", "batches", "items", "bytes", "next_seq", "oldest");
+    for edge in q["edges"].as_array().into_iter().flatten() {
+        let oldest = edge["oldest_age_seconds"].as_f64().map(|s| format!("{s:.1}s")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<12} {:>10} {:>12} {:>14} {:>10} {:>10}",
-            edge.as_str(),
-            depth.batches,
-            depth.items,
-            depth.bytes,
-            depth.next_seq,
+            "{:<14} {:>10} {:>12} {:>14} {:>10} {:>10}",
+            edge["edge"].as_str().unwrap_or(""),
+            num(&edge["batches"]),
+            num(&edge["items"]),
+            num(&edge["bytes"]),
+            num(&edge["next_seq"]),
             oldest
         );
     }
-    println!("{:<16} {:<12} {:>10}", "consumer", "edge", "cursor");
-    for edge in Edge::ALL {
-        for consumer in queue.active_consumers(edge) {
-            println!("{:<16} {:<12} {:>10}", consumer.as_str(), edge.as_str(), queue.cursor(&txn, consumer)?);
-        }
+    println!("{:<16} {:<14} {:>10}", "consumer", "edge", "cursor");
+    for consumer in q["consumers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<14} {:>10}",
+            consumer["consumer"].as_str().unwrap_or(""),
+            consumer["edge"].as_str().unwrap_or(""),
+            num(&consumer["cursor"])
+        );
     }
-    println!("decisions    {:>10}", queue.decision_count(&txn)?);
-    let losses = queue.losses(&txn)?;
+    println!("decisions    {:>10}", num(&q["decisions"]));
+    let losses = q["losses"].as_array().cloned().unwrap_or_default();
     if !losses.is_empty() {
         println!("damage repaired ({} records; `tailgate status --clear-losses` acknowledges them)", losses.len());
         for record in losses {
-            println!("  {} {record}", format_unix_ms(record.at_unix_ms));
+            println!("  {} {}", record["at"].as_str().unwrap_or(""), record["summary"].as_str().unwrap_or(""));
         }
     }
-    drop(txn);
-    let drift = tailgate_stages::receive::filelog::stored_drift(&queue)?;
-    if !drift.is_empty() {
+    if let Some(drift) = q["log_schema_drift"].as_object().filter(|d| !d.is_empty()) {
         println!("log schema drift (lines per file and kind)");
-        for (path, counts) in drift {
+        for (path, lines) in drift {
             println!("  {path}");
-            for line in counts.summary() {
-                println!("    {line}");
+            for line in lines.as_array().into_iter().flatten() {
+                println!("    {}", line.as_str().unwrap_or(""));
             }
         }
     }
-    Ok(())
+}
+
+fn print_stages(stages: &[control::StageStatus]) {
+    let mib = |bytes: Option<u64>| bytes.map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0))).unwrap_or("-".into());
+    println!(
+        "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10}  restarts",
+        "stage", "pid", "state", "uptime", "priv MiB", "PSS MiB", "CPU s", "limit MiB", "heartbeat"
+    );
+    for stage in stages {
+        let restarts: Vec<String> = stage.restarts.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
+        println!(
+            "{:<12} {:>8} {:<10} {:>8.0}s {:>9} {:>8} {:>8} {:>9} {:>10}  {}",
+            stage.stage,
+            stage.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+            stage.state,
+            stage.uptime_seconds,
+            mib(stage.private_bytes),
+            mib(stage.pss_bytes),
+            stage.cpu_seconds.map(|c| format!("{c:.2}")).unwrap_or("-".into()),
+            stage.memory_hard_limit_bytes / (1024 * 1024),
+            match stage.heartbeat_overdue_ms {
+                None => "-".to_string(),
+                Some(0) => "ok".to_string(),
+                Some(ms) => format!("{:.1}s late", ms as f64 / 1000.0),
+            },
+            if restarts.is_empty() { "none".to_string() } else { restarts.join(" ") }
+        );
+    }
+}
+
+/// `tailgate restart-stage NAME`: asks the running supervisor to drain and restart one stage.
+pub fn restart_stage(stage: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let result = load_config(config_file.as_deref(), data_dir).map_err(anyhow::Error::from).and_then(|config| {
+        control::ask(&config.data_dir, &control::Request::RestartStage { stage: stage.to_string() })
+    });
+    match result {
+        Ok(answer) => {
+            println!("restarting {stage} (was pid {})", answer["pid"]);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("tailgate restart-stage: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// RFC 3339 (UTC, seconds) for a Unix millisecond time.

@@ -39,6 +39,21 @@ enum Command {
         /// Acknowledge the recorded damage repairs (they stop being listed).
         #[arg(long)]
         clear_losses: bool,
+        /// Print one JSON document (queue and, when the supervisor answers, its stages).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain one stage and start it again (through the running supervisor's control socket);
+    /// its backlog stays in the queue. Not counted towards the stage's crash escalation.
+    RestartStage {
+        /// receive, tail_sample, log_mirror, spanmetrics or export.
+        name: String,
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// OTLP items a backend kept refusing (see `exporters.dead_letter`): list them, ask the
     /// running export stage to send them again, or delete them.
@@ -83,7 +98,10 @@ fn main() -> ExitCode {
         Command::DeadLetter { action, consumer, config, data_dir } => {
             tailgate::dead_letter(&action, consumer.as_deref(), config, data_dir)
         }
-        Command::Status { config, data_dir, clear_losses } => tailgate::status(config, data_dir, clear_losses),
+        Command::Status { config, data_dir, clear_losses, json } => {
+            tailgate::status(config, data_dir, clear_losses, json)
+        }
+        Command::RestartStage { name, config, data_dir } => tailgate::restart_stage(&name, config, data_dir),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }
 }

@@ -26,3 +26,23 @@ pub(crate) fn thread_group_of(tid: u32) -> Option<u32> {
 pub(crate) fn alive(pid: i32) -> bool {
     u32::try_from(pid).ok().and_then(process_state).is_some_and(|state| state != 'Z')
 }
+
+/// Proportional set size of a process (`Pss` of /proc/PID/smaps_rollup): its private pages plus
+/// its share of shared ones (the queue map). Walks the page tables: read on request only.
+pub(crate) fn pss_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// CPU time a process has used, user and system (/proc/PID/stat fields 14 and 15).
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = rustix::param::clock_ticks_per_second();
+    Some((utime + stime) as f64 / ticks as f64)
+}

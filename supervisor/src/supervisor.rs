@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tailgate_config::{Config, SupervisorConfig};
 use tailgate_ipc::heartbeat::Heartbeat;
+
+use crate::control::{Request, StageStatus};
 use tailgate_ipc::wake::socket_dir;
 use tailgate_ipc::{Queue, StageId};
 use tailgate_stages::limits::REBUILD_ALLOWANCE;
@@ -73,6 +75,11 @@ pub enum StageMsg {
     /// The process `pid` has held the queue's writer lock without committing for this long:
     /// kill it (if it is still the running process) so it restarts and the lock is released.
     KillLockHolder(u32, Duration),
+    /// Describe the stage for `tailgate status`.
+    Describe(RpcReplyPort<StageStatus>),
+    /// Drain (SIGTERM, SIGKILL after the shutdown timeout) and start again at once; replies
+    /// with the pid being restarted.
+    Restart(RpcReplyPort<Result<u32, String>>),
 }
 
 /// Watches one stage process.
@@ -90,8 +97,8 @@ pub struct StageState {
     /// A pidfd of the running process: signals sent through it can never reach another
     /// process that reused the pid after ours was reaped.
     pidfd: Option<std::os::fd::OwnedFd>,
-    /// The running process was killed for exceeding its memory limit.
-    killed_for_memory: bool,
+    /// Why the supervisor ended the running process, if it did (one ending per process).
+    kill_reason: Option<KillReason>,
     /// Since when the running process has been seen stopped (SIGSTOP, frozen cgroup).
     stopped_since: Option<Instant>,
     generation: u64,
@@ -101,8 +108,35 @@ pub struct StageState {
     stopping: Option<RpcReplyPort<()>>,
     /// The stage's heartbeat slot, mapped once the first process created it.
     heartbeat: Option<Heartbeat>,
-    /// The running process was killed for a missed heartbeat (one kill per process).
-    killed_hung: bool,
+    /// Restarts since the supervisor started, by reason.
+    restarts_by_reason: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Why the supervisor ended a stage process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillReason {
+    /// Over its hard memory limit (the limit working: not counted towards escalation).
+    Memory,
+    /// Its heartbeat was overdue.
+    Hung,
+    /// Stopped (SIGSTOP, a frozen cgroup) for the liveness timeout.
+    Stopped,
+    /// Held the writer lock without committing.
+    WriterLock,
+    /// An operator asked (`tailgate restart-stage`): restarted at once, not counted.
+    Requested,
+}
+
+impl KillReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            KillReason::Memory => "memory",
+            KillReason::Hung => "hung",
+            KillReason::Stopped => "stopped",
+            KillReason::WriterLock => "writer_lock",
+            KillReason::Requested => "requested",
+        }
+    }
 }
 
 /// What a stage actor starts with.
@@ -141,6 +175,7 @@ impl StageActor {
                 "stage process is stopped (SIGSTOP or a frozen cgroup); killing it so it restarts"
             );
             state.stopped_since = None;
+            state.kill_reason = Some(KillReason::Stopped);
             StageActor::signal(state, rustix::process::Signal::KILL);
         }
     }
@@ -151,7 +186,7 @@ impl StageActor {
     /// slot is judged from its start, with the allowance a stage has to open the queue.
     fn check_heartbeat(state: &mut StageState) {
         let Some(pid) = state.pid else { return };
-        if state.stopping.is_some() || state.stopped_since.is_some() || state.killed_hung {
+        if state.stopping.is_some() || state.stopped_since.is_some() || state.kill_reason.is_some() {
             return;
         }
         if state.heartbeat.is_none() {
@@ -175,8 +210,38 @@ impl StageActor {
             overdue = ?overdue,
             "stage made no progress (heartbeat overdue): hung; killing it so it restarts"
         );
-        state.killed_hung = true;
+        state.kill_reason = Some(KillReason::Hung);
         StageActor::signal(state, rustix::process::Signal::KILL);
+    }
+
+    fn describe(state: &mut StageState) -> StageStatus {
+        if state.heartbeat.is_none() {
+            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+        }
+        let process_state = state.pid.and_then(crate::proc::process_state);
+        let run_state = match (state.pid, process_state) {
+            _ if state.stopping.is_some() => "stopping",
+            (None, _) => "restarting",
+            (Some(_), Some('T' | 't')) => "stopped",
+            (Some(_), _) => "running",
+        };
+        let heartbeat_overdue_ms = state
+            .pid
+            .and_then(|pid| state.heartbeat.as_ref().and_then(|slot| slot.overdue(pid)))
+            .map(|overdue| overdue.as_millis() as u64);
+        StageStatus {
+            stage: state.stage.as_str().to_string(),
+            pid: state.pid,
+            state: run_state.to_string(),
+            uptime_seconds: if state.pid.is_some() { state.started_at.elapsed().as_secs_f64() } else { 0.0 },
+            private_bytes: state.pid.and_then(crate::proc::private_memory_bytes),
+            pss_bytes: state.pid.and_then(crate::proc::pss_bytes),
+            cpu_seconds: state.pid.and_then(crate::proc::cpu_seconds),
+            memory_hard_limit_bytes: state.policy.memory_hard_limit_mib * 1024 * 1024,
+            restarts: state.restarts_by_reason.iter().map(|(reason, n)| (reason.to_string(), *n)).collect(),
+            restarts_in_window: state.restarts.len(),
+            heartbeat_overdue_ms,
+        }
     }
 
     fn spawn_process(myself: &ActorRef<StageMsg>, state: &mut StageState) -> Result<(), ActorProcessingErr> {
@@ -198,8 +263,7 @@ impl StageActor {
             .pid
             .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
             .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
-        state.killed_for_memory = false;
-        state.killed_hung = false;
+        state.kill_reason = None;
         state.started_at = Instant::now();
         tracing::info!(stage = %state.stage, pid = ?state.pid, "stage process started");
         let generation = state.generation;
@@ -240,9 +304,16 @@ impl StageActor {
         if now.duration_since(state.started_at) >= BACKOFF_RESET_AFTER {
             state.backoff = state.policy.restart_backoff_initial;
         }
+        let reason = state.kill_reason.take();
+        *state.restarts_by_reason.entry(reason.map_or("exited", KillReason::as_str)).or_default() += 1;
+        if reason == Some(KillReason::Requested) {
+            tracing::info!(stage = %state.stage, %status, "stage process stopped on request; starting it again");
+            myself.send_message(StageMsg::Start)?;
+            return Ok(());
+        }
         // A kill for memory is the limit working, not the stage failing: it is restarted with
         // backoff but does not count towards escalation.
-        if !std::mem::take(&mut state.killed_for_memory) {
+        if reason != Some(KillReason::Memory) {
             state.restarts.push_back(now);
         }
         while state.restarts.front().is_some_and(|t| now.duration_since(*t) > state.policy.restart_window) {
@@ -278,14 +349,14 @@ impl Actor for StageActor {
             policy: args.policy,
             pid: None,
             pidfd: None,
-            killed_for_memory: false,
+            kill_reason: None,
             stopped_since: None,
             generation: 0,
             started_at: Instant::now(),
             restarts: VecDeque::new(),
             stopping: None,
             heartbeat: None,
-            killed_hung: false,
+            restarts_by_reason: Default::default(),
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
@@ -329,6 +400,27 @@ impl Actor for StageActor {
                 let _ = reply.send(state.pid);
             }
             StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
+            StageMsg::Describe(reply) => {
+                let _ = reply.send(StageActor::describe(state));
+            }
+            StageMsg::Restart(reply) => {
+                let answer = match state.pid {
+                    _ if state.stopping.is_some() => Err(format!("stage {} is stopping", state.stage)),
+                    None => Err(format!("stage {} has no process now (a restart is pending)", state.stage)),
+                    Some(_) if state.kill_reason.is_some() => {
+                        Err(format!("stage {} is being restarted already", state.stage))
+                    }
+                    Some(pid) => {
+                        tracing::info!(stage = %state.stage, pid, "restart requested; draining the stage");
+                        state.kill_reason = Some(KillReason::Requested);
+                        StageActor::signal(state, rustix::process::Signal::TERM);
+                        let generation = state.generation;
+                        myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+                        Ok(pid)
+                    }
+                };
+                let _ = reply.send(answer);
+            }
             StageMsg::KillLockHolder(pid, held) => {
                 if state.pid == Some(pid) && state.stopping.is_none() {
                     tracing::error!(
@@ -337,6 +429,7 @@ impl Actor for StageActor {
                         held_for = ?held,
                         "stage holds the queue's writer lock without progress (hung inside a write transaction); killing it so it restarts"
                     );
+                    state.kill_reason = Some(KillReason::WriterLock);
                     StageActor::signal(state, rustix::process::Signal::KILL);
                 }
             }
@@ -353,7 +446,7 @@ impl Actor for StageActor {
                         hard_limit_mib = state.policy.memory_hard_limit_mib,
                         "stage over its memory hard limit; restarting it (its state is in the queue)"
                     );
-                    state.killed_for_memory = true;
+                    state.kill_reason = Some(KillReason::Memory);
                     StageActor::signal(state, rustix::process::Signal::KILL);
                 }
                 StageActor::check_liveness(&myself, state);
@@ -380,6 +473,8 @@ pub enum SupervisorMsg {
     Sync,
     /// A child changed state (SIGCHLD: exited, stopped, continued).
     ChildSignal,
+    /// A request on the control socket.
+    Control(Request, RpcReplyPort<serde_json::Value>),
 }
 
 /// The root actor.
@@ -400,6 +495,8 @@ pub struct SupervisorArgs {
 #[derive(Debug)]
 pub struct SupervisorState {
     stages: Vec<(StageId, ActorRef<StageMsg>)>,
+    /// The data directory (control socket, run files).
+    data_dir: PathBuf,
     queue: Queue,
     last_synced_txn: u64,
     escalated: Arc<AtomicBool>,
@@ -472,6 +569,34 @@ async fn check_memory(state: &mut SupervisorState) {
     state.over_soft_limit = over;
 }
 
+/// Answers a control socket request.
+async fn control_answer(state: &SupervisorState, request: Request) -> serde_json::Value {
+    match request {
+        Request::Status => {
+            let mut stages = Vec::new();
+            for (_, actor) in &state.stages {
+                if let Ok(status) = ractor::call!(actor, StageMsg::Describe) {
+                    stages.push(status);
+                }
+            }
+            serde_json::json!({ "stages": stages })
+        }
+        Request::RestartStage { stage } => {
+            let Some(id) = StageId::parse(&stage) else {
+                return serde_json::json!({ "error": format!("unknown stage {stage:?}") });
+            };
+            let Some((_, actor)) = state.stages.iter().find(|(s, _)| *s == id) else {
+                return serde_json::json!({ "error": format!("stage {stage} is not supervised") });
+            };
+            match ractor::call!(actor, StageMsg::Restart) {
+                Ok(Ok(pid)) => serde_json::json!({ "restarted": stage, "pid": pid }),
+                Ok(Err(message)) => serde_json::json!({ "error": message }),
+                Err(err) => serde_json::json!({ "error": format!("stage actor did not answer: {err}") }),
+            }
+        }
+    }
+}
+
 async fn stop_stages(stages: &[(StageId, ActorRef<StageMsg>)]) {
     for (stage, actor) in stages {
         if let Err(err) = ractor::call!(actor, StageMsg::Stop) {
@@ -503,6 +628,9 @@ impl Actor for Supervisor {
             stages.push((stage, actor));
         }
         myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        if let Err(err) = crate::control::serve(&args.launch.data_dir, myself.clone()) {
+            tracing::warn!(error = %err, "cannot open the control socket; status shows the queue only, restart-stage is unavailable");
+        }
         // A stopped child raises SIGCHLD at once: the liveness clock starts when the stage stops,
         // not at the next tick. (The tick still catches stops that raise no SIGCHLD.)
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
@@ -531,6 +659,7 @@ impl Actor for Supervisor {
             memory_soft_limit_bytes: args.policy.memory_soft_limit_mib * 1024 * 1024,
             over_soft_limit: false,
             stages,
+            data_dir: args.launch.data_dir.clone(),
             last_synced_txn: args.queue.last_txn_id(),
             queue: args.queue,
             escalated: args.escalated,
@@ -558,6 +687,9 @@ impl Actor for Supervisor {
                     check_writer_lock(state).await;
                 }
             }
+            SupervisorMsg::Control(request, reply) => {
+                let _ = reply.send(control_answer(state, request).await);
+            }
             SupervisorMsg::ChildSignal => {
                 for (_, actor) in &state.stages {
                     let _ = actor.cast(StageMsg::CheckStopped);
@@ -566,6 +698,7 @@ impl Actor for Supervisor {
             SupervisorMsg::Shutdown(reply) => {
                 state.shutting_down = true;
                 stop_stages(&state.stages).await;
+                let _ = std::fs::remove_file(crate::control::socket_path(&state.data_dir));
                 if let Err(err) = state.queue.force_sync() {
                     tracing::error!(error = %err, "final queue fsync failed");
                 }
