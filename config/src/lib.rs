@@ -253,14 +253,20 @@ impl Default for ExemplarsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisorConfig {
-    /// Memory limiter, soft: when the stages' private (anonymous resident) memory together is
-    /// above this many MiB, the supervisor logs a warning. (Telling stages to shed comes with the
-    /// control socket.)
+    /// Memory limiter, soft, for all stages together (MiB of private, anonymous resident
+    /// memory). Split into per-stage soft budgets by [`STAGE_MEMORY_SHARES`] unless
+    /// `stage_memory` sets a stage's own. A stage over its soft budget is told to shed (it
+    /// decides pending work early, drops caches, shrinks its buffers and returns free heap to
+    /// the system) and logs what it shed; above the total the supervisor warns.
     pub memory_soft_limit_mib: u64,
-    /// Memory limiter, hard: a stage process whose private memory is above this many MiB is
-    /// killed and restarted; its state is rebuilt from the queue, so no backlog is lost. Checked
-    /// every `queue.sync_interval`.
+    /// Memory limiter, hard, for all stages together, split like the soft limit. A stage over its
+    /// hard budget is drained (SIGTERM, SIGKILL after `shutdown_timeout`) and restarted; its
+    /// state is rebuilt from the queue, so no backlog is lost. Such restarts count towards
+    /// `max_restarts`: a stage whose rebuilt state alone exceeds its budget escalates instead
+    /// of looping. Checked every `queue.sync_interval`.
     pub memory_hard_limit_mib: u64,
+    /// Per-stage budgets overriding the split, e.g. `tail_sample: {soft_mib: 200, hard_mib: 250}`.
+    pub stage_memory: std::collections::BTreeMap<String, StageMemory>,
     /// First wait before restarting a crashed stage; doubles per crash up to `restart_backoff_max`.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_initial: Duration,
@@ -284,11 +290,43 @@ pub struct SupervisorConfig {
     pub liveness_timeout: Duration,
 }
 
+/// One stage's memory budget (MiB of private memory).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StageMemory {
+    /// Over this the stage is told to shed.
+    pub soft_mib: u64,
+    /// Over this the stage is drained and restarted.
+    pub hard_mib: u64,
+}
+
+/// Each stage's share, in percent, of `memory_soft_limit_mib` / `memory_hard_limit_mib` when
+/// `stage_memory` does not set its budget: tail_sample holds the trace window, receive
+/// in-flight requests, log_mirror waiting records, export one request per destination,
+/// spanmetrics its series.
+pub const STAGE_MEMORY_SHARES: [(&str, u64); 5] =
+    [("receive", 20), ("tail_sample", 40), ("log_mirror", 15), ("spanmetrics", 10), ("export", 15)];
+
+impl SupervisorConfig {
+    /// The memory budget of `stage`: its own from `stage_memory`, or its share of the limits.
+    pub fn stage_memory(&self, stage: &str) -> StageMemory {
+        if let Some(own) = self.stage_memory.get(stage) {
+            return *own;
+        }
+        let share = STAGE_MEMORY_SHARES.iter().find(|(name, _)| *name == stage).map_or(20, |(_, share)| *share);
+        StageMemory {
+            soft_mib: (self.memory_soft_limit_mib * share / 100).max(1),
+            hard_mib: (self.memory_hard_limit_mib * share / 100).max(2),
+        }
+    }
+}
+
 impl Default for SupervisorConfig {
     fn default() -> Self {
         SupervisorConfig {
             memory_soft_limit_mib: 320,
             memory_hard_limit_mib: 400,
+            stage_memory: std::collections::BTreeMap::new(),
             restart_backoff_initial: Duration::from_millis(50),
             restart_backoff_max: Duration::from_secs(5),
             max_restarts: 10,
@@ -431,6 +469,14 @@ impl Config {
         }
         if supervisor.memory_hard_limit_mib == 0 {
             problems.add("supervisor.memory_hard_limit_mib", "must be above zero");
+        }
+        for (stage, budget) in &supervisor.stage_memory {
+            let path = format!("supervisor.stage_memory.{stage}");
+            if !STAGE_MEMORY_SHARES.iter().any(|(name, _)| name == stage) {
+                problems.add(&path, "unknown stage (receive, tail_sample, log_mirror, spanmetrics, export)");
+            } else if budget.soft_mib == 0 || budget.soft_mib >= budget.hard_mib {
+                problems.add(&path, "soft_mib must be above zero and below hard_mib");
+            }
         }
         if supervisor.restart_backoff_initial > supervisor.restart_backoff_max {
             problems.add("supervisor.restart_backoff_initial", "must not exceed restart_backoff_max");

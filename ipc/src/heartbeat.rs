@@ -9,10 +9,12 @@
 //! never completes, a blocked runtime thread, an endless loop. (A stopped process and a writer
 //! that holds the queue's lock without committing are caught by their own checks as well.)
 //!
-//! The slot is 16 bytes at the start of a page-sized file: the stamping process's pid (u64) and
-//! the due time in nanoseconds (u64), each one aligned atomic word in a shared mapping, so a
-//! stamp is one store and a read is one load: no torn values, no syscalls. A slot left by an
-//! earlier process of the stage carries that process's pid and is not taken for the new one's.
+//! The slot is 32 bytes at the start of a page-sized file: the stamping process's pid, the due
+//! time in nanoseconds, and two counters of shed requests (the supervisor's, when the stage is
+//! over its soft memory budget) and of the requests the stage has handled; each an aligned
+//! atomic u64 in a shared mapping, so a stamp is one store and a read is one load: no torn
+//! values, no syscalls. A slot left by an earlier process of the stage carries that process's
+//! pid and is not taken for the new one's.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -42,10 +44,17 @@ pub fn monotonic_now() -> Duration {
 /// A mapped heartbeat slot.
 #[derive(Debug)]
 pub struct Heartbeat {
-    map: NonNull<[AtomicU64; 2]>,
+    map: NonNull<[AtomicU64; WORDS]>,
     /// The last due time written by this handle, to skip stores that would not change it much.
     last_due: AtomicU64,
 }
+
+/// Words of a slot: pid, due, shed requests, shed requests handled.
+const WORDS: usize = 4;
+const PID: usize = 0;
+const DUE: usize = 1;
+const SHED_REQUESTED: usize = 2;
+const SHED_HANDLED: usize = 3;
 
 // SAFETY: the mapping is only accessed through atomics, and it lives as long as the handle.
 unsafe impl Send for Heartbeat {}
@@ -58,8 +67,11 @@ impl Heartbeat {
     /// and rebuilding the stage's index come before the first step).
     pub fn claim(run_dir: &Path, stage: StageId, startup: Duration) -> std::io::Result<Heartbeat> {
         let slot = Heartbeat::map(run_dir, stage, true)?;
-        slot.words()[1].store(0, Ordering::Release);
-        slot.words()[0].store(u64::from(std::process::id()), Ordering::Release);
+        slot.words()[DUE].store(0, Ordering::Release);
+        // Requests made to an earlier process do not apply to this one.
+        let requested = slot.words()[SHED_REQUESTED].load(Ordering::Acquire);
+        slot.words()[SHED_HANDLED].store(requested, Ordering::Release);
+        slot.words()[PID].store(u64::from(std::process::id()), Ordering::Release);
         slot.beat_within(startup);
         Ok(slot)
     }
@@ -92,11 +104,12 @@ impl Heartbeat {
                 0,
             )
         }?;
-        let map = NonNull::new(ptr.cast::<[AtomicU64; 2]>()).ok_or_else(|| std::io::Error::other("null mapping"))?;
+        let map =
+            NonNull::new(ptr.cast::<[AtomicU64; WORDS]>()).ok_or_else(|| std::io::Error::other("null mapping"))?;
         Ok(Heartbeat { map, last_due: AtomicU64::new(0) })
     }
 
-    fn words(&self) -> &[AtomicU64; 2] {
+    fn words(&self) -> &[AtomicU64; WORDS] {
         // SAFETY: the mapping is page-aligned, SLOT_BYTES long and valid until Drop; AtomicU64
         // has the layout of u64, and all access to the words is atomic.
         unsafe { self.map.as_ref() }
@@ -109,7 +122,7 @@ impl Heartbeat {
         // hundredth of the interval is skipped (the supervisor judges in seconds).
         let last = self.last_due.load(Ordering::Relaxed);
         if due < last || due - last >= (BEAT_INTERVAL / 100).as_nanos() as u64 {
-            self.words()[1].store(due, Ordering::Release);
+            self.words()[DUE].store(due, Ordering::Release);
             self.last_due.store(due, Ordering::Relaxed);
         }
     }
@@ -121,8 +134,8 @@ impl Heartbeat {
 
     /// The pid that claimed the slot and its promise, on the monotonic clock.
     pub fn read(&self) -> (u32, Duration) {
-        let pid = self.words()[0].load(Ordering::Acquire) as u32;
-        let due = self.words()[1].load(Ordering::Acquire);
+        let pid = self.words()[PID].load(Ordering::Acquire) as u32;
+        let due = self.words()[DUE].load(Ordering::Acquire);
         (pid, Duration::from_nanos(due))
     }
 
@@ -131,6 +144,29 @@ impl Heartbeat {
     pub fn overdue(&self, pid: u32) -> Option<Duration> {
         let (claimed_by, due) = self.read();
         (claimed_by == pid).then(|| monotonic_now().saturating_sub(due))
+    }
+}
+
+impl Heartbeat {
+    /// The supervisor asks the stage to shed memory.
+    pub fn request_shed(&self) {
+        self.words()[SHED_REQUESTED].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a shed request is waiting for the stage (one load).
+    pub fn shed_requested(&self) -> bool {
+        self.words()[SHED_REQUESTED].load(Ordering::Acquire) != self.words()[SHED_HANDLED].load(Ordering::Acquire)
+    }
+
+    /// The stage takes the waiting shed requests (true if there were any) and marks them handled.
+    pub fn take_shed_request(&self) -> bool {
+        let requested = self.words()[SHED_REQUESTED].load(Ordering::Acquire);
+        self.words()[SHED_HANDLED].swap(requested, Ordering::AcqRel) != requested
+    }
+
+    /// Shed requests made and handled so far (the supervisor's view).
+    pub fn shed_counts(&self) -> (u64, u64) {
+        (self.words()[SHED_REQUESTED].load(Ordering::Acquire), self.words()[SHED_HANDLED].load(Ordering::Acquire))
     }
 }
 
@@ -160,5 +196,23 @@ mod tests {
         stamper.beat_within(Duration::from_secs(5));
         assert_eq!(reader.overdue(me), Some(Duration::ZERO));
         assert!(Heartbeat::open(dir.path(), StageId::Export).is_none());
+    }
+
+    #[test]
+    fn shed_requests_reach_the_stage_once_and_not_a_later_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = Heartbeat::claim(dir.path(), StageId::Receive, Duration::from_secs(60)).unwrap();
+        let supervisor = Heartbeat::open(dir.path(), StageId::Receive).unwrap();
+        assert!(!stage.take_shed_request());
+        supervisor.request_shed();
+        supervisor.request_shed();
+        assert!(stage.shed_requested());
+        assert!(stage.take_shed_request());
+        assert!(!stage.take_shed_request(), "one shed for the requests that were waiting");
+        assert_eq!(supervisor.shed_counts(), (2, 2));
+        supervisor.request_shed();
+        drop(stage);
+        let next = Heartbeat::claim(dir.path(), StageId::Receive, Duration::from_secs(60)).unwrap();
+        assert!(!next.take_shed_request(), "a request to the previous process carried over");
     }
 }

@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod decisions;
 pub mod heartbeat;
+pub mod memory;
 pub mod queue;
 pub mod repair;
 pub mod topology;

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tailgate_config::Config;
 use tailgate_ipc::heartbeat::{BEAT_INTERVAL, Heartbeat};
+use tailgate_ipc::memory;
 use tailgate_ipc::wake::{WakeListener, Waker};
 use tailgate_ipc::{Queue, QueueError, StageId};
 use tokio::sync::watch;
@@ -50,6 +51,20 @@ pub struct StageContext {
     pub heartbeat: Arc<Heartbeat>,
 }
 
+/// Ends a shed: returns free heap to the system (the test-only ballast first) and logs what was
+/// shed with the private memory before (`before`, read when the request was taken) and after.
+pub fn shed_done(before: Option<u64>, what: &str) {
+    crate::fault::release_ballast();
+    memory::release_free_heap();
+    let mib = |bytes: Option<u64>| bytes.map_or(-1.0, |b| b as f64 / (1024.0 * 1024.0));
+    tracing::info!(
+        shed = what,
+        private_mib_before = format!("{:.1}", mib(before)),
+        private_mib_after = format!("{:.1}", mib(memory::private_bytes())),
+        "shed memory on the supervisor's request (over the soft budget)"
+    );
+}
+
 /// Stops the heartbeat task of [`StageContext::beat_while_runtime_runs`] when dropped.
 #[derive(Debug)]
 pub struct BeatGuard(tokio::task::JoinHandle<()>);
@@ -89,9 +104,19 @@ impl StageContext {
         BeatGuard(tokio::spawn(async move {
             loop {
                 heartbeat.beat_within(BEAT_INTERVAL);
+                if heartbeat.take_shed_request() {
+                    // These stages hold no index to shrink: what they can give back is free heap.
+                    shed_done(memory::private_bytes(), "free heap returned");
+                }
                 tokio::time::sleep(BEAT_INTERVAL).await;
             }
         }))
+    }
+
+    /// Whether the supervisor asked this stage to shed memory (it is over its soft budget); the
+    /// request counts as handled. The stage then sheds and calls [`shed_done`].
+    pub fn take_shed_request(&self) -> bool {
+        self.heartbeat.take_shed_request()
     }
 
     /// Stamps the heartbeat before rebuilding the stage's index from the queue (after a failed
@@ -108,6 +133,10 @@ impl StageContext {
         tokio::pin!(woken);
         loop {
             self.heartbeat.beat_within(BEAT_INTERVAL);
+            // A shed request ends the wait: the stage's loop handles it.
+            if self.heartbeat.shed_requested() {
+                break;
+            }
             tokio::select! {
                 _ = &mut woken => break,
                 _ = shutdown.wait_for(|stop| *stop) => break,

@@ -11,6 +11,11 @@
 //! - `hang_in_step`: tail_sample's loop awaits something that never completes, outside any
 //!   transaction (a lost wake-up, an async deadlock): the runtime stays responsive, the stage
 //!   does nothing.
+//! - `bloat`: tail_sample allocates the MiB written in the trigger file (`"<MiB>"` or
+//!   `"<MiB> pinned"`) and holds them. Unpinned ballast stands for caches and buffers: it is
+//!   released when the stage sheds; pinned ballast stands for state it cannot give up.
+//! - `bloat_at_start`: every tail_sample process holds the MiB written in the trigger file
+//!   from its start (the file is not removed): a rebuilt state that alone exceeds the budget.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -54,4 +59,54 @@ pub async fn hang_in_step(run_dir: &Path) {
     }
     tracing::warn!(point, "test fault point hit");
     std::future::pending::<()>().await;
+}
+
+static BALLAST: std::sync::Mutex<Vec<(Vec<u8>, bool)>> = std::sync::Mutex::new(Vec::new());
+
+fn hold(mib: usize, pinned: bool) {
+    // Written, so the pages are resident (a zeroed allocation would not be).
+    let ballast = vec![0xa5u8; mib << 20];
+    BALLAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((ballast, pinned));
+}
+
+fn parse_bloat(text: &str) -> Option<(usize, bool)> {
+    let mut words = text.split_whitespace();
+    let mib = words.next()?.parse().ok()?;
+    Some((mib, words.next() == Some("pinned")))
+}
+
+/// At the head of a step: the `bloat` point.
+pub fn bloat(run_dir: &Path) {
+    if armed() != Some("bloat") {
+        return;
+    }
+    let path = trigger(run_dir, "bloat");
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    if std::fs::remove_file(&path).is_err() {
+        return;
+    }
+    if let Some((mib, pinned)) = parse_bloat(&text) {
+        tracing::warn!(point = "bloat", mib, pinned, "test fault point hit");
+        hold(mib, pinned);
+    }
+}
+
+/// At the start of the stage: the `bloat_at_start` point.
+pub fn bloat_at_start(run_dir: &Path) {
+    if armed() != Some("bloat_at_start") {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(trigger(run_dir, "bloat_at_start")) else { return };
+    if let Some((mib, _)) = parse_bloat(&text) {
+        tracing::warn!(point = "bloat_at_start", mib, "test fault point hit");
+        hold(mib, true);
+    }
+}
+
+/// Releases the unpinned ballast (a shed).
+pub fn release_ballast() {
+    if armed().is_none() {
+        return;
+    }
+    BALLAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(_, pinned)| *pinned);
 }

@@ -227,6 +227,16 @@ impl Mirror {
         self.pending.values().filter(|p| p.unresolved > 0).map(|p| p.received).min()
     }
 
+    /// Gives back the capacity a burst left in the waiting index. Waiting records are not judged
+    /// early: their trace's decision is what keeps logs and traces 1:1.
+    pub fn shed(&mut self) {
+        self.waiting.shrink_to_fit();
+        for records in self.waiting.values_mut() {
+            records.shrink_to_fit();
+        }
+        self.passed_stored.shrink_to_fit();
+    }
+
     /// Sets the most bytes a step reads and the size of its output batches ([`StepSizer`]).
     pub fn set_step_limit(&mut self, bytes: usize) {
         self.step_limit = bytes;
@@ -487,6 +497,11 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut sizer = StepSizer::default();
     while !ctx.stopping() {
         ctx.beat();
+        if ctx.take_shed_request() {
+            let before = tailgate_ipc::memory::private_bytes();
+            mirror.shed();
+            crate::context::shed_done(before, "waiting-record index shrunk");
+        }
         let stepped_at = std::time::Instant::now();
         mirror.set_step_limit(sizer.limit(&ctx.queue));
         let report = match mirror.step(&ctx.queue, unix_nanos_now()) {

@@ -205,6 +205,29 @@ impl Sampler {
         })
     }
 
+    /// Sheds memory (the stage is over its soft budget): every pending trace already known to be
+    /// kept (an error or a slow span seen) becomes due now, so the next steps decide it and free
+    /// its spans; a late span of it follows the cached decision and is kept too, so nothing
+    /// changes for it. Traces not known to be kept yet keep waiting: a late error span could
+    /// still make them kept. The index then gives back the capacity a burst left. Returns how
+    /// many traces were made due.
+    pub fn shed(&mut self) -> usize {
+        let mut early = 0;
+        for (trace_id, trace) in self.traces.iter_mut().filter(|(_, trace)| trace.interesting) {
+            if trace.due_unix_nano > 0 {
+                self.due.remove(&(trace.due_unix_nano, *trace_id));
+                trace.due_unix_nano = 0;
+                self.due.insert((0, *trace_id));
+                early += 1;
+            }
+        }
+        self.traces.shrink_to_fit();
+        for trace in self.traces.values_mut() {
+            trace.spans.shrink_to_fit();
+        }
+        early
+    }
+
     /// Traces currently buffered.
     pub fn pending_traces(&self) -> usize {
         self.traces.len()
@@ -497,9 +520,19 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut full_streak = 0;
     let mut over_budget = false;
     let mut sizer = StepSizer::default();
+    crate::fault::bloat_at_start(&queue_run_dir(&ctx.queue));
     while !ctx.stopping() {
         ctx.beat();
         crate::fault::hang_in_step(&queue_run_dir(&ctx.queue)).await;
+        crate::fault::bloat(&queue_run_dir(&ctx.queue));
+        if ctx.take_shed_request() {
+            let before = tailgate_ipc::memory::private_bytes();
+            let early = sampler.shed();
+            crate::context::shed_done(
+                before,
+                &format!("{early} pending traces already kept decided early, index shrunk"),
+            );
+        }
         let stepped_at = std::time::Instant::now();
         sampler.set_step_limit(sizer.limit(&ctx.queue));
         let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
@@ -607,6 +640,25 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn shedding_decides_the_traces_known_to_be_kept_and_lets_the_others_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        // Trace 1 has an error span (kept whatever comes), trace 2 only an ordinary one so far.
+        append(&queue, vec![span(1, 1, false, true), span(2, 1, false, false)]);
+        let mut sampler = Sampler::open(&queue, policy()).unwrap();
+        sampler.step(&queue, T0 + 1).unwrap();
+        assert!(kept(&queue).is_empty(), "nothing is due before decision_wait");
+        assert_eq!(sampler.shed(), 1);
+        sampler.step(&queue, T0 + 2).unwrap();
+        assert_eq!(kept(&queue), vec![([1; 16], [1; 8])]);
+        assert_eq!(sampler.pending_traces(), 1, "the undecided trace must keep waiting for a late error");
+        // Its late error span still makes it kept when it is due.
+        append(&queue, vec![span(2, 2, false, true)]);
+        sampler.step(&queue, T0 + 11_000_000_000).unwrap();
+        assert_eq!(kept(&queue).len(), 3);
     }
 
     /// Trace 1 has an ordinary span in the first batch and its error span in the last of 100

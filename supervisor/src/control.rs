@@ -58,8 +58,12 @@ pub struct StageStatus {
     pub pss_bytes: Option<u64>,
     /// CPU time the process has used (user + system).
     pub cpu_seconds: Option<f64>,
-    /// The configured hard memory limit per stage.
-    pub memory_hard_limit_bytes: u64,
+    /// The stage's soft memory budget: over it, the stage is asked to shed.
+    pub memory_soft_budget_bytes: u64,
+    /// The stage's hard memory budget: over it, the stage is drained and restarted.
+    pub memory_hard_budget_bytes: u64,
+    /// Times the stage was asked to shed since the slot was created.
+    pub shed_requests: u64,
     /// Restarts since the supervisor started, by reason (`exited`, `memory`, `hung`,
     /// `stopped`, `writer_lock`, `requested`).
     pub restarts: std::collections::BTreeMap<String, u64>,

@@ -330,13 +330,13 @@ fn print_queue_report(q: &serde_json::Value) {
 fn print_stages(stages: &[control::StageStatus]) {
     let mib = |bytes: Option<u64>| bytes.map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0))).unwrap_or("-".into());
     println!(
-        "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10}  restarts",
-        "stage", "pid", "state", "uptime", "priv MiB", "PSS MiB", "CPU s", "limit MiB", "heartbeat"
+        "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>10}  restarts",
+        "stage", "pid", "state", "uptime", "priv MiB", "PSS MiB", "CPU s", "budget MiB", "heartbeat"
     );
     for stage in stages {
         let restarts: Vec<String> = stage.restarts.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
         println!(
-            "{:<12} {:>8} {:<10} {:>8.0}s {:>9} {:>8} {:>8} {:>9} {:>10}  {}",
+            "{:<12} {:>8} {:<10} {:>8.0}s {:>9} {:>8} {:>8} {:>10} {:>10}  {}",
             stage.stage,
             stage.pid.map(|p| p.to_string()).unwrap_or("-".into()),
             stage.state,
@@ -344,7 +344,7 @@ fn print_stages(stages: &[control::StageStatus]) {
             mib(stage.private_bytes),
             mib(stage.pss_bytes),
             stage.cpu_seconds.map(|c| format!("{c:.2}")).unwrap_or("-".into()),
-            stage.memory_hard_limit_bytes / (1024 * 1024),
+            format!("{}/{}", stage.memory_soft_budget_bytes >> 20, stage.memory_hard_budget_bytes >> 20),
             match stage.heartbeat_overdue_ms {
                 None => "-".to_string(),
                 Some(0) => "ok".to_string(),

@@ -110,12 +110,18 @@ pub struct StageState {
     heartbeat: Option<Heartbeat>,
     /// Restarts since the supervisor started, by reason.
     restarts_by_reason: std::collections::BTreeMap<&'static str, u64>,
+    /// When the stage was last asked to shed.
+    last_shed_request: Option<Instant>,
 }
+
+/// A stage that stays over its soft budget is asked to shed again this often.
+const SHED_REPEAT: Duration = Duration::from_secs(10);
 
 /// Why the supervisor ended a stage process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KillReason {
-    /// Over its hard memory limit (the limit working: not counted towards escalation).
+    /// Over its hard memory budget (counted towards escalation: a stage whose rebuilt state
+    /// alone exceeds the budget must not loop for ever).
     Memory,
     /// Its heartbeat was overdue.
     Hung,
@@ -214,6 +220,50 @@ impl StageActor {
         StageActor::signal(state, rustix::process::Signal::KILL);
     }
 
+    /// Holds the stage to its memory budget ([`SupervisorConfig::stage_memory`]): over the soft
+    /// budget it is asked to shed (through its heartbeat slot, again every [`SHED_REPEAT`] while
+    /// it stays over); over the hard budget it is drained (SIGTERM, SIGKILL after the shutdown
+    /// timeout) and restarted, and that restart counts towards escalation.
+    fn check_budget(myself: &ActorRef<StageMsg>, state: &mut StageState, private: u64) {
+        if state.stopping.is_some() || state.kill_reason.is_some() {
+            return;
+        }
+        let budget = state.policy.stage_memory(state.stage.as_str());
+        let mib = |v: u64| v * 1024 * 1024;
+        if private > mib(budget.hard_mib) {
+            tracing::error!(
+                stage = %state.stage,
+                private_mib = private / (1024 * 1024),
+                hard_budget_mib = budget.hard_mib,
+                "stage over its hard memory budget; draining and restarting it (its state is in the queue)"
+            );
+            state.kill_reason = Some(KillReason::Memory);
+            StageActor::signal(state, rustix::process::Signal::TERM);
+            let generation = state.generation;
+            myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+            return;
+        }
+        if private <= mib(budget.soft_mib) {
+            return;
+        }
+        if state.last_shed_request.is_some_and(|at| at.elapsed() < SHED_REPEAT) {
+            return;
+        }
+        if state.heartbeat.is_none() {
+            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+        }
+        if let Some(slot) = &state.heartbeat {
+            tracing::warn!(
+                stage = %state.stage,
+                private_mib = private / (1024 * 1024),
+                soft_budget_mib = budget.soft_mib,
+                "stage over its soft memory budget; asking it to shed"
+            );
+            slot.request_shed();
+            state.last_shed_request = Some(Instant::now());
+        }
+    }
+
     fn describe(state: &mut StageState) -> StageStatus {
         if state.heartbeat.is_none() {
             state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
@@ -237,7 +287,9 @@ impl StageActor {
             private_bytes: state.pid.and_then(crate::proc::private_memory_bytes),
             pss_bytes: state.pid.and_then(crate::proc::pss_bytes),
             cpu_seconds: state.pid.and_then(crate::proc::cpu_seconds),
-            memory_hard_limit_bytes: state.policy.memory_hard_limit_mib * 1024 * 1024,
+            memory_soft_budget_bytes: state.policy.stage_memory(state.stage.as_str()).soft_mib * 1024 * 1024,
+            memory_hard_budget_bytes: state.policy.stage_memory(state.stage.as_str()).hard_mib * 1024 * 1024,
+            shed_requests: state.heartbeat.as_ref().map_or(0, |slot| slot.shed_counts().0),
             restarts: state.restarts_by_reason.iter().map(|(reason, n)| (reason.to_string(), *n)).collect(),
             restarts_in_window: state.restarts.len(),
             heartbeat_overdue_ms,
@@ -311,11 +363,7 @@ impl StageActor {
             myself.send_message(StageMsg::Start)?;
             return Ok(());
         }
-        // A kill for memory is the limit working, not the stage failing: it is restarted with
-        // backoff but does not count towards escalation.
-        if reason != Some(KillReason::Memory) {
-            state.restarts.push_back(now);
-        }
+        state.restarts.push_back(now);
         while state.restarts.front().is_some_and(|t| now.duration_since(*t) > state.policy.restart_window) {
             state.restarts.pop_front();
         }
@@ -357,6 +405,7 @@ impl Actor for StageActor {
             stopping: None,
             heartbeat: None,
             restarts_by_reason: Default::default(),
+            last_shed_request: None,
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
@@ -435,19 +484,8 @@ impl Actor for StageActor {
             }
             StageMsg::CheckMemory(reply) => {
                 let private = state.pid.and_then(crate::proc::private_memory_bytes);
-                let hard = state.policy.memory_hard_limit_mib * 1024 * 1024;
-                if let Some(bytes) = private
-                    && bytes > hard
-                    && state.stopping.is_none()
-                {
-                    tracing::error!(
-                        stage = %state.stage,
-                        private_mib = bytes / (1024 * 1024),
-                        hard_limit_mib = state.policy.memory_hard_limit_mib,
-                        "stage over its memory hard limit; restarting it (its state is in the queue)"
-                    );
-                    state.kill_reason = Some(KillReason::Memory);
-                    StageActor::signal(state, rustix::process::Signal::KILL);
+                if let Some(bytes) = private {
+                    StageActor::check_budget(&myself, state, bytes);
                 }
                 StageActor::check_liveness(&myself, state);
                 StageActor::check_heartbeat(state);

@@ -310,6 +310,12 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut full_streak = 0;
     while !ctx.stopping() {
         ctx.beat();
+        if ctx.take_shed_request() {
+            // Flush at once (counts leave memory for the queue); the series stay: they are
+            // cumulative.
+            next_flush = Instant::now();
+            crate::context::shed_done(tailgate_ipc::memory::private_bytes(), "flushed early");
+        }
         let (read, more) = accumulator.read(&ctx.queue)?;
         ctx.events.received(read);
         if Instant::now() >= next_flush {
