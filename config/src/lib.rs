@@ -267,6 +267,8 @@ pub struct SupervisorConfig {
     pub memory_hard_limit_mib: u64,
     /// Per-stage budgets overriding the split, e.g. `tail_sample: {soft_mib: 200, hard_mib: 250}`.
     pub stage_memory: std::collections::BTreeMap<String, StageMemory>,
+    /// Self-metrics over HTTP (`/metrics`, `/healthz`, `/readyz`).
+    pub telemetry: TelemetryConfig,
     /// First wait before restarting a crashed stage; doubles per crash up to `restart_backoff_max`.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_initial: Duration,
@@ -288,6 +290,22 @@ pub struct SupervisorConfig {
     /// every stage, and its reader slot pins pages. Checked every `queue.sync_interval`.
     #[serde(with = "humantime_serde")]
     pub liveness_timeout: Duration,
+}
+
+/// The supervisor's own HTTP endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Serve the endpoint.
+    pub enabled: bool,
+    /// Address to listen on; loopback by default (the Collector's own telemetry port).
+    pub endpoint: SocketAddr,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { enabled: true, endpoint: SocketAddr::from(([127, 0, 0, 1], 8888)) }
+    }
 }
 
 /// One stage's memory budget (MiB of private memory).
@@ -327,6 +345,7 @@ impl Default for SupervisorConfig {
             memory_soft_limit_mib: 320,
             memory_hard_limit_mib: 400,
             stage_memory: std::collections::BTreeMap::new(),
+            telemetry: TelemetryConfig::default(),
             restart_backoff_initial: Duration::from_millis(50),
             restart_backoff_max: Duration::from_secs(5),
             max_restarts: 10,

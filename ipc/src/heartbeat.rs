@@ -15,6 +15,13 @@
 //! atomic u64 in a shared mapping, so a stamp is one store and a read is one load: no torn
 //! values, no syscalls. A slot left by an earlier process of the stage carries that process's
 //! pid and is not taken for the new one's.
+//!
+//! The rest of the page holds the stage's event counters (items received, sent, dropped by
+//! reason, errors by kind), which the stage publishes a few times a second and the supervisor
+//! exposes as self-metrics: a count of entries at byte 64, then entries of a 40-byte name and
+//! an atomic u64 value from byte 128. Only the stage writes them (it appends a name, then
+//! publishes the new count); the file outlives the process, so the supervisor reads a dead
+//! process's final counts before it starts the next one, which resets them.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -49,6 +56,14 @@ pub struct Heartbeat {
     last_due: AtomicU64,
 }
 
+/// Where the counter table starts, its entry size and name size.
+const COUNTERS_LEN_AT: usize = 64;
+const COUNTERS_AT: usize = 128;
+const COUNTER_BYTES: usize = 48;
+const COUNTER_NAME_BYTES: usize = 40;
+/// Counters a slot holds.
+pub const MAX_COUNTERS: usize = (SLOT_BYTES - COUNTERS_AT) / COUNTER_BYTES;
+
 /// Words of a slot: pid, due, shed requests, shed requests handled.
 const WORDS: usize = 4;
 const PID: usize = 0;
@@ -71,6 +86,7 @@ impl Heartbeat {
         // Requests made to an earlier process do not apply to this one.
         let requested = slot.words()[SHED_REQUESTED].load(Ordering::Acquire);
         slot.words()[SHED_HANDLED].store(requested, Ordering::Release);
+        slot.counters_len().store(0, Ordering::Release);
         slot.words()[PID].store(u64::from(std::process::id()), Ordering::Release);
         slot.beat_within(startup);
         Ok(slot)
@@ -170,6 +186,78 @@ impl Heartbeat {
     }
 }
 
+impl Heartbeat {
+    fn base(&self) -> *mut u8 {
+        self.map.as_ptr().cast::<u8>()
+    }
+
+    fn counters_len(&self) -> &AtomicU64 {
+        // SAFETY: byte 64 of the page-aligned mapping is 8-aligned and inside it; only atomics
+        // touch it.
+        unsafe { &*self.base().add(COUNTERS_LEN_AT).cast::<AtomicU64>() }
+    }
+
+    fn counter_value(&self, index: usize) -> &AtomicU64 {
+        // SAFETY: index < MAX_COUNTERS keeps the entry inside the page; the value word is
+        // 8-aligned (entries are 48 bytes from byte 128, the value after a 40-byte name).
+        unsafe { &*self.base().add(COUNTERS_AT + index * COUNTER_BYTES + COUNTER_NAME_BYTES).cast::<AtomicU64>() }
+    }
+
+    fn counter_name(&self, index: usize) -> Vec<u8> {
+        let mut name = vec![0u8; COUNTER_NAME_BYTES];
+        for (i, byte) in name.iter_mut().enumerate() {
+            // SAFETY: inside the page (index < MAX_COUNTERS); volatile because another process
+            // writes these bytes (only before it publishes the entry through the count).
+            *byte = unsafe { std::ptr::read_volatile(self.base().add(COUNTERS_AT + index * COUNTER_BYTES + i)) };
+        }
+        let end = name.iter().position(|b| *b == 0).unwrap_or(COUNTER_NAME_BYTES);
+        name.truncate(end);
+        name
+    }
+
+    /// Publishes counters (the stage): each `(name, value)` is written to its entry, appending
+    /// names not seen yet; names longer than 40 bytes are cut, and counters beyond
+    /// [`MAX_COUNTERS`] are not published. One process writes a slot, from one thread at a time.
+    pub fn publish_counters<'a>(&self, counters: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut len = self.counters_len().load(Ordering::Acquire) as usize;
+        for (name, value) in counters {
+            let name = &name.as_bytes()[..name.len().min(COUNTER_NAME_BYTES)];
+            let found = (0..len).find(|i| self.counter_name(*i) == name);
+            let index = match found {
+                Some(index) => index,
+                None if len < MAX_COUNTERS => {
+                    for (i, byte) in name.iter().chain(std::iter::repeat(&0u8)).take(COUNTER_NAME_BYTES).enumerate() {
+                        // SAFETY: inside the page; the entry is not published yet (readers
+                        // stop at the count).
+                        unsafe {
+                            std::ptr::write_volatile(self.base().add(COUNTERS_AT + len * COUNTER_BYTES + i), *byte)
+                        };
+                    }
+                    self.counter_value(len).store(value, Ordering::Release);
+                    len += 1;
+                    self.counters_len().store(len as u64, Ordering::Release);
+                    continue;
+                }
+                None => continue,
+            };
+            self.counter_value(index).store(value, Ordering::Release);
+        }
+    }
+
+    /// The published counters (the supervisor's view).
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let len = (self.counters_len().load(Ordering::Acquire) as usize).min(MAX_COUNTERS);
+        (0..len)
+            .map(|i| {
+                (
+                    String::from_utf8_lossy(&self.counter_name(i)).into_owned(),
+                    self.counter_value(i).load(Ordering::Acquire),
+                )
+            })
+            .collect()
+    }
+}
+
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`; no reference to it outlives self.
@@ -196,6 +284,31 @@ mod tests {
         stamper.beat_within(Duration::from_secs(5));
         assert_eq!(reader.overdue(me), Some(Duration::ZERO));
         assert!(Heartbeat::open(dir.path(), StageId::Export).is_none());
+    }
+
+    #[test]
+    fn counters_are_published_to_the_reader_and_reset_by_the_next_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = Heartbeat::claim(dir.path(), StageId::Export, Duration::from_secs(60)).unwrap();
+        let supervisor = Heartbeat::open(dir.path(), StageId::Export).unwrap();
+        assert!(supervisor.counters().is_empty());
+        stage.publish_counters([("received", 5), ("dropped/sampled_out", 2)]);
+        stage.publish_counters([("received", 9), ("error/a_kind_with_a_name_longer_than_forty_bytes_cut", 1)]);
+        assert_eq!(
+            supervisor.counters(),
+            vec![
+                ("received".to_string(), 9),
+                ("dropped/sampled_out".to_string(), 2),
+                ("error/a_kind_with_a_name_longer_than_for".to_string(), 1)
+            ]
+        );
+        let many: Vec<String> = (0..2 * MAX_COUNTERS).map(|i| format!("c{i}")).collect();
+        stage.publish_counters(many.iter().map(|name| (name.as_str(), 1)));
+        assert_eq!(supervisor.counters().len(), MAX_COUNTERS);
+        drop(stage);
+        assert_eq!(supervisor.counters().len(), MAX_COUNTERS, "a dead process's counts stay readable");
+        let _next = Heartbeat::claim(dir.path(), StageId::Export, Duration::from_secs(60)).unwrap();
+        assert!(supervisor.counters().is_empty());
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl StageContext {
     /// next step or while it waits) within the supervisor's liveness timeout.
     pub fn beat(&self) {
         self.heartbeat.beat();
+        self.events.publish(&self.heartbeat);
     }
 
     /// For stages whose work runs in many tasks, each bounded by its own timeouts (receive's
@@ -101,9 +102,11 @@ impl StageContext {
     /// never completes.
     pub fn beat_while_runtime_runs(&self) -> BeatGuard {
         let heartbeat = self.heartbeat.clone();
+        let events = self.events.clone();
         BeatGuard(tokio::spawn(async move {
             loop {
                 heartbeat.beat_within(BEAT_INTERVAL);
+                events.publish(&heartbeat);
                 if heartbeat.take_shed_request() {
                     // These stages hold no index to shrink: what they can give back is free heap.
                     shed_done(memory::private_bytes(), "free heap returned");
@@ -133,6 +136,7 @@ impl StageContext {
         tokio::pin!(woken);
         loop {
             self.heartbeat.beat_within(BEAT_INTERVAL);
+            self.events.publish(&self.heartbeat);
             // A shed request ends the wait: the stage's loop handles it.
             if self.heartbeat.shed_requested() {
                 break;

@@ -1,16 +1,16 @@
 //! The core events every stage emits alike: items received, sent, dropped (with a named
-//! reason) and errors. Each event bumps a counter; the counters are logged when a stage stops
-//! and are what tests and the supervisor read.
-//!
-//! Metric names (for the exposition added with the telemetry endpoint):
-//! `tailgate_items_received_total{stage}`, `tailgate_items_sent_total{stage}`,
-//! `tailgate_items_dropped_total{stage,reason}`, `tailgate_errors_total{stage,kind}`.
+//! reason) and errors. Each event bumps a counter; the counters are published to the stage's
+//! shared slot a few times a second ([`StageEvents::publish`]), from where the supervisor
+//! exposes them as `tailgate_items_received_total{stage}`, `tailgate_items_sent_total{stage}`,
+//! `tailgate_items_dropped_total{stage,reason}` and `tailgate_errors_total{stage,kind}`, and
+//! logged when a stage stops.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tailgate_ipc::StageId;
+use tailgate_ipc::heartbeat::{self, Heartbeat};
 
 /// Counters of one stage process.
 #[derive(Debug)]
@@ -20,7 +20,12 @@ pub struct StageEvents {
     sent: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// When the counters were last published (monotonic nanoseconds).
+    published_at: AtomicU64,
 }
+
+/// Counters are published at most this often.
+const PUBLISH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl StageEvents {
     /// Fresh counters for `stage`.
@@ -31,6 +36,7 @@ impl StageEvents {
             sent: AtomicU64::new(0),
             dropped: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
+            published_at: AtomicU64::new(0),
         }
     }
 
@@ -59,6 +65,34 @@ impl StageEvents {
         if let Ok(mut map) = self.errors.lock() {
             *map.entry(kind).or_default() += 1;
         }
+    }
+
+    /// Publishes the counters to the stage's slot (`received`, `sent`, `dropped/<reason>`,
+    /// `error/<kind>`), at most every 250 ms. Called by one task of the process at a time.
+    pub fn publish(&self, slot: &Heartbeat) {
+        let now = heartbeat::monotonic_now().as_nanos() as u64;
+        let last = self.published_at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < PUBLISH_INTERVAL.as_nanos() as u64 {
+            return;
+        }
+        self.published_at.store(now, Ordering::Relaxed);
+        let mut counters: Vec<(String, u64)> = vec![
+            ("received".to_string(), self.received.load(Ordering::Relaxed)),
+            ("sent".to_string(), self.sent.load(Ordering::Relaxed)),
+        ];
+        if let Ok(map) = self.dropped.lock() {
+            counters.extend(map.iter().map(|(reason, n)| (format!("dropped/{reason}"), *n)));
+        }
+        if let Ok(map) = self.errors.lock() {
+            counters.extend(map.iter().map(|(kind, n)| (format!("error/{kind}"), *n)));
+        }
+        slot.publish_counters(counters.iter().map(|(name, n)| (name.as_str(), *n)));
+    }
+
+    /// Publishes the counters now, whatever the interval (at the stage's exit).
+    pub fn publish_final(&self, slot: &Heartbeat) {
+        self.published_at.store(0, Ordering::Relaxed);
+        self.publish(slot);
     }
 
     /// Total dropped for `reason`.

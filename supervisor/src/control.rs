@@ -64,6 +64,9 @@ pub struct StageStatus {
     pub memory_hard_budget_bytes: u64,
     /// Times the stage was asked to shed since the slot was created.
     pub shed_requests: u64,
+    /// Event counters since the supervisor started (`received`, `sent`, `dropped/<reason>`,
+    /// `error/<kind>`), summed over the stage's processes.
+    pub counters: std::collections::BTreeMap<String, u64>,
     /// Restarts since the supervisor started, by reason (`exited`, `memory`, `hung`,
     /// `stopped`, `writer_lock`, `requested`).
     pub restarts: std::collections::BTreeMap<String, u64>,

@@ -7,6 +7,7 @@ mod proc;
 pub mod stage_process;
 mod startup;
 pub mod supervisor;
+pub mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -135,6 +135,7 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
             Err(err) => return Err(err.into()),
         }
     }
+    events.publish_final(&heartbeat);
     drop(lock);
     Ok(())
 }

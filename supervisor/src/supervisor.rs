@@ -112,6 +112,9 @@ pub struct StageState {
     restarts_by_reason: std::collections::BTreeMap<&'static str, u64>,
     /// When the stage was last asked to shed.
     last_shed_request: Option<Instant>,
+    /// Event counters of the stage's finished processes (read from the slot at each exit), so
+    /// the exposed counters never go back at a restart.
+    counter_base: std::collections::BTreeMap<String, u64>,
 }
 
 /// A stage that stays over its soft budget is asked to shed again this often.
@@ -264,6 +267,20 @@ impl StageActor {
         }
     }
 
+    /// The stage's event counters since the supervisor started: finished processes' plus the
+    /// running one's.
+    fn counters(state: &StageState) -> std::collections::BTreeMap<String, u64> {
+        let mut counters = state.counter_base.clone();
+        if let (Some(pid), Some(slot)) = (state.pid, &state.heartbeat)
+            && slot.read().0 == pid
+        {
+            for (name, value) in slot.counters() {
+                *counters.entry(name).or_default() += value;
+            }
+        }
+        counters
+    }
+
     fn describe(state: &mut StageState) -> StageStatus {
         if state.heartbeat.is_none() {
             state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
@@ -290,6 +307,7 @@ impl StageActor {
             memory_soft_budget_bytes: state.policy.stage_memory(state.stage.as_str()).soft_mib * 1024 * 1024,
             memory_hard_budget_bytes: state.policy.stage_memory(state.stage.as_str()).hard_mib * 1024 * 1024,
             shed_requests: state.heartbeat.as_ref().map_or(0, |slot| slot.shed_counts().0),
+            counters: StageActor::counters(state),
             restarts: state.restarts_by_reason.iter().map(|(reason, n)| (reason.to_string(), *n)).collect(),
             restarts_in_window: state.restarts.len(),
             heartbeat_overdue_ms,
@@ -339,6 +357,15 @@ impl StageActor {
     }
 
     fn on_exit(myself: &ActorRef<StageMsg>, state: &mut StageState, status: String) -> Result<(), ActorProcessingErr> {
+        // The slot outlives the process: its final counts join the base before the next
+        // process resets them.
+        if let (Some(pid), Some(slot)) = (state.pid, &state.heartbeat)
+            && slot.read().0 == pid
+        {
+            for (name, value) in slot.counters() {
+                *state.counter_base.entry(name).or_default() += value;
+            }
+        }
         state.pid = None;
         state.pidfd = None;
         match state.queue.clear_stale_readers() {
@@ -406,6 +433,7 @@ impl Actor for StageActor {
             heartbeat: None,
             restarts_by_reason: Default::default(),
             last_shed_request: None,
+            counter_base: Default::default(),
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
@@ -513,6 +541,8 @@ pub enum SupervisorMsg {
     ChildSignal,
     /// A request on the control socket.
     Control(Request, RpcReplyPort<serde_json::Value>),
+    /// What the telemetry endpoint serves: every stage and the queue.
+    Telemetry(RpcReplyPort<crate::telemetry::Snapshot>),
 }
 
 /// The root actor.
@@ -666,6 +696,12 @@ impl Actor for Supervisor {
             stages.push((stage, actor));
         }
         myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        let telemetry = &args.policy.telemetry;
+        if telemetry.enabled
+            && let Err(err) = crate::telemetry::serve(telemetry.endpoint, myself.clone())
+        {
+            tracing::error!(endpoint = %telemetry.endpoint, error = %err, "cannot serve self-metrics; the pipeline runs without them");
+        }
         if let Err(err) = crate::control::serve(&args.launch.data_dir, myself.clone()) {
             tracing::warn!(error = %err, "cannot open the control socket; status shows the queue only, restart-stage is unavailable");
         }
@@ -724,6 +760,15 @@ impl Actor for Supervisor {
                     check_memory(state).await;
                     check_writer_lock(state).await;
                 }
+            }
+            SupervisorMsg::Telemetry(reply) => {
+                let mut stages = Vec::new();
+                for (_, actor) in &state.stages {
+                    if let Ok(status) = ractor::call!(actor, StageMsg::Describe) {
+                        stages.push(status);
+                    }
+                }
+                let _ = reply.send(crate::telemetry::Snapshot::take(&state.queue, stages));
             }
             SupervisorMsg::Control(request, reply) => {
                 let _ = reply.send(control_answer(state, request).await);

@@ -122,6 +122,8 @@ pub struct Tailgate {
     pub dir: tempfile::TempDir,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The supervisor's self-metrics endpoint.
+    pub telemetry: SocketAddr,
     pub config_path: PathBuf,
 }
 
@@ -131,6 +133,7 @@ impl Tailgate {
         let dir = tempfile::tempdir().unwrap();
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let telemetry: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
             r#"
 data_dir: {data}
@@ -163,6 +166,7 @@ supervisor:
   restart_backoff_initial: 50ms
   restart_backoff_max: 1s
   shutdown_timeout: 5s
+  telemetry: {{ endpoint: "{telemetry}" }}
 {extra}
 "#,
             extra = timing.supervisor_extra,
@@ -192,7 +196,7 @@ supervisor:
             mount_tmpfs(&dir.path().join("data"), mib);
         }
         let child = spawn_tailgate_with(&config_path, dir.path(), timing.netns.as_deref(), &timing.env);
-        let tailgate = Tailgate { child, dir, grpc, http, config_path };
+        let tailgate = Tailgate { child, dir, grpc, http, telemetry, config_path };
         let listening = || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok();
         let up = match timing.netns.as_deref() {
             Some(ns) => in_netns(ns, || wait_until(Duration::from_secs(20), listening)),
