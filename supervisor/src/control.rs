@@ -8,6 +8,9 @@
 //!   the stage drains (SIGTERM) and starts again at once; an operator's restart does not count
 //!   towards escalation.
 //!
+//! - `{"command":"reload"}` → `{"reloaded":true,"restarted":["tail_sample",...]}`: the file is
+//!   validated first; with a problem nothing changes and the answer is the error.
+//!
 //! Any failure is `{"error":"..."}`. The CLI (`tailgate status`, `tailgate restart-stage`) is the
 //! client; while no supervisor answers, `status` still reads the queue on its own.
 
@@ -34,6 +37,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Request {
     /// Every stage's process and health.
     Status,
+    /// Validate the operator's configuration file and apply it: restart the stages whose
+    /// configuration changed.
+    Reload,
     /// Drain and restart one stage.
     RestartStage {
         /// Stage name (receive, tail_sample, log_mirror, spanmetrics, export).

@@ -4,6 +4,7 @@
 
 pub mod control;
 mod proc;
+pub mod reload;
 pub mod stage_process;
 mod startup;
 pub mod supervisor;
@@ -353,6 +354,31 @@ fn print_stages(stages: &[control::StageStatus]) {
             },
             if restarts.is_empty() { "none".to_string() } else { restarts.join(" ") }
         );
+    }
+}
+
+/// `tailgate reload`: asks the running supervisor to validate and apply its configuration file.
+pub fn reload(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    // The file given here only locates the data directory; the supervisor validates the file it
+    // was started with. A file that does not load here has problems the supervisor would refuse.
+    let result = load_config(config_file.as_deref(), data_dir)
+        .map_err(|err| anyhow::anyhow!("{err}; nothing was reloaded"))
+        .and_then(|config| control::ask(&config.data_dir, &control::Request::Reload));
+    match result {
+        Ok(answer) => {
+            let restarted: Vec<&str> =
+                answer["restarted"].as_array().into_iter().flatten().filter_map(|s| s.as_str()).collect();
+            if restarted.is_empty() {
+                println!("reloaded; no stage's configuration changed");
+            } else {
+                println!("reloaded; restarted {}", restarted.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("tailgate reload: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

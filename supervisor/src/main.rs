@@ -43,6 +43,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate the configuration file the running tailgate was started with and apply it
+    /// (also on SIGHUP): only stages whose configuration changed restart; a file with problems
+    /// changes nothing.
+    Reload {
+        /// Configuration file, as given to `run` (locates the data directory).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Drain one stage and start it again (through the running supervisor's control socket);
     /// its backlog stays in the queue. Not counted towards the stage's crash escalation.
     RestartStage {
@@ -101,6 +112,7 @@ fn main() -> ExitCode {
         Command::Status { config, data_dir, clear_losses, json } => {
             tailgate::status(config, data_dir, clear_losses, json)
         }
+        Command::Reload { config, data_dir } => tailgate::reload(config, data_dir),
         Command::RestartStage { name, config, data_dir } => tailgate::restart_stage(&name, config, data_dir),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }

@@ -43,8 +43,10 @@ const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 pub struct Launch {
     /// This binary.
     pub exe: PathBuf,
-    /// `--config` to pass on, if one was given.
+    /// `--config` to pass on: the active snapshot of the operator's file, if one was given.
     pub config_file: Option<PathBuf>,
+    /// The operator's file, read again on reload.
+    pub source_config: Option<PathBuf>,
     /// Absolute data directory every process uses.
     pub data_dir: PathBuf,
 }
@@ -77,9 +79,11 @@ pub enum StageMsg {
     KillLockHolder(u32, Duration),
     /// Describe the stage for `tailgate status`.
     Describe(RpcReplyPort<StageStatus>),
-    /// Drain (SIGTERM, SIGKILL after the shutdown timeout) and start again at once; replies
-    /// with the pid being restarted.
-    Restart(RpcReplyPort<Result<u32, String>>),
+    /// Drain (SIGTERM, SIGKILL after the shutdown timeout) and start again at once, on an
+    /// operator's request (false) or for a reload (true); replies with the pid being restarted.
+    Restart(bool, RpcReplyPort<Result<u32, String>>),
+    /// The supervisor's section changed on reload.
+    SetPolicy(SupervisorConfig),
 }
 
 /// Watches one stage process.
@@ -134,6 +138,8 @@ enum KillReason {
     WriterLock,
     /// An operator asked (`tailgate restart-stage`): restarted at once, not counted.
     Requested,
+    /// Its configuration changed on reload: restarted at once, not counted.
+    Reload,
 }
 
 impl KillReason {
@@ -144,6 +150,7 @@ impl KillReason {
             KillReason::Stopped => "stopped",
             KillReason::WriterLock => "writer_lock",
             KillReason::Requested => "requested",
+            KillReason::Reload => "reload",
         }
     }
 }
@@ -385,7 +392,7 @@ impl StageActor {
         }
         let reason = state.kill_reason.take();
         *state.restarts_by_reason.entry(reason.map_or("exited", KillReason::as_str)).or_default() += 1;
-        if reason == Some(KillReason::Requested) {
+        if matches!(reason, Some(KillReason::Requested | KillReason::Reload)) {
             tracing::info!(stage = %state.stage, %status, "stage process stopped on request; starting it again");
             myself.send_message(StageMsg::Start)?;
             return Ok(());
@@ -480,7 +487,10 @@ impl Actor for StageActor {
             StageMsg::Describe(reply) => {
                 let _ = reply.send(StageActor::describe(state));
             }
-            StageMsg::Restart(reply) => {
+            StageMsg::SetPolicy(policy) => {
+                state.policy = policy;
+            }
+            StageMsg::Restart(reload, reply) => {
                 let answer = match state.pid {
                     _ if state.stopping.is_some() => Err(format!("stage {} is stopping", state.stage)),
                     None => Err(format!("stage {} has no process now (a restart is pending)", state.stage)),
@@ -488,8 +498,8 @@ impl Actor for StageActor {
                         Err(format!("stage {} is being restarted already", state.stage))
                     }
                     Some(pid) => {
-                        tracing::info!(stage = %state.stage, pid, "restart requested; draining the stage");
-                        state.kill_reason = Some(KillReason::Requested);
+                        tracing::info!(stage = %state.stage, pid, reload, "restart requested; draining the stage");
+                        state.kill_reason = Some(if reload { KillReason::Reload } else { KillReason::Requested });
                         StageActor::signal(state, rustix::process::Signal::TERM);
                         let generation = state.generation;
                         myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
@@ -541,6 +551,9 @@ pub enum SupervisorMsg {
     ChildSignal,
     /// A request on the control socket.
     Control(Request, RpcReplyPort<serde_json::Value>),
+    /// Reload the configuration (SIGHUP: no reply; `tailgate reload`: the restarted stages or
+    /// why nothing changed).
+    Reload(Option<RpcReplyPort<Result<Vec<String>, String>>>),
     /// What the telemetry endpoint serves: every stage and the queue.
     Telemetry(RpcReplyPort<crate::telemetry::Snapshot>),
 }
@@ -553,6 +566,7 @@ pub struct Supervisor;
 #[derive(Debug)]
 pub struct SupervisorArgs {
     launch: Arc<Launch>,
+    config: Config,
     queue: Queue,
     policy: SupervisorConfig,
     sync_interval: Duration,
@@ -563,6 +577,10 @@ pub struct SupervisorArgs {
 #[derive(Debug)]
 pub struct SupervisorState {
     stages: Vec<(StageId, ActorRef<StageMsg>)>,
+    /// How the stages were started, and the operator's file for reloads.
+    launch: Arc<Launch>,
+    /// The active configuration.
+    config: Config,
     /// The data directory (control socket, run files).
     data_dir: PathBuf,
     queue: Queue,
@@ -637,8 +655,39 @@ async fn check_memory(state: &mut SupervisorState) {
     state.over_soft_limit = over;
 }
 
+/// Validates the operator's file, makes it the active snapshot, hands the supervisor's section
+/// to every stage actor and restarts the stages whose configuration changed.
+async fn reload(state: &mut SupervisorState) -> Result<Vec<String>, String> {
+    let Some(source) = state.launch.source_config.clone() else {
+        return Err("tailgate was started without --config: there is no file to reload".to_string());
+    };
+    let (config, text) = crate::reload::load(&source, &state.config.data_dir)?;
+    let stages = crate::reload::changed_stages(&state.config, &config)?;
+    crate::reload::write_snapshot(&state.config.data_dir, &text)
+        .map_err(|err| format!("cannot write the active configuration: {err}"))?;
+    for (_, actor) in &state.stages {
+        let _ = actor.cast(StageMsg::SetPolicy(config.supervisor.clone()));
+    }
+    let mut restarted = Vec::new();
+    for (stage, actor) in &state.stages {
+        if !stages.contains(stage) {
+            continue;
+        }
+        match ractor::call!(actor, StageMsg::Restart, true) {
+            Ok(Ok(_)) => restarted.push(stage.as_str().to_string()),
+            // No process right now (a restart is pending): it starts with the new snapshot.
+            Ok(Err(message)) => tracing::info!(stage = %stage, %message, "not restarted for the reload"),
+            Err(err) => return Err(format!("stage actor {stage} did not answer: {err}")),
+        }
+    }
+    state.liveness_timeout = config.supervisor.liveness_timeout;
+    state.memory_soft_limit_bytes = config.supervisor.memory_soft_limit_mib * 1024 * 1024;
+    state.config = config;
+    Ok(restarted)
+}
+
 /// Answers a control socket request.
-async fn control_answer(state: &SupervisorState, request: Request) -> serde_json::Value {
+async fn control_answer(state: &mut SupervisorState, request: Request) -> serde_json::Value {
     match request {
         Request::Status => {
             let mut stages = Vec::new();
@@ -649,6 +698,16 @@ async fn control_answer(state: &SupervisorState, request: Request) -> serde_json
             }
             serde_json::json!({ "stages": stages })
         }
+        Request::Reload => match reload(state).await {
+            Ok(stages) => {
+                tracing::info!(restarted = ?stages, "configuration reloaded");
+                serde_json::json!({ "reloaded": true, "restarted": stages })
+            }
+            Err(message) => {
+                tracing::error!(error = %message, "configuration not reloaded; nothing changed");
+                serde_json::json!({ "error": message })
+            }
+        },
         Request::RestartStage { stage } => {
             let Some(id) = StageId::parse(&stage) else {
                 return serde_json::json!({ "error": format!("unknown stage {stage:?}") });
@@ -656,7 +715,7 @@ async fn control_answer(state: &SupervisorState, request: Request) -> serde_json
             let Some((_, actor)) = state.stages.iter().find(|(s, _)| *s == id) else {
                 return serde_json::json!({ "error": format!("stage {stage} is not supervised") });
             };
-            match ractor::call!(actor, StageMsg::Restart) {
+            match ractor::call!(actor, StageMsg::Restart, false) {
                 Ok(Ok(pid)) => serde_json::json!({ "restarted": stage, "pid": pid }),
                 Ok(Err(message)) => serde_json::json!({ "error": message }),
                 Err(err) => serde_json::json!({ "error": format!("stage actor did not answer: {err}") }),
@@ -734,6 +793,8 @@ impl Actor for Supervisor {
             over_soft_limit: false,
             stages,
             data_dir: args.launch.data_dir.clone(),
+            launch: args.launch.clone(),
+            config: args.config,
             last_synced_txn: args.queue.last_txn_id(),
             queue: args.queue,
             escalated: args.escalated,
@@ -759,6 +820,16 @@ impl Actor for Supervisor {
                 if !state.shutting_down {
                     check_memory(state).await;
                     check_writer_lock(state).await;
+                }
+            }
+            SupervisorMsg::Reload(reply) => {
+                let outcome = reload(state).await;
+                match &outcome {
+                    Ok(stages) => tracing::info!(restarted = ?stages, "configuration reloaded"),
+                    Err(err) => tracing::error!(error = %err, "configuration not reloaded; nothing changed"),
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
                 }
             }
             SupervisorMsg::Telemetry(reply) => {
@@ -853,14 +924,26 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     }
     crate::startup::end_orphaned_stages(&config.data_dir, config.supervisor.shutdown_timeout);
     let queue = crate::startup::open_queue(&config)?;
+    // Stages read the validated snapshot, never the operator's file directly: an edit takes
+    // effect on reload, after validation, not at the next crash restart.
+    let source_config = config_file.map(|f| absolute(&f)).transpose()?;
+    let active_config = match &source_config {
+        Some(source) => {
+            let (_, text) = crate::reload::load(source, &config.data_dir).map_err(|err| anyhow::anyhow!(err))?;
+            Some(crate::reload::write_snapshot(&config.data_dir, &text)?)
+        }
+        None => None,
+    };
     let launch = Arc::new(Launch {
         exe: std::env::current_exe()?,
-        config_file: config_file.map(|f| absolute(&f)).transpose()?,
+        config_file: active_config,
+        source_config,
         data_dir: config.data_dir.clone(),
     });
     let escalated = Arc::new(AtomicBool::new(false));
     let args = SupervisorArgs {
         launch,
+        config: config.clone(),
         queue,
         policy: config.supervisor.clone(),
         sync_interval: config.queue.sync_interval,
@@ -869,15 +952,25 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     let (supervisor, handle) = Actor::spawn(Some("supervisor".into()), Supervisor, args).await?;
     tracing::info!(data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "tailgate started");
     tokio::pin!(handle);
-    tokio::select! {
-        _ = crate::wait_for_stop_signal() => {
-            tracing::info!("shutting down: stopping intake, draining stages");
-            if let Err(err) = ractor::call!(supervisor, SupervisorMsg::Shutdown) {
-                tracing::warn!(error = %err, "supervisor already stopped");
+    let stop = crate::wait_for_stop_signal();
+    tokio::pin!(stop);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                tracing::info!("shutting down: stopping intake, draining stages");
+                if let Err(err) = ractor::call!(supervisor, SupervisorMsg::Shutdown) {
+                    tracing::warn!(error = %err, "supervisor already stopped");
+                }
+                let _ = (&mut handle).await;
+                break;
             }
-            let _ = (&mut handle).await;
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = supervisor.cast(SupervisorMsg::Reload(None));
+            }
+            _ = &mut handle => break,
         }
-        _ = &mut handle => {}
     }
     if escalated.load(Ordering::SeqCst) {
         tracing::error!("exiting non-zero so the service manager restarts tailgate");
