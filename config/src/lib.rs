@@ -269,6 +269,8 @@ pub struct SupervisorConfig {
     pub stage_memory: std::collections::BTreeMap<String, StageMemory>,
     /// Self-metrics over HTTP (`/metrics`, `/healthz`, `/readyz`).
     pub telemetry: TelemetryConfig,
+    /// Kernel caps per stage (one cgroup per stage where the host allows).
+    pub cgroups: CgroupsConfig,
     /// First wait before restarting a crashed stage; doubles per crash up to `restart_backoff_max`.
     #[serde(with = "humantime_serde")]
     pub restart_backoff_initial: Duration,
@@ -290,6 +292,36 @@ pub struct SupervisorConfig {
     /// every stage, and its reader slot pins pages. Checked every `queue.sync_interval`.
     #[serde(with = "humantime_serde")]
     pub liveness_timeout: Duration,
+}
+
+/// One cgroup per stage process: cgroup v2 in a delegated subtree, or v1 where that is what the
+/// host has and it is writable; without either, stages run uncapped (said once at start).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupsConfig {
+    /// Make the per-stage groups (they also give per-stage accounting without caps).
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// Caps per stage name, e.g. `tail_sample: {memory_max_mib: 512, cpu_max_percent: 50}`.
+    /// Memory caps are unset by default: a stage's group is also charged for the queue map's
+    /// page cache it touches, so only an operator who sized them should set them.
+    pub stages: std::collections::BTreeMap<String, StageCaps>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// Kernel caps of one stage.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageCaps {
+    /// `memory.high` (v2) / `memory.soft_limit_in_bytes` (v1): reclaim pressure above this.
+    pub memory_high_mib: Option<u64>,
+    /// `memory.max` (v2) / `memory.limit_in_bytes` (v1): the kernel's hard cap.
+    pub memory_max_mib: Option<u64>,
+    /// `cpu.max` (v2) / CFS quota (v1), in percent of one core.
+    pub cpu_max_percent: Option<u32>,
 }
 
 /// The supervisor's own HTTP endpoint.
@@ -346,6 +378,7 @@ impl Default for SupervisorConfig {
             memory_hard_limit_mib: 400,
             stage_memory: std::collections::BTreeMap::new(),
             telemetry: TelemetryConfig::default(),
+            cgroups: CgroupsConfig { enabled: true, stages: std::collections::BTreeMap::new() },
             restart_backoff_initial: Duration::from_millis(50),
             restart_backoff_max: Duration::from_secs(5),
             max_restarts: 10,
@@ -488,6 +521,15 @@ impl Config {
         }
         if supervisor.memory_hard_limit_mib == 0 {
             problems.add("supervisor.memory_hard_limit_mib", "must be above zero");
+        }
+        for (stage, caps) in &supervisor.cgroups.stages {
+            let path = format!("supervisor.cgroups.stages.{stage}");
+            if !STAGE_MEMORY_SHARES.iter().any(|(name, _)| name == stage) {
+                problems.add(&path, "unknown stage (receive, tail_sample, log_mirror, spanmetrics, export)");
+            }
+            if caps.cpu_max_percent == Some(0) || caps.memory_max_mib == Some(0) || caps.memory_high_mib == Some(0) {
+                problems.add(&path, "caps must be above zero (leave a cap out to not set it)");
+            }
         }
         for (stage, budget) in &supervisor.stage_memory {
             let path = format!("supervisor.stage_memory.{stage}");

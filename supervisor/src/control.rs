@@ -19,11 +19,8 @@ use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Stream, prelude::*};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
-use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
-use crate::supervisor::SupervisorMsg;
 
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 4096;
@@ -47,49 +44,18 @@ pub enum Request {
     },
 }
 
-/// One stage as the supervisor sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageStatus {
-    /// Stage name.
-    pub stage: String,
-    /// Running process, if any.
-    pub pid: Option<u32>,
-    /// `running`, `stopped` (SIGSTOP or frozen), `stopping`, or `restarting` (no process now).
-    pub state: String,
-    /// Seconds since the running process started.
-    pub uptime_seconds: f64,
-    /// Private (anonymous resident) memory of the process.
-    pub private_bytes: Option<u64>,
-    /// Proportional set size (its share of shared pages, the queue map included).
-    pub pss_bytes: Option<u64>,
-    /// CPU time the process has used (user + system).
-    pub cpu_seconds: Option<f64>,
-    /// The stage's soft memory budget: over it, the stage is asked to shed.
-    pub memory_soft_budget_bytes: u64,
-    /// The stage's hard memory budget: over it, the stage is drained and restarted.
-    pub memory_hard_budget_bytes: u64,
-    /// Times the stage was asked to shed since the slot was created.
-    pub shed_requests: u64,
-    /// Event counters since the supervisor started (`received`, `sent`, `dropped/<reason>`,
-    /// `error/<kind>`), summed over the stage's processes.
-    pub counters: std::collections::BTreeMap<String, u64>,
-    /// Restarts since the supervisor started, by reason (`exited`, `memory`, `hung`,
-    /// `stopped`, `writer_lock`, `requested`).
-    pub restarts: std::collections::BTreeMap<String, u64>,
-    /// Restarts counting towards escalation within `restart_window`.
-    pub restarts_in_window: usize,
-    /// How late the stage's heartbeat is (0 while its promise holds); `None` before its first.
-    pub heartbeat_overdue_ms: Option<u64>,
-}
-
 /// The socket's path for a data directory.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     tailgate_ipc::wake::socket_dir(data_dir).join("control.sock")
 }
 
+/// Answers one request (the supervisor actor, in the running process).
+pub type Handler =
+    std::sync::Arc<dyn Fn(Request) -> std::pin::Pin<Box<dyn Future<Output = serde_json::Value> + Send>> + Send + Sync>;
+
 /// Binds the socket (replacing one left by a dead supervisor: the caller holds the data
-/// directory) and answers requests through the supervisor actor until the process ends.
-pub fn serve(data_dir: &Path, supervisor: ActorRef<SupervisorMsg>) -> std::io::Result<()> {
+/// directory) and answers requests with `handler` until the process ends.
+pub fn serve(data_dir: &Path, handler: Handler) -> std::io::Result<()> {
     let path = socket_path(data_dir);
     let _ = std::fs::remove_file(&path);
     let name = path.as_path().to_fs_name::<GenericFilePath>()?;
@@ -101,9 +67,9 @@ pub fn serve(data_dir: &Path, supervisor: ActorRef<SupervisorMsg>) -> std::io::R
         loop {
             match listener.accept().await {
                 Ok(conn) => {
-                    let supervisor = supervisor.clone();
+                    let handler = handler.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = answer(conn, supervisor).await {
+                        if let Err(err) = answer(conn, handler).await {
                             tracing::debug!(error = %err, "control connection failed");
                         }
                     });
@@ -118,17 +84,14 @@ pub fn serve(data_dir: &Path, supervisor: ActorRef<SupervisorMsg>) -> std::io::R
     Ok(())
 }
 
-async fn answer(conn: Stream, supervisor: ActorRef<SupervisorMsg>) -> std::io::Result<()> {
+async fn answer(conn: Stream, handler: Handler) -> std::io::Result<()> {
     let mut line = String::new();
     let mut reader = BufReader::new(&conn).take(MAX_REQUEST_BYTES);
     tokio::time::timeout(ANSWER_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
-        Ok(request) => match ractor::call!(supervisor, SupervisorMsg::Control, request) {
-            Ok(reply) => reply,
-            Err(err) => serde_json::json!({ "error": format!("supervisor did not answer: {err}") }),
-        },
+        Ok(request) => handler(request).await,
         Err(err) => serde_json::json!({ "error": format!("bad request: {err}") }),
     };
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;

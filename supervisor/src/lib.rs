@@ -2,9 +2,11 @@
 //! process) and the stage process entry point.
 #![forbid(unsafe_code)]
 
+pub mod cgroups;
 pub mod control;
 mod proc;
 pub mod reload;
+pub mod report;
 pub mod stage_process;
 mod startup;
 pub mod supervisor;
@@ -157,7 +159,7 @@ fn print_status(config_file: Option<PathBuf>, data_dir: Option<PathBuf>, json: b
     print_queue_report(&queue);
     match supervisor {
         Ok(answer) => {
-            let stages: Vec<control::StageStatus> = serde_json::from_value(answer["stages"].clone())?;
+            let stages: Vec<report::StageStatus> = serde_json::from_value(answer["stages"].clone())?;
             print_stages(&stages);
         }
         Err(err) => println!("supervisor: not answering ({err}); the queue above is read directly"),
@@ -329,7 +331,7 @@ fn print_queue_report(q: &serde_json::Value) {
     }
 }
 
-fn print_stages(stages: &[control::StageStatus]) {
+fn print_stages(stages: &[report::StageStatus]) {
     let mib = |bytes: Option<u64>| bytes.map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0))).unwrap_or("-".into());
     println!(
         "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>10}  restarts",

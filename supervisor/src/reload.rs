@@ -44,7 +44,7 @@ fn json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 /// The stages whose configuration differs between `old` and `new`, or why the change needs a
 /// restart of tailgate itself (the queue's directory, budget and sync interval, the
-/// self-metrics endpoint).
+/// self-metrics endpoint, the cgroups).
 pub fn changed_stages(old: &Config, new: &Config) -> Result<Vec<StageId>, String> {
     let mut fixed = Vec::new();
     if old.data_dir != new.data_dir {
@@ -58,6 +58,9 @@ pub fn changed_stages(old: &Config, new: &Config) -> Result<Vec<StageId>, String
     }
     if json(&old.supervisor.telemetry) != json(&new.supervisor.telemetry) {
         fixed.push("supervisor.telemetry");
+    }
+    if json(&old.supervisor.cgroups) != json(&new.supervisor.cgroups) {
+        fixed.push("supervisor.cgroups");
     }
     if !fixed.is_empty() {
         return Err(format!("{} cannot change while tailgate runs; restart it to apply", fixed.join(", ")));

@@ -30,7 +30,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tailgate_config::{Config, SupervisorConfig};
 use tailgate_ipc::heartbeat::Heartbeat;
 
-use crate::control::{Request, StageStatus};
+use crate::control::Request;
+use crate::report::StageStatus;
 use tailgate_ipc::wake::socket_dir;
 use tailgate_ipc::{Queue, StageId};
 use tailgate_stages::limits::REBUILD_ALLOWANCE;
@@ -49,6 +50,8 @@ pub struct Launch {
     pub source_config: Option<PathBuf>,
     /// Absolute data directory every process uses.
     pub data_dir: PathBuf,
+    /// The per-stage cgroups, where the host allows.
+    pub cgroups: Option<crate::cgroups::Cgroups>,
 }
 
 /// Messages of a stage actor.
@@ -342,6 +345,9 @@ impl StageActor {
             .and_then(|pid| rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok());
         state.kill_reason = None;
         state.started_at = Instant::now();
+        if let (Some(cgroups), Some(pid)) = (&state.launch.cgroups, state.pid) {
+            cgroups.place(state.stage, pid);
+        }
         tracing::info!(stage = %state.stage, pid = ?state.pid, "stage process started");
         let generation = state.generation;
         let actor = myself.clone();
@@ -756,12 +762,35 @@ impl Actor for Supervisor {
         }
         myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
         let telemetry = &args.policy.telemetry;
+        let source: crate::telemetry::Source = {
+            let supervisor = myself.clone();
+            std::sync::Arc::new(move || {
+                let supervisor = supervisor.clone();
+                Box::pin(async move {
+                    let timeout = crate::telemetry::SCRAPE_TIMEOUT.as_millis() as u64;
+                    ractor::call_t!(supervisor, SupervisorMsg::Telemetry, timeout)
+                        .map_err(|err| format!("supervisor did not answer: {err}"))
+                })
+            })
+        };
         if telemetry.enabled
-            && let Err(err) = crate::telemetry::serve(telemetry.endpoint, myself.clone())
+            && let Err(err) = crate::telemetry::serve(telemetry.endpoint, source)
         {
             tracing::error!(endpoint = %telemetry.endpoint, error = %err, "cannot serve self-metrics; the pipeline runs without them");
         }
-        if let Err(err) = crate::control::serve(&args.launch.data_dir, myself.clone()) {
+        let handler: crate::control::Handler = {
+            let supervisor = myself.clone();
+            std::sync::Arc::new(move |request| {
+                let supervisor = supervisor.clone();
+                Box::pin(async move {
+                    match ractor::call!(supervisor, SupervisorMsg::Control, request) {
+                        Ok(reply) => reply,
+                        Err(err) => serde_json::json!({ "error": format!("supervisor did not answer: {err}") }),
+                    }
+                })
+            })
+        };
+        if let Err(err) = crate::control::serve(&args.launch.data_dir, handler) {
             tracing::warn!(error = %err, "cannot open the control socket; status shows the queue only, restart-stage is unavailable");
         }
         // A stopped child raises SIGCHLD at once: the liveness clock starts when the stage stops,
@@ -939,8 +968,10 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
         config_file: active_config,
         source_config,
         data_dir: config.data_dir.clone(),
+        cgroups: crate::cgroups::setup(&config.supervisor.cgroups),
     });
     let escalated = Arc::new(AtomicBool::new(false));
+    let launch_cgroups = launch.clone();
     let args = SupervisorArgs {
         launch,
         config: config.clone(),
@@ -975,6 +1006,9 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     if escalated.load(Ordering::SeqCst) {
         tracing::error!("exiting non-zero so the service manager restarts tailgate");
         return Ok(ExitCode::FAILURE);
+    }
+    if let Some(cgroups) = &launch_cgroups.cgroups {
+        cgroups.remove();
     }
     crate::startup::clear_running_marker(&config.data_dir);
     tracing::info!("tailgate stopped cleanly");

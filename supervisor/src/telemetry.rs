@@ -21,14 +21,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use ractor::ActorRef;
 use tailgate_ipc::{Edge, Queue};
 
-use crate::control::StageStatus;
-use crate::supervisor::SupervisorMsg;
+use crate::report::StageStatus;
 
 /// How long a scrape waits for the supervisor.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Takes a snapshot (the supervisor actor, in the running process).
+pub type Source =
+    std::sync::Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Snapshot, String>> + Send>> + Send + Sync>;
 
 /// One queue edge's depth.
 #[derive(Debug, Clone, Default)]
@@ -235,15 +237,14 @@ impl Snapshot {
 }
 
 /// Binds `endpoint` now (a failure is reported to the caller) and serves it from a task.
-pub fn serve(endpoint: SocketAddr, supervisor: ActorRef<SupervisorMsg>) -> std::io::Result<()> {
+pub fn serve(endpoint: SocketAddr, source: Source) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(endpoint)?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let metrics_supervisor = supervisor.clone();
-    let ready_supervisor = supervisor;
+    let metrics_source = source.clone();
     let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || metrics(metrics_supervisor.clone())))
-        .route("/readyz", axum::routing::get(move || ready(ready_supervisor.clone())))
+        .route("/metrics", axum::routing::get(move || metrics(metrics_source.clone())))
+        .route("/readyz", axum::routing::get(move || ready(source.clone())))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }));
     tracing::info!(%endpoint, "self-metrics on /metrics, /healthz, /readyz");
     tokio::spawn(async move {
@@ -254,15 +255,8 @@ pub fn serve(endpoint: SocketAddr, supervisor: ActorRef<SupervisorMsg>) -> std::
     Ok(())
 }
 
-async fn snapshot(supervisor: &ActorRef<SupervisorMsg>) -> Result<Snapshot, String> {
-    match ractor::call_t!(supervisor, SupervisorMsg::Telemetry, SCRAPE_TIMEOUT.as_millis() as u64) {
-        Ok(snapshot) => Ok(snapshot),
-        Err(err) => Err(format!("supervisor did not answer: {err}")),
-    }
-}
-
-async fn metrics(supervisor: ActorRef<SupervisorMsg>) -> axum::response::Response {
-    let encoded = snapshot(&supervisor).await.and_then(|s| s.encode().map_err(|err| err.to_string()));
+async fn metrics(source: Source) -> axum::response::Response {
+    let encoded = source().await.and_then(|s| s.encode().map_err(|err| err.to_string()));
     match encoded {
         Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
             .into_response(),
@@ -270,8 +264,8 @@ async fn metrics(supervisor: ActorRef<SupervisorMsg>) -> axum::response::Respons
     }
 }
 
-async fn ready(supervisor: ActorRef<SupervisorMsg>) -> axum::response::Response {
-    match snapshot(&supervisor).await {
+async fn ready(source: Source) -> axum::response::Response {
+    match source().await {
         Ok(snapshot) if snapshot.not_ready.is_empty() => (StatusCode::OK, "ready\n".to_string()).into_response(),
         Ok(snapshot) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", snapshot.not_ready.join("\n"))).into_response()
