@@ -203,6 +203,14 @@ impl Heartbeat {
         unsafe { &*self.base().add(COUNTERS_AT + index * COUNTER_BYTES + COUNTER_NAME_BYTES).cast::<AtomicU64>() }
     }
 
+    fn counter_name_is(&self, index: usize, name: &[u8]) -> bool {
+        // SAFETY: inside the page (index < MAX_COUNTERS, i < 40); volatile as in counter_name.
+        let byte =
+            |i: usize| unsafe { std::ptr::read_volatile(self.base().add(COUNTERS_AT + index * COUNTER_BYTES + i)) };
+        name.iter().enumerate().all(|(i, b)| byte(i) == *b)
+            && (name.len() == COUNTER_NAME_BYTES || byte(name.len()) == 0)
+    }
+
     fn counter_name(&self, index: usize) -> Vec<u8> {
         let mut name = vec![0u8; COUNTER_NAME_BYTES];
         for (i, byte) in name.iter_mut().enumerate() {
@@ -222,7 +230,7 @@ impl Heartbeat {
         let mut len = self.counters_len().load(Ordering::Acquire) as usize;
         for (name, value) in counters {
             let name = &name.as_bytes()[..name.len().min(COUNTER_NAME_BYTES)];
-            let found = (0..len).find(|i| self.counter_name(*i) == name);
+            let found = (0..len).find(|i| self.counter_name_is(*i, name));
             let index = match found {
                 Some(index) => index,
                 None if len < MAX_COUNTERS => {

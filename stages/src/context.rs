@@ -95,7 +95,7 @@ impl StageContext {
     }
 
     /// For stages whose work runs in many tasks, each bounded by its own timeouts (receive's
-    /// servers, export's destinations): renews the heartbeat every [`BEAT_INTERVAL`] from a
+    /// servers, export's destinations): renews the heartbeat every beat interval from a
     /// task of the stage's runtime until the guard is dropped. The stamps stop when the runtime
     /// is blocked (a thread stuck in a system call or a lock, an endless loop) or the process
     /// hangs; stepping stages stamp from their loop instead, which also catches an await that
@@ -103,17 +103,24 @@ impl StageContext {
     pub fn beat_while_runtime_runs(&self) -> BeatGuard {
         let heartbeat = self.heartbeat.clone();
         let events = self.events.clone();
+        let interval = self.beat_interval();
         BeatGuard(tokio::spawn(async move {
             loop {
-                heartbeat.beat_within(BEAT_INTERVAL);
+                heartbeat.beat_within(interval);
                 events.publish(&heartbeat);
                 if heartbeat.take_shed_request() {
                     // These stages hold no index to shrink: what they can give back is free heap.
                     shed_done(memory::private_bytes(), "free heap returned");
                 }
-                tokio::time::sleep(BEAT_INTERVAL).await;
+                tokio::time::sleep(interval).await;
             }
         }))
+    }
+
+    /// How often a waiting stage renews its heartbeat: half the supervisor's liveness timeout,
+    /// at least [`BEAT_INTERVAL`] (an idle stage wakes only for this).
+    pub fn beat_interval(&self) -> Duration {
+        (self.config.supervisor.liveness_timeout / 2).max(BEAT_INTERVAL)
     }
 
     /// Whether the supervisor asked this stage to shed memory (it is over its soft budget); the
@@ -129,13 +136,14 @@ impl StageContext {
     }
 
     /// Sleeps until a wake-up, `timeout`, or shutdown, whichever comes first, renewing the
-    /// heartbeat every [`BEAT_INTERVAL`] while it waits.
+    /// heartbeat every beat interval while it waits.
     pub async fn idle(&mut self, timeout: Option<Duration>) {
         let mut shutdown = self.shutdown.clone();
         let woken = self.wake.wait(timeout);
         tokio::pin!(woken);
+        let interval = self.beat_interval();
         loop {
-            self.heartbeat.beat_within(BEAT_INTERVAL);
+            self.heartbeat.beat_within(interval);
             self.events.publish(&self.heartbeat);
             // A shed request ends the wait: the stage's loop handles it.
             if self.heartbeat.shed_requested() {
@@ -144,7 +152,7 @@ impl StageContext {
             tokio::select! {
                 _ = &mut woken => break,
                 _ = shutdown.wait_for(|stop| *stop) => break,
-                _ = tokio::time::sleep(BEAT_INTERVAL) => {}
+                _ = tokio::time::sleep(interval) => {}
             }
         }
         self.heartbeat.beat();

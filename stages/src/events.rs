@@ -22,6 +22,9 @@ pub struct StageEvents {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     /// When the counters were last published (monotonic nanoseconds).
     published_at: AtomicU64,
+    /// Events counted so far, and as of the last publication: an idle stage publishes nothing.
+    changes: AtomicU64,
+    published_changes: AtomicU64,
 }
 
 /// Counters are published at most this often.
@@ -37,16 +40,26 @@ impl StageEvents {
             dropped: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
             published_at: AtomicU64::new(0),
+            changes: AtomicU64::new(1),
+            published_changes: AtomicU64::new(0),
         }
     }
 
     /// Items taken in (from a client or an input edge).
     pub fn received(&self, items: u64) {
+        if items == 0 {
+            return;
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
         self.received.fetch_add(items, Ordering::Relaxed);
     }
 
     /// Items handed on (to an output edge or a backend that acknowledged them).
     pub fn sent(&self, items: u64) {
+        if items == 0 {
+            return;
+        }
+        self.changes.fetch_add(1, Ordering::Relaxed);
         self.sent.fetch_add(items, Ordering::Relaxed);
     }
 
@@ -55,6 +68,7 @@ impl StageEvents {
         if items == 0 {
             return;
         }
+        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.dropped.lock() {
             *map.entry(reason).or_default() += items;
         }
@@ -62,6 +76,7 @@ impl StageEvents {
 
     /// An error of the named kind; logged by the caller once where handled.
     pub fn error(&self, kind: &'static str) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.errors.lock() {
             *map.entry(kind).or_default() += 1;
         }
@@ -70,12 +85,17 @@ impl StageEvents {
     /// Publishes the counters to the stage's slot (`received`, `sent`, `dropped/<reason>`,
     /// `error/<kind>`), at most every 250 ms. Called by one task of the process at a time.
     pub fn publish(&self, slot: &Heartbeat) {
+        let changes = self.changes.load(Ordering::Relaxed);
+        if changes == self.published_changes.load(Ordering::Relaxed) {
+            return;
+        }
         let now = heartbeat::monotonic_now().as_nanos() as u64;
         let last = self.published_at.load(Ordering::Relaxed);
         if last != 0 && now.saturating_sub(last) < PUBLISH_INTERVAL.as_nanos() as u64 {
             return;
         }
         self.published_at.store(now, Ordering::Relaxed);
+        self.published_changes.store(changes, Ordering::Relaxed);
         let mut counters: Vec<(String, u64)> = vec![
             ("received".to_string(), self.received.load(Ordering::Relaxed)),
             ("sent".to_string(), self.sent.load(Ordering::Relaxed)),
@@ -92,6 +112,7 @@ impl StageEvents {
     /// Publishes the counters now, whatever the interval (at the stage's exit).
     pub fn publish_final(&self, slot: &Heartbeat) {
         self.published_at.store(0, Ordering::Relaxed);
+        self.published_changes.store(0, Ordering::Relaxed);
         self.publish(slot);
     }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tailgate_config::{Config, SupervisorConfig};
-use tailgate_ipc::heartbeat::Heartbeat;
+use tailgate_ipc::heartbeat::{BEAT_INTERVAL, Heartbeat};
 
 use crate::control::Request;
 use crate::report::StageStatus;
@@ -80,6 +80,8 @@ pub enum StageMsg {
     /// The process `pid` has held the queue's writer lock without committing for this long:
     /// kill it (if it is still the running process) so it restarts and the lock is released.
     KillLockHolder(u32, Duration),
+    /// The heartbeat was late on the tick: check again when the liveness timeout is up.
+    CheckHeartbeat,
     /// Describe the stage for `tailgate status`.
     Describe(RpcReplyPort<StageStatus>),
     /// Drain (SIGTERM, SIGKILL after the shutdown timeout) and start again at once, on an
@@ -119,6 +121,8 @@ pub struct StageState {
     restarts_by_reason: std::collections::BTreeMap<&'static str, u64>,
     /// When the stage was last asked to shed.
     last_shed_request: Option<Instant>,
+    /// A precise heartbeat check is scheduled.
+    heartbeat_check_pending: bool,
     /// Event counters of the stage's finished processes (read from the slot at each exit), so
     /// the exposed counters never go back at a restart.
     counter_base: std::collections::BTreeMap<String, u64>,
@@ -203,7 +207,7 @@ impl StageActor {
     /// it is running (a stopped one is handled above) but stuck, in a deadlock, an await that
     /// never completes, a blocked runtime or an endless loop. A process that never claimed its
     /// slot is judged from its start, with the allowance a stage has to open the queue.
-    fn check_heartbeat(state: &mut StageState) {
+    fn check_heartbeat(myself: &ActorRef<StageMsg>, state: &mut StageState) {
         let Some(pid) = state.pid else { return };
         if state.stopping.is_some() || state.stopped_since.is_some() || state.kill_reason.is_some() {
             return;
@@ -216,6 +220,13 @@ impl StageActor {
             None => state.started_at.elapsed().saturating_sub(REBUILD_ALLOWANCE),
         };
         if overdue < state.policy.liveness_timeout {
+            // Late by more than a beat interval (a step never takes that long): come back
+            // exactly when the timeout is up rather than at the next tick.
+            if overdue > BEAT_INTERVAL && !state.heartbeat_check_pending {
+                state.heartbeat_check_pending = true;
+                let wait = state.policy.liveness_timeout - overdue + Duration::from_millis(1);
+                myself.send_after(wait, || StageMsg::CheckHeartbeat);
+            }
             return;
         }
         // Hung inside a write transaction: the writer-lock check names that (and kills it).
@@ -446,6 +457,7 @@ impl Actor for StageActor {
             heartbeat: None,
             restarts_by_reason: Default::default(),
             last_shed_request: None,
+            heartbeat_check_pending: false,
             counter_base: Default::default(),
         };
         StageActor::spawn_process(&myself, &mut state)?;
@@ -490,6 +502,10 @@ impl Actor for StageActor {
                 let _ = reply.send(state.pid);
             }
             StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
+            StageMsg::CheckHeartbeat => {
+                state.heartbeat_check_pending = false;
+                StageActor::check_heartbeat(&myself, state);
+            }
             StageMsg::Describe(reply) => {
                 let _ = reply.send(StageActor::describe(state));
             }
@@ -532,7 +548,7 @@ impl Actor for StageActor {
                     StageActor::check_budget(&myself, state, bytes);
                 }
                 StageActor::check_liveness(&myself, state);
-                StageActor::check_heartbeat(state);
+                StageActor::check_heartbeat(&myself, state);
                 let _ = reply.send(private);
             }
         }

@@ -18,7 +18,7 @@
 #                                                  # backlog drains (rate, memory over time)
 #   tests/loadgen/bench.sh restart                 # the reference load (50-span requests) while
 #                                                  # tail_sample, receive and log_mirror are
-#                                                  # SIGKILLed and tail_sample SIGSTOPped once each:
+#                                                  # SIGKILLed, tail_sample SIGSTOPped and hung once:
 #                                                  # time from the signal to the stage ready again;
 #                                                  # then the supervisor's CPU while idle
 # Everything runs on loopback; every loop is bounded by --duration.
@@ -94,7 +94,10 @@ if [ "${PEER:-}" = rotel ]; then
     --exporter otlp --otlp-exporter-endpoint http://127.0.0.1:14317 --otlp-exporter-protocol grpc \
     --otlp-exporter-compression none --batch-max-size 512 --batch-timeout 5s > "$work/tailgate.log" 2>&1 &
 else
-  "$bin/tailgate" run "${config[@]}" --data-dir "$work/data" 2> "$work/tailgate.log" &
+  # restart: the test-only fault point `hang_in_step` lets the run hang tail_sample on cue.
+  fault=()
+  [ "$scenario" = restart ] && fault=(env TAILGATE_TEST_FAULT=hang_in_step)
+  "${fault[@]}" "$bin/tailgate" run "${config[@]}" --data-dir "$work/data" 2> "$work/tailgate.log" &
 fi
 tailgate=$!
 for _ in $(seq 100); do
@@ -211,6 +214,9 @@ PY
     pid=$(pgrep -P "$tailgate" -f "stage tail_sample")
     t0=$(date +%s.%N); kill -STOP "$pid"
     sleep 8; echo "SIGSTOP (liveness_timeout 5 s):"; ready_after tail_sample "$t0"
+    # A hang outside any transaction (its loop awaits for ever): found by its heartbeat.
+    t0=$(date +%s.%N); touch "$work/data/run/fault-hang_in_step"
+    sleep 8; echo "hang (heartbeat, liveness_timeout 5 s):"; ready_after tail_sample "$t0"
     wait "$load"; cat "$work/send.out"
     sleep 20
     echo "idle (load over, decisions and exports done):"
