@@ -80,9 +80,22 @@ fn status_json_and_restart_stage_through_the_control_socket() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown stage \"sampler\""), "{output:?}");
 
-    // Supervisor stopped: status still reads the queue, and says so.
-    tailgate.stop();
-    assert!(wait_until(Duration::from_secs(10), || common::stage_pids(tailgate.pid()).is_empty()));
+    // Shed on request: the stage is asked and says what it shed.
+    let said = tailgate.cli(&["shed", "log_mirror"]);
+    assert!(said.contains("log_mirror"), "{said}");
+    assert!(wait_until(Duration::from_secs(10), || tailgate.log().contains("shed memory on the supervisor's request")));
+    assert!(stage(&status_json(&tailgate), "log_mirror")["shed_requests"].as_u64().unwrap() >= 1);
+    let sampler = stage(&status_json(&tailgate), "tail_sample").clone();
+    assert!(sampler["rates"]["received_per_second"].as_f64().is_some(), "{sampler:#}");
+
+    // Shutdown on request: the ordered stop, exit 0; status still reads the queue, and says
+    // the supervisor is down.
+    let pid = tailgate.pid();
+    assert!(tailgate.cli(&["shutdown"]).contains("stopping"));
+    assert!(wait_until(Duration::from_secs(20), || tailgate.child.try_wait().unwrap().is_some()));
+    assert!(tailgate.child.try_wait().unwrap().unwrap().success());
+    assert!(common::stage_pids(pid).is_empty());
+    assert!(tailgate.log().contains("tailgate stopped cleanly"));
     let status = status_json(&tailgate);
     assert_eq!(status["supervisor"]["running"], false, "{status:#}");
     assert!(status["supervisor"]["error"].as_str().unwrap().contains("no supervisor answers"), "{status:#}");

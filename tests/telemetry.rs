@@ -37,12 +37,7 @@ fn metrics_count_every_stage_across_restarts_and_readiness_names_the_stage() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (backend, backend_addr) = Backend::serve(&runtime);
     // Waves cross the kill and restart: late spans must still find their trace undecided.
-    let timing = Timing {
-        decision_wait: "10s",
-        root_grace: "6s",
-        supervisor_extra: "  liveness_timeout: 30s",
-        ..Timing::default()
-    };
+    let timing = Timing { decision_wait: "10s", root_grace: "6s", ..Timing::default() };
     let tailgate = Tailgate::start(backend_addr, &timing);
     assert_eq!(get(&tailgate, "/healthz").0, 200);
     assert!(wait_until(Duration::from_secs(10), || get(&tailgate, "/readyz").0 == 200));

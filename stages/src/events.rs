@@ -25,6 +25,10 @@ pub struct StageEvents {
     /// Events counted so far, and as of the last publication: an idle stage publishes nothing.
     changes: AtomicU64,
     published_changes: AtomicU64,
+    /// The slot counters are published to, once the process has claimed it.
+    slot: std::sync::OnceLock<std::sync::Arc<Heartbeat>>,
+    /// One publisher at a time (export runs on several threads).
+    publishing: Mutex<()>,
 }
 
 /// Counters are published at most this often.
@@ -42,6 +46,21 @@ impl StageEvents {
             published_at: AtomicU64::new(0),
             changes: AtomicU64::new(1),
             published_changes: AtomicU64::new(0),
+            slot: std::sync::OnceLock::new(),
+            publishing: Mutex::new(()),
+        }
+    }
+
+    /// Publishes to `slot` from now on: as events happen (at most every 250 ms), so counts are
+    /// fresh while the stage works and no wake-up is spent on them while it idles.
+    pub fn attach(&self, slot: std::sync::Arc<Heartbeat>) {
+        let _ = self.slot.set(slot);
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.slot.get() {
+            self.publish(slot);
         }
     }
 
@@ -50,8 +69,8 @@ impl StageEvents {
         if items == 0 {
             return;
         }
-        self.changes.fetch_add(1, Ordering::Relaxed);
         self.received.fetch_add(items, Ordering::Relaxed);
+        self.changed();
     }
 
     /// Items handed on (to an output edge or a backend that acknowledged them).
@@ -59,8 +78,8 @@ impl StageEvents {
         if items == 0 {
             return;
         }
-        self.changes.fetch_add(1, Ordering::Relaxed);
         self.sent.fetch_add(items, Ordering::Relaxed);
+        self.changed();
     }
 
     /// Items deliberately not handed on, with the reason (`sampled_out`, `rejected`, ...).
@@ -68,23 +87,25 @@ impl StageEvents {
         if items == 0 {
             return;
         }
-        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.dropped.lock() {
             *map.entry(reason).or_default() += items;
         }
+        self.changed();
     }
 
     /// An error of the named kind; logged by the caller once where handled.
     pub fn error(&self, kind: &'static str) {
-        self.changes.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.errors.lock() {
             *map.entry(kind).or_default() += 1;
         }
+        self.changed();
     }
 
     /// Publishes the counters to the stage's slot (`received`, `sent`, `dropped/<reason>`,
-    /// `error/<kind>`), at most every 250 ms. Called by one task of the process at a time.
+    /// `error/<kind>`) if they changed, at most every 250 ms; a publication under way elsewhere
+    /// in the process makes this one a no-op.
     pub fn publish(&self, slot: &Heartbeat) {
+        let Ok(_one) = self.publishing.try_lock() else { return };
         let changes = self.changes.load(Ordering::Relaxed);
         if changes == self.published_changes.load(Ordering::Relaxed) {
             return;

@@ -11,6 +11,9 @@
 //! - `{"command":"reload"}` → `{"reloaded":true,"restarted":["tail_sample",...]}`: the file is
 //!   validated first; with a problem nothing changes and the answer is the error.
 //!
+//! - `{"command":"shed","stage":"tail_sample"}` (or no stage: all) → `{"shed":["tail_sample"]}`
+//! - `{"command":"shutdown"}` → `{"stopping":true}`, then the ordered shutdown SIGTERM starts.
+//!
 //! Any failure is `{"error":"..."}`. The CLI (`tailgate status`, `tailgate restart-stage`) is the
 //! client; while no supervisor answers, `status` still reads the queue on its own.
 
@@ -37,6 +40,13 @@ pub enum Request {
     /// Validate the operator's configuration file and apply it: restart the stages whose
     /// configuration changed.
     Reload,
+    /// Ask one stage (or every stage) to shed memory now, as over its soft budget.
+    Shed {
+        /// Stage name; every stage when absent.
+        stage: Option<String>,
+    },
+    /// Stop tailgate as SIGTERM does: stages drain in order, the supervisor exits 0.
+    Shutdown,
     /// Drain and restart one stage.
     RestartStage {
         /// Stage name (receive, tail_sample, log_mirror, spanmetrics, export).

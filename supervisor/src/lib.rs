@@ -334,26 +334,28 @@ fn print_queue_report(q: &serde_json::Value) {
 fn print_stages(stages: &[report::StageStatus]) {
     let mib = |bytes: Option<u64>| bytes.map(|b| format!("{:.1}", b as f64 / (1024.0 * 1024.0))).unwrap_or("-".into());
     println!(
-        "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>10}  restarts",
-        "stage", "pid", "state", "uptime", "priv MiB", "PSS MiB", "CPU s", "budget MiB", "heartbeat"
+        "{:<12} {:>8} {:<10} {:>9} {:>9} {:>8} {:>7} {:>10} {:>10} {:>9} {:>9}  restarts",
+        "stage", "pid", "state", "uptime", "priv MiB", "PSS MiB", "CPU %", "budget MiB", "heartbeat", "in/s", "out/s"
     );
     for stage in stages {
         let restarts: Vec<String> = stage.restarts.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
         println!(
-            "{:<12} {:>8} {:<10} {:>8.0}s {:>9} {:>8} {:>8} {:>10} {:>10}  {}",
+            "{:<12} {:>8} {:<10} {:>8.0}s {:>9} {:>8} {:>7} {:>10} {:>10} {:>9} {:>9}  {}",
             stage.stage,
             stage.pid.map(|p| p.to_string()).unwrap_or("-".into()),
             stage.state,
             stage.uptime_seconds,
             mib(stage.private_bytes),
             mib(stage.pss_bytes),
-            stage.cpu_seconds.map(|c| format!("{c:.2}")).unwrap_or("-".into()),
+            stage.rates.map(|r| format!("{:.2}", r.cpu_percent)).unwrap_or("-".into()),
             format!("{}/{}", stage.memory_soft_budget_bytes >> 20, stage.memory_hard_budget_bytes >> 20),
             match stage.heartbeat_overdue_ms {
                 None => "-".to_string(),
                 Some(0) => "ok".to_string(),
                 Some(ms) => format!("{:.1}s late", ms as f64 / 1000.0),
             },
+            stage.rates.map(|r| format!("{:.0}", r.received_per_second)).unwrap_or("-".into()),
+            stage.rates.map(|r| format!("{:.0}", r.sent_per_second)).unwrap_or("-".into()),
             if restarts.is_empty() { "none".to_string() } else { restarts.join(" ") }
         );
     }
@@ -379,6 +381,24 @@ pub fn reload(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCo
         }
         Err(err) => {
             eprintln!("tailgate reload: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tailgate shed [NAME]` and `tailgate shutdown`: one request to the running supervisor, its
+/// answer printed as JSON.
+pub fn control_command(request: control::Request, config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let result = load_config(config_file.as_deref(), data_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| control::ask(&config.data_dir, &request));
+    match result {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("tailgate: {err}");
             ExitCode::FAILURE
         }
     }

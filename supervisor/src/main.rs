@@ -54,6 +54,26 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Ask a stage (or every stage) to shed memory now, as when over its soft budget.
+    Shed {
+        /// receive, tail_sample, log_mirror, spanmetrics or export; every stage when absent.
+        name: Option<String>,
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Stop the running tailgate as SIGTERM does (stages drain in order).
+    Shutdown {
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Drain one stage and start it again (through the running supervisor's control socket);
     /// its backlog stays in the queue. Not counted towards the stage's crash escalation.
     RestartStage {
@@ -113,6 +133,12 @@ fn main() -> ExitCode {
             tailgate::status(config, data_dir, clear_losses, json)
         }
         Command::Reload { config, data_dir } => tailgate::reload(config, data_dir),
+        Command::Shed { name, config, data_dir } => {
+            tailgate::control_command(tailgate::control::Request::Shed { stage: name }, config, data_dir)
+        }
+        Command::Shutdown { config, data_dir } => {
+            tailgate::control_command(tailgate::control::Request::Shutdown, config, data_dir)
+        }
         Command::RestartStage { name, config, data_dir } => tailgate::restart_stage(&name, config, data_dir),
         Command::Stage { name, config, data_dir } => tailgate::stage_process::main(&name, config, data_dir),
     }

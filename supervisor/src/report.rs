@@ -29,6 +29,8 @@ pub struct StageStatus {
     /// Event counters since the supervisor started (`received`, `sent`, `dropped/<reason>`,
     /// `error/<kind>`), summed over the stage's processes.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Rates over the last ten seconds (absent right after the start).
+    pub rates: Option<Rates>,
     /// Restarts since the supervisor started, by reason (`exited`, `memory`, `hung`,
     /// `stopped`, `writer_lock`, `requested`).
     pub restarts: std::collections::BTreeMap<String, u64>,
@@ -36,4 +38,15 @@ pub struct StageStatus {
     pub restarts_in_window: usize,
     /// How late the stage's heartbeat is (0 while its promise holds); `None` before its first.
     pub heartbeat_overdue_ms: Option<u64>,
+}
+
+/// A stage's recent rates.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Rates {
+    /// Items taken in per second.
+    pub received_per_second: f64,
+    /// Items handed on per second.
+    pub sent_per_second: f64,
+    /// CPU, percent of one core.
+    pub cpu_percent: f64,
 }

@@ -105,6 +105,7 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
     });
     let config = Arc::new(config);
     let events = Arc::new(StageEvents::new(stage));
+    events.attach(heartbeat.clone());
     let mut wake = Some(wake);
     loop {
         let ctx = StageContext {

@@ -80,6 +80,8 @@ pub enum StageMsg {
     /// The process `pid` has held the queue's writer lock without committing for this long:
     /// kill it (if it is still the running process) so it restarts and the lock is released.
     KillLockHolder(u32, Duration),
+    /// Ask the stage to shed now (an operator's request); replies whether it could be asked.
+    Shed(RpcReplyPort<bool>),
     /// The heartbeat was late on the tick: check again when the liveness timeout is up.
     CheckHeartbeat,
     /// Describe the stage for `tailgate status`.
@@ -123,10 +125,20 @@ pub struct StageState {
     last_shed_request: Option<Instant>,
     /// A precise heartbeat check is scheduled.
     heartbeat_check_pending: bool,
+    /// (when, items received, items sent, CPU seconds of the supervisor's view) on recent ticks,
+    /// for rates over the last [`RATE_WINDOW`].
+    samples: VecDeque<(Instant, u64, u64, f64)>,
+    /// CPU seconds of the stage's finished processes (as last seen on a tick).
+    cpu_base: f64,
+    /// CPU seconds of the running process as last seen.
+    cpu_last: f64,
     /// Event counters of the stage's finished processes (read from the slot at each exit), so
     /// the exposed counters never go back at a restart.
     counter_base: std::collections::BTreeMap<String, u64>,
 }
+
+/// Rates in `status` are over about this long.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A stage that stays over its soft budget is asked to shed again this often.
 const SHED_REPEAT: Duration = Duration::from_secs(10);
@@ -302,6 +314,42 @@ impl StageActor {
         counters
     }
 
+    /// Records this tick's totals for the rates (CPU seconds summed over the stage's processes:
+    /// the running one's plus what finished ones used, kept in `cpu_base`).
+    fn sample(state: &mut StageState) {
+        let counters = StageActor::counters(state);
+        if let Some(seconds) = state.pid.and_then(crate::proc::cpu_seconds) {
+            state.cpu_last = seconds;
+        }
+        let cpu = state.cpu_base + state.cpu_last;
+        let now = Instant::now();
+        state.samples.push_back((
+            now,
+            counters.get("received").copied().unwrap_or(0),
+            counters.get("sent").copied().unwrap_or(0),
+            cpu,
+        ));
+        while state.samples.len() > 2
+            && state.samples.get(1).is_some_and(|(at, ..)| now.duration_since(*at) >= RATE_WINDOW)
+        {
+            state.samples.pop_front();
+        }
+    }
+
+    /// (received/s, sent/s, CPU % of one core) over the samples kept.
+    fn rates(state: &StageState) -> Option<(f64, f64, f64)> {
+        let (first, last) = (state.samples.front()?, state.samples.back()?);
+        let seconds = last.0.duration_since(first.0).as_secs_f64();
+        if seconds < 0.5 {
+            return None;
+        }
+        Some((
+            last.1.saturating_sub(first.1) as f64 / seconds,
+            last.2.saturating_sub(first.2) as f64 / seconds,
+            ((last.3 - first.3) / seconds * 100.0).max(0.0),
+        ))
+    }
+
     fn describe(state: &mut StageState) -> StageStatus {
         if state.heartbeat.is_none() {
             state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
@@ -329,6 +377,11 @@ impl StageActor {
             memory_hard_budget_bytes: state.policy.stage_memory(state.stage.as_str()).hard_mib * 1024 * 1024,
             shed_requests: state.heartbeat.as_ref().map_or(0, |slot| slot.shed_counts().0),
             counters: StageActor::counters(state),
+            rates: StageActor::rates(state).map(|(received, sent, cpu)| crate::report::Rates {
+                received_per_second: received,
+                sent_per_second: sent,
+                cpu_percent: cpu,
+            }),
             restarts: state.restarts_by_reason.iter().map(|(reason, n)| (reason.to_string(), *n)).collect(),
             restarts_in_window: state.restarts.len(),
             heartbeat_overdue_ms,
@@ -392,6 +445,7 @@ impl StageActor {
         }
         state.pid = None;
         state.pidfd = None;
+        state.cpu_base += std::mem::take(&mut state.cpu_last);
         match state.queue.clear_stale_readers() {
             Ok(cleared) if cleared > 0 => tracing::info!(stage = %state.stage, cleared, "cleared stale reader slots"),
             Ok(_) => {}
@@ -458,7 +512,10 @@ impl Actor for StageActor {
             restarts_by_reason: Default::default(),
             last_shed_request: None,
             heartbeat_check_pending: false,
+            samples: VecDeque::new(),
             counter_base: Default::default(),
+            cpu_base: 0.0,
+            cpu_last: 0.0,
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
@@ -502,6 +559,20 @@ impl Actor for StageActor {
                 let _ = reply.send(state.pid);
             }
             StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
+            StageMsg::Shed(reply) => {
+                if state.heartbeat.is_none() {
+                    state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+                }
+                let asked = match (&state.heartbeat, state.pid) {
+                    (Some(slot), Some(_)) => {
+                        tracing::info!(stage = %state.stage, "shed requested on the control socket");
+                        slot.request_shed();
+                        true
+                    }
+                    _ => false,
+                };
+                let _ = reply.send(asked);
+            }
             StageMsg::CheckHeartbeat => {
                 state.heartbeat_check_pending = false;
                 StageActor::check_heartbeat(&myself, state);
@@ -549,6 +620,7 @@ impl Actor for StageActor {
                 }
                 StageActor::check_liveness(&myself, state);
                 StageActor::check_heartbeat(&myself, state);
+                StageActor::sample(state);
                 let _ = reply.send(private);
             }
         }
@@ -720,6 +792,23 @@ async fn control_answer(state: &mut SupervisorState, request: Request) -> serde_
             }
             serde_json::json!({ "stages": stages })
         }
+        Request::Shutdown => serde_json::json!({ "error": "handled by the supervisor actor" }),
+        Request::Shed { stage } => {
+            let wanted = match stage.as_deref().map(StageId::parse) {
+                None => None,
+                Some(Some(id)) => Some(id),
+                Some(None) => {
+                    return serde_json::json!({ "error": format!("unknown stage {:?}", stage.unwrap_or_default()) });
+                }
+            };
+            let mut shed = Vec::new();
+            for (id, actor) in &state.stages {
+                if wanted.is_none_or(|w| w == *id) && ractor::call!(actor, StageMsg::Shed).unwrap_or(false) {
+                    shed.push(id.as_str());
+                }
+            }
+            serde_json::json!({ "shed": shed })
+        }
         Request::Reload => match reload(state).await {
             Ok(stages) => {
                 tracing::info!(restarted = ?stages, "configuration reloaded");
@@ -885,6 +974,12 @@ impl Actor for Supervisor {
                     }
                 }
                 let _ = reply.send(crate::telemetry::Snapshot::take(&state.queue, stages));
+            }
+            SupervisorMsg::Control(Request::Shutdown, reply) => {
+                tracing::info!("shutdown requested on the control socket");
+                let _ = reply.send(serde_json::json!({ "stopping": true }));
+                let (done, _) = ractor::concurrency::oneshot();
+                myself.cast(SupervisorMsg::Shutdown(done.into()))?;
             }
             SupervisorMsg::Control(request, reply) => {
                 let _ = reply.send(control_answer(state, request).await);
