@@ -103,3 +103,50 @@ fn status_json_and_restart_stage_through_the_control_socket() {
     let text = tailgate.status();
     assert!(text.contains("supervisor: not answering"), "{text}");
 }
+
+/// `tailgate drain` pauses intake (gRPC UNAVAILABLE with a retry hint, HTTP 503 + Retry-After)
+/// and returns once the queue is empty, everything accepted delivered; `tailgate resume` opens
+/// intake again.
+#[test]
+fn drain_pauses_intake_until_the_queue_is_empty_and_resume_reopens_it() {
+    use common::trace_request;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let timing = Timing { decision_wait: "2s", root_grace: "1s", ..Timing::default() };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let traces = mixed_traces(30);
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::ZERO, |_| {}));
+    let said = tailgate.cli(&["drain", "--timeout", "60"]);
+    assert!(said.contains("drained"), "{said}");
+    // Drained means delivered: nothing left to wait for.
+    assert_exact_delivery(&backend, &traces, Duration::ZERO, false);
+    let status = status_json(&tailgate);
+    for edge in status["queue"]["edges"].as_array().unwrap() {
+        assert_eq!(edge["batches"], 0, "{edge}");
+    }
+    let late = mixed_traces(31).pop().unwrap();
+    let grpc = tailgate.grpc;
+    let refused = runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        client.export(trace_request("late", late.spans.clone())).await.unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let http = runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/traces", tailgate.http))
+            .header("content-type", "application/x-protobuf")
+            .body(prost::Message::encode_to_vec(&trace_request("late", late.spans.clone())))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(http.status().as_u16(), 503);
+    assert!(http.headers().contains_key("retry-after"));
+    assert!(tailgate.cli(&["resume"]).contains("resumed"));
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        client.export(trace_request("late", late.spans.clone())).await.unwrap();
+    });
+}

@@ -68,6 +68,10 @@ fn metrics_count_every_stage_across_restarts_and_readiness_names_the_stage() {
         "{text}"
     );
     assert!(sample(&text, "tailgate_queue_capacity_bytes") > 0.0, "{text}");
+    assert!(
+        sample(&text, "tailgate_exporter_responses_total{destination=\"export_traces\",code=\"ok\"}") > 0.0,
+        "{text}"
+    );
     assert!(text.contains("tailgate_queue_items{edge=\"spans\"}"), "{text}");
     assert!(text.contains("tailgate_queue_consumer_backlog_batches{consumer=\"export_traces\"}"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text");

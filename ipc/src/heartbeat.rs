@@ -64,12 +64,13 @@ const COUNTER_NAME_BYTES: usize = 40;
 /// Counters a slot holds.
 pub const MAX_COUNTERS: usize = (SLOT_BYTES - COUNTERS_AT) / COUNTER_BYTES;
 
-/// Words of a slot: pid, due, shed requests, shed requests handled.
-const WORDS: usize = 4;
+/// Words of a slot: pid, due, shed requests, shed requests handled, intake paused (receive).
+const WORDS: usize = 5;
 const PID: usize = 0;
 const DUE: usize = 1;
 const SHED_REQUESTED: usize = 2;
 const SHED_HANDLED: usize = 3;
+const INTAKE_PAUSED: usize = 4;
 
 // SAFETY: the mapping is only accessed through atomics, and it lives as long as the handle.
 unsafe impl Send for Heartbeat {}
@@ -178,6 +179,17 @@ impl Heartbeat {
     pub fn take_shed_request(&self) -> bool {
         let requested = self.words()[SHED_REQUESTED].load(Ordering::Acquire);
         self.words()[SHED_HANDLED].swap(requested, Ordering::AcqRel) != requested
+    }
+
+    /// Pauses or resumes intake (the supervisor, for a drain; read by receive). Kept across the
+    /// stage's restarts: a drained pipeline stays drained until resumed.
+    pub fn set_intake_paused(&self, paused: bool) {
+        self.words()[INTAKE_PAUSED].store(u64::from(paused), Ordering::Release);
+    }
+
+    /// Whether intake is paused (one load).
+    pub fn intake_paused(&self) -> bool {
+        self.words()[INTAKE_PAUSED].load(Ordering::Acquire) != 0
     }
 
     /// Shed requests made and handled so far (the supervisor's view).

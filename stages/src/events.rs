@@ -12,6 +12,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tailgate_ipc::StageId;
 use tailgate_ipc::heartbeat::{self, Heartbeat};
 
+/// Records a destination's responses into the stage's events (a no-op until attached).
+#[derive(Debug, Clone, Default)]
+pub struct Responses(Option<(std::sync::Arc<StageEvents>, &'static str)>);
+
+impl Responses {
+    /// Records into `events` under `destination`.
+    pub fn to(events: std::sync::Arc<StageEvents>, destination: &'static str) -> Responses {
+        Responses(Some((events, destination)))
+    }
+
+    /// One response with `code`.
+    pub fn record(&self, code: &str) {
+        if let Some((events, destination)) = &self.0 {
+            events.response(destination, code);
+        }
+    }
+}
+
 /// Counters of one stage process.
 #[derive(Debug)]
 pub struct StageEvents {
@@ -20,6 +38,8 @@ pub struct StageEvents {
     sent: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Backend responses by destination and code (`unavailable`, `http_429`, `transport`...).
+    responses: Mutex<BTreeMap<(&'static str, String), u64>>,
     /// When the counters were last published (monotonic nanoseconds).
     published_at: AtomicU64,
     /// Events counted so far, and as of the last publication: an idle stage publishes nothing.
@@ -43,6 +63,7 @@ impl StageEvents {
             sent: AtomicU64::new(0),
             dropped: Mutex::new(BTreeMap::new()),
             errors: Mutex::new(BTreeMap::new()),
+            responses: Mutex::new(BTreeMap::new()),
             published_at: AtomicU64::new(0),
             changes: AtomicU64::new(1),
             published_changes: AtomicU64::new(0),
@@ -127,6 +148,9 @@ impl StageEvents {
         if let Ok(map) = self.errors.lock() {
             counters.extend(map.iter().map(|(kind, n)| (format!("error/{kind}"), *n)));
         }
+        if let Ok(map) = self.responses.lock() {
+            counters.extend(map.iter().map(|((destination, code), n)| (format!("response/{destination}/{code}"), *n)));
+        }
         slot.publish_counters(counters.iter().map(|(name, n)| (name.as_str(), *n)));
     }
 
@@ -135,6 +159,14 @@ impl StageEvents {
         self.published_at.store(0, Ordering::Relaxed);
         self.published_changes.store(0, Ordering::Relaxed);
         self.publish(slot);
+    }
+
+    /// A backend's response to one request of `destination` (a consumer name), by `code`.
+    pub fn response(&self, destination: &'static str, code: &str) {
+        if let Ok(mut map) = self.responses.lock() {
+            *map.entry((destination, code.to_string())).or_default() += 1;
+        }
+        self.changed();
     }
 
     /// Total dropped for `reason`.

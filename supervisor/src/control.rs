@@ -13,6 +13,9 @@
 //!
 //! - `{"command":"shed","stage":"tail_sample"}` (or no stage: all) → `{"shed":["tail_sample"]}`
 //! - `{"command":"shutdown"}` → `{"stopping":true}`, then the ordered shutdown SIGTERM starts.
+//! - `{"command":"drain","timeout_seconds":60}` → `{"drained":true,"remaining":{}}` once every
+//!   edge is empty (or `false` and what remains, per edge, at the timeout); intake is paused
+//!   from the request on. `{"command":"resume"}` → `{"resumed":true}`.
 //!
 //! Any failure is `{"error":"..."}`. The CLI (`tailgate status`, `tailgate restart-stage`) is the
 //! client; while no supervisor answers, `status` still reads the queue on its own.
@@ -47,6 +50,15 @@ pub enum Request {
     },
     /// Stop tailgate as SIGTERM does: stages drain in order, the supervisor exits 0.
     Shutdown,
+    /// Pause intake (receivers answer UNAVAILABLE / 503 with a retry hint, files wait) and wait
+    /// until every queue edge is empty or `timeout_seconds` (default 60) pass. Intake stays
+    /// paused until `resume` (or a restart of tailgate).
+    Drain {
+        /// How long to wait for the queue to empty.
+        timeout_seconds: Option<u64>,
+    },
+    /// Resume intake after a drain.
+    Resume,
     /// Drain and restart one stage.
     RestartStage {
         /// Stage name (receive, tail_sample, log_mirror, spanmetrics, export).
@@ -114,10 +126,15 @@ async fn answer(conn: Stream, handler: Handler) -> std::io::Result<()> {
 /// Sends `request` to the supervisor of `data_dir` and returns its answer (an `{"error":..}`
 /// answer becomes an error).
 pub fn ask(data_dir: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    ask_within(data_dir, request, ANSWER_TIMEOUT)
+}
+
+/// Like [`ask`], waiting up to `timeout` for the answer (a drain takes as long as it takes).
+pub fn ask_within(data_dir: &Path, request: &Request, timeout: Duration) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let path = socket_path(data_dir);
     let reply = runtime.block_on(async {
-        tokio::time::timeout(ANSWER_TIMEOUT, async {
+        tokio::time::timeout(timeout, async {
             let name = path.as_path().to_fs_name::<GenericFilePath>()?;
             let conn = Stream::connect(name).await?;
             let mut out = serde_json::to_vec(request)?;
@@ -129,7 +146,7 @@ pub fn ask(data_dir: &Path, request: &Request) -> anyhow::Result<serde_json::Val
             anyhow::Ok(serde_json::from_str::<serde_json::Value>(&line)?)
         })
         .await
-        .map_err(|_| anyhow::anyhow!("no answer within {ANSWER_TIMEOUT:?}"))?
+        .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))?
     });
     let reply = reply.map_err(|err| anyhow::anyhow!("no supervisor answers on {}: {err}", path.display()))?;
     if let Some(message) = reply.get("error").and_then(|e| e.as_str()) {

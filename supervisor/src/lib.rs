@@ -404,6 +404,29 @@ pub fn control_command(request: control::Request, config_file: Option<PathBuf>, 
     }
 }
 
+/// `tailgate drain [--timeout SECONDS]`: pauses intake and waits for the queue to empty.
+pub fn drain(timeout_seconds: u64, config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let request = control::Request::Drain { timeout_seconds: Some(timeout_seconds) };
+    let wait = std::time::Duration::from_secs(timeout_seconds + 10);
+    let result = load_config(config_file.as_deref(), data_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|config| control::ask_within(&config.data_dir, &request, wait));
+    match result {
+        Ok(answer) if answer["drained"] == true => {
+            println!("drained: the queue is empty; intake stays paused (`tailgate resume`, or stop tailgate now)");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            println!("not drained within {timeout_seconds} s; still queued: {}", answer["remaining"]);
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("tailgate drain: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `tailgate restart-stage NAME`: asks the running supervisor to drain and restart one stage.
 pub fn restart_stage(stage: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
     let result = load_config(config_file.as_deref(), data_dir).map_err(anyhow::Error::from).and_then(|config| {

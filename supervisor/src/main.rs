@@ -65,6 +65,28 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Pause intake (receivers answer UNAVAILABLE / 503 with a retry hint, files wait) and wait
+    /// until the queue is empty: before a stop or an upgrade. Exit 1 if it did not empty in time.
+    Drain {
+        /// Seconds to wait for the queue to empty.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Resume intake after `drain`.
+    Resume {
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Stop the running tailgate as SIGTERM does (stages drain in order).
     Shutdown {
         /// Configuration file, as given to `run`.
@@ -135,6 +157,10 @@ fn main() -> ExitCode {
         Command::Reload { config, data_dir } => tailgate::reload(config, data_dir),
         Command::Shed { name, config, data_dir } => {
             tailgate::control_command(tailgate::control::Request::Shed { stage: name }, config, data_dir)
+        }
+        Command::Drain { timeout, config, data_dir } => tailgate::drain(timeout, config, data_dir),
+        Command::Resume { config, data_dir } => {
+            tailgate::control_command(tailgate::control::Request::Resume, config, data_dir)
         }
         Command::Shutdown { config, data_dir } => {
             tailgate::control_command(tailgate::control::Request::Shutdown, config, data_dir)

@@ -80,6 +80,8 @@ pub enum StageMsg {
     /// The process `pid` has held the queue's writer lock without committing for this long:
     /// kill it (if it is still the running process) so it restarts and the lock is released.
     KillLockHolder(u32, Duration),
+    /// Pause or resume intake in the stage's slot (receive, for a drain).
+    PauseIntake(bool, RpcReplyPort<()>),
     /// Ask the stage to shed now (an operator's request); replies whether it could be asked.
     Shed(RpcReplyPort<bool>),
     /// The heartbeat was late on the tick: check again when the liveness timeout is up.
@@ -559,6 +561,15 @@ impl Actor for StageActor {
                 let _ = reply.send(state.pid);
             }
             StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
+            StageMsg::PauseIntake(paused, reply) => {
+                if state.heartbeat.is_none() {
+                    state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+                }
+                if let Some(slot) = &state.heartbeat {
+                    slot.set_intake_paused(paused);
+                }
+                let _ = reply.send(());
+            }
             StageMsg::Shed(reply) => {
                 if state.heartbeat.is_none() {
                     state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
@@ -648,6 +659,10 @@ pub enum SupervisorMsg {
     /// Reload the configuration (SIGHUP: no reply; `tailgate reload`: the restarted stages or
     /// why nothing changed).
     Reload(Option<RpcReplyPort<Result<Vec<String>, String>>>),
+    /// Pause (true) or resume intake; replies when receive's slot holds it.
+    PauseIntake(bool, RpcReplyPort<()>),
+    /// Items still queued per edge (edges with anything left only).
+    Backlog(RpcReplyPort<std::collections::BTreeMap<String, u64>>),
     /// What the telemetry endpoint serves: every stage and the queue.
     Telemetry(RpcReplyPort<crate::telemetry::Snapshot>),
 }
@@ -749,6 +764,29 @@ async fn check_memory(state: &mut SupervisorState) {
     state.over_soft_limit = over;
 }
 
+/// Pauses intake and waits until every queue edge is empty or `timeout` passes. Runs in the
+/// control connection's task, asking the supervisor actor between waits, so the actor keeps
+/// supervising meanwhile.
+async fn drain(supervisor: &ActorRef<SupervisorMsg>, timeout: Duration) -> serde_json::Value {
+    if let Err(err) = ractor::call!(supervisor, SupervisorMsg::PauseIntake, true) {
+        return serde_json::json!({ "error": format!("supervisor did not answer: {err}") });
+    }
+    tracing::info!(?timeout, "draining: intake paused, waiting for the queue to empty");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = match ractor::call!(supervisor, SupervisorMsg::Backlog) {
+            Ok(remaining) => remaining,
+            Err(err) => return serde_json::json!({ "error": format!("supervisor did not answer: {err}") }),
+        };
+        let drained = remaining.is_empty();
+        if drained || Instant::now() >= deadline {
+            tracing::info!(drained, ?remaining, "drain finished; intake stays paused until resume");
+            return serde_json::json!({ "drained": drained, "remaining": remaining });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Validates the operator's file, makes it the active snapshot, hands the supervisor's section
 /// to every stage actor and restarts the stages whose configuration changed.
 async fn reload(state: &mut SupervisorState) -> Result<Vec<String>, String> {
@@ -792,7 +830,14 @@ async fn control_answer(state: &mut SupervisorState, request: Request) -> serde_
             }
             serde_json::json!({ "stages": stages })
         }
-        Request::Shutdown => serde_json::json!({ "error": "handled by the supervisor actor" }),
+        Request::Shutdown | Request::Drain { .. } => serde_json::json!({ "error": "handled before the actor" }),
+        Request::Resume => {
+            if let Some((_, receive)) = state.stages.iter().find(|(s, _)| *s == StageId::Receive) {
+                let _ = ractor::call!(receive, StageMsg::PauseIntake, false);
+            }
+            tracing::info!("intake resumed");
+            serde_json::json!({ "resumed": true })
+        }
         Request::Shed { stage } => {
             let wanted = match stage.as_deref().map(StageId::parse) {
                 None => None,
@@ -888,6 +933,10 @@ impl Actor for Supervisor {
             std::sync::Arc::new(move |request| {
                 let supervisor = supervisor.clone();
                 Box::pin(async move {
+                    if let Request::Drain { timeout_seconds } = request {
+                        let timeout = Duration::from_secs(timeout_seconds.unwrap_or(60));
+                        return drain(&supervisor, timeout).await;
+                    }
                     match ractor::call!(supervisor, SupervisorMsg::Control, request) {
                         Ok(reply) => reply,
                         Err(err) => serde_json::json!({ "error": format!("supervisor did not answer: {err}") }),
@@ -955,6 +1004,25 @@ impl Actor for Supervisor {
                     check_memory(state).await;
                     check_writer_lock(state).await;
                 }
+            }
+            SupervisorMsg::PauseIntake(paused, reply) => {
+                if let Some((_, receive)) = state.stages.iter().find(|(s, _)| *s == StageId::Receive) {
+                    let _ = ractor::call!(receive, StageMsg::PauseIntake, paused);
+                }
+                let _ = reply.send(());
+            }
+            SupervisorMsg::Backlog(reply) => {
+                let mut remaining = std::collections::BTreeMap::new();
+                if let Ok(txn) = state.queue.read() {
+                    for edge in tailgate_ipc::Edge::ALL {
+                        if let Ok(depth) = state.queue.depth(&txn, edge)
+                            && (depth.batches > 0 || depth.items > 0)
+                        {
+                            remaining.insert(edge.as_str().to_string(), depth.items.max(depth.batches));
+                        }
+                    }
+                }
+                let _ = reply.send(remaining);
             }
             SupervisorMsg::Reload(reply) => {
                 let outcome = reload(state).await;

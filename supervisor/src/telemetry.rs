@@ -131,6 +131,11 @@ impl Snapshot {
             kind: String,
         }
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct Response {
+            destination: String,
+            code: String,
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct EdgeLabel {
             edge: String,
         }
@@ -144,6 +149,7 @@ impl Snapshot {
         let dropped = Family::<StageReason, Counter>::default();
         let errors = Family::<StageKind, Counter>::default();
         let restarts = Family::<StageReason, Counter>::default();
+        let responses = Family::<Response, Counter>::default();
         let shed = Family::<StageLabel, Counter>::default();
         let up = Family::<StageLabel, Gauge>::default();
         let private = Family::<StageLabel, Gauge>::default();
@@ -159,6 +165,11 @@ impl Snapshot {
         registry.register("items_dropped", "Items a stage deliberately did not hand on, by reason", dropped.clone());
         registry.register("errors", "Errors of a stage, by kind", errors.clone());
         registry.register("stage_restarts", "Stage restarts by reason", restarts.clone());
+        registry.register(
+            "exporter_responses",
+            "Backend responses by destination and code (ok or a gRPC code, http_<status>, transport, connect)",
+            responses.clone(),
+        );
         registry.register("stage_shed_requests", "Times a stage was asked to shed memory", shed.clone());
         registry.register("stage_up", "Whether the stage has a running process", up.clone());
         registry.register("stage_private_memory_bytes", "Private (anonymous resident) memory", private.clone());
@@ -178,6 +189,12 @@ impl Snapshot {
                     Some(("dropped", reason)) => {
                         let key = StageReason { stage: stage.stage.clone(), reason: reason.to_string() };
                         dropped.get_or_create(&key).inc_by(*value);
+                    }
+                    Some(("response", rest)) => {
+                        if let Some((destination, code)) = rest.split_once('/') {
+                            let key = Response { destination: destination.to_string(), code: code.to_string() };
+                            responses.get_or_create(&key).inc_by(*value);
+                        }
                     }
                     Some(("error", kind)) => {
                         let key = StageKind { stage: stage.stage.clone(), kind: kind.to_string() };

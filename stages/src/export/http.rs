@@ -2,6 +2,7 @@
 //! configured headers and credentials. Credentials are read from files once, at start, and
 //! marked sensitive so they never appear in logs or debug output.
 
+use crate::events::Responses;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -88,11 +89,15 @@ impl Answer {
     }
 }
 
-/// Sends a request; a transport failure is retryable.
-pub async fn send(request: reqwest::RequestBuilder) -> Result<Answer, Attempt> {
-    let response =
-        request.send().await.map_err(|err| Attempt::Retry { message: format!("transport: {err}"), after: None })?;
+/// Sends a request; a transport failure is retryable. The response is counted in `responses`
+/// (`http_<status>`, or `transport` when none came).
+pub async fn send(request: reqwest::RequestBuilder, responses: &Responses) -> Result<Answer, Attempt> {
+    let response = request.send().await.map_err(|err| {
+        responses.record("transport");
+        Attempt::Retry { message: format!("transport: {err}"), after: None }
+    })?;
     let status = response.status().as_u16();
+    responses.record(&format!("http_{status}"));
     let after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)

@@ -499,7 +499,16 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     // Every wait of a destination is bounded by a timeout or the backoff; the runtime's own
     // heartbeat shows the process is not stuck.
     let _heartbeat = ctx.beat_while_runtime_runs();
-    let sinks = sinks(&ctx.config)?;
+    let mut sinks = sinks(&ctx.config)?;
+    for (consumer, sink) in &mut sinks {
+        let responses = crate::events::Responses::to(ctx.events.clone(), consumer.as_str());
+        match sink {
+            Sink::Otlp(client) => client.responses = responses,
+            Sink::Loki(loki) => loki.set_responses(responses),
+            Sink::RemoteWrite(remote) => remote.responses = responses,
+            Sink::Discard => {}
+        }
+    }
     for (consumer, sink) in &sinks {
         if matches!(sink, Sink::Discard) {
             tracing::warn!(

@@ -47,6 +47,8 @@ pub enum SendOutcome {
 /// An OTLP/gRPC destination.
 #[derive(Debug)]
 pub struct OtlpClient {
+    /// Where responses are counted by code.
+    pub responses: crate::events::Responses,
     endpoint: Endpoint,
     channel: Channel,
     /// The connections the current channel opened, to abort them on a timeout.
@@ -75,6 +77,7 @@ impl OtlpClient {
         };
         let connections = Arc::new(Mutex::new(Vec::new()));
         Ok(OtlpClient {
+            responses: crate::events::Responses::default(),
             channel: endpoint.connect_with_connector_lazy(Connector { connections: connections.clone() }),
             endpoint,
             connections,
@@ -106,6 +109,7 @@ impl OtlpClient {
     /// connection is dropped (see the module docs).
     pub async fn send(&mut self, request: Bytes) -> SendOutcome {
         let outcome = self.send_once(request).await;
+        self.responses.record(&outcome.code());
         if matches!(&outcome, SendOutcome::Retryable(_)) {
             self.reconnect();
         }
@@ -237,6 +241,28 @@ impl hyper::rt::Write for AbortableIo {
     }
 }
 
+impl SendOutcome {
+    /// The response's code for the self-metrics: `ok`, a gRPC code in snake case
+    /// (`unavailable`, `resource_exhausted`...), `connect` or `deadline_exceeded` for a request
+    /// that got no answer.
+    pub fn code(&self) -> String {
+        let message = match self {
+            SendOutcome::Accepted { .. } => return "ok".to_string(),
+            SendOutcome::Retryable(m) | SendOutcome::Failed(m) | SendOutcome::Permanent(m) => m,
+        };
+        // Every message here starts with its code (`Unavailable: ...`, `connect: ...`).
+        let name = message.split(':').next().unwrap_or("unknown");
+        let mut code = String::with_capacity(name.len() + 4);
+        for (i, c) in name.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                code.push('_');
+            }
+            code.push(c.to_ascii_lowercase());
+        }
+        code
+    }
+}
+
 /// Which answers are final. OTLP names INVALID_ARGUMENT-like codes as permanent; everything
 /// else is retried with backoff and the batch stays queued:
 /// - UNKNOWN and INTERNAL are what tonic reports for transport failures (connection reset,
@@ -268,6 +294,15 @@ pub fn classify(status: &tonic::Status) -> SendOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_codes_for_the_self_metrics() {
+        assert_eq!(SendOutcome::Accepted { rejected: 0, message: String::new() }.code(), "ok");
+        assert_eq!(classify(&tonic::Status::new(Code::Unavailable, "down")).code(), "unavailable");
+        assert_eq!(classify(&tonic::Status::new(Code::ResourceExhausted, "big")).code(), "resource_exhausted");
+        assert_eq!(SendOutcome::Retryable("DeadlineExceeded: no answer within 10s".into()).code(), "deadline_exceeded");
+        assert_eq!(SendOutcome::Retryable("connect: refused".into()).code(), "connect");
+    }
 
     #[test]
     fn transport_failures_and_auth_problems_are_retried() {

@@ -87,6 +87,11 @@ pub fn status_of(err: &AcceptError) -> Status {
             let details = status_with_retry_info(Code::ResourceExhausted as i32, &message, RETRY_AFTER_SECS);
             Status::with_details(Code::ResourceExhausted, message, details)
         }
+        AcceptError::Draining => {
+            let message = err.to_string();
+            let details = status_with_retry_info(Code::Unavailable as i32, &message, RETRY_AFTER_SECS);
+            Status::with_details(Code::Unavailable, message, details)
+        }
         AcceptError::Unavailable(message) => Status::unavailable(message.clone()),
     }
 }

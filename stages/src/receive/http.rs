@@ -82,6 +82,11 @@ async fn handle(State(state): State<HttpState>, headers: HeaderMap, body: Bytes,
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             response
         }
+        Err(err @ AcceptError::Draining) => {
+            let mut response = error(encoding, StatusCode::SERVICE_UNAVAILABLE, 14, &err.to_string());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            response
+        }
         Err(err @ AcceptError::Unavailable(_)) => {
             error(encoding, StatusCode::SERVICE_UNAVAILABLE, 14, &err.to_string())
         }

@@ -48,6 +48,10 @@ pub enum AcceptError {
     /// RESOURCE_EXHAUSTED, HTTP 503 + Retry-After). Nothing of the request was stored.
     #[error("queue is busy (its writer lock is held); retry later")]
     Busy,
+    /// tailgate is draining for a stop (gRPC UNAVAILABLE, HTTP 503 + Retry-After): send to
+    /// another instance or retry after the restart.
+    #[error("tailgate is draining; retry later")]
+    Draining,
     /// The queue failed (gRPC UNAVAILABLE, HTTP 503); the stage is restarting.
     #[error("queue unavailable: {0}")]
     Unavailable(String),
@@ -94,6 +98,8 @@ pub struct Intake {
     /// Duration attributes of log records (judged on when they carry no trace).
     durations: Arc<Vec<(String, f64)>>,
     write_timeout: Duration,
+    /// The stage's slot: intake is refused while the supervisor has paused it (a drain).
+    slot: Option<Arc<tailgate_ipc::heartbeat::Heartbeat>>,
 }
 
 impl std::fmt::Debug for Intake {
@@ -118,12 +124,23 @@ impl Intake {
         let committer = Committer { shared: shared.clone(), queue, waker, failures };
         std::thread::Builder::new().name("tg-receive-commit".into()).spawn(move || committer.run())?;
         let closer = Arc::new(Closer(shared.clone()));
-        Ok((Intake { shared, _closer: closer, events, durations: Arc::new(durations), write_timeout }, failed))
+        Ok((
+            Intake { shared, _closer: closer, events, durations: Arc::new(durations), write_timeout, slot: None },
+            failed,
+        ))
+    }
+
+    /// Refuses requests while the supervisor pauses intake in `slot` (a drain).
+    pub fn pause_with(&mut self, slot: Arc<tailgate_ipc::heartbeat::Heartbeat>) {
+        self.slot = Some(slot);
     }
 
     /// Validates, transcodes and durably queues one OTLP request (protobuf bytes). Returns the
     /// number of items accepted once they are committed.
     pub async fn accept(&self, signal: Signal, request: &[u8]) -> Result<u64, AcceptError> {
+        if self.slot.as_ref().is_some_and(|slot| slot.intake_paused()) {
+            return Err(AcceptError::Draining);
+        }
         let received = crate::context::unix_nanos_now();
         let transcoded = match signal {
             Signal::Traces => otlp_wire::transcode_traces(request, received)

@@ -27,13 +27,14 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         None => tailgate_config::FieldAliases::default().duration,
     };
     let durations = durations.iter().map(|field| (field.name.clone(), field.unit.nanos())).collect();
-    let (intake, mut failures) = Intake::new(
+    let (mut intake, mut failures) = Intake::new(
         ctx.queue.clone(),
         ctx.waker.clone(),
         ctx.events.clone(),
         durations,
         ctx.config.queue.write_timeout,
     )?;
+    intake.pause_with(ctx.heartbeat.clone());
     let protocols = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.protocols.clone());
     let (grpc, http) = protocols.map(|p| (p.grpc, p.http)).unwrap_or_default();
     let mut servers = tokio::task::JoinSet::new();
@@ -80,8 +81,9 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     if let Some(filelog) = ctx.config.receivers.filelog.clone() {
         let tailer = filelog::Tailer::open(filelog, ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone())?;
         let shutdown = ctx.shutdown.clone();
+        let slot = ctx.heartbeat.clone();
         // A thread of its own: reading files blocks, and receive's runtime has one thread.
-        servers.spawn_blocking(move || tailer.run(shutdown));
+        servers.spawn_blocking(move || tailer.run(shutdown, &slot));
     }
     drop(intake);
     // Any server ending (shutdown or failure) or a queue failure ends the stage; a failure

@@ -28,6 +28,8 @@ pub use crate::export::isolate::Attempt as PushOutcome;
 /// A Loki push endpoint.
 #[derive(Debug, Clone)]
 pub struct LokiClient {
+    /// Where responses are counted by code.
+    pub responses: crate::events::Responses,
     http: reqwest::Client,
     url: String,
     encoding: LokiEncoding,
@@ -40,7 +42,13 @@ impl LokiClient {
         let tenant = config.tenant_id.as_deref().map(|tenant| ("x-scope-orgid", tenant));
         let setup = HttpSetup { headers: &config.headers, auth: config.auth.as_ref(), timeout: config.timeout };
         let (http, headers) = setup.build(tenant)?;
-        Ok(LokiClient { http, url: config.endpoint.clone(), encoding: config.encoding, headers })
+        Ok(LokiClient {
+            responses: crate::events::Responses::default(),
+            http,
+            url: config.endpoint.clone(),
+            encoding: config.encoding,
+            headers,
+        })
     }
 
     /// Sends `entries` (grouped by stream, each stream oldest first) as one push.
@@ -58,7 +66,7 @@ impl LokiClient {
             .headers(self.headers.clone())
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body);
-        match http::send(request).await {
+        match http::send(request, &self.responses).await {
             Ok(answer) if answer.accepted() => PushOutcome::Accepted,
             Ok(answer) => {
                 let message = format!("HTTP {}: {}", answer.status, answer.body.trim());

@@ -39,6 +39,11 @@ struct Read {
 }
 
 impl LokiSink {
+    /// Counts the backend's responses into `responses`.
+    pub fn set_responses(&mut self, responses: crate::events::Responses) {
+        self.client.responses = responses;
+    }
+
     /// A sink for the configured endpoint.
     pub fn new(config: &LokiExporter) -> Result<LokiSink, StageError> {
         let client = LokiClient::new(config).map_err(|err| StageError::Other(format!("loki exporter: {err}")))?;

@@ -40,6 +40,8 @@ const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// A remote-write destination.
 #[derive(Debug)]
 pub struct RemoteWriteSink {
+    /// Where responses are counted by code.
+    pub responses: crate::events::Responses,
     config: RemoteWriteExporter,
     http: reqwest::Client,
     headers: reqwest::header::HeaderMap,
@@ -95,7 +97,13 @@ impl RemoteWriteSink {
         let setup = HttpSetup { headers: &config.headers, auth: config.auth.as_ref(), timeout: config.timeout };
         let (http, headers) =
             setup.build(None).map_err(|err| StageError::Other(format!("remote write exporter: {err}")))?;
-        Ok(RemoteWriteSink { config: config.clone(), http, headers, last_sent: HashMap::new() })
+        Ok(RemoteWriteSink {
+            responses: crate::events::Responses::default(),
+            config: config.clone(),
+            http,
+            headers,
+            last_sent: HashMap::new(),
+        })
     }
 
     async fn push(&self, series: &[TimeSeries]) -> Attempt {
@@ -111,7 +119,7 @@ impl RemoteWriteSink {
             .header(reqwest::header::CONTENT_ENCODING, "snappy")
             .header("x-prometheus-remote-write-version", "0.1.0")
             .body(body);
-        match http::send(request).await {
+        match http::send(request, &self.responses).await {
             Ok(answer) => classify(answer.status, &answer.body, answer.after),
             Err(failed) => failed,
         }

@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use tailgate_config::{FilelogReceiver, StartAt};
 use tailgate_ipc::batch::{self, LogBatch, LogEntry, ResourceBlock, ScopeBlock};
+use tailgate_ipc::heartbeat::Heartbeat;
 use tailgate_ipc::wake::Waker;
 use tailgate_ipc::{Edge, Queue, QueueError};
 use tokio::sync::watch;
@@ -111,10 +112,15 @@ impl Tailer {
         })
     }
 
-    /// Tails until `shutdown` flips (checked between polls).
-    pub fn run(mut self, shutdown: watch::Receiver<bool>) -> Result<(), StageError> {
+    /// Tails until `shutdown` flips (checked between polls); reads nothing while the supervisor
+    /// pauses intake in `slot` (a drain: lines wait in their files).
+    pub fn run(mut self, shutdown: watch::Receiver<bool>, slot: &Heartbeat) -> Result<(), StageError> {
         tracing::info!(include = ?self.config.include, resumed = self.stored.len(), "filelog receiver tailing");
         while !*shutdown.borrow() {
+            if slot.intake_paused() {
+                std::thread::park_timeout(self.config.poll_interval);
+                continue;
+            }
             let more = self.poll()?;
             if !more {
                 std::thread::park_timeout(self.config.poll_interval);
