@@ -7,13 +7,16 @@ pub(crate) fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
 }
 
-/// Anonymous resident memory of a process (`RssAnon` of /proc/PID/status): its private heap,
-/// without the shared queue map that makes RSS overstate it. O(1) to read, unlike smaps_rollup.
+/// Anonymous resident memory of a process: its private heap, without the shared queue map that
+/// makes RSS overstate it. Read from /proc/PID/statm (resident minus shared pages, which is
+/// `RssAnon` of /proc/PID/status): read every second per stage, and statm is the cheapest file
+/// the kernel formats for it (status formats some fifty lines). O(1), unlike smaps_rollup.
 pub(crate) fn private_memory_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("RssAnon:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
+    Some(resident.saturating_sub(shared) * rustix::param::page_size() as u64)
 }
 
 /// The process (thread group) of thread `tid`.

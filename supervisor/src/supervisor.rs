@@ -127,6 +127,8 @@ pub struct StageState {
     last_shed_request: Option<Instant>,
     /// A precise heartbeat check is scheduled.
     heartbeat_check_pending: bool,
+    /// Ticks seen, for sampling every other one.
+    sample_tick: u64,
     /// (when, items received, items sent, CPU seconds of the supervisor's view) on recent ticks,
     /// for rates over the last [`RATE_WINDOW`].
     samples: VecDeque<(Instant, u64, u64, f64)>,
@@ -319,6 +321,11 @@ impl StageActor {
     /// Records this tick's totals for the rates (CPU seconds summed over the stage's processes:
     /// the running one's plus what finished ones used, kept in `cpu_base`).
     fn sample(state: &mut StageState) {
+        // Every other tick is enough for 10 s rates (each sample reads /proc/PID/stat).
+        state.sample_tick = state.sample_tick.wrapping_add(1);
+        if state.sample_tick.is_multiple_of(2) {
+            return;
+        }
         let counters = StageActor::counters(state);
         if let Some(seconds) = state.pid.and_then(crate::proc::cpu_seconds) {
             state.cpu_last = seconds;
@@ -514,6 +521,7 @@ impl Actor for StageActor {
             restarts_by_reason: Default::default(),
             last_shed_request: None,
             heartbeat_check_pending: false,
+            sample_tick: 0,
             samples: VecDeque::new(),
             counter_base: Default::default(),
             cpu_base: 0.0,
