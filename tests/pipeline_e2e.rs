@@ -46,10 +46,14 @@ fn six_named_processes_serve_both_ports() {
     let mut names: Vec<&str> = pids.keys().map(String::as_str).collect();
     names.sort_unstable();
     assert_eq!(names, ["export", "log_mirror", "receive", "spanmetrics", "tail_sample"]);
-    for (stage, pid) in &pids {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-        assert_eq!(comm.trim(), format!("tg-{stage}"));
-    }
+    // A stage names itself first thing after exec; a just-started one may not have yet.
+    let comm = |pid: &u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let named = || pids.iter().all(|(stage, pid)| comm(pid).trim() == format!("tg-{stage}"));
+    assert!(
+        wait_until(Duration::from_secs(5), named),
+        "{:?}",
+        pids.iter().map(|(s, p)| (s, comm(p))).collect::<Vec<_>>()
+    );
     let status = tailgate.stop();
     assert!(status.success(), "supervisor exit: {status:?}");
     for pid in pids.values() {

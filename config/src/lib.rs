@@ -103,6 +103,12 @@ pub struct TailSampleConfig {
     /// How long decisions are remembered so late spans and logs follow their trace.
     #[serde(with = "humantime_serde")]
     pub decision_cache_ttl: Duration,
+    /// A trace with this many spans pending is decided at once on what it has (a giant trace
+    /// must not hold the index); its later spans follow that decision.
+    pub max_spans_per_trace: u32,
+    /// Heap the pending-trace index may use (estimated per trace and per span; span payloads
+    /// stay in the queue). Above it the traces due soonest are decided early on what they have.
+    pub max_pending_bytes: ByteSize,
 }
 
 impl Default for TailSampleConfig {
@@ -113,6 +119,8 @@ impl Default for TailSampleConfig {
             keep_errors: true,
             latency_threshold: Duration::from_millis(200),
             decision_cache_ttl: Duration::from_secs(120),
+            max_spans_per_trace: 10_000,
+            max_pending_bytes: ByteSize(64 << 20),
         }
     }
 }
@@ -502,6 +510,12 @@ impl Config {
         }
         if sampling.decision_cache_ttl < sampling.decision_wait {
             problems.add("tail_sample.decision_cache_ttl", "must be at least decision_wait");
+        }
+        if sampling.max_spans_per_trace == 0 {
+            problems.add("tail_sample.max_spans_per_trace", "must be above zero");
+        }
+        if sampling.max_pending_bytes.0 < 1 << 20 {
+            problems.add("tail_sample.max_pending_bytes", "must be at least 1MiB");
         }
         if self.log_mirror.max_wait <= sampling.decision_wait {
             problems.add(

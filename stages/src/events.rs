@@ -114,6 +114,17 @@ impl StageEvents {
         self.changed();
     }
 
+    /// `n` errors of the named kind at once.
+    pub fn errors(&self, kind: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut map) = self.errors.lock() {
+            *map.entry(kind).or_default() += n;
+        }
+        self.changed();
+    }
+
     /// An error of the named kind; logged by the caller once where handled.
     pub fn error(&self, kind: &'static str) {
         if let Ok(mut map) = self.errors.lock() {

@@ -47,7 +47,18 @@ pub struct Policy {
     pub decision_cache_ttl: Duration,
     /// Attribute names spanmetrics uses as dimensions (their values go into span summaries).
     pub dimensions: Vec<String>,
+    /// A trace with this many pending spans is decided at once.
+    pub max_spans_per_trace: u32,
+    /// Estimated heap of the pending index above which the traces due soonest are decided early.
+    pub max_pending_bytes: u64,
 }
+
+/// Estimated heap of one pending trace in the index, besides its span references: its map
+/// entry (id, due, receive time, flags, span vector header), its place in the due set, and
+/// allocator overhead (measured in BENCHMARKS.md).
+pub const PENDING_TRACE_BYTES: u64 = 160;
+/// Estimated heap of one pending span reference (batch sequence and index, vector growth).
+pub const PENDING_SPAN_BYTES: u64 = 24;
 
 impl Policy {
     /// The policy configured in `config.tail_sample` (and spanmetrics' dimensions).
@@ -60,6 +71,8 @@ impl Policy {
             latency_threshold: sampling.latency_threshold,
             decision_cache_ttl: sampling.decision_cache_ttl,
             dimensions: config.spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
+            max_spans_per_trace: sampling.max_spans_per_trace,
+            max_pending_bytes: sampling.max_pending_bytes.0,
         }
     }
 }
@@ -101,6 +114,10 @@ pub struct Sampler {
     ingested_until: u64,
     /// Most bytes a step reads (its output is at most about as large); see [`StepSizer`].
     step_limit: usize,
+    /// Span references in the index (for the memory estimate).
+    pending_spans: u64,
+    /// Traces made due early (giant, or over the index budget) and not counted yet.
+    decided_early: u64,
 }
 
 /// What one step did.
@@ -122,6 +139,9 @@ pub struct StepReport {
     pub blocked: bool,
     /// The step committed a write transaction.
     pub wrote: bool,
+    /// Traces made due before their time because they were giant or the index was over its
+    /// budget.
+    pub decided_early: u64,
 }
 
 /// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
@@ -202,6 +222,8 @@ impl Sampler {
             persisted_read_pos: replay_until,
             ingested_until: 0,
             step_limit: queue.max_step_bytes(),
+            pending_spans: 0,
+            decided_early: 0,
         })
     }
 
@@ -226,6 +248,42 @@ impl Sampler {
             trace.spans.shrink_to_fit();
         }
         early
+    }
+
+    /// Estimated heap of the pending index.
+    pub fn pending_bytes(&self) -> u64 {
+        self.traces.len() as u64 * PENDING_TRACE_BYTES + self.pending_spans * PENDING_SPAN_BYTES
+    }
+
+    /// Keeps the index within `max_pending_bytes`: traces already due now count as leaving; then
+    /// the traces due soonest are made due now until the rest fits. They are decided on the
+    /// spans they have (a late span follows that decision), in this step or the next ones.
+    fn enforce_pending_budget(&mut self) {
+        let mut estimate = self.pending_bytes();
+        let max = self.policy.max_pending_bytes;
+        if estimate <= max {
+            return;
+        }
+        let bytes_of = |trace: &PendingTrace| PENDING_TRACE_BYTES + trace.spans.len() as u64 * PENDING_SPAN_BYTES;
+        let mut early = Vec::new();
+        for &(due, trace_id) in &self.due {
+            if estimate <= max {
+                break;
+            }
+            let Some(trace) = self.traces.get(&trace_id) else { continue };
+            estimate = estimate.saturating_sub(bytes_of(trace));
+            if due > 0 {
+                early.push((due, trace_id));
+            }
+        }
+        for (due, trace_id) in early {
+            self.due.remove(&(due, trace_id));
+            self.due.insert((0, trace_id));
+            if let Some(trace) = self.traces.get_mut(&trace_id) {
+                trace.due_unix_nano = 0;
+            }
+            self.decided_early += 1;
+        }
     }
 
     /// Traces currently buffered.
@@ -257,6 +315,8 @@ impl Sampler {
             return Ok(report);
         }
         self.ingest(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
+        self.enforce_pending_budget();
+        report.decided_early = std::mem::take(&mut self.decided_early);
         // While replaying, a trace may still have spans in batches not re-read yet: deciding it
         // now would judge it on part of its spans and then skip the rest as already handled.
         if self.read_pos >= self.replay_until {
@@ -432,6 +492,14 @@ impl Sampler {
         });
         trace.interesting |= interesting;
         trace.spans.push((seq, index));
+        self.pending_spans += 1;
+        if trace.spans.len() as u64 >= u64::from(policy.max_spans_per_trace) && trace.due_unix_nano > 0 {
+            self.due.remove(&(trace.due_unix_nano, trace_id));
+            trace.due_unix_nano = 0;
+            self.due.insert((0, trace_id));
+            self.decided_early += 1;
+            return;
+        }
         if is_root && root_due < trace.due_unix_nano {
             self.due.remove(&(trace.due_unix_nano, trace_id));
             trace.due_unix_nano = root_due;
@@ -461,6 +529,7 @@ impl Sampler {
             }
             self.due.pop_first();
             let Some(trace) = self.traces.remove(&trace_id) else { continue };
+            self.pending_spans = self.pending_spans.saturating_sub(trace.spans.len() as u64);
             if let Some(count) = self.first_received.get_mut(&trace.first_received) {
                 *count -= 1;
                 if *count == 0 {
@@ -559,6 +628,13 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         ctx.events.received(report.ingested);
         ctx.events.sent(report.kept);
         ctx.events.dropped("sampled_out", report.dropped);
+        if report.decided_early > 0 {
+            ctx.events.errors("trace_decided_early", report.decided_early);
+            tracing::debug!(
+                traces = report.decided_early,
+                "traces decided early (giant, or the index over max_pending_bytes)"
+            );
+        }
         if report.kept > 0 {
             ctx.waker.edge_written(Edge::KeptSpans);
         }
@@ -602,6 +678,8 @@ mod tests {
             latency_threshold: Duration::from_millis(200),
             decision_cache_ttl: Duration::from_secs(120),
             dimensions: Vec::new(),
+            max_spans_per_trace: 10_000,
+            max_pending_bytes: 64 << 20,
         }
     }
 
@@ -640,6 +718,38 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_giant_trace_is_decided_at_its_span_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        let mut sampler = Sampler::open(&queue, Policy { max_spans_per_trace: 3, ..policy() }).unwrap();
+        append(&queue, (1..=5).map(|id| span(7, id, false, false)).chain([span(8, 1, false, false)]).collect());
+        let report = sampler.step(&queue, T0 + 1).unwrap();
+        assert_eq!(report.decided_early, 1);
+        // Long before decision_wait: the giant trace is decided, the small one waits.
+        assert_eq!(report.decided, 1);
+        assert_eq!(sampler.pending_traces(), 1);
+        let rtxn = queue.read().unwrap();
+        assert_eq!(queue.decision(&rtxn, &[7; 16]).unwrap().map(|d| d.keep), Some(false));
+        assert_eq!(queue.decision(&rtxn, &[8; 16]).unwrap(), None);
+    }
+
+    #[test]
+    fn over_its_budget_the_index_decides_the_traces_due_soonest() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        // Room for four single-span traces.
+        let budget = 4 * (PENDING_TRACE_BYTES + PENDING_SPAN_BYTES);
+        let mut sampler = Sampler::open(&queue, Policy { max_pending_bytes: budget, ..policy() }).unwrap();
+        append(&queue, (1..=10).map(|trace| span(trace, 1, false, trace == 2)).collect());
+        let report = sampler.step(&queue, T0 + 1).unwrap();
+        assert_eq!(report.decided_early, 6);
+        assert_eq!(sampler.pending_traces(), 4);
+        assert!(sampler.pending_bytes() <= budget);
+        // Trace 2's error was seen: deciding it early kept it.
+        assert_eq!(kept(&queue), vec![([2; 16], [1; 8])]);
     }
 
     #[test]
