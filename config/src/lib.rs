@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 mod exporters;
 mod receivers;
+mod sampling;
 
 pub use exporters::*;
 pub use receivers::*;
+pub use sampling::*;
 
 /// The embedded default configuration: works for a non-root user from a checkout.
 pub const DEFAULT_CONFIG_YAML: &str = include_str!("../tailgate.example.yaml");
@@ -95,11 +97,16 @@ pub struct TailSampleConfig {
     /// full `decision_wait` (children usually end before their root).
     #[serde(with = "humantime_serde")]
     pub root_grace: Duration,
-    /// Keep every trace with a span in ERROR status.
-    pub keep_errors: bool,
-    /// Keep every trace with a span lasting longer than this.
-    #[serde(with = "humantime_serde")]
-    pub latency_threshold: Duration,
+    /// Shorthand (when `policies` is empty) for a `status_code` policy keeping ERROR traces.
+    /// Default true. With `policies`, write that policy instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_errors: Option<bool>,
+    /// Shorthand (when `policies` is empty) for a `latency` policy. Default 200ms. With
+    /// `policies`, write that policy instead.
+    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub latency_threshold: Option<Duration>,
+    /// Sampling policies (OTel `tail_sampling` shape); empty: the shorthand above.
+    pub policies: Vec<PolicyConfig>,
     /// How long decisions are remembered so late spans and logs follow their trace.
     #[serde(with = "humantime_serde")]
     pub decision_cache_ttl: Duration,
@@ -111,13 +118,47 @@ pub struct TailSampleConfig {
     pub max_pending_bytes: ByteSize,
 }
 
+impl TailSampleConfig {
+    /// The policies in force: `policies`, or the shorthand's (whose `slow` stands for "a span
+    /// lasting longer than `latency_threshold`", the product's rule before policies).
+    pub fn effective_policies(&self) -> Vec<PolicyConfig> {
+        if self.policies.is_empty() {
+            shorthand_policies(
+                self.keep_errors.unwrap_or(true),
+                self.latency_threshold.unwrap_or(Duration::from_millis(200)),
+            )
+        } else {
+            self.policies.clone()
+        }
+    }
+
+    /// Whether an ERROR status keeps a trace outright (a top-level `status_code` policy with
+    /// ERROR): what records without a trace are judged by too.
+    pub fn keeps_errors(&self) -> bool {
+        self.effective_policies().iter().any(|p| {
+            p.kind == PolicyType::StatusCode
+                && p.status_code.as_ref().is_some_and(|s| s.status_codes.contains(&StatusCode::Error))
+        })
+    }
+
+    /// The lowest latency that keeps a trace outright (top-level `latency` policies), if any.
+    pub fn latency_keeps_from(&self) -> Option<Duration> {
+        self.effective_policies()
+            .iter()
+            .filter(|p| p.kind == PolicyType::Latency)
+            .filter_map(|p| p.latency.as_ref().map(|l| Duration::from_millis(l.threshold_ms)))
+            .min()
+    }
+}
+
 impl Default for TailSampleConfig {
     fn default() -> Self {
         TailSampleConfig {
             decision_wait: Duration::from_secs(10),
             root_grace: Duration::from_secs(2),
-            keep_errors: true,
-            latency_threshold: Duration::from_millis(200),
+            keep_errors: None,
+            latency_threshold: None,
+            policies: Vec::new(),
             decision_cache_ttl: Duration::from_secs(120),
             max_spans_per_trace: 10_000,
             max_pending_bytes: ByteSize(64 << 20),
@@ -511,6 +552,31 @@ impl Config {
         if sampling.decision_cache_ttl < sampling.decision_wait {
             problems.add("tail_sample.decision_cache_ttl", "must be at least decision_wait");
         }
+        if !sampling.policies.is_empty() {
+            if sampling.keep_errors.is_some() {
+                problems.add(
+                    "tail_sample.keep_errors",
+                    "with policies, write a policy instead: {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}",
+                );
+            }
+            if let Some(threshold) = sampling.latency_threshold {
+                problems.add(
+                    "tail_sample.latency_threshold",
+                    &format!(
+                        "with policies, write a policy instead: {{name: slow, type: latency, latency: {{threshold_ms: {}}}}}",
+                        threshold.as_millis()
+                    ),
+                );
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, policy) in sampling.policies.iter().enumerate() {
+                let path = format!("tail_sample.policies[{i}]");
+                if !names.insert(policy.name.as_str()) {
+                    problems.add(&path, &format!("policy name {:?} is used twice", policy.name));
+                }
+                policy.validate(&path, &mut problems);
+            }
+        }
         if sampling.max_spans_per_trace == 0 {
             problems.add("tail_sample.max_spans_per_trace", "must be above zero");
         }
@@ -678,7 +744,7 @@ mod tests {
     #[test]
     fn embedded_default_is_valid_and_carries_seed_values() {
         let config = Config::embedded_default().unwrap();
-        assert_eq!(config.tail_sample.latency_threshold, Duration::from_millis(200));
+        assert_eq!(config.tail_sample.latency_keeps_from(), Some(Duration::from_millis(200)));
         assert_eq!(config.exporters.batch.send_batch_size, 512);
         assert_eq!(config.exporters.batch.timeout, Duration::from_secs(5));
         assert_eq!(config.supervisor.memory_soft_limit_mib, 320);
@@ -695,6 +761,33 @@ mod tests {
         config.supervisor.max_restarts = 20;
         let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();
         assert_eq!(paths, vec!["supervisor.max_restarts"]);
+    }
+
+    #[test]
+    fn policies_parse_in_the_collectors_shape_and_problems_name_the_fix() {
+        let policies = "  policies:\n    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}\n    - {name: slow, type: latency, latency: {threshold_ms: 200}}\n    - {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}\n    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}\n";
+        let start = DEFAULT_CONFIG_YAML.find("  # Shorthand:").unwrap();
+        let end = DEFAULT_CONFIG_YAML.find("  decision_cache_ttl").unwrap();
+        let with = |block: &str| format!("{}{block}{}", &DEFAULT_CONFIG_YAML[..start], &DEFAULT_CONFIG_YAML[end..]);
+        let config = Config::parse(&with(policies)).unwrap();
+        assert_eq!(config.tail_sample.policies.len(), 4);
+        assert!(config.tail_sample.keeps_errors());
+        assert_eq!(config.tail_sample.latency_keeps_from(), Some(Duration::from_millis(200)));
+        // Without policies the shorthand stands for the same two.
+        let shorthand = Config::parse(&with("  keep_errors: true\n  latency_threshold: 150ms\n")).unwrap();
+        assert_eq!(shorthand.tail_sample.effective_policies().len(), 2);
+        assert_eq!(shorthand.tail_sample.latency_keeps_from(), Some(Duration::from_millis(150)));
+        // Both: check-config spells out the replacement.
+        let err = Config::parse(&with(&format!("  keep_errors: true\n{policies}"))).unwrap_err().to_string();
+        assert!(err.contains("tail_sample.keep_errors") && err.contains("type: status_code"), "{err}");
+        let missing = "  policies:\n    - {name: slow, type: latency}\n";
+        let err = Config::parse(&with(missing)).unwrap_err().to_string();
+        assert!(err.contains("tail_sample.policies[0]") && err.contains("needs its section `latency:`"), "{err}");
+        let regex = "  policies:\n    - {name: r, type: string_attribute, string_attribute: {key: k, values: ['(unclosed'], enabled_regex_matching: true}}\n";
+        let err = Config::parse(&with(regex)).unwrap_err().to_string();
+        assert!(err.contains("string_attribute.values[0]"), "{err}");
+        let twice = "  policies:\n    - {name: a, type: always_sample}\n    - {name: a, type: always_sample}\n";
+        assert!(Config::parse(&with(twice)).unwrap_err().to_string().contains("used twice"));
     }
 
     #[test]

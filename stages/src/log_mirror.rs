@@ -49,8 +49,8 @@ impl Rule {
     pub fn from_config(config: &tailgate_config::Config) -> Rule {
         Rule {
             max_wait: config.log_mirror.max_wait,
-            keep_errors: config.tail_sample.keep_errors,
-            latency_threshold: config.tail_sample.latency_threshold,
+            keep_errors: config.tail_sample.keeps_errors(),
+            latency_threshold: config.tail_sample.latency_keeps_from().unwrap_or(Duration::MAX),
         }
     }
 

@@ -26,6 +26,7 @@ use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use summaries::Summaries;
 
+pub mod policies;
 pub mod summaries;
 use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL, StepSizer};
 
@@ -39,10 +40,13 @@ pub struct Policy {
     pub decision_wait: Duration,
     /// Decide this long after the root span arrived.
     pub root_grace: Duration,
-    /// Keep traces with an error span.
+    /// An error span is known to keep its trace (a top-level `status_code` policy with ERROR):
+    /// what shedding decides early on.
     pub keep_errors: bool,
-    /// Keep traces with a span longer than this.
+    /// A span this long is known to keep its trace (the lowest top-level `latency` policy).
     pub latency_threshold: Duration,
+    /// The sampling policies, evaluated on the whole trace when it is decided.
+    pub policies: Vec<tailgate_config::PolicyConfig>,
     /// Remember decisions this long.
     pub decision_cache_ttl: Duration,
     /// Attribute names spanmetrics uses as dimensions (their values go into span summaries).
@@ -68,8 +72,9 @@ impl Policy {
         Policy {
             decision_wait: sampling.decision_wait,
             root_grace: sampling.root_grace,
-            keep_errors: sampling.keep_errors,
-            latency_threshold: sampling.latency_threshold,
+            keep_errors: sampling.keeps_errors(),
+            latency_threshold: sampling.latency_keeps_from().unwrap_or(Duration::MAX),
+            policies: sampling.policies.clone(),
             decision_cache_ttl: sampling.decision_cache_ttl,
             dimensions: config.spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
             max_spans_per_trace: sampling.max_spans_per_trace,
@@ -94,6 +99,7 @@ struct PendingTrace {
 #[derive(Debug)]
 pub struct Sampler {
     policy: Policy,
+    policies: policies::Policies,
     traces: HashMap<[u8; 16], PendingTrace>,
     /// (due time, trace id) of every pending trace.
     due: BTreeSet<(u64, [u8; 16])>,
@@ -210,6 +216,7 @@ impl Sampler {
         let cursor = queue.cursor(&rtxn, Consumer::TailSample)?;
         let replay_until = queue.meta_u64(&rtxn, SAMPLER_READ_POS_KEY)?.unwrap_or(0).max(cursor);
         Ok(Sampler {
+            policies: policies::Policies::new(&policy.policies, policy.keep_errors, policy.latency_threshold),
             policy,
             traces: HashMap::new(),
             due: BTreeSet::new(),
@@ -538,35 +545,35 @@ impl Sampler {
                 }
             }
             let mut last_seq = 0;
-            for &(seq, index) in &trace.spans {
+            for &(seq, _) in &trace.spans {
                 last_seq = last_seq.max(seq);
                 if let Some(count) = self.undecided.get_mut(&seq) {
                     *count = count.saturating_sub(1);
                 }
-                let source = match sources.get(&seq) {
-                    Some(source) => *source,
-                    None => {
-                        let value = queue
-                            .get(rtxn, Edge::Spans, seq)?
-                            .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
-                        let source = batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
-                        sources.insert(seq, source);
-                        source
-                    }
-                };
-                output.summarize(source, index, trace.interesting, &self.policy.dimensions);
-                if trace.interesting {
+                if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry(seq) {
+                    let value = queue
+                        .get(rtxn, Edge::Spans, seq)?
+                        .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
+                    slot.insert(batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?);
+                }
+            }
+            let spans: Vec<(&ArchivedSpanBatch, u32)> =
+                trace.spans.iter().filter_map(|&(seq, index)| Some((*sources.get(&seq)?, index))).collect();
+            let keep = self.policies.decide(&trace_id, &spans).is_some();
+            for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
+                output.summarize(source, index, keep, &self.policy.dimensions);
+                if keep {
                     output.emit(seq, source, index);
                 }
             }
             let spans = trace.spans.len() as u64;
-            if trace.interesting {
+            if keep {
                 report.kept += spans
             } else {
                 report.dropped += spans
             }
             report.decided += 1;
-            let decision = Decision { keep: trace.interesting, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
+            let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
             output.decisions.insert(trace_id, decision);
         }
         Ok(true)
@@ -677,6 +684,7 @@ mod tests {
             root_grace: Duration::from_secs(1),
             keep_errors: true,
             latency_threshold: Duration::from_millis(200),
+            policies: Vec::new(),
             decision_cache_ttl: Duration::from_secs(120),
             dimensions: Vec::new(),
             max_spans_per_trace: 10_000,

@@ -103,7 +103,7 @@ mod tests {
         let base = Config::embedded_default().unwrap();
         assert!(changed_stages(&base, &base).unwrap().is_empty());
         let mut threshold = base.clone();
-        threshold.tail_sample.latency_threshold = std::time::Duration::from_millis(150);
+        threshold.tail_sample.latency_threshold = Some(std::time::Duration::from_millis(150));
         assert_eq!(changed_stages(&base, &threshold).unwrap(), vec![StageId::TailSample, StageId::LogMirror]);
         let mut level = base.clone();
         level.log_level = "debug".into();

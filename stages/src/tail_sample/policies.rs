@@ -1,0 +1,423 @@
+//! The sampling policies, evaluated on a whole trace when it is decided, with the precedence of
+//! the OpenTelemetry Collector's `tail_sampling` processor: a `drop` policy that matches vetoes
+//! everything; otherwise an inverted match (`invert_match` and the value matched) drops;
+//! otherwise the trace is kept if any policy keeps it (an inverted policy keeps a trace that
+//! does not match); otherwise it is dropped. The first policy in configuration order that kept
+//! the trace is reported as the reason.
+//!
+//! `probabilistic` is the OpenTelemetry consistent-probability rule: the trace id's last 56
+//! bits are its randomness R, the policy's threshold T = (1 - p) * 2^56, and the trace is kept
+//! when R >= T, so every node (and every collector using the same rule) keeps the same traces.
+
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use tailgate_config::{PolicyConfig, PolicyType};
+use tailgate_ipc::batch::ArchivedSpanBatch;
+
+/// 2^56: the range of a trace id's randomness.
+const RANDOMNESS_RANGE: u64 = 1 << 56;
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(Vec<String>),
+    Regex(Vec<regex::Regex>),
+}
+
+impl Matcher {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(values) => values.iter().any(|v| v == value),
+            Matcher::Regex(patterns) => patterns.iter().any(|p| p.is_match(value)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Rule {
+    StatusCode(Vec<u8>),
+    Latency {
+        min_nanos: u64,
+        max_nanos: u64,
+    },
+    /// The shorthand's rule (`latency_threshold`): a span lasting longer than this.
+    SpanLatency {
+        over_nanos: u64,
+    },
+    StringAttribute {
+        key: String,
+        matcher: Matcher,
+        invert: bool,
+    },
+    NumericAttribute {
+        key: String,
+        min: i64,
+        max: i64,
+        invert: bool,
+    },
+    Probabilistic {
+        threshold: u64,
+    },
+    Always,
+    And(Vec<Rule>),
+    Drop(Vec<Rule>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Sampled,
+    NotSampled,
+    InvertSampled,
+    InvertNotSampled,
+    Dropped,
+}
+
+impl Rule {
+    fn new(config: &PolicyConfig) -> Rule {
+        match config.kind {
+            PolicyType::StatusCode => Rule::StatusCode(
+                config.status_code.iter().flat_map(|s| s.status_codes.iter().map(|c| c.wire())).collect(),
+            ),
+            PolicyType::Latency => {
+                let latency = config.latency.as_ref();
+                let ms = |v: u64| v.saturating_mul(1_000_000);
+                Rule::Latency {
+                    min_nanos: ms(latency.map_or(0, |l| l.threshold_ms)),
+                    max_nanos: latency.map(|l| l.upper_threshold_ms).filter(|u| *u > 0).map_or(u64::MAX, ms),
+                }
+            }
+            PolicyType::StringAttribute => {
+                let policy = config.string_attribute.as_ref();
+                let values = policy.map(|p| p.values.clone()).unwrap_or_default();
+                let matcher = if policy.is_some_and(|p| p.enabled_regex_matching) {
+                    // Validated by check-config; anchored like the Collector's full matches.
+                    Matcher::Regex(
+                        values.iter().filter_map(|v| regex::Regex::new(&format!("^(?:{v})$")).ok()).collect(),
+                    )
+                } else {
+                    Matcher::Exact(values)
+                };
+                Rule::StringAttribute {
+                    key: policy.map(|p| p.key.clone()).unwrap_or_default(),
+                    matcher,
+                    invert: policy.is_some_and(|p| p.invert_match),
+                }
+            }
+            PolicyType::NumericAttribute => {
+                let policy = config.numeric_attribute.as_ref();
+                Rule::NumericAttribute {
+                    key: policy.map(|p| p.key.clone()).unwrap_or_default(),
+                    min: policy.map_or(0, |p| p.min_value),
+                    max: policy.map_or(-1, |p| p.max_value),
+                    invert: policy.is_some_and(|p| p.invert_match),
+                }
+            }
+            PolicyType::Probabilistic => {
+                let share =
+                    config.probabilistic.as_ref().map_or(0.0, |p| p.sampling_percentage / 100.0).clamp(0.0, 1.0);
+                Rule::Probabilistic { threshold: ((1.0 - share) * RANDOMNESS_RANGE as f64).round() as u64 }
+            }
+            PolicyType::AlwaysSample => Rule::Always,
+            PolicyType::And => {
+                Rule::And(config.and.iter().flat_map(|a| a.and_sub_policy.iter().map(Rule::new)).collect())
+            }
+            PolicyType::Drop => {
+                Rule::Drop(config.drop.iter().flat_map(|d| d.drop_sub_policy.iter().map(Rule::new)).collect())
+            }
+        }
+    }
+
+    fn needs_attributes(&self) -> bool {
+        match self {
+            Rule::StringAttribute { .. } | Rule::NumericAttribute { .. } => true,
+            Rule::And(subs) | Rule::Drop(subs) => subs.iter().any(Rule::needs_attributes),
+            _ => false,
+        }
+    }
+
+    fn evaluate(&self, trace: &TraceFacts<'_>) -> Verdict {
+        let sampled = |matched: bool| if matched { Verdict::Sampled } else { Verdict::NotSampled };
+        let inverted = |matched: bool, invert: bool| match (matched, invert) {
+            (matched, false) => sampled(matched),
+            (true, true) => Verdict::InvertNotSampled,
+            (false, true) => Verdict::InvertSampled,
+        };
+        match self {
+            Rule::StatusCode(codes) => sampled(trace.statuses.iter().any(|s| codes.contains(s))),
+            Rule::Latency { min_nanos, max_nanos } => {
+                let duration = trace.duration_nanos();
+                sampled(duration >= *min_nanos && duration <= *max_nanos)
+            }
+            Rule::SpanLatency { over_nanos } => sampled(trace.longest_span > *over_nanos),
+            Rule::StringAttribute { key, matcher, invert } => {
+                let matched = trace.attribute_values(key).any(|value| match value {
+                    Value::StringValue(text) => matcher.matches(text),
+                    _ => false,
+                });
+                inverted(matched, *invert)
+            }
+            Rule::NumericAttribute { key, min, max, invert } => {
+                let matched = trace.attribute_values(key).any(|value| match value {
+                    Value::IntValue(number) => (*min..=*max).contains(number),
+                    _ => false,
+                });
+                inverted(matched, *invert)
+            }
+            Rule::Probabilistic { threshold } => sampled(randomness(trace.trace_id) >= *threshold),
+            Rule::Always => Verdict::Sampled,
+            Rule::And(subs) => sampled(subs.iter().all(|s| is_kept(s.evaluate(trace)))),
+            Rule::Drop(subs) => {
+                if subs.iter().all(|s| is_kept(s.evaluate(trace))) {
+                    Verdict::Dropped
+                } else {
+                    Verdict::NotSampled
+                }
+            }
+        }
+    }
+}
+
+fn is_kept(verdict: Verdict) -> bool {
+    matches!(verdict, Verdict::Sampled | Verdict::InvertSampled)
+}
+
+/// The trace id's randomness: its last 56 bits (W3C Trace Context level 2).
+pub fn randomness(trace_id: &[u8; 16]) -> u64 {
+    let mut last = [0u8; 8];
+    last.copy_from_slice(&trace_id[8..]);
+    u64::from_be_bytes(last) & (RANDOMNESS_RANGE - 1)
+}
+
+/// What the rules look at, gathered once per trace; attributes are decoded only when a rule
+/// needs them.
+struct TraceFacts<'a> {
+    trace_id: &'a [u8; 16],
+    statuses: Vec<u8>,
+    first_start: u64,
+    last_end: u64,
+    longest_span: u64,
+    /// Span attributes then resource attributes, per span.
+    attributes: Vec<Vec<KeyValue>>,
+}
+
+impl TraceFacts<'_> {
+    fn duration_nanos(&self) -> u64 {
+        self.last_end.saturating_sub(self.first_start)
+    }
+
+    fn attribute_values<'k>(&'k self, key: &'k str) -> impl Iterator<Item = &'k Value> + 'k {
+        self.attributes.iter().filter_map(move |attributes| {
+            attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        })
+    }
+}
+
+/// The configured policies, ready to evaluate.
+#[derive(Debug)]
+pub struct Policies {
+    rules: Vec<(String, Rule)>,
+    needs_attributes: bool,
+}
+
+impl Policies {
+    /// Builds the rules (the configuration was validated by `check-config`). Without
+    /// policies, the shorthand: `errors` (a span in ERROR, if `keep_errors`) and `slow` (a span
+    /// lasting longer than `latency_threshold`: the product's rule before policies, which the
+    /// golden sets pin; the `latency` policy type measures the whole trace, as the Collector).
+    pub fn new(configs: &[PolicyConfig], keep_errors: bool, latency_threshold: std::time::Duration) -> Policies {
+        let mut rules: Vec<(String, Rule)> = configs.iter().map(|c| (c.name.clone(), Rule::new(c))).collect();
+        if configs.is_empty() {
+            if keep_errors {
+                rules.push(("errors".to_string(), Rule::StatusCode(vec![tailgate_ipc::batch::STATUS_CODE_ERROR])));
+            }
+            rules.push(("slow".to_string(), Rule::SpanLatency { over_nanos: latency_threshold.as_nanos() as u64 }));
+        }
+        let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
+        Policies { rules, needs_attributes }
+    }
+
+    /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
+    /// it, or `None` when it is dropped.
+    pub fn decide(&self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
+        let mut facts = TraceFacts {
+            trace_id,
+            statuses: Vec::with_capacity(spans.len()),
+            first_start: u64::MAX,
+            last_end: 0,
+            longest_span: 0,
+            attributes: Vec::new(),
+        };
+        for (batch, index) in spans {
+            let Some(span) = batch.spans.get(*index as usize) else { continue };
+            facts.statuses.push(span.status_code);
+            facts.first_start = facts.first_start.min(span.start_unix_nano.to_native());
+            facts.last_end = facts.last_end.max(span.end_unix_nano.to_native());
+            let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
+            facts.longest_span = facts.longest_span.max(duration);
+            if self.needs_attributes {
+                let mut attributes = Span::decode(span.body.as_slice()).map(|s| s.attributes).unwrap_or_default();
+                let resource = batch
+                    .scopes
+                    .get(span.scope.to_native() as usize)
+                    .and_then(|scope| batch.resources.get(scope.resource.to_native() as usize));
+                if let Some(resource) = resource.and_then(|r| Resource::decode(r.resource.as_slice()).ok()) {
+                    attributes.extend(resource.attributes);
+                }
+                facts.attributes.push(attributes);
+            }
+        }
+        let verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
+        if verdicts.iter().any(|v| matches!(v, Verdict::Dropped | Verdict::InvertNotSampled)) {
+            return None;
+        }
+        verdicts.iter().position(|v| is_kept(*v))
+    }
+
+    /// The name of policy `index`.
+    pub fn name(&self, index: usize) -> &str {
+        self.rules.get(index).map_or("", |(name, _)| name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::AnyValue;
+    use tailgate_ipc::batch::{self, ResourceBlock, ScopeBlock, SpanBatch, SpanRecord};
+
+    fn kv(key: &str, value: Value) -> KeyValue {
+        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    }
+
+    /// One batch: a resource with `service.name`/`tier`, and spans (status, start ms, end ms,
+    /// span attributes).
+    fn batch_of(spans: Vec<(u8, u64, u64, Vec<KeyValue>)>) -> Vec<u8> {
+        let resource = Resource {
+            attributes: vec![kv("service.name", Value::StringValue("shop".into())), kv("tier", Value::IntValue(2))],
+            ..Default::default()
+        };
+        let batch = SpanBatch {
+            received_unix_nano: 1,
+            resources: vec![ResourceBlock { resource: resource.encode_to_vec(), ..Default::default() }],
+            scopes: vec![ScopeBlock::default()],
+            spans: spans
+                .into_iter()
+                .enumerate()
+                .map(|(i, (status, start, end, attributes))| SpanRecord {
+                    trace_id: [9; 16],
+                    span_id: [i as u8; 8],
+                    start_unix_nano: start * 1_000_000,
+                    end_unix_nano: end * 1_000_000,
+                    status_code: status,
+                    body: Span { attributes, ..Default::default() }.encode_to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        batch::encode_spans(&batch).unwrap()
+    }
+
+    fn policies(yaml: &str) -> Policies {
+        let configs: Vec<PolicyConfig> = serde_saphyr::from_str(yaml).unwrap();
+        Policies::new(&configs, false, std::time::Duration::ZERO)
+    }
+
+    fn decide(policies: &Policies, bytes: &[u8], trace_id: [u8; 16]) -> Option<String> {
+        let batch = batch::access_spans(bytes).unwrap();
+        let spans: Vec<(&ArchivedSpanBatch, u32)> = (0..batch.spans.len() as u32).map(|i| (batch, i)).collect();
+        policies.decide(&trace_id, &spans).map(|i| policies.name(i).to_string())
+    }
+
+    #[test]
+    fn precedence_follows_the_collector() {
+        let set = policies(
+            "    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}\n\
+             \x20   - {name: slow, type: latency, latency: {threshold_ms: 200}}\n\
+             \x20   - {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}\n",
+        );
+        let route = |r: &str| vec![kv("http.route", Value::StringValue(r.into()))];
+        // Error and slow: the first policy in order is the reason.
+        assert_eq!(decide(&set, &batch_of(vec![(2, 0, 300, route("/a"))]), [9; 16]), Some("errors".into()));
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 300, route("/a"))]), [9; 16]), Some("slow".into()));
+        // Latency is the trace's, first start to last end: two short spans 250 ms apart.
+        assert_eq!(
+            decide(&set, &batch_of(vec![(0, 0, 10, vec![]), (0, 240, 250, vec![])]), [9; 16]),
+            Some("slow".into())
+        );
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 120, route("/a"))]), [9; 16]), None);
+        // A drop policy vetoes even an error.
+        assert_eq!(decide(&set, &batch_of(vec![(2, 0, 300, route("/healthz"))]), [9; 16]), None);
+    }
+
+    #[test]
+    fn attribute_policies_match_span_then_resource_attributes() {
+        let set = policies(
+            "    - {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}\n\
+             \x20   - {name: api, type: string_attribute, string_attribute: {key: http.route, values: ['/api/v[0-9]+/.*'], enabled_regex_matching: true}}\n\
+             \x20   - {name: tier, type: numeric_attribute, numeric_attribute: {key: tier, min_value: 3, max_value: 5}}\n",
+        );
+        let route = |r: &str| vec![kv("http.route", Value::StringValue(r.into()))];
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/checkout"))]), [9; 16]), Some("checkout".into()));
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/api/v2/items"))]), [9; 16]), Some("api".into()));
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/apix/v2/items"))]), [9; 16]), None);
+        // The resource's tier is 2: outside 3..=5; a span attribute of 4 matches.
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/other"))]), [9; 16]), None);
+        assert_eq!(
+            decide(&set, &batch_of(vec![(0, 0, 1, vec![kv("tier", Value::IntValue(4))])]), [9; 16]),
+            Some("tier".into())
+        );
+        // Inverted: keeps what does not match, vetoes what does.
+        let inverted = policies(
+            "    - {name: not-internal, type: string_attribute, string_attribute: {key: service.name, values: [internal], invert_match: true}}\n\
+             \x20   - {name: all, type: always_sample}\n",
+        );
+        assert_eq!(decide(&inverted, &batch_of(vec![(0, 0, 1, vec![])]), [9; 16]), Some("not-internal".into()));
+        let internal = vec![kv("service.name", Value::StringValue("internal".into()))];
+        assert_eq!(decide(&inverted, &batch_of(vec![(0, 0, 1, internal)]), [9; 16]), None, "an inverted match vetoes");
+    }
+
+    #[test]
+    fn probabilistic_keeps_its_share_by_the_trace_ids_randomness() {
+        let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}\n");
+        let bytes = batch_of(vec![(0, 0, 1, vec![])]);
+        let mut kept = 0;
+        for n in 0..10_000u64 {
+            // Spread ids: a multiplicative hash of n into the randomness bits.
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            let first = decide(&set, &bytes, id);
+            assert_eq!(first, decide(&set, &bytes, id), "not deterministic");
+            assert_eq!(first.is_some(), randomness(&id) >= (0.9 * RANDOMNESS_RANGE as f64).round() as u64);
+            kept += usize::from(first.is_some());
+        }
+        assert!((900..1100).contains(&kept), "{kept} of 10,000 kept at 10%");
+        let all = policies("    - {name: all, type: probabilistic, probabilistic: {sampling_percentage: 100}}\n");
+        assert!(decide(&all, &bytes, [0; 16]).is_some());
+        let none = policies("    - {name: none, type: probabilistic, probabilistic: {sampling_percentage: 0}}\n");
+        assert!(decide(&none, &bytes, [0xff; 16]).is_none());
+    }
+
+    #[test]
+    fn and_keeps_only_when_every_sub_policy_keeps() {
+        let set = policies(
+            "    - {name: slow-checkout, type: and, and: {and_sub_policy: [{name: s, type: latency, latency: {threshold_ms: 100}}, {name: c, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}]}}\n",
+        );
+        let checkout = || vec![kv("http.route", Value::StringValue("/checkout".into()))];
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 150, checkout())]), [9; 16]), Some("slow-checkout".into()));
+        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 50, checkout())]), [9; 16]), None);
+    }
+
+    #[test]
+    fn the_shorthand_judges_spans_and_the_latency_policy_the_whole_trace() {
+        let shorthand = Policies::new(&[], true, std::time::Duration::from_millis(200));
+        // Two short spans a second apart: not slow by the shorthand (no span over 200 ms) ...
+        let spread = batch_of(vec![(0, 0, 100, vec![]), (0, 1000, 1030, vec![])]);
+        assert_eq!(decide(&shorthand, &spread, [9; 16]), None);
+        assert_eq!(decide(&shorthand, &batch_of(vec![(0, 0, 201, vec![])]), [9; 16]), Some("slow".into()));
+        assert_eq!(decide(&shorthand, &batch_of(vec![(2, 0, 1, vec![])]), [9; 16]), Some("errors".into()));
+        // ... but a 1,030 ms trace by the latency policy.
+        let latency = policies("    - {name: slow, type: latency, latency: {threshold_ms: 200}}\n");
+        assert_eq!(decide(&latency, &spread, [9; 16]), Some("slow".into()));
+    }
+}
