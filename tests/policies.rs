@@ -110,4 +110,23 @@ fn the_issues_policies_keep_exactly_what_they_match() {
     assert!(wait_until(Duration::from_secs(30), settled), "the traces were not all decided and exported");
     let got: HashSet<([u8; 16], [u8; 8])> = backend.spans().keys().copied().collect();
     assert_eq!(got, expected);
+    // Each kept span says which policy kept its trace; the probabilistic keep also carries
+    // OpenTelemetry's sampling threshold (10%: th = (1 - 0.1) x 2^56) for weighted counts.
+    let policies = backend.policies();
+    let spans = backend.received.lock().unwrap().traces.clone();
+    for (case, reason) in cases.iter().zip(["errors", "slow", "checkout", "baseline"]) {
+        for span in &case.spans {
+            let key = (case.trace_id, span.span_id.as_slice().try_into().unwrap());
+            assert_eq!(policies.get(&key).map(String::as_str), Some(reason));
+            let delivered = spans
+                .iter()
+                .flat_map(|r| &r.resource_spans)
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .find(|s| s.span_id == span.span_id && s.trace_id == span.trace_id)
+                .unwrap();
+            let threshold = (reason == "baseline").then_some("ot=th:e6666666666666").unwrap_or("");
+            assert_eq!(delivered.trace_state, threshold, "{reason}");
+        }
+    }
 }

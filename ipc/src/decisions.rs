@@ -75,6 +75,9 @@ pub struct Decision {
     pub decided_unix_ms: u64,
     /// Highest `spans` sequence number holding a span handled under this decision.
     pub last_seq: u64,
+    /// The sampling policy that kept the trace (its index in the configuration), so late spans
+    /// carry the same reason; `None` for a drop or a decision stored before policies.
+    pub policy: Option<u8>,
 }
 
 impl Decision {
@@ -82,7 +85,12 @@ impl Decision {
         let mut out = [0u8; 17];
         out[..8].copy_from_slice(&self.decided_unix_ms.to_be_bytes());
         out[8..16].copy_from_slice(&self.last_seq.to_be_bytes());
-        out[16] = u8::from(self.keep);
+        // 0: drop; 1: keep (no reason recorded); 2 + i: kept by policy i.
+        out[16] = match (self.keep, self.policy) {
+            (false, _) => 0,
+            (true, None) => 1,
+            (true, Some(policy)) => policy.saturating_add(2),
+        };
         out
     }
 
@@ -95,7 +103,12 @@ impl Decision {
             bytes.copy_from_slice(&raw[at..at + 8]);
             u64::from_be_bytes(bytes)
         };
-        Some(Decision { decided_unix_ms: word(0), last_seq: word(8), keep: raw[16] == 1 })
+        Some(Decision {
+            decided_unix_ms: word(0),
+            last_seq: word(8),
+            keep: raw[16] != 0,
+            policy: raw[16].checked_sub(2),
+        })
     }
 }
 

@@ -342,7 +342,7 @@ fn full_map_keeps_committed_data_and_recovers() {
 fn decisions_round_trip_and_prune() {
     let dir = tempfile::tempdir().unwrap();
     let q = open(dir.path(), 64 * MIB);
-    let decision = |decided_unix_ms, last_seq, keep| Decision { keep, decided_unix_ms, last_seq };
+    let decision = |decided_unix_ms, last_seq, keep| Decision { keep, decided_unix_ms, last_seq, policy: None };
     let old_a = decision(100, 5, true); // old, below the cursor: pruned
     let old_b = decision(150, 10, false); // old, exactly at the cursor: pruned
     let pinned = decision(200, 11, true); // old, but past the cursor: kept
@@ -625,17 +625,24 @@ fn a_pinned_decision_does_not_hold_back_pruning_behind_it() {
     let q = open(dir.path(), 64 * MIB);
     let mut wtxn = q.write().unwrap();
     // The oldest decision keeps receiving late spans (last_seq past the cursor).
-    q.put_decision(&mut wtxn, &[1; 16], &Decision { keep: true, decided_unix_ms: 10, last_seq: 99 }).unwrap();
+    q.put_decision(&mut wtxn, &[1; 16], &Decision { keep: true, decided_unix_ms: 10, last_seq: 99, policy: Some(3) })
+        .unwrap();
     for n in 2..=20u8 {
-        q.put_decision(&mut wtxn, &[n; 16], &Decision { keep: false, decided_unix_ms: 10 + u64::from(n), last_seq: 1 })
-            .unwrap();
+        q.put_decision(
+            &mut wtxn,
+            &[n; 16],
+            &Decision { keep: false, decided_unix_ms: 10 + u64::from(n), last_seq: 1, policy: None },
+        )
+        .unwrap();
     }
     let pruned = q.prune_decisions(&mut wtxn, 1_000, 50, 100).unwrap();
     q.commit(wtxn).unwrap();
     assert_eq!(pruned, 19);
     let txn = q.read().unwrap();
     assert_eq!(q.decision_count(&txn).unwrap(), 1);
-    assert!(q.decision(&txn, &[1; 16]).unwrap().is_some());
+    let kept = q.decision(&txn, &[1; 16]).unwrap().unwrap();
+    assert!(kept.keep);
+    assert_eq!(kept.policy, Some(3), "the policy that kept the trace survives the store");
 }
 
 // ---------------------------------------------------------------------------------------------

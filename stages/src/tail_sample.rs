@@ -175,7 +175,7 @@ struct StepOutput {
 }
 
 impl StepOutput {
-    fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32) {
+    fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32, mark: Option<&policies::Mark>) {
         if let Some(span) = source.spans.get(index as usize) {
             // Seal before a span would take the batch past the limit (a span above the limit on
             // its own still gets a batch of its own).
@@ -185,7 +185,11 @@ impl StepOutput {
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
             self.span_bytes += span.body.len();
             self.emitted += span.body.len();
-            self.spans.push(batch::own_span(span, scope));
+            let mut record = batch::own_span(span, scope);
+            if let Some(mark) = mark {
+                mark.apply(&mut record.body);
+            }
+            self.spans.push(record);
         }
     }
 
@@ -436,7 +440,8 @@ impl Sampler {
                         self.replay_skipped += 1;
                     } else {
                         if decision.keep {
-                            output.emit(seq, batch, index as u32);
+                            let mark = decision.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
+                            output.emit(seq, batch, index as u32, mark);
                             report.kept += 1;
                         } else {
                             report.dropped += 1;
@@ -559,11 +564,13 @@ impl Sampler {
             }
             let spans: Vec<(&ArchivedSpanBatch, u32)> =
                 trace.spans.iter().filter_map(|&(seq, index)| Some((*sources.get(&seq)?, index))).collect();
-            let keep = self.policies.decide(&trace_id, &spans).is_some();
+            let kept_by = self.policies.decide(&trace_id, &spans);
+            let keep = kept_by.is_some();
+            let mark = kept_by.and_then(|policy| self.policies.mark(policy));
             for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
                 output.summarize(source, index, keep, &self.policy.dimensions);
                 if keep {
-                    output.emit(seq, source, index);
+                    output.emit(seq, source, index, mark);
                 }
             }
             let spans = trace.spans.len() as u64;
@@ -573,7 +580,8 @@ impl Sampler {
                 report.dropped += spans
             }
             report.decided += 1;
-            let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq };
+            let policy = kept_by.and_then(|index| u8::try_from(index).ok());
+            let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq, policy };
             output.decisions.insert(trace_id, decision);
         }
         Ok(true)

@@ -506,6 +506,9 @@ impl Backend {
     }
 
     /// Every span received, keyed by (trace id, span id), with how often it arrived.
+    /// Every span received, by (trace id, span id), as sent by the client: without the
+    /// `tailgate.sampling.policy` attribute tailgate adds (see [`Backend::policies`]); with the
+    /// number of times it arrived.
     pub fn spans(&self) -> HashMap<([u8; 16], [u8; 8]), (Span, usize)> {
         let mut out: HashMap<([u8; 16], [u8; 8]), (Span, usize)> = HashMap::new();
         for request in &self.received.lock().unwrap().traces {
@@ -513,14 +516,41 @@ impl Backend {
                 for scope in &resource.scope_spans {
                     for span in &scope.spans {
                         let key = (span.trace_id.clone().try_into().unwrap(), span.span_id.clone().try_into().unwrap());
-                        out.entry(key).or_insert_with(|| (span.clone(), 0)).1 += 1;
+                        let mut sent = span.clone();
+                        sent.attributes.retain(|kv| kv.key != POLICY_ATTRIBUTE);
+                        out.entry(key).or_insert_with(|| (sent, 0)).1 += 1;
                     }
                 }
             }
         }
         out
     }
+
+    /// The policy tailgate recorded as the reason each received span's trace was kept.
+    pub fn policies(&self) -> HashMap<([u8; 16], [u8; 8]), String> {
+        let mut out = HashMap::new();
+        for request in &self.received.lock().unwrap().traces {
+            for span in request.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+                let policy = span.attributes.iter().find(|kv| kv.key == POLICY_ATTRIBUTE).and_then(|kv| {
+                    match kv.value.as_ref()?.value.as_ref()? {
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(name) => {
+                            Some(name.clone())
+                        }
+                        _ => None,
+                    }
+                });
+                if let Some(policy) = policy {
+                    let key = (span.trace_id.clone().try_into().unwrap(), span.span_id.clone().try_into().unwrap());
+                    out.insert(key, policy);
+                }
+            }
+        }
+        out
+    }
 }
+
+/// The span attribute naming the sampling policy that kept a span's trace.
+pub const POLICY_ATTRIBUTE: &str = "tailgate.sampling.policy";
 
 /// How a synthetic trace should come out of sampling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -746,6 +776,19 @@ pub fn assert_exact_delivery(backend: &Backend, traces: &[TestTrace], settle: Du
         &missing[..missing.len().min(5)]
     );
     assert!(extra.is_empty(), "{} spans of dropped traces delivered: {:?}", extra.len(), &extra[..extra.len().min(5)]);
+    // Every kept span says why: errors for an error trace, slow for a slow one.
+    let policies = backend.policies();
+    for trace in traces.iter().filter(|t| t.kept()) {
+        let reason = if trace.outcome == Outcome::Error { "errors" } else { "slow" };
+        for span in &trace.spans {
+            let key = (trace.trace_id, span.span_id.clone().try_into().unwrap());
+            assert_eq!(
+                policies.get(&key).map(String::as_str),
+                Some(reason),
+                "span {key:?}: wrong or no policy recorded"
+            );
+        }
+    }
     for (key, (span, times)) in &got {
         assert_eq!(span, &expected[key], "span delivered altered");
         if !allow_resend {

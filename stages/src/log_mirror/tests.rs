@@ -42,7 +42,13 @@ fn append(queue: &Queue, logs: Vec<LogEntry>) {
 
 fn decide(queue: &Queue, trace: u8, keep: bool, decided_ms: u64) {
     let mut wtxn = queue.write().unwrap();
-    queue.put_decision(&mut wtxn, &[trace; 16], &Decision { keep, decided_unix_ms: decided_ms, last_seq: 0 }).unwrap();
+    queue
+        .put_decision(
+            &mut wtxn,
+            &[trace; 16],
+            &Decision { keep, decided_unix_ms: decided_ms, last_seq: 0, policy: None },
+        )
+        .unwrap();
     queue.commit(wtxn).unwrap();
 }
 

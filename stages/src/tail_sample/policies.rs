@@ -114,9 +114,8 @@ impl Rule {
                 }
             }
             PolicyType::Probabilistic => {
-                let share =
-                    config.probabilistic.as_ref().map_or(0.0, |p| p.sampling_percentage / 100.0).clamp(0.0, 1.0);
-                Rule::Probabilistic { threshold: ((1.0 - share) * RANDOMNESS_RANGE as f64).round() as u64 }
+                let percentage = config.probabilistic.as_ref().map_or(0.0, |p| p.sampling_percentage).clamp(0.0, 100.0);
+                Rule::Probabilistic { threshold: threshold_for(percentage) }
             }
             PolicyType::AlwaysSample => Rule::Always,
             PolicyType::And => {
@@ -213,10 +212,89 @@ impl TraceFacts<'_> {
     }
 }
 
+/// The span attribute that names the policy that kept a trace.
+pub const POLICY_ATTRIBUTE: &str = "tailgate.sampling.policy";
+
+/// What a kept trace's spans carry about why: the `tailgate.sampling.policy` attribute (as the
+/// encoded `Span.attributes` entry, appended to the span's bytes: protobuf merges repeated
+/// fields), and for a probabilistic keep the OpenTelemetry threshold `th` to put in the span's
+/// `tracestate` under `ot`, so downstream counts can weight the span by 1/p.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    attribute_field: Vec<u8>,
+    threshold: Option<String>,
+}
+
+impl Mark {
+    fn new(name: &str, rule: &Rule) -> Mark {
+        let entry = KeyValue {
+            key: POLICY_ATTRIBUTE.to_string(),
+            value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                value: Some(Value::StringValue(name.into())),
+            }),
+            ..Default::default()
+        };
+        let carrier = Span { attributes: vec![entry], ..Default::default() };
+        let threshold = match rule {
+            Rule::Probabilistic { threshold } => Some(threshold_hex(*threshold)),
+            _ => None,
+        };
+        Mark { attribute_field: carrier.encode_to_vec(), threshold }
+    }
+
+    /// The span's bytes with the mark added.
+    pub fn apply(&self, body: &mut Vec<u8>) {
+        if let Some(threshold) = &self.threshold
+            && let Ok(mut span) = Span::decode(body.as_slice())
+        {
+            span.trace_state = with_threshold(&span.trace_state, threshold);
+            *body = span.encode_to_vec();
+        }
+        body.extend_from_slice(&self.attribute_field);
+    }
+}
+
+/// The rejection threshold for keeping `percentage` % of traces: (1 - p) x 2^56, computed in
+/// integers (the percentage to a millionth of a percent) so 10% is exactly 0xe6666666666666.
+pub fn threshold_for(percentage: f64) -> u64 {
+    const SCALE: u128 = 100_000_000; // 100% in millionths of a percent
+    let kept = (percentage * 1_000_000.0).round().clamp(0.0, SCALE as f64) as u128;
+    (((SCALE - kept) << 56) / SCALE) as u64
+}
+
+/// A 56-bit threshold as OpenTelemetry writes `th`: 14 hex digits, trailing zeros dropped
+/// (`0` for "keep all").
+pub fn threshold_hex(threshold: u64) -> String {
+    let digits = format!("{:014x}", threshold & (RANDOMNESS_RANGE - 1));
+    let trimmed = digits.trim_end_matches('0');
+    if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() }
+}
+
+/// `tracestate` with `th` set in its `ot` entry (added leftmost when there is none, as W3C
+/// Trace Context asks for a modified entry).
+fn with_threshold(tracestate: &str, threshold: &str) -> String {
+    let mut ot: Vec<String> = Vec::new();
+    let mut others: Vec<&str> = Vec::new();
+    for member in tracestate.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        match member.strip_prefix("ot=") {
+            Some(values) => {
+                ot.extend(values.split(';').filter(|v| !v.starts_with("th:") && !v.is_empty()).map(str::to_owned))
+            }
+            None => others.push(member),
+        }
+    }
+    ot.insert(0, format!("th:{threshold}"));
+    std::iter::once(format!("ot={}", ot.join(";")))
+        .chain(others.into_iter().map(str::to_owned))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The configured policies, ready to evaluate.
 #[derive(Debug)]
 pub struct Policies {
     rules: Vec<(String, Rule)>,
+    marks: Vec<Mark>,
     needs_attributes: bool,
 }
 
@@ -234,7 +312,8 @@ impl Policies {
             rules.push(("slow".to_string(), Rule::SpanLatency { over_nanos: latency_threshold.as_nanos() as u64 }));
         }
         let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
-        Policies { rules, needs_attributes }
+        let marks = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
+        Policies { rules, marks, needs_attributes }
     }
 
     /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
@@ -272,6 +351,11 @@ impl Policies {
             return None;
         }
         verdicts.iter().position(|v| is_kept(*v))
+    }
+
+    /// The mark of policy `index` for the spans of the traces it keeps.
+    pub fn mark(&self, index: usize) -> Option<&Mark> {
+        self.marks.get(index)
     }
 
     /// The name of policy `index`.
@@ -388,7 +472,7 @@ mod tests {
             id[8..].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
             let first = decide(&set, &bytes, id);
             assert_eq!(first, decide(&set, &bytes, id), "not deterministic");
-            assert_eq!(first.is_some(), randomness(&id) >= (0.9 * RANDOMNESS_RANGE as f64).round() as u64);
+            assert_eq!(first.is_some(), randomness(&id) >= threshold_for(10.0));
             kept += usize::from(first.is_some());
         }
         assert!((900..1100).contains(&kept), "{kept} of 10,000 kept at 10%");
@@ -419,5 +503,23 @@ mod tests {
         // ... but a 1,030 ms trace by the latency policy.
         let latency = policies("    - {name: slow, type: latency, latency: {threshold_ms: 200}}\n");
         assert_eq!(decide(&latency, &spread, [9; 16]), Some("slow".into()));
+    }
+
+    #[test]
+    fn thresholds_are_written_as_opentelemetry_tracestate() {
+        assert_eq!(threshold_hex(0), "0");
+        assert_eq!(threshold_hex(1 << 55), "8");
+        assert_eq!(threshold_hex(threshold_for(10.0)), "e6666666666666");
+        assert_eq!(threshold_for(100.0), 0);
+        assert_eq!(threshold_for(0.0), RANDOMNESS_RANGE);
+        assert_eq!(with_threshold("", "8"), "ot=th:8");
+        assert_eq!(with_threshold("vendor=x,ot=th:c;rv:abc", "8"), "ot=th:8;rv:abc,vendor=x");
+        let mut body = Span { trace_state: "vendor=x".into(), ..Default::default() }.encode_to_vec();
+        let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
+        set.mark(0).unwrap().apply(&mut body);
+        let span = Span::decode(body.as_slice()).unwrap();
+        assert_eq!(span.trace_state, "ot=th:8,vendor=x");
+        assert_eq!(span.attributes.len(), 1);
+        assert_eq!(span.attributes[0].key, POLICY_ATTRIBUTE);
     }
 }
