@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Backend, Tailgate, Timing, string_kv, trace_request, wait_until};
+use common::{Backend, Tailgate, Timing, signal, string_kv, trace_request, wait_until};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status, status};
 
@@ -55,22 +55,25 @@ fn case(n: u8, route: &str, error: bool, child_at_ms: u64, random: u64, kept: bo
     Case { trace_id, spans: vec![root, child], kept }
 }
 
+/// Starts tailgate and switches it to [`POLICIES`] by a reload (the harness writes a
+/// shorthand-free `tail_sample` section).
+fn start_with_policies(backend: std::net::SocketAddr, timing: &Timing) -> Tailgate {
+    let tailgate = Tailgate::start(backend, timing);
+    let config = std::fs::read_to_string(&tailgate.config_path).unwrap();
+    let with_policies = config.replace("  decision_cache_ttl: 2m", &format!("  decision_cache_ttl: 2m\n{POLICIES}"));
+    std::fs::write(&tailgate.config_path, with_policies).unwrap();
+    let before = tailgate.stage_pid("tail_sample").unwrap();
+    assert!(tailgate.cli(&["reload"]).contains("tail_sample"));
+    tailgate.wait_for_restart("tail_sample", before);
+    tailgate
+}
+
 #[test]
 fn the_issues_policies_keep_exactly_what_they_match() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (backend, backend_addr) = Backend::serve(&runtime);
     let timing = Timing { decision_wait: "2s", root_grace: "1s", ..Timing::default() };
-    let tailgate = Tailgate::start(backend_addr, &timing);
-    // The harness writes the shorthand-free tail_sample section; add the policies to it.
-    let config = std::fs::read_to_string(&tailgate.config_path).unwrap();
-    std::fs::write(
-        &tailgate.config_path,
-        config.replace("  decision_cache_ttl: 2m", &format!("  decision_cache_ttl: 2m\n{POLICIES}")),
-    )
-    .unwrap();
-    let before = tailgate.stage_pid("tail_sample").unwrap();
-    assert!(tailgate.cli(&["reload"]).contains("tail_sample"));
-    tailgate.wait_for_restart("tail_sample", before);
+    let tailgate = start_with_policies(backend_addr, &timing);
 
     let low = 1u64; // randomness far below the 10% threshold (kept when >= 0.9 x 2^56)
     let high = (1u64 << 56) - 1;
@@ -129,4 +132,115 @@ fn the_issues_policies_keep_exactly_what_they_match() {
             assert_eq!(delivered.trace_state, threshold, "{reason}");
         }
     }
+}
+
+/// A replay of every kind of trace the policies tell apart — errors on the root or a child,
+/// slow by the trace's span, fast, a matching route, a vetoed route, kept or not by the trace
+/// id's randomness, children before their root, a root that never comes, a late span of a kept
+/// and of a dropped trace — while tail_sample is SIGKILLed every 1.5 s: the kept set is exact,
+/// each span arrives once and names the policy that kept its trace.
+#[test]
+fn a_replay_of_every_kind_keeps_exactly_the_matches_while_the_sampler_is_killed() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    // Late spans must find their trace decided (root_grace) yet remembered (decision_cache_ttl).
+    let timing = Timing { decision_wait: "4s", root_grace: "1s", ..Timing::default() };
+    let tailgate = start_with_policies(backend_addr, &timing);
+    let (low, high) = (1u64, (1u64 << 56) - 1);
+    // (case, reason it is kept, children first, drop the root, late span)
+    let mut cases: Vec<(Case, Option<&str>, bool, bool)> = Vec::new();
+    for round in 0..6u8 {
+        let n = |k: u8| round * 16 + k + 10;
+        cases.push((case(n(0), "/a", true, 0, low, true), Some("errors"), false, false));
+        cases.push((case(n(1), "/a", false, 300, low, true), Some("slow"), false, false));
+        cases.push((case(n(2), "/a", false, 0, low, false), None, false, false));
+        cases.push((case(n(3), "/checkout", false, 0, low, true), Some("checkout"), false, false));
+        cases.push((case(n(4), "/healthz", true, 0, high, false), None, false, false));
+        cases.push((case(n(5), "/a", false, 0, high, true), Some("baseline"), false, false));
+        cases.push((case(n(6), "/a", true, 0, low, true), Some("errors"), true, false));
+        cases.push((case(n(7), "/a", true, 0, low, true), Some("errors"), false, true));
+        cases.push((case(n(8), "/a", false, 0, low, false), None, true, true));
+        cases.push((case(n(9), "/checkout", false, 0, low, true), Some("checkout"), false, false));
+    }
+    // Late spans: one for a kept trace, one for a dropped one, sent after their decisions.
+    let late_kept = case(250, "/checkout", false, 0, low, true);
+    let late_dropped = case(251, "/a", false, 0, low, false);
+    let late = |c: &Case| {
+        let mut span = c.spans[1].clone();
+        span.span_id[7] = 9;
+        span
+    };
+    let grpc = tailgate.grpc;
+    let mut next_kill = std::time::Instant::now();
+    let mut kill = || {
+        if std::time::Instant::now() >= next_kill {
+            if let Some(pid) = tailgate.stage_pid("tail_sample") {
+                signal(pid, "KILL");
+            }
+            next_kill = std::time::Instant::now() + Duration::from_millis(1500);
+        }
+    };
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        for c in [&late_kept, &late_dropped] {
+            client.export(trace_request("shop", c.spans.clone())).await.unwrap();
+        }
+        for (case, _, children_first, no_root) in &cases {
+            let mut spans = case.spans.clone();
+            if *no_root {
+                spans.remove(0);
+            } else if *children_first {
+                spans.reverse();
+            }
+            for span in spans {
+                client.export(trace_request("shop", vec![span])).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            kill();
+        }
+    });
+    // The late pair's decisions are made by now (root_grace 1 s, plus restarts); send their
+    // late spans, still killing.
+    assert!(wait_until(Duration::from_secs(30), || backend
+        .spans()
+        .contains_key(&(late_kept.trace_id, [250, 0, 0, 0, 0, 0, 0, 1]))));
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+        client.export(trace_request("shop", vec![late(&late_kept), late(&late_dropped)])).await.unwrap();
+    });
+    kill();
+    let mut expected: HashSet<([u8; 16], [u8; 8])> = HashSet::new();
+    let mut reasons = std::collections::HashMap::new();
+    for (case, reason, _, no_root) in &cases {
+        let Some(reason) = reason else { continue };
+        for span in case.spans.iter().skip(usize::from(*no_root)) {
+            let key = (case.trace_id, span.span_id.as_slice().try_into().unwrap());
+            expected.insert(key);
+            reasons.insert(key, reason.to_string());
+        }
+    }
+    for span in late_kept.spans.iter().chain([&late(&late_kept)]) {
+        let key = (late_kept.trace_id, span.span_id.as_slice().try_into().unwrap());
+        expected.insert(key);
+        reasons.insert(key, "checkout".to_string());
+    }
+    let settled = || {
+        let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).unwrap();
+        let edge = |name: &str| {
+            status["queue"]["edges"].as_array().unwrap().iter().find(|e| e["edge"] == name).unwrap()["batches"].clone()
+        };
+        edge("spans") == 0 && edge("kept_spans") == 0 && expected.iter().all(|k| backend.spans().contains_key(k))
+    };
+    assert!(wait_until(Duration::from_secs(60), settled), "the replay did not settle");
+    let got = backend.spans();
+    let keys: HashSet<([u8; 16], [u8; 8])> = got.keys().copied().collect();
+    let missing: Vec<_> = expected.difference(&keys).collect();
+    let extra: Vec<_> = keys.difference(&expected).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
+    assert!(got.values().all(|(_, times)| *times == 1), "a span arrived twice");
+    assert_eq!(backend.policies(), reasons);
+    let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).unwrap();
+    let sampler =
+        status["supervisor"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "tail_sample").unwrap();
+    assert!(sampler["restarts"]["exited"].as_u64().unwrap_or(0) >= 2, "the sampler was hardly killed: {sampler:#}");
 }
