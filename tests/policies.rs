@@ -244,3 +244,89 @@ fn a_replay_of_every_kind_keeps_exactly_the_matches_while_the_sampler_is_killed(
         status["supervisor"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "tail_sample").unwrap();
     assert!(sampler["restarts"]["exited"].as_u64().unwrap_or(0) >= 2, "the sampler was hardly killed: {sampler:#}");
 }
+
+/// `tailgate incident start|end`: while a window is open, the traces of its routes are kept
+/// (every one, or those of at least N ms), naming `incident`; other routes are sampled as
+/// before; the window survives a restart of tail_sample, shows in `status`, ends on request
+/// and by itself.
+#[test]
+fn an_incident_window_keeps_its_routes_until_it_ends() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let timing = Timing { decision_wait: "2s", root_grace: "1s", ..Timing::default() };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let grpc = tailgate.grpc;
+    let mut decided = 0;
+    // Sends the traces and waits until they are decided and what was kept has been exported.
+    let mut send = |cases: &[&Case]| {
+        runtime.block_on(async {
+            let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
+            for case in cases {
+                client.export(trace_request("shop", case.spans.clone())).await.unwrap();
+            }
+        });
+        decided += cases.len();
+        let settled = || {
+            let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).unwrap();
+            let edge = |name: &str| {
+                status["queue"]["edges"].as_array().unwrap().iter().find(|e| e["edge"] == name).unwrap()["batches"]
+                    .clone()
+            };
+            status["queue"]["decisions"] == decided && edge("spans") == 0 && edge("kept_spans") == 0
+        };
+        assert!(wait_until(Duration::from_secs(30), settled), "traces not decided");
+    };
+    let kept = |case: &Case| {
+        let policies = backend.policies();
+        let reasons: Vec<Option<&String>> = case
+            .spans
+            .iter()
+            .map(|s| policies.get(&(case.trace_id, s.span_id.as_slice().try_into().unwrap())))
+            .collect();
+        match reasons[0] {
+            Some(reason) if reasons.iter().all(|r| *r == Some(reason)) => Some(reason.clone()),
+            None if reasons.iter().all(Option::is_none) => None,
+            _ => panic!("a trace delivered in part: {reasons:?}"),
+        }
+    };
+    let fast = |n: u8, route: &str| case(n, route, false, 0, 1, false);
+
+    let before = fast(1, "/checkout");
+    send(&[&before]);
+    assert_eq!(kept(&before), None);
+
+    let said = tailgate.cli(&["incident", "start", "--route", "/checkout", "--keep-all", "--for", "10m"]);
+    assert!(said.contains("incident window open"), "{said}");
+    assert!(tailgate.status().contains("incident window (open): keep every trace on /checkout"));
+    let (during, other) = (fast(2, "/checkout"), fast(3, "/other"));
+    send(&[&during, &other]);
+    assert_eq!(kept(&during).as_deref(), Some("incident"));
+    assert_eq!(kept(&other), None, "a route outside the window was kept");
+
+    // The window is in the queue: a restarted sampler keeps applying it.
+    let pid = tailgate.stage_pid("tail_sample").unwrap();
+    signal(pid, "KILL");
+    tailgate.wait_for_restart("tail_sample", pid);
+    let after_restart = fast(4, "/checkout");
+    send(&[&after_restart]);
+    assert_eq!(kept(&after_restart).as_deref(), Some("incident"));
+
+    // A latency window on another route: 110 ms traces kept, 10 ms ones not.
+    tailgate.cli(&["incident", "start", "--route", "/b", "--latency-ms", "100", "--for", "10m"]);
+    let (slowish, quick) = (case(5, "/b", false, 100, 1, false), fast(6, "/b"));
+    send(&[&slowish, &quick]);
+    assert_eq!(kept(&slowish).as_deref(), Some("incident"));
+    assert_eq!(kept(&quick), None);
+
+    tailgate.cli(&["incident", "end"]);
+    let ended = fast(7, "/b");
+    send(&[&ended]);
+    assert_eq!(kept(&ended), None, "kept after the window ended");
+
+    // A window ends by itself.
+    tailgate.cli(&["incident", "start", "--keep-all", "--for", "1s"]);
+    assert!(wait_until(Duration::from_secs(10), || tailgate.status().contains("incident window (ended)")));
+    let expired = fast(8, "/checkout");
+    send(&[&expired]);
+    assert_eq!(kept(&expired), None, "kept after the window expired");
+}

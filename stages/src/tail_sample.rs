@@ -26,6 +26,7 @@ use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
 use summaries::Summaries;
 
+pub mod incident;
 pub mod policies;
 pub mod summaries;
 use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL, StepSizer};
@@ -100,6 +101,8 @@ struct PendingTrace {
 pub struct Sampler {
     policy: Policy,
     policies: policies::Policies,
+    /// The open incident window, read at every step.
+    incident: Option<incident::Incident>,
     traces: HashMap<[u8; 16], PendingTrace>,
     /// (due time, trace id) of every pending trace.
     due: BTreeSet<(u64, [u8; 16])>,
@@ -221,6 +224,7 @@ impl Sampler {
         let replay_until = queue.meta_u64(&rtxn, SAMPLER_READ_POS_KEY)?.unwrap_or(0).max(cursor);
         Ok(Sampler {
             policies: policies::Policies::new(&policy.policies, policy.keep_errors, policy.latency_threshold),
+            incident: None,
             policy,
             traces: HashMap::new(),
             due: BTreeSet::new(),
@@ -325,6 +329,16 @@ impl Sampler {
         if !queue.stage_may_write(&rtxn)? {
             report.blocked = true;
             return Ok(report);
+        }
+        let incident = incident::load(queue, &rtxn)?.filter(|i| i.open_at(now_unix_nano / 1_000_000));
+        if incident != self.incident {
+            match &incident {
+                Some(i) => {
+                    tracing::info!(routes = ?i.routes, keep_all = i.keep_all, latency_ms = ?i.latency_ms, until_unix_ms = i.until_unix_ms, "incident window open")
+                }
+                None => tracing::info!("incident window closed"),
+            }
+            self.incident = incident;
         }
         self.ingest(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
         self.enforce_pending_budget();
@@ -564,7 +578,7 @@ impl Sampler {
             }
             let spans: Vec<(&ArchivedSpanBatch, u32)> =
                 trace.spans.iter().filter_map(|&(seq, index)| Some((*sources.get(&seq)?, index))).collect();
-            let kept_by = self.policies.decide(&trace_id, &spans);
+            let kept_by = self.policies.decide_during(&trace_id, &spans, self.incident.as_ref());
             let keep = kept_by.is_some();
             let mark = kept_by.and_then(|policy| self.policies.mark(policy));
             for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {

@@ -250,6 +250,17 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
         "decisions": queue.decision_count(&txn)?,
         "losses": losses,
     });
+    let now_ms = now / 1_000_000;
+    let incident = tailgate_stages::tail_sample::incident::load(&queue, &txn)?.map(|window| {
+        json!({
+            "open": window.open_at(now_ms),
+            "routes": window.routes,
+            "keep_all": window.keep_all,
+            "latency_ms": window.latency_ms,
+            "until": format_unix_ms(window.until_unix_ms),
+            "summary": describe_incident(&window),
+        })
+    });
     drop(txn);
     let drift: serde_json::Map<String, serde_json::Value> = tailgate_stages::receive::filelog::stored_drift(&queue)?
         .into_iter()
@@ -257,6 +268,7 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
         .collect();
     let mut report = report;
     report["log_schema_drift"] = serde_json::Value::Object(drift);
+    report["incident"] = incident.unwrap_or(serde_json::Value::Null);
     Ok(report)
 }
 
@@ -313,6 +325,10 @@ fn print_queue_report(q: &serde_json::Value) {
         );
     }
     println!("decisions    {:>10}", num(&q["decisions"]));
+    if let Some(window) = q["incident"].as_object() {
+        let state = if window.get("open").and_then(|o| o.as_bool()) == Some(true) { "open" } else { "ended" };
+        println!("incident window ({state}): {}", window.get("summary").and_then(|s| s.as_str()).unwrap_or(""));
+    }
     let losses = q["losses"].as_array().cloned().unwrap_or_default();
     if !losses.is_empty() {
         println!("damage repaired ({} records; `tailgate status --clear-losses` acknowledges them)", losses.len());
@@ -402,6 +418,67 @@ pub fn control_command(request: control::Request, config_file: Option<PathBuf>, 
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tailgate incident start|end`: opens (or replaces) or closes the incident window, written
+/// into the queue directly (tailgate need not run; tail_sample applies it at its next step).
+pub fn incident(
+    action: &str,
+    routes: Vec<String>,
+    keep_all: bool,
+    latency_ms: Option<u64>,
+    duration: Option<std::time::Duration>,
+    config_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    use tailgate_stages::tail_sample::incident::{self, Incident};
+    let run = || -> anyhow::Result<String> {
+        let config = load_config(config_file.as_deref(), data_dir)?;
+        let queue = tailgate_ipc::Queue::open(&config.queue_dir(), &stage_process::queue_options(&config))?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        let said = if action == "start" {
+            if keep_all == latency_ms.is_some() {
+                anyhow::bail!("say what the window does: --keep-all or --latency-ms N (one of them)");
+            }
+            let Some(duration) = duration else { anyhow::bail!("say how long: --for 30m") };
+            let window = Incident {
+                routes,
+                keep_all,
+                latency_ms,
+                started_unix_ms: now_ms,
+                until_unix_ms: now_ms + duration.as_millis() as u64,
+            };
+            incident::store(&queue, Some(&window))?;
+            format!("incident window open for {}: {}", humantime::format_duration(duration), describe_incident(&window))
+        } else {
+            incident::store(&queue, None)?;
+            "incident window closed".to_string()
+        };
+        // Applied at tail_sample's next step; wake it so that is now.
+        if let Ok(waker) = tailgate_ipc::wake::Waker::new(&tailgate_ipc::wake::socket_dir(&config.data_dir)) {
+            waker.wake(tailgate_ipc::StageId::TailSample);
+        }
+        Ok(said)
+    };
+    match run() {
+        Ok(said) => {
+            println!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("tailgate incident: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn describe_incident(window: &tailgate_stages::tail_sample::incident::Incident) -> String {
+    let routes = if window.routes.is_empty() { "every route".to_string() } else { window.routes.join(", ") };
+    let what = match window.latency_ms {
+        Some(ms) if !window.keep_all => format!("keep traces of {ms} ms or more"),
+        _ => "keep every trace".to_string(),
+    };
+    format!("{what} on {routes}, until {}", format_unix_ms(window.until_unix_ms))
 }
 
 /// `tailgate drain [--timeout SECONDS]`: pauses intake and waits for the queue to empty.

@@ -78,6 +78,31 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Open an incident window (sampling keeps every trace, or every trace of at least N ms, on
+    /// the given routes, or all) for a while, or end it. Stored in the queue: survives restarts.
+    Incident {
+        /// `start` or `end`.
+        #[arg(value_parser = ["start", "end"])]
+        action: String,
+        /// A route (`http.route` of the root span, or its name); repeat for several; none: all.
+        #[arg(long = "route", value_name = "ROUTE")]
+        routes: Vec<String>,
+        /// Keep every trace of the routes.
+        #[arg(long)]
+        keep_all: bool,
+        /// Keep traces of the routes lasting at least this many milliseconds.
+        #[arg(long, value_name = "MS")]
+        latency_ms: Option<u64>,
+        /// How long the window stays open (e.g. 30m); it closes by itself.
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Configuration file, as given to `run`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory, as given to `run`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Resume intake after `drain`.
     Resume {
         /// Configuration file, as given to `run`.
@@ -159,6 +184,9 @@ fn main() -> ExitCode {
             tailgate::control_command(tailgate::control::Request::Shed { stage: name }, config, data_dir)
         }
         Command::Drain { timeout, config, data_dir } => tailgate::drain(timeout, config, data_dir),
+        Command::Incident { action, routes, keep_all, latency_ms, duration, config, data_dir } => {
+            tailgate::incident(&action, routes, keep_all, latency_ms, duration, config, data_dir)
+        }
         Command::Resume { config, data_dir } => {
             tailgate::control_command(tailgate::control::Request::Resume, config, data_dir)
         }

@@ -312,13 +312,27 @@ impl Policies {
             rules.push(("slow".to_string(), Rule::SpanLatency { over_nanos: latency_threshold.as_nanos() as u64 }));
         }
         let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
-        let marks = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
+        let mut marks: Vec<Mark> = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
+        marks.push(Mark::new(super::incident::INCIDENT_REASON, &Rule::Always));
         Policies { rules, marks, needs_attributes }
     }
 
     /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
     /// it, or `None` when it is dropped.
     pub fn decide(&self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
+        self.decide_during(trace_id, spans, None)
+    }
+
+    /// Like [`Policies::decide`], with an open incident window: a trace it covers is kept
+    /// (reason [`Policies::incident_index`]) unless a `drop` policy vetoes it.
+    pub fn decide_during(
+        &self,
+        trace_id: &[u8; 16],
+        spans: &[(&ArchivedSpanBatch, u32)],
+        incident: Option<&super::incident::Incident>,
+    ) -> Option<usize> {
+        let needs_attributes = self.needs_attributes || incident.is_some_and(|i| !i.routes.is_empty());
+        let mut root_route: Option<String> = None;
         let mut facts = TraceFacts {
             trace_id,
             statuses: Vec::with_capacity(spans.len()),
@@ -334,8 +348,17 @@ impl Policies {
             facts.last_end = facts.last_end.max(span.end_unix_nano.to_native());
             let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
             facts.longest_span = facts.longest_span.max(duration);
-            if self.needs_attributes {
+            if needs_attributes {
                 let mut attributes = Span::decode(span.body.as_slice()).map(|s| s.attributes).unwrap_or_default();
+                if span.parent_span_id == [0u8; 8] {
+                    let route = attributes.iter().find(|kv| kv.key == "http.route").and_then(|kv| {
+                        match kv.value.as_ref()?.value.as_ref()? {
+                            Value::StringValue(route) => Some(route.clone()),
+                            _ => None,
+                        }
+                    });
+                    root_route = Some(route.unwrap_or_else(|| span.name.as_str().to_owned()));
+                }
                 let resource = batch
                     .scopes
                     .get(span.scope.to_native() as usize)
@@ -347,19 +370,37 @@ impl Policies {
             }
         }
         let verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
-        if verdicts.iter().any(|v| matches!(v, Verdict::Dropped | Verdict::InvertNotSampled)) {
+        if verdicts.contains(&Verdict::Dropped) {
+            return None;
+        }
+        if let Some(incident) = incident
+            && incident.covers(root_route.as_deref())
+            && (incident.keep_all || incident.latency_ms.is_some_and(|ms| facts.duration_nanos() >= ms * 1_000_000))
+        {
+            return Some(self.incident_index());
+        }
+        if verdicts.contains(&Verdict::InvertNotSampled) {
             return None;
         }
         verdicts.iter().position(|v| is_kept(*v))
     }
 
-    /// The mark of policy `index` for the spans of the traces it keeps.
+    /// The mark of policy `index` for the spans of the traces it keeps (the incident window's
+    /// at [`Policies::incident_index`]).
     pub fn mark(&self, index: usize) -> Option<&Mark> {
         self.marks.get(index)
     }
 
+    /// The reason index of a trace kept by an incident window (after the configured policies).
+    pub fn incident_index(&self) -> usize {
+        self.rules.len()
+    }
+
     /// The name of policy `index`.
     pub fn name(&self, index: usize) -> &str {
+        if index == self.incident_index() {
+            return super::incident::INCIDENT_REASON;
+        }
         self.rules.get(index).map_or("", |(name, _)| name.as_str())
     }
 }
