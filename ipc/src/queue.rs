@@ -613,6 +613,22 @@ impl Queue {
         self.put_depth(wtxn, edge, &depth)
     }
 
+    /// How old the oldest stored batch of `edge` is at `now_unix_nano` (it was accepted or
+    /// produced then), in seconds; `None` when the edge is empty.
+    pub fn oldest_age_seconds(
+        &self,
+        txn: &RoTxn<'_>,
+        edge: Edge,
+        now_unix_nano: u64,
+    ) -> Result<Option<f64>, QueueError> {
+        Ok(self
+            .entries_after(txn, edge, 0)?
+            .next()
+            .and_then(|entry| entry.ok())
+            .and_then(|(_, value)| crate::batch::received_unix_nano(value))
+            .map(|at| now_unix_nano.saturating_sub(at) as f64 / 1e9))
+    }
+
     /// Bytes of pages in use by all tables (free pages excluded).
     pub fn used_bytes(&self, txn: &RoTxn<'_>) -> Result<u64, QueueError> {
         let mut pages = 0u64;

@@ -196,13 +196,7 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
     let mut edges = Vec::new();
     for edge in Edge::ALL {
         let depth = queue.depth(&txn, edge)?;
-        // Age of the oldest stored batch (when it was accepted or produced).
-        let oldest = queue
-            .entries_after(&txn, edge, 0)?
-            .next()
-            .and_then(|entry| entry.ok())
-            .and_then(|(_, value)| tailgate_ipc::batch::received_unix_nano(value))
-            .map(|at| now.saturating_sub(at) as f64 / 1e9);
+        let oldest = queue.oldest_age_seconds(&txn, edge, now)?;
         edges.push(json!({
             "edge": edge.as_str(),
             "batches": depth.batches,

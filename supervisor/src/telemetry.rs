@@ -76,12 +76,7 @@ impl Snapshot {
                 .unwrap_or(0);
             for edge in Edge::ALL {
                 let depth = queue.depth(&txn, edge)?;
-                let oldest = queue
-                    .entries_after(&txn, edge, 0)?
-                    .next()
-                    .and_then(|entry| entry.ok())
-                    .and_then(|(_, value)| tailgate_ipc::batch::received_unix_nano(value))
-                    .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1e9);
+                let oldest = queue.oldest_age_seconds(&txn, edge, now)?.unwrap_or(0.0);
                 snapshot.edges.push(EdgeSnapshot {
                     edge: edge.as_str(),
                     batches: depth.batches,
