@@ -22,6 +22,7 @@
 #                                                  # time from the signal to the stage ready again;
 #                                                  # then the supervisor's CPU while idle
 # Everything runs on loopback; every loop is bounded by --duration.
+# POLICIES=1 runs the spans scenarios with the sampling policies of issue 9 (see below).
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
 set -euo pipefail
@@ -78,7 +79,27 @@ exporters:
   traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
   metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
 YAML
+# POLICIES=1: the issue's sampling policies instead of the shorthand (attribute policies make
+# the sampler decode span attributes of every decided trace).
+cat > "$work/policies.yaml" <<YAML
+data_dir: $work/data
+receivers:
+  otlp:
+    protocols:
+      grpc: { endpoint: 127.0.0.1:4317 }
+tail_sample:
+  policies:
+    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+    - {name: slow, type: latency, latency: {threshold_ms: 200}}
+    - {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}
+    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
+    - {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}
+exporters:
+  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
+  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
+YAML
 config=()
+[ -n "${POLICIES:-}" ] && config=(--config "$work/policies.yaml")
 case "$scenario" in
   drain) config=(--config "$work/drain.yaml") ;;
   logs-*) config=(--config "$work/logs.yaml") ;;
