@@ -548,6 +548,63 @@ pub fn split_top_level(request: &[u8]) -> Result<Vec<&[u8]>, WireError> {
     Ok(out)
 }
 
+/// An attribute value found by [`find_attribute`] (only the kinds policies compare).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttributeValue<'a> {
+    /// `AnyValue.string_value`.
+    Str(&'a str),
+    /// `AnyValue.int_value`.
+    Int(i64),
+    /// Any other kind.
+    Other,
+}
+
+/// Finds attribute `key` among the `KeyValue`s at field `attributes_field` of an encoded message
+/// (`Span`: 9, `Resource`: 1) without decoding it: walks the fields and compares keys in
+/// place. `None` when absent or the bytes do not parse.
+pub fn find_attribute<'a>(message: &'a [u8], attributes_field: u32, key: &str) -> Option<AttributeValue<'a>> {
+    let mut reader = wire::Reader::new(message);
+    while !reader.is_done() {
+        let (number, wire_type, at) = reader.key().ok()?;
+        if number != attributes_field || wire_type != 2 {
+            reader.skip(wire_type, at).ok()?;
+            continue;
+        }
+        let entry = reader.len_delimited(at).ok()?;
+        let (mut found_key, mut value) = (None, None);
+        let mut fields = wire::Reader::new(entry);
+        while !fields.is_done() {
+            let (number, wire_type, at) = fields.key().ok()?;
+            match (number, wire_type) {
+                (1, 2) => found_key = Some(fields.len_delimited(at).ok()?),
+                (2, 2) => value = Some(fields.len_delimited(at).ok()?),
+                _ => fields.skip(wire_type, at).ok()?,
+            }
+        }
+        if found_key != Some(key.as_bytes()) {
+            continue;
+        }
+        let mut any = wire::Reader::new(value.unwrap_or_default());
+        let mut result = AttributeValue::Other;
+        while !any.is_done() {
+            let (number, wire_type, at) = any.key().ok()?;
+            match (number, wire_type) {
+                (1, 2) => {
+                    result = std::str::from_utf8(any.len_delimited(at).ok()?)
+                        .map_or(AttributeValue::Other, AttributeValue::Str)
+                }
+                (3, 0) => result = AttributeValue::Int(any.varint().ok()? as i64),
+                _ => {
+                    any.skip(wire_type, at).ok()?;
+                    result = AttributeValue::Other;
+                }
+            }
+        }
+        return Some(result);
+    }
+    None
+}
+
 /// Reads `partial_success` from an encoded `Export{Trace,Logs,Metrics}ServiceResponse`:
 /// (rejected items, error message); `(0, "")` when absent.
 pub fn parse_partial_success(response: &[u8]) -> Result<(i64, String), WireError> {

@@ -10,11 +10,16 @@
 //! when R >= T, so every node (and every collector using the same rule) keeps the same traces.
 
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
 use tailgate_ipc::batch::ArchivedSpanBatch;
+
+use crate::otlp_wire::{AttributeValue, find_attribute};
+
+/// `Span.attributes` and `Resource.attributes` field numbers.
+const SPAN_ATTRIBUTES: u32 = 9;
+const RESOURCE_ATTRIBUTES: u32 = 1;
 
 /// 2^56: the range of a trace id's randomness.
 const RANDOMNESS_RANGE: u64 = 1 << 56;
@@ -151,14 +156,14 @@ impl Rule {
             Rule::SpanLatency { over_nanos } => sampled(trace.longest_span > *over_nanos),
             Rule::StringAttribute { key, matcher, invert } => {
                 let matched = trace.attribute_values(key).any(|value| match value {
-                    Value::StringValue(text) => matcher.matches(text),
+                    AttributeValue::Str(text) => matcher.matches(text),
                     _ => false,
                 });
                 inverted(matched, *invert)
             }
             Rule::NumericAttribute { key, min, max, invert } => {
                 let matched = trace.attribute_values(key).any(|value| match value {
-                    Value::IntValue(number) => (*min..=*max).contains(number),
+                    AttributeValue::Int(number) => (*min..=*max).contains(&number),
                     _ => false,
                 });
                 inverted(matched, *invert)
@@ -196,8 +201,8 @@ struct TraceFacts<'a> {
     first_start: u64,
     last_end: u64,
     longest_span: u64,
-    /// Span attributes then resource attributes, per span.
-    attributes: Vec<Vec<KeyValue>>,
+    /// Each span's encoded bytes and its resource's, where attributes are looked up in place.
+    attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
 }
 
 impl TraceFacts<'_> {
@@ -205,9 +210,11 @@ impl TraceFacts<'_> {
         self.last_end.saturating_sub(self.first_start)
     }
 
-    fn attribute_values<'k>(&'k self, key: &'k str) -> impl Iterator<Item = &'k Value> + 'k {
-        self.attributes.iter().filter_map(move |attributes| {
-            attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    /// The value of `key` on each span: its own attribute, else its resource's.
+    fn attribute_values<'k>(&'k self, key: &'k str) -> impl Iterator<Item = AttributeValue<'k>> + 'k {
+        self.attributes.iter().filter_map(move |(span, resource)| {
+            find_attribute(span, SPAN_ATTRIBUTES, key)
+                .or_else(|| find_attribute((*resource)?, RESOURCE_ATTRIBUTES, key))
         })
     }
 }
@@ -325,10 +332,10 @@ impl Policies {
 
     /// Like [`Policies::decide`], with an open incident window: a trace it covers is kept
     /// (reason [`Policies::incident_index`]) unless a `drop` policy vetoes it.
-    pub fn decide_during(
+    pub fn decide_during<'a>(
         &self,
-        trace_id: &[u8; 16],
-        spans: &[(&ArchivedSpanBatch, u32)],
+        trace_id: &'a [u8; 16],
+        spans: &[(&'a ArchivedSpanBatch, u32)],
         incident: Option<&super::incident::Incident>,
     ) -> Option<usize> {
         let needs_attributes = self.needs_attributes || incident.is_some_and(|i| !i.routes.is_empty());
@@ -349,24 +356,20 @@ impl Policies {
             let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
             facts.longest_span = facts.longest_span.max(duration);
             if needs_attributes {
-                let mut attributes = Span::decode(span.body.as_slice()).map(|s| s.attributes).unwrap_or_default();
+                let body = span.body.as_slice();
                 if span.parent_span_id == [0u8; 8] {
-                    let route = attributes.iter().find(|kv| kv.key == "http.route").and_then(|kv| {
-                        match kv.value.as_ref()?.value.as_ref()? {
-                            Value::StringValue(route) => Some(route.clone()),
-                            _ => None,
-                        }
-                    });
-                    root_route = Some(route.unwrap_or_else(|| span.name.as_str().to_owned()));
+                    let route = match find_attribute(body, SPAN_ATTRIBUTES, "http.route") {
+                        Some(AttributeValue::Str(route)) => route,
+                        _ => span.name.as_str(),
+                    };
+                    root_route = Some(route.to_owned());
                 }
                 let resource = batch
                     .scopes
                     .get(span.scope.to_native() as usize)
-                    .and_then(|scope| batch.resources.get(scope.resource.to_native() as usize));
-                if let Some(resource) = resource.and_then(|r| Resource::decode(r.resource.as_slice()).ok()) {
-                    attributes.extend(resource.attributes);
-                }
-                facts.attributes.push(attributes);
+                    .and_then(|scope| batch.resources.get(scope.resource.to_native() as usize))
+                    .map(|resource| resource.resource.as_slice());
+                facts.attributes.push((body, resource));
             }
         }
         let verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
@@ -409,6 +412,7 @@ impl Policies {
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::common::v1::AnyValue;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
     use tailgate_ipc::batch::{self, ResourceBlock, ScopeBlock, SpanBatch, SpanRecord};
 
     fn kv(key: &str, value: Value) -> KeyValue {

@@ -704,3 +704,33 @@ fn untraced_log_records_carry_their_duration_attribute() {
     // A traced record follows its trace: its duration is never looked at.
     assert_eq!(durations, vec![350_000_000, 12_500_000, 40_000, 0, 0]);
 }
+
+#[test]
+fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    let kv = |key: &str, value: Value| opentelemetry_proto::tonic::common::v1::KeyValue {
+        key: key.into(),
+        value: Some(opentelemetry_proto::tonic::common::v1::AnyValue { value: Some(value) }),
+        ..Default::default()
+    };
+    let span = Span {
+        name: "GET".into(),
+        attributes: vec![
+            kv("http.route", Value::StringValue("/checkout".into())),
+            kv("retries", Value::IntValue(-3)),
+            kv("ok", Value::BoolValue(true)),
+        ],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    assert_eq!(find_attribute(&span, 9, "http.route"), Some(AttributeValue::Str("/checkout")));
+    assert_eq!(find_attribute(&span, 9, "retries"), Some(AttributeValue::Int(-3)));
+    assert_eq!(find_attribute(&span, 9, "ok"), Some(AttributeValue::Other));
+    assert_eq!(find_attribute(&span, 9, "missing"), None);
+    for cut in 0..span.len() {
+        // Truncated bytes never panic; they find the key only if it lies before the cut.
+        let _ = find_attribute(&span[..cut], 9, "retries");
+    }
+    assert_eq!(find_attribute(&[0xff, 0xff, 0xff], 9, "http.route"), None);
+}
