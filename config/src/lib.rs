@@ -119,31 +119,26 @@ pub struct TailSampleConfig {
 }
 
 impl TailSampleConfig {
-    /// The policies in force: `policies`, or the shorthand's (whose `slow` stands for "a span
-    /// lasting longer than `latency_threshold`", the product's rule before policies).
-    pub fn effective_policies(&self) -> Vec<PolicyConfig> {
-        if self.policies.is_empty() {
-            shorthand_policies(
-                self.keep_errors.unwrap_or(true),
-                self.latency_threshold.unwrap_or(Duration::from_millis(200)),
-            )
-        } else {
-            self.policies.clone()
-        }
-    }
-
-    /// Whether an ERROR status keeps a trace outright (a top-level `status_code` policy with
-    /// ERROR): what records without a trace are judged by too.
+    /// Whether an ERROR status keeps a trace outright: the shorthand's `keep_errors` (default
+    /// true), or a top-level `status_code` policy with ERROR. Records without a trace are judged
+    /// by it too.
     pub fn keeps_errors(&self) -> bool {
-        self.effective_policies().iter().any(|p| {
+        if self.policies.is_empty() {
+            return self.keep_errors.unwrap_or(true);
+        }
+        self.policies.iter().any(|p| {
             p.kind == PolicyType::StatusCode
                 && p.status_code.as_ref().is_some_and(|s| s.status_codes.contains(&StatusCode::Error))
         })
     }
 
-    /// The lowest latency that keeps a trace outright (top-level `latency` policies), if any.
+    /// The lowest latency that keeps a trace outright: the shorthand's `latency_threshold`
+    /// (default 200ms), or the lowest top-level `latency` policy, if any.
     pub fn latency_keeps_from(&self) -> Option<Duration> {
-        self.effective_policies()
+        if self.policies.is_empty() {
+            return Some(self.latency_threshold.unwrap_or(Duration::from_millis(200)));
+        }
+        self.policies
             .iter()
             .filter(|p| p.kind == PolicyType::Latency)
             .filter_map(|p| p.latency.as_ref().map(|l| Duration::from_millis(l.threshold_ms)))
@@ -775,7 +770,7 @@ mod tests {
         assert_eq!(config.tail_sample.latency_keeps_from(), Some(Duration::from_millis(200)));
         // Without policies the shorthand stands for the same two.
         let shorthand = Config::parse(&with("  keep_errors: true\n  latency_threshold: 150ms\n")).unwrap();
-        assert_eq!(shorthand.tail_sample.effective_policies().len(), 2);
+        assert!(shorthand.tail_sample.keeps_errors());
         assert_eq!(shorthand.tail_sample.latency_keeps_from(), Some(Duration::from_millis(150)));
         // Both: check-config spells out the replacement.
         let err = Config::parse(&with(&format!("  keep_errors: true\n{policies}"))).unwrap_err().to_string();

@@ -3,8 +3,6 @@
 //! type). The skeleton's `keep_errors` / `latency_threshold` remain as shorthand for a
 //! `status_code` and a `latency` policy when no policies are configured.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
 use crate::Problems;
@@ -247,29 +245,4 @@ impl PolicyConfig {
             }
         }
     }
-}
-
-/// The policies the skeleton's shorthand stands for.
-pub fn shorthand_policies(keep_errors: bool, latency_threshold: Duration) -> Vec<PolicyConfig> {
-    let mut policies = Vec::new();
-    let empty = |name: &str, kind| PolicyConfig {
-        name: name.to_string(),
-        kind,
-        status_code: None,
-        latency: None,
-        string_attribute: None,
-        numeric_attribute: None,
-        probabilistic: None,
-        and: None,
-        drop: None,
-    };
-    if keep_errors {
-        let mut errors = empty("errors", PolicyType::StatusCode);
-        errors.status_code = Some(StatusCodePolicy { status_codes: vec![StatusCode::Error] });
-        policies.push(errors);
-    }
-    let mut slow = empty("slow", PolicyType::Latency);
-    slow.latency = Some(LatencyPolicy { threshold_ms: latency_threshold.as_millis() as u64, upper_threshold_ms: 0 });
-    policies.push(slow);
-    policies
 }

@@ -228,9 +228,7 @@ impl StageActor {
         if state.stopping.is_some() || state.stopped_since.is_some() || state.kill_reason.is_some() {
             return;
         }
-        if state.heartbeat.is_none() {
-            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
-        }
+        StageActor::open_slot(state);
         let overdue = match state.heartbeat.as_ref().and_then(|slot| slot.overdue(pid)) {
             Some(overdue) => overdue,
             None => state.started_at.elapsed().saturating_sub(REBUILD_ALLOWANCE),
@@ -278,9 +276,7 @@ impl StageActor {
                 "stage over its hard memory budget; draining and restarting it (its state is in the queue)"
             );
             state.kill_reason = Some(KillReason::Memory);
-            StageActor::signal(state, rustix::process::Signal::TERM);
-            let generation = state.generation;
-            myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+            StageActor::drain(myself, state);
             return;
         }
         if private <= mib(budget.soft_mib) {
@@ -289,9 +285,7 @@ impl StageActor {
         if state.last_shed_request.is_some_and(|at| at.elapsed() < SHED_REPEAT) {
             return;
         }
-        if state.heartbeat.is_none() {
-            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
-        }
+        StageActor::open_slot(state);
         if let Some(slot) = &state.heartbeat {
             tracing::warn!(
                 stage = %state.stage,
@@ -360,9 +354,7 @@ impl StageActor {
     }
 
     fn describe(state: &mut StageState) -> StageStatus {
-        if state.heartbeat.is_none() {
-            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
-        }
+        StageActor::open_slot(state);
         let process_state = state.pid.and_then(crate::proc::process_state);
         let run_state = match (state.pid, process_state) {
             _ if state.stopping.is_some() => "stopping",
@@ -432,6 +424,21 @@ impl StageActor {
             let _ = actor.send_message(StageMsg::Exited { generation, status });
         });
         Ok(())
+    }
+
+    /// Maps the stage's heartbeat slot once a process of the stage has created it.
+    fn open_slot(state: &mut StageState) {
+        if state.heartbeat.is_none() {
+            state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
+        }
+    }
+
+    /// Asks the running process to drain (SIGTERM) and kills it if it has not exited after the
+    /// shutdown timeout.
+    fn drain(myself: &ActorRef<StageMsg>, state: &StageState) {
+        StageActor::signal(state, rustix::process::Signal::TERM);
+        let generation = state.generation;
+        myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
     }
 
     fn signal(state: &StageState, signal: rustix::process::Signal) {
@@ -554,9 +561,7 @@ impl Actor for StageActor {
                     myself.stop(None);
                 } else {
                     state.stopping = Some(reply);
-                    StageActor::signal(state, rustix::process::Signal::TERM);
-                    let generation = state.generation;
-                    myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+                    StageActor::drain(&myself, state);
                 }
             }
             StageMsg::StopTimeout(generation) => {
@@ -570,18 +575,14 @@ impl Actor for StageActor {
             }
             StageMsg::CheckStopped => StageActor::check_liveness(&myself, state),
             StageMsg::PauseIntake(paused, reply) => {
-                if state.heartbeat.is_none() {
-                    state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
-                }
+                StageActor::open_slot(state);
                 if let Some(slot) = &state.heartbeat {
                     slot.set_intake_paused(paused);
                 }
                 let _ = reply.send(());
             }
             StageMsg::Shed(reply) => {
-                if state.heartbeat.is_none() {
-                    state.heartbeat = Heartbeat::open(&socket_dir(&state.launch.data_dir), state.stage);
-                }
+                StageActor::open_slot(state);
                 let asked = match (&state.heartbeat, state.pid) {
                     (Some(slot), Some(_)) => {
                         tracing::info!(stage = %state.stage, "shed requested on the control socket");
@@ -612,9 +613,7 @@ impl Actor for StageActor {
                     Some(pid) => {
                         tracing::info!(stage = %state.stage, pid, reload, "restart requested; draining the stage");
                         state.kill_reason = Some(if reload { KillReason::Reload } else { KillReason::Requested });
-                        StageActor::signal(state, rustix::process::Signal::TERM);
-                        let generation = state.generation;
-                        myself.send_after(state.policy.shutdown_timeout, move || StageMsg::StopTimeout(generation));
+                        StageActor::drain(&myself, state);
                         Ok(pid)
                     }
                 };
@@ -698,8 +697,6 @@ pub struct SupervisorState {
     launch: Arc<Launch>,
     /// The active configuration.
     config: Config,
-    /// The data directory (control socket, run files).
-    data_dir: PathBuf,
     queue: Queue,
     last_synced_txn: u64,
     escalated: Arc<AtomicBool>,
@@ -712,6 +709,13 @@ pub struct SupervisorState {
     /// holding it, and since when.
     lock_watch: Option<(u32, u64, Instant)>,
     liveness_timeout: Duration,
+}
+
+impl SupervisorState {
+    /// The actor of `stage`.
+    fn actor(&self, stage: StageId) -> Option<&ActorRef<StageMsg>> {
+        self.stages.iter().find(|(id, _)| *id == stage).map(|(_, actor)| actor)
+    }
 }
 
 /// A stage that holds the queue's writer lock and does not commit (a deadlock or a stall inside
@@ -840,7 +844,7 @@ async fn control_answer(state: &mut SupervisorState, request: Request) -> serde_
         }
         Request::Shutdown | Request::Drain { .. } => serde_json::json!({ "error": "handled before the actor" }),
         Request::Resume => {
-            if let Some((_, receive)) = state.stages.iter().find(|(s, _)| *s == StageId::Receive) {
+            if let Some(receive) = state.actor(StageId::Receive) {
                 let _ = ractor::call!(receive, StageMsg::PauseIntake, false);
             }
             tracing::info!("intake resumed");
@@ -876,7 +880,7 @@ async fn control_answer(state: &mut SupervisorState, request: Request) -> serde_
             let Some(id) = StageId::parse(&stage) else {
                 return serde_json::json!({ "error": format!("unknown stage {stage:?}") });
             };
-            let Some((_, actor)) = state.stages.iter().find(|(s, _)| *s == id) else {
+            let Some(actor) = state.actor(id) else {
                 return serde_json::json!({ "error": format!("stage {stage} is not supervised") });
             };
             match ractor::call!(actor, StageMsg::Restart, false) {
@@ -983,7 +987,6 @@ impl Actor for Supervisor {
             memory_soft_limit_bytes: args.policy.memory_soft_limit_mib * 1024 * 1024,
             over_soft_limit: false,
             stages,
-            data_dir: args.launch.data_dir.clone(),
             launch: args.launch.clone(),
             config: args.config,
             last_synced_txn: args.queue.last_txn_id(),
@@ -1014,7 +1017,7 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::PauseIntake(paused, reply) => {
-                if let Some((_, receive)) = state.stages.iter().find(|(s, _)| *s == StageId::Receive) {
+                if let Some(receive) = state.actor(StageId::Receive) {
                     let _ = ractor::call!(receive, StageMsg::PauseIntake, paused);
                 }
                 let _ = reply.send(());
@@ -1068,7 +1071,7 @@ impl Actor for Supervisor {
             SupervisorMsg::Shutdown(reply) => {
                 state.shutting_down = true;
                 stop_stages(&state.stages).await;
-                let _ = std::fs::remove_file(crate::control::socket_path(&state.data_dir));
+                let _ = std::fs::remove_file(crate::control::socket_path(&state.launch.data_dir));
                 if let Err(err) = state.queue.force_sync() {
                     tracing::error!(error = %err, "final queue fsync failed");
                 }

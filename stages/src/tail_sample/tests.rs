@@ -1,0 +1,247 @@
+use super::*;
+use tailgate_ipc::QueueOptions;
+use tailgate_ipc::batch::{ResourceBlock, ScopeBlock, SpanRecord};
+
+const T0: u64 = 1_000_000_000_000;
+
+fn policy() -> Policy {
+    Policy {
+        decision_wait: Duration::from_secs(10),
+        root_grace: Duration::from_secs(1),
+        keep_errors: true,
+        latency_threshold: Duration::from_millis(200),
+        policies: Vec::new(),
+        decision_cache_ttl: Duration::from_secs(120),
+        dimensions: Vec::new(),
+        max_spans_per_trace: 10_000,
+        max_pending_bytes: 64 << 20,
+    }
+}
+
+fn span(trace: u8, id: u8, root: bool, error: bool) -> SpanRecord {
+    SpanRecord {
+        trace_id: [trace; 16],
+        span_id: [id; 8],
+        parent_span_id: if root { [0; 8] } else { [0xee; 8] },
+        start_unix_nano: T0,
+        end_unix_nano: T0 + 1_000_000,
+        status_code: if error { batch::STATUS_CODE_ERROR } else { 0 },
+        body: vec![trace, id],
+        ..Default::default()
+    }
+}
+
+fn append(queue: &Queue, spans: Vec<SpanRecord>) {
+    let batch = SpanBatch {
+        received_unix_nano: T0,
+        resources: vec![ResourceBlock::default()],
+        scopes: vec![ScopeBlock::default()],
+        spans,
+    };
+    let mut wtxn = queue.write().unwrap();
+    queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch).unwrap()).unwrap();
+    queue.commit(wtxn).unwrap();
+}
+
+fn kept(queue: &Queue) -> Vec<([u8; 16], [u8; 8])> {
+    let rtxn = queue.read().unwrap();
+    let mut out = Vec::new();
+    for entry in queue.entries_after(&rtxn, Edge::KeptSpans, 0).unwrap() {
+        let (_, value) = entry.unwrap();
+        for span in batch::access_spans(value).unwrap().spans.iter() {
+            out.push((span.trace_id, span.span_id));
+        }
+    }
+    out
+}
+
+/// Heap of the pending index per trace (a measurement for BENCHMARKS.md, not a check):
+/// `cargo test --release -p tailgate-stages pending_index_heap -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run it by name"]
+fn pending_index_heap_per_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 1 << 30, ..Default::default() }).unwrap();
+    let traces = 200_000u32;
+    for chunk in 0..traces / 1000 {
+        let spans = (0..1000u32)
+            .flat_map(|n| {
+                let id = (chunk * 1000 + n).to_be_bytes();
+                let mut trace = [0u8; 16];
+                trace[..4].copy_from_slice(&id);
+                (1..=3u8).map(move |s| SpanRecord {
+                    trace_id: trace,
+                    span_id: [s; 8],
+                    parent_span_id: [0xee; 8],
+                    start_unix_nano: T0,
+                    end_unix_nano: T0 + 1_000_000,
+                    ..Default::default()
+                })
+            })
+            .collect();
+        append(&queue, spans);
+    }
+    let before = tailgate_ipc::memory::private_bytes().unwrap();
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    while sampler.step(&queue, T0 + 1).unwrap().more_input {}
+    let after = tailgate_ipc::memory::private_bytes().unwrap();
+    assert_eq!(sampler.pending_traces(), traces as usize);
+    eprintln!(
+        "{traces} pending traces of 3 spans: {:.0} bytes of heap per trace (estimate used for max_pending_bytes: {})",
+        after.saturating_sub(before) as f64 / f64::from(traces),
+        PENDING_TRACE_BYTES + 3 * PENDING_SPAN_BYTES
+    );
+}
+
+#[test]
+fn a_giant_trace_is_decided_at_its_span_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let mut sampler = Sampler::open(&queue, Policy { max_spans_per_trace: 3, ..policy() }).unwrap();
+    append(&queue, (1..=5).map(|id| span(7, id, false, false)).chain([span(8, 1, false, false)]).collect());
+    let report = sampler.step(&queue, T0 + 1).unwrap();
+    assert_eq!(report.decided_early, 1);
+    // Long before decision_wait: the giant trace is decided, the small one waits.
+    assert_eq!(report.decided, 1);
+    assert_eq!(sampler.pending_traces(), 1);
+    let rtxn = queue.read().unwrap();
+    assert_eq!(queue.decision(&rtxn, &[7; 16]).unwrap().map(|d| d.keep), Some(false));
+    assert_eq!(queue.decision(&rtxn, &[8; 16]).unwrap(), None);
+}
+
+#[test]
+fn over_its_budget_the_index_decides_the_traces_due_soonest() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    // Room for four single-span traces.
+    let budget = 4 * (PENDING_TRACE_BYTES + PENDING_SPAN_BYTES);
+    let mut sampler = Sampler::open(&queue, Policy { max_pending_bytes: budget, ..policy() }).unwrap();
+    append(&queue, (1..=10).map(|trace| span(trace, 1, false, trace == 2)).collect());
+    let report = sampler.step(&queue, T0 + 1).unwrap();
+    assert_eq!(report.decided_early, 6);
+    assert_eq!(sampler.pending_traces(), 4);
+    assert!(sampler.pending_bytes() <= budget);
+    // Trace 2's error was seen: deciding it early kept it.
+    assert_eq!(kept(&queue), vec![([2; 16], [1; 8])]);
+}
+
+#[test]
+fn shedding_decides_the_traces_known_to_be_kept_and_lets_the_others_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    // Trace 1 has an error span (kept whatever comes), trace 2 only an ordinary one so far.
+    append(&queue, vec![span(1, 1, false, true), span(2, 1, false, false)]);
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    sampler.step(&queue, T0 + 1).unwrap();
+    assert!(kept(&queue).is_empty(), "nothing is due before decision_wait");
+    assert_eq!(sampler.shed(), 1);
+    sampler.step(&queue, T0 + 2).unwrap();
+    assert_eq!(kept(&queue), vec![([1; 16], [1; 8])]);
+    assert_eq!(sampler.pending_traces(), 1, "the undecided trace must keep waiting for a late error");
+    // Its late error span still makes it kept when it is due.
+    append(&queue, vec![span(2, 2, false, true)]);
+    sampler.step(&queue, T0 + 11_000_000_000).unwrap();
+    assert_eq!(kept(&queue).len(), 3);
+}
+
+/// Trace 1 has an ordinary span in the first batch and its error span in the last of 100
+/// batches; the 98 batches between hold fast single-span traces. All are ingested, then the
+/// sampler "crashes" (is dropped) before anything is due.
+fn queue_with_long_replay() -> (tempfile::TempDir, Queue) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    append(&queue, vec![span(1, 1, false, false)]);
+    for n in 2..100u8 {
+        append(&queue, vec![span(n, 1, true, false)]);
+    }
+    append(&queue, vec![span(1, 2, false, true)]);
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    while sampler.step(&queue, T0).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), 99);
+    (dir, queue)
+}
+
+fn run_until_idle(queue: &Queue, now: u64) -> Sampler {
+    let mut sampler = Sampler::open(queue, policy()).unwrap();
+    while sampler.step(queue, now).unwrap().more_input {}
+    sampler.step(queue, now).unwrap();
+    sampler
+}
+
+#[test]
+fn replay_longer_than_one_step_keeps_the_whole_trace() {
+    let (_dir, queue) = queue_with_long_replay();
+    let sampler = run_until_idle(&queue, T0 + 60_000_000_000);
+    assert_eq!(sampler.pending_traces(), 0);
+    assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+    let rtxn = queue.read().unwrap();
+    assert_eq!(queue.cursor(&rtxn, Consumer::TailSample).unwrap(), 100);
+    assert_eq!(queue.depth(&rtxn, Edge::Spans).unwrap().batches, 0);
+}
+
+#[test]
+fn crash_during_replay_emits_nothing_twice() {
+    let (_dir, queue) = queue_with_long_replay();
+    let now = T0 + 60_000_000_000;
+    // First restart gets one step into the replay, then dies too.
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    assert!(sampler.step(&queue, now).unwrap().more_input);
+    drop(sampler);
+    run_until_idle(&queue, now);
+    assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+}
+
+#[test]
+fn backlog_built_up_during_a_restart_is_read_before_deciding() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    append(&queue, vec![span(1, 1, true, false)]);
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    sampler.step(&queue, T0).unwrap();
+    drop(sampler);
+    // While tail_sample is down, 98 more batches arrive, the trace's error span last.
+    for n in 2..100u8 {
+        append(&queue, vec![span(n, 1, true, false)]);
+    }
+    append(&queue, vec![span(1, 2, false, true)]);
+    run_until_idle(&queue, T0 + 60_000_000_000);
+    assert_eq!(kept(&queue), vec![([1; 16], [1; 8]), ([1; 16], [2; 8])]);
+}
+
+#[test]
+fn late_span_follows_the_decision_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    append(&queue, vec![span(7, 1, true, true)]);
+    run_until_idle(&queue, T0 + 5_000_000_000);
+    append(&queue, vec![span(7, 2, false, false)]);
+    // Restart between the late span's arrival and its handling, then once more after.
+    run_until_idle(&queue, T0 + 6_000_000_000);
+    run_until_idle(&queue, T0 + 7_000_000_000);
+    assert_eq!(kept(&queue), vec![([7; 16], [1; 8]), ([7; 16], [2; 8])]);
+}
+
+#[test]
+fn a_backlog_is_judged_in_receive_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    // The root arrives at T0; its error child 9 s later, after the root's grace (1 s) ran
+    // out. The sampler was down all along and reads both in one step: the trace must be
+    // judged as it would have been at T0 + 1 s (dropped), the error span as a late span.
+    let batch = |received: u64, spans| SpanBatch {
+        received_unix_nano: received,
+        resources: vec![ResourceBlock::default()],
+        scopes: vec![ScopeBlock::default()],
+        spans,
+    };
+    for (received, spans) in [(T0, vec![span(3, 1, true, false)]), (T0 + 9_000_000_000, vec![span(3, 2, false, true)])]
+    {
+        let mut wtxn = queue.write().unwrap();
+        queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch(received, spans)).unwrap()).unwrap();
+        queue.commit(wtxn).unwrap();
+    }
+    run_until_idle(&queue, T0 + 60_000_000_000);
+    assert!(kept(&queue).is_empty());
+    let rtxn = queue.read().unwrap();
+    assert_eq!(queue.decision(&rtxn, &[3; 16]).unwrap().map(|d| d.keep), Some(false));
+}
