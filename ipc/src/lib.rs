@@ -10,6 +10,7 @@
 //! Design constraints and invariants are stated at the top of each module.
 
 pub mod batch;
+pub mod clock;
 pub mod decisions;
 pub mod heartbeat;
 pub mod memory;

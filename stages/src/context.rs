@@ -2,7 +2,7 @@
 //! signal. Stages read no globals; everything comes in through [`StageContext`].
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tailgate_config::Config;
 use tailgate_ipc::heartbeat::{BEAT_INTERVAL, Heartbeat};
@@ -199,11 +199,6 @@ impl StageContext {
             tracing::info!(stage = %self.stage, "queue below its stage threshold again; resuming");
         }
     }
-}
-
-/// Wall-clock now in Unix nanoseconds (0 if the clock is before 1970).
-pub fn unix_nanos_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Handles a failed step: a full queue is a state downstream stages resolve by consuming, so

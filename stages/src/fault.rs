@@ -16,6 +16,9 @@
 //!   released when the stage sheds; pinned ballast stands for state it cannot give up.
 //! - `bloat_at_start`: every tail_sample process holds the MiB written in the trigger file
 //!   from its start (the file is not removed): a rebuilt state that alone exceeds the budget.
+//! - `clock_step`: every stage process shifts its wall clock by the signed seconds written in
+//!   the trigger file, re-read every 20 ms while it exists (the file is not removed): NTP
+//!   stepping the clock of a box that booted without a real-time clock.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -109,4 +112,24 @@ pub fn release_ballast() {
         return;
     }
     BALLAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(_, pinned)| *pinned);
+}
+
+/// At the start of a stage process: the `clock_step` point (a thread that applies the offset).
+pub fn watch_clock_step(run_dir: &Path) {
+    if armed() != Some("clock_step") {
+        return;
+    }
+    let path = trigger(run_dir, "clock_step");
+    std::thread::spawn(move || {
+        let mut applied = 0i64;
+        loop {
+            let seconds: i64 = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+            if seconds != applied {
+                tracing::warn!(point = "clock_step", seconds, "test fault point hit: wall clock stepped");
+                tailgate_ipc::clock::set_test_wall_offset(seconds.saturating_mul(1_000_000_000));
+                applied = seconds;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
 }

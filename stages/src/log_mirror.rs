@@ -21,10 +21,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedLogBatch, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
+use tailgate_ipc::clock::pipeline_now;
 use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
-use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::context::{StageContext, StageError, wait_if_full};
 use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, StepSizer};
 
 /// Meta key of the last `logs` sequence number read.
@@ -146,7 +147,7 @@ impl StepOutput {
         let (resources, scopes) = self.builder.take();
         let logs = std::mem::take(&mut self.kept);
         self.kept_bytes = 0;
-        self.full.push(LogBatch { received_unix_nano: unix_nanos_now(), resources, scopes, logs });
+        self.full.push(LogBatch { received_unix_nano: pipeline_now(), resources, scopes, logs });
     }
 }
 
@@ -504,7 +505,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         }
         let stepped_at = std::time::Instant::now();
         mirror.set_step_limit(sizer.limit(&ctx.queue));
-        let report = match mirror.step(&ctx.queue, unix_nanos_now()) {
+        let report = match mirror.step(&ctx.queue, pipeline_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;

@@ -15,6 +15,9 @@
 //!
 //! A span arriving after its trace was decided follows the decision (emitted or dropped in the
 //! step that ingests it) and extends the decision's `last_seq`.
+//!
+//! Every time here (receive stamps, due times, decision stamps) is pipeline time
+//! ([`tailgate_ipc::clock`]): it never jumps when the wall clock is stepped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -23,8 +26,9 @@ use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
 use tailgate_ipc::decisions::{Decision, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
-use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::context::{StageContext, StageError, wait_if_full};
 use summaries::Summaries;
+use tailgate_ipc::clock::{pipeline_now, wall_now};
 
 pub mod incident;
 pub mod policies;
@@ -212,7 +216,7 @@ impl StepOutput {
         let (resources, scopes) = self.builder.take();
         let spans = std::mem::take(&mut self.spans);
         self.span_bytes = 0;
-        self.full.push(SpanBatch { received_unix_nano: unix_nanos_now(), resources, scopes, spans });
+        self.full.push(SpanBatch { received_unix_nano: pipeline_now(), resources, scopes, spans });
     }
 }
 
@@ -330,7 +334,7 @@ impl Sampler {
             report.blocked = true;
             return Ok(report);
         }
-        let incident = incident::load(queue, &rtxn)?.filter(|i| i.open_at(now_unix_nano / 1_000_000));
+        let incident = incident::load(queue, &rtxn)?.filter(|i| i.open_at(wall_now() / 1_000_000));
         if incident != self.incident {
             match &incident {
                 Some(i) => {
@@ -419,7 +423,7 @@ impl Sampler {
         let mut batches = 0;
         let mut bytes = 0usize;
         let max_bytes = output.step_limit;
-        let now = unix_nanos_now();
+        let now = pipeline_now();
         for entry in queue.entries_after(rtxn, Edge::Spans, self.read_pos)? {
             if batches == MAX_BATCHES_PER_STEP || bytes >= max_bytes {
                 report.more_input = true;
@@ -634,7 +638,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         }
         let stepped_at = std::time::Instant::now();
         sampler.set_step_limit(sizer.limit(&ctx.queue));
-        let report = match sampler.step(&ctx.queue, unix_nanos_now()) {
+        let report = match sampler.step(&ctx.queue, pipeline_now()) {
             Ok(report) => report,
             Err(err) => {
                 wait_if_full(&ctx, err, &mut full_streak).await?;
@@ -679,7 +683,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         }
         let timeout = sampler
             .next_due()
-            .map(|due| Duration::from_nanos(due.saturating_sub(unix_nanos_now())) + Duration::from_millis(1));
+            .map(|due| Duration::from_nanos(due.saturating_sub(pipeline_now())) + Duration::from_millis(1));
         ctx.idle_paced(timeout, stepped_at, MIN_STEP_INTERVAL).await;
     }
     tracing::info!(pending_traces = sampler.pending_traces(), "tail_sample stopping; pending traces stay queued");

@@ -191,8 +191,7 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
         });
         json!({ "pid": pid, "stage": stage })
     });
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let now = tailgate_ipc::clock::pipeline_now_of(&queue, &txn)?;
     let mut edges = Vec::new();
     for edge in Edge::ALL {
         let depth = queue.depth(&txn, edge)?;
@@ -244,7 +243,8 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
         "decisions": queue.decision_count(&txn)?,
         "losses": losses,
     });
-    let now_ms = now / 1_000_000;
+    // Incident windows are set and expire on the wall clock, like the operator's watch.
+    let now_ms = tailgate_ipc::clock::wall_now() / 1_000_000;
     let incident = tailgate_stages::tail_sample::incident::load(&queue, &txn)?.map(|window| {
         json!({
             "open": window.open_at(now_ms),

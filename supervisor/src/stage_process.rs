@@ -95,6 +95,9 @@ async fn run(stage: StageId, config: Config) -> anyhow::Result<()> {
     // Claimed before the queue is opened: the supervisor judges this process by it from now on.
     let heartbeat = Arc::new(Heartbeat::claim(&run_dir, stage, REBUILD_ALLOWANCE)?);
     let queue = Queue::open(&config.queue_dir(), &queue_options(&config))?;
+    // Receive stamps, due times and decision stamps are on the queue's pipeline clock.
+    tailgate_ipc::clock::establish(&queue)?;
+    tailgate_stages::fault::watch_clock_step(&run_dir);
     let waker = Arc::new(Waker::new(&run_dir)?);
     let wake = WakeListener::bind(&run_dir, stage)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);

@@ -42,6 +42,8 @@ pub(crate) fn open_queue(config: &Config) -> anyhow::Result<Queue> {
         }
     };
     reserve_disk(&queue_dir, queue.capacity_bytes())?;
+    let anchor = tailgate_ipc::clock::establish(&queue)?;
+    tracing::debug!(anchor_unix_nano = anchor.wall, "pipeline clock anchored");
     write_durably(&marker, std::process::id().to_string().as_bytes())?;
     Ok(queue)
 }

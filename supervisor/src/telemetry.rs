@@ -70,10 +70,7 @@ impl Snapshot {
         }
         let mut read = || -> Result<(), tailgate_ipc::QueueError> {
             let txn = queue.read()?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
+            let now = tailgate_ipc::clock::pipeline_now();
             for edge in Edge::ALL {
                 let depth = queue.depth(&txn, edge)?;
                 let oldest = queue.oldest_age_seconds(&txn, edge, now)?.unwrap_or(0.0);

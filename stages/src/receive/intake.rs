@@ -141,7 +141,7 @@ impl Intake {
         if self.slot.as_ref().is_some_and(|slot| slot.intake_paused()) {
             return Err(AcceptError::Draining);
         }
-        let received = crate::context::unix_nanos_now();
+        let received = tailgate_ipc::clock::pipeline_now();
         let transcoded = match signal {
             Signal::Traces => otlp_wire::transcode_traces(request, received)
                 .and_then(|batch| Ok((Edge::Spans, batch.spans.len() as u64, encode(batch::encode_spans(&batch))?))),

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tailgate_config::{SpanmetricsConfig, SpanmetricsSource};
 use tailgate_ipc::batch::{self, ArchivedSpanSummary, MetricBatch};
+use tailgate_ipc::clock::wall_now;
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError};
 
-use crate::context::{StageContext, StageError, unix_nanos_now, wait_if_full};
+use crate::context::{StageContext, StageError, wait_if_full};
 use crate::limits::MAX_BATCHES_PER_STEP;
 use series::{SERIES_PREFIX, SeriesKey, SeriesState};
 
@@ -256,7 +257,11 @@ impl Accumulator {
         let data_points = (points.len() * 2) as u32;
         if !points.is_empty() {
             let request = output::request(&points, &self.bounds, now_unix_nano).encode_to_vec();
-            let out = MetricBatch { received_unix_nano: now_unix_nano, requests: vec![request], data_points };
+            let out = MetricBatch {
+                received_unix_nano: tailgate_ipc::clock::pipeline_now(),
+                requests: vec![request],
+                data_points,
+            };
             queue.append(&mut wtxn, Edge::Metrics, &batch::encode_metrics(&out)?)?;
         }
         queue.advance(&mut wtxn, Consumer::Spanmetrics, cursor, self.read_pos)?;
@@ -319,7 +324,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         let (read, more) = accumulator.read(&ctx.queue)?;
         ctx.events.received(read);
         if Instant::now() >= next_flush {
-            match accumulator.flush(&ctx.queue, unix_nanos_now()) {
+            match accumulator.flush(&ctx.queue, wall_now()) {
                 Ok(points) => {
                     full_streak = 0;
                     if points > 0 {
@@ -339,7 +344,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         let timeout = (!accumulator.is_empty()).then(|| next_flush.saturating_duration_since(Instant::now()));
         ctx.idle(timeout.map(|t| t + Duration::from_millis(1))).await;
     }
-    let points = accumulator.flush(&ctx.queue, unix_nanos_now())?;
+    let points = accumulator.flush(&ctx.queue, wall_now())?;
     if points > 0 {
         ctx.waker.edge_written(Edge::Metrics);
     }

@@ -17,9 +17,10 @@ use tailgate_config::LokiExporter;
 use tailgate_ipc::batch;
 use tailgate_ipc::{Consumer, Queue};
 
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError};
 use client::LokiClient;
 use entries::{EntryBuilder, Prepared, STREAM_STATE_PREFIX, StreamTable};
+use tailgate_ipc::clock::wall_now;
 
 /// A Loki destination and its stream table.
 #[derive(Debug)]
@@ -56,7 +57,7 @@ impl LokiSink {
             Some(streams) => streams,
             None => self.streams.insert(StreamTable::load(queue.state_prefix(&rtxn, STREAM_STATE_PREFIX)?.into_iter())),
         };
-        let now = i64::try_from(unix_nanos_now()).unwrap_or(i64::MAX);
+        let now = i64::try_from(wall_now()).unwrap_or(i64::MAX);
         let mut builder = EntryBuilder::new(&self.config);
         let (cursor, last_seq, records) = super::read_batches(queue, &rtxn, consumer, max_items, |_, value| {
             let source = batch::access_logs(value)?;

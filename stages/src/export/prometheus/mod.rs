@@ -26,9 +26,10 @@ use tailgate_ipc::{Consumer, batch};
 
 use super::http::{self, HttpSetup};
 use super::isolate::{self, Attempt};
-use crate::context::{StageContext, StageError, unix_nanos_now};
+use crate::context::{StageContext, StageError};
 use convert::Converted;
 use proto::{TimeSeries, WriteRequest};
+use tailgate_ipc::clock::wall_now;
 
 /// Series remembered for ordering; beyond this the memory starts over.
 const MAX_TRACKED_SERIES: usize = 200_000;
@@ -209,7 +210,7 @@ impl RemoteWriteSink {
         breaker: &mut isolate::Breaker,
         max_items: u64,
     ) -> Result<(), StageError> {
-        let now_ms = (unix_nanos_now() / 1_000_000) as i64;
+        let now_ms = (wall_now() / 1_000_000) as i64;
         let mut converted = Converted::default();
         let (cursor, last_seq, _) = {
             let rtxn = ctx.queue.read()?;

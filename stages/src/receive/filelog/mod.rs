@@ -27,12 +27,13 @@ use tailgate_ipc::wake::Waker;
 use tailgate_ipc::{Edge, Queue, QueueError};
 use tokio::sync::watch;
 
-use crate::context::{StageError, unix_nanos_now};
+use crate::context::StageError;
 use crate::events::StageEvents;
 use crate::limits::MAX_OUTPUT_BATCH_BYTES;
 use drift::{DRIFT_PREFIX, Drift, DriftTable};
 use fields::LineParser;
 use files::{CHECKPOINT_PREFIX, Checkpoint, FileId, INITIALIZED_KEY, ReadLimits, Tracked};
+use tailgate_ipc::clock::{pipeline_now, wall_now};
 
 /// The tailer's state between polls.
 pub struct Tailer {
@@ -335,7 +336,7 @@ impl Tailer {
             max_bytes: MAX_OUTPUT_BATCH_BYTES,
             force_flush_period: self.config.force_flush_period,
         };
-        let observed = unix_nanos_now();
+        let observed = wall_now();
         let now = Instant::now();
         let ids: Vec<FileId> = self.tracked.keys().copied().collect();
         for id in ids {
@@ -480,7 +481,7 @@ impl Tailer {
             scopes.push(ScopeBlock { resource: resources.len() as u32, scope: Vec::new(), schema_url: String::new() });
             resources.push(ResourceBlock { resource, schema_url: String::new(), service_name: service.clone() });
         }
-        LogBatch { received_unix_nano: unix_nanos_now(), resources, scopes, logs: output.logs.clone() }
+        LogBatch { received_unix_nano: pipeline_now(), resources, scopes, logs: output.logs.clone() }
     }
 }
 
