@@ -110,6 +110,10 @@ pub struct TailSampleConfig {
     /// How long decisions are remembered so late spans and logs follow their trace.
     #[serde(with = "humantime_serde")]
     pub decision_cache_ttl: Duration,
+    /// How long keep decisions are remembered (at least `decision_cache_ttl`): a late span or log
+    /// of a kept trace within it is kept too, never judged again as a new trace.
+    #[serde(with = "humantime_serde")]
+    pub kept_decision_ttl: Duration,
     /// A trace with this many spans pending is decided at once on what it has (a giant trace
     /// must not hold the index); its later spans follow that decision.
     pub max_spans_per_trace: u32,
@@ -155,6 +159,7 @@ impl Default for TailSampleConfig {
             latency_threshold: None,
             policies: Vec::new(),
             decision_cache_ttl: Duration::from_secs(120),
+            kept_decision_ttl: Duration::from_secs(30 * 60),
             max_spans_per_trace: 10_000,
             max_pending_bytes: ByteSize(64 << 20),
         }
@@ -546,6 +551,9 @@ impl Config {
         }
         if sampling.decision_cache_ttl < sampling.decision_wait {
             problems.add("tail_sample.decision_cache_ttl", "must be at least decision_wait");
+        }
+        if sampling.kept_decision_ttl < sampling.decision_cache_ttl {
+            problems.add("tail_sample.kept_decision_ttl", "must be at least decision_cache_ttl");
         }
         if !sampling.policies.is_empty() {
             if sampling.keep_errors.is_some() {

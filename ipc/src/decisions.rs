@@ -31,6 +31,19 @@ use crate::topology::Edge;
 /// it is older than this progress minus the TTL.
 pub const LOG_MIRROR_PROGRESS_KEY: &str = "log_mirror/progress_unix_nano";
 
+/// Which decisions [`Queue::prune_decisions_by`] deletes.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneRule {
+    /// Drop decisions made before this (Unix ms, pipeline time) go.
+    pub drops_before_ms: u64,
+    /// Every decision made before this goes.
+    pub all_before_ms: u64,
+    /// tail_sample's cursor: a decision with a span past it stays.
+    pub cursor: u64,
+    /// Most decisions deleted per call.
+    pub limit: usize,
+}
+
 /// Meta key of tail_sample's ingestion position: the last `spans` sequence number it has read.
 pub const SAMPLER_READ_POS_KEY: &str = "tail_sample/read_pos";
 
@@ -198,9 +211,7 @@ impl Queue {
     }
 
     /// Deletes up to `limit` decisions made before `before_unix_ms` whose spans are all at or
-    /// below `cursor`. A decision still pinned by a batch past the cursor is skipped (a trace
-    /// that keeps receiving late spans must not hold back pruning of everything behind it); at
-    /// most `4 * limit` expired entries are examined per call.
+    /// below `cursor`, kept or dropped alike (see [`Queue::prune_decisions_by`]).
     pub fn prune_decisions(
         &self,
         wtxn: &mut RwTxn<'_>,
@@ -208,25 +219,65 @@ impl Queue {
         cursor: u64,
         limit: usize,
     ) -> Result<usize, QueueError> {
+        let rule = PruneRule { drops_before_ms: before_unix_ms, all_before_ms: before_unix_ms, cursor, limit };
+        self.prune_decisions_by(wtxn, &rule, &mut None)
+    }
+
+    /// Deletes up to `rule.limit` decisions: any made before `all_before_ms`, and drop decisions
+    /// made before `drops_before_ms` (keep decisions are remembered longer, so a late span or log
+    /// of a kept trace still follows it). A decision still pinned by a batch past the cursor is
+    /// skipped (a trace that keeps receiving late spans must not hold back pruning of everything
+    /// behind it). The drop scan resumes at `frontier` (where the previous call stopped; `None`
+    /// starts at the oldest entry), so the keep decisions it passes are examined once, not at
+    /// every call; at most `4 * limit` entries are examined per scan.
+    pub fn prune_decisions_by(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        rule: &PruneRule,
+        frontier: &mut Option<Vec<u8>>,
+    ) -> Result<usize, QueueError> {
+        let budget = rule.limit.saturating_mul(4);
         let mut doomed = Vec::new();
+        // The oldest entries: everything past the longer retention.
         for (examined, entry) in self.decision_expiry.iter(wtxn)?.enumerate() {
             let (key, _) = entry?;
-            if doomed.len() >= limit || examined >= limit.saturating_mul(4) || key.len() != 24 {
+            if doomed.len() >= rule.limit || examined >= budget || key.len() != 24 {
                 break;
             }
-            let mut stamp = [0u8; 8];
-            stamp.copy_from_slice(&key[..8]);
-            if u64::from_be_bytes(stamp) >= before_unix_ms {
+            let (stamp, trace_id) = split_expiry_key(key);
+            if stamp >= rule.all_before_ms {
                 break;
             }
-            let mut trace_id = [0u8; 16];
-            trace_id.copy_from_slice(&key[8..]);
             // A damaged decision is pruned like any other (verification reports damage).
             let decision = self.decision(wtxn, &trace_id).ok().flatten();
-            if decision.is_some_and(|d| d.last_seq > cursor) {
+            if decision.is_some_and(|d| d.last_seq > rule.cursor) {
                 continue;
             }
             doomed.push((key.to_vec(), trace_id));
+        }
+        // Drop decisions past the TTL, from where the last scan stopped.
+        if rule.drops_before_ms > rule.all_before_ms && doomed.len() < rule.limit {
+            // The smallest key LMDB accepts (it refuses an empty one): before every stamp.
+            let from = frontier.clone().unwrap_or_else(|| vec![0u8]);
+            let range = (std::ops::Bound::Included(&from[..]), std::ops::Bound::Unbounded);
+            for (examined, entry) in self.decision_expiry.range(wtxn, &range)?.enumerate() {
+                let (key, _) = entry?;
+                if doomed.len() >= rule.limit || examined >= budget || key.len() != 24 {
+                    break;
+                }
+                let (stamp, trace_id) = split_expiry_key(key);
+                if stamp >= rule.drops_before_ms {
+                    break;
+                }
+                *frontier = Some(key.to_vec());
+                let decision = self.decision(wtxn, &trace_id).ok().flatten();
+                if decision.is_some_and(|d| d.keep || d.last_seq > rule.cursor) {
+                    continue;
+                }
+                if !doomed.iter().any(|(k, _)| k.as_slice() == key) {
+                    doomed.push((key.to_vec(), trace_id));
+                }
+            }
         }
         for (key, trace_id) in &doomed {
             self.decision_expiry.delete(wtxn, key)?;
@@ -239,4 +290,12 @@ impl Queue {
     pub fn decision_count(&self, txn: &RoTxn<'_>) -> Result<u64, QueueError> {
         Ok(self.decisions.len(txn)?)
     }
+}
+
+fn split_expiry_key(key: &[u8]) -> (u64, [u8; 16]) {
+    let mut stamp = [0u8; 8];
+    stamp.copy_from_slice(&key[..8]);
+    let mut trace_id = [0u8; 16];
+    trace_id.copy_from_slice(&key[8..24]);
+    (u64::from_be_bytes(stamp), trace_id)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use heed::RoTxn;
 use proptest::prelude::*;
 use tailgate_ipc::batch::{self, BatchHeader, MetricBatch, SpanBatch, SpanRecord};
-use tailgate_ipc::decisions::Decision;
+use tailgate_ipc::decisions::{Decision, PruneRule};
 use tailgate_ipc::{Consumer, Edge, EdgeDepth, Queue, QueueError, QueueOptions};
 
 const MIB: u64 = 1 << 20;
@@ -643,6 +643,41 @@ fn a_pinned_decision_does_not_hold_back_pruning_behind_it() {
     let kept = q.decision(&txn, &[1; 16]).unwrap().unwrap();
     assert!(kept.keep);
     assert_eq!(kept.policy, Some(3), "the policy that kept the trace survives the store");
+}
+
+#[test]
+fn keep_decisions_outlive_drops_without_holding_back_their_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), 64 * MIB);
+    let mut wtxn = q.write().unwrap();
+    // 1,000 keep decisions first, then 100 drops: far more keeps than one scan examines.
+    for n in 0..1_100u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        let decision = Decision { keep: n < 1_000, decided_unix_ms: 10 + u64::from(n), last_seq: 1, policy: None };
+        q.put_decision(&mut wtxn, &id, &decision).unwrap();
+    }
+    q.commit(wtxn).unwrap();
+    // Drops past their TTL, keeps not yet past theirs: scans resume where the last one stopped,
+    // so every drop goes within a bounded number of calls and every keep stays.
+    let rule = PruneRule { drops_before_ms: 10_000, all_before_ms: 5, cursor: 50, limit: 25 };
+    let mut frontier = None;
+    let mut pruned = 0;
+    for _ in 0..20 {
+        let mut wtxn = q.write().unwrap();
+        pruned += q.prune_decisions_by(&mut wtxn, &rule, &mut frontier).unwrap();
+        q.commit(wtxn).unwrap();
+    }
+    assert_eq!(pruned, 100);
+    let txn = q.read().unwrap();
+    assert_eq!(q.decision_count(&txn).unwrap(), 1_000);
+    drop(txn);
+    // Past the keeps' retention they go too.
+    let rule = PruneRule { all_before_ms: 10_000, ..rule };
+    let mut wtxn = q.write().unwrap();
+    let mut frontier = None;
+    while q.prune_decisions_by(&mut wtxn, &rule, &mut frontier).unwrap() > 0 {}
+    assert_eq!(q.decision_count(&wtxn).unwrap(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

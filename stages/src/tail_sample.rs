@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
-use tailgate_ipc::decisions::{Decision, SAMPLER_READ_POS_KEY, SamplerWatermark};
+use tailgate_ipc::decisions::{Decision, PruneRule, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, wait_if_full};
@@ -54,6 +54,8 @@ pub struct Policy {
     pub policies: Vec<tailgate_config::PolicyConfig>,
     /// Remember decisions this long.
     pub decision_cache_ttl: Duration,
+    /// Remember keep decisions this long.
+    pub kept_decision_ttl: Duration,
     /// Attribute names spanmetrics uses as dimensions (their values go into span summaries).
     pub dimensions: Vec<String>,
     /// A trace with this many pending spans is decided at once.
@@ -81,6 +83,7 @@ impl Policy {
             latency_threshold: sampling.latency_keeps_from().unwrap_or(Duration::MAX),
             policies: sampling.policies.clone(),
             decision_cache_ttl: sampling.decision_cache_ttl,
+            kept_decision_ttl: sampling.kept_decision_ttl,
             dimensions: config.spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
             max_spans_per_trace: sampling.max_spans_per_trace,
             max_pending_bytes: sampling.max_pending_bytes.0,
@@ -132,6 +135,8 @@ pub struct Sampler {
     pending_spans: u64,
     /// Traces made due early (giant, or over the index budget) and not counted yet.
     decided_early: u64,
+    /// Where the last scan for expired drop decisions stopped.
+    prune_frontier: Option<Vec<u8>>,
 }
 
 /// What one step did.
@@ -156,6 +161,8 @@ pub struct StepReport {
     /// Traces made due before their time because they were giant or the index was over its
     /// budget.
     pub decided_early: u64,
+    /// Spans that arrived after their trace was decided (they followed the decision).
+    pub late: u64,
 }
 
 /// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
@@ -244,6 +251,7 @@ impl Sampler {
             step_limit: queue.max_step_bytes(),
             pending_spans: 0,
             decided_early: 0,
+            prune_frontier: None,
         })
     }
 
@@ -388,7 +396,6 @@ impl Sampler {
         for (trace_id, decision) in &output.decisions {
             queue.put_decision(&mut wtxn, trace_id, decision)?;
         }
-        let ttl_nanos = self.policy.decision_cache_ttl.as_nanos() as u64;
         // Logs still waiting in the queue may need older decisions: measure the TTL from how far
         // log_mirror has got, not from now.
         let mut horizon = now_unix_nano;
@@ -396,8 +403,14 @@ impl Sampler {
             let progress = queue.meta_u64(&wtxn, tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY)?.unwrap_or(0);
             horizon = horizon.min(progress);
         }
-        let prune_before_ms = horizon.saturating_sub(ttl_nanos) / 1_000_000;
-        queue.prune_decisions(&mut wtxn, prune_before_ms, self.cursor, MAX_PRUNE_PER_STEP)?;
+        let before_ms = |ttl: Duration| horizon.saturating_sub(ttl.as_nanos() as u64) / 1_000_000;
+        let rule = PruneRule {
+            drops_before_ms: before_ms(self.policy.decision_cache_ttl),
+            all_before_ms: before_ms(self.policy.kept_decision_ttl),
+            cursor: self.cursor,
+            limit: MAX_PRUNE_PER_STEP,
+        };
+        queue.prune_decisions_by(&mut wtxn, &rule, &mut self.prune_frontier)?;
         queue.commit(wtxn)?;
         self.persisted_read_pos = read_pos;
         report.wrote = true;
@@ -457,6 +470,7 @@ impl Sampler {
                     if replaying {
                         self.replay_skipped += 1;
                     } else {
+                        report.late += 1;
                         if decision.keep {
                             let mark = decision.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
                             output.emit(seq, batch, index as u32, mark);
@@ -662,6 +676,9 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         ctx.events.received(report.ingested);
         ctx.events.sent(report.kept);
         ctx.events.dropped("sampled_out", report.dropped);
+        if report.late > 0 {
+            ctx.events.errors("late_span", report.late);
+        }
         if report.decided_early > 0 {
             ctx.events.errors("trace_decided_early", report.decided_early);
             tracing::debug!(

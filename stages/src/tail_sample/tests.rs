@@ -12,6 +12,7 @@ fn policy() -> Policy {
         latency_threshold: Duration::from_millis(200),
         policies: Vec::new(),
         decision_cache_ttl: Duration::from_secs(120),
+        kept_decision_ttl: Duration::from_secs(1800),
         dimensions: Vec::new(),
         max_spans_per_trace: 10_000,
         max_pending_bytes: 64 << 20,
@@ -244,4 +245,36 @@ fn a_backlog_is_judged_in_receive_time() {
     assert!(kept(&queue).is_empty());
     let rtxn = queue.read().unwrap();
     assert_eq!(queue.decision(&rtxn, &[3; 16]).unwrap().map(|d| d.keep), Some(false));
+}
+
+#[test]
+fn a_kept_trace_stays_kept_after_the_decision_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let secs = |s: u64| T0 + s * 1_000_000_000;
+    append(&queue, vec![span(8, 1, true, true), span(9, 1, true, false)]);
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    assert_eq!(sampler.step(&queue, secs(5)).unwrap().decided, 2);
+    // Past the TTL (120 s): the drop decision is forgotten, the keep decision is not.
+    sampler.step(&queue, secs(130)).unwrap();
+    append(&queue, vec![span(7, 1, true, false)]); // anything, so the next step writes
+    sampler.step(&queue, secs(131)).unwrap();
+    let rtxn = queue.read().unwrap();
+    assert_eq!(queue.decision(&rtxn, &[9; 16]).unwrap(), None);
+    assert!(queue.decision(&rtxn, &[8; 16]).unwrap().is_some_and(|d| d.keep));
+    drop(rtxn);
+    // A fast late span of the kept trace follows the keep (it is not judged as a new trace,
+    // whose drop would overwrite the keep for the logs that follow) and is counted as late.
+    append(&queue, vec![span(8, 2, false, false)]);
+    let report = sampler.step(&queue, secs(140)).unwrap();
+    assert_eq!((report.late, report.kept), (1, 1));
+    assert_eq!(kept(&queue), vec![([8; 16], [1; 8]), ([8; 16], [2; 8])]);
+    let rtxn = queue.read().unwrap();
+    assert!(queue.decision(&rtxn, &[8; 16]).unwrap().is_some_and(|d| d.keep));
+    drop(rtxn);
+    // Past `kept_decision_ttl` (30 min) the keep decision goes too: storage stays bounded.
+    append(&queue, vec![span(6, 1, true, false)]);
+    sampler.step(&queue, secs(140 + 1801)).unwrap();
+    let rtxn = queue.read().unwrap();
+    assert_eq!(queue.decision(&rtxn, &[8; 16]).unwrap(), None);
 }
