@@ -57,10 +57,10 @@ fn case(n: u8, route: &str, error: bool, child_at_ms: u64, random: u64, kept: bo
 
 /// Starts tailgate and switches it to [`POLICIES`] by a reload (the harness writes a
 /// shorthand-free `tail_sample` section).
-fn start_with_policies(backend: std::net::SocketAddr, timing: &Timing) -> Tailgate {
+fn start_with_policies(backend: std::net::SocketAddr, timing: &Timing, policies: &str) -> Tailgate {
     let tailgate = Tailgate::start(backend, timing);
     let config = std::fs::read_to_string(&tailgate.config_path).unwrap();
-    let with_policies = config.replace("  decision_cache_ttl: 2m", &format!("  decision_cache_ttl: 2m\n{POLICIES}"));
+    let with_policies = config.replace("  decision_cache_ttl: 2m", &format!("  decision_cache_ttl: 2m\n{policies}"));
     std::fs::write(&tailgate.config_path, with_policies).unwrap();
     let before = tailgate.stage_pid("tail_sample").unwrap();
     assert!(tailgate.cli(&["reload"]).contains("tail_sample"));
@@ -73,7 +73,7 @@ fn the_issues_policies_keep_exactly_what_they_match() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (backend, backend_addr) = Backend::serve(&runtime);
     let timing = Timing { decision_wait: "2s", root_grace: "1s", ..Timing::default() };
-    let tailgate = start_with_policies(backend_addr, &timing);
+    let tailgate = start_with_policies(backend_addr, &timing, POLICIES);
 
     let low = 1u64; // randomness far below the 10% threshold (kept when >= 0.9 x 2^56)
     let high = (1u64 << 56) - 1;
@@ -145,7 +145,7 @@ fn a_replay_of_every_kind_keeps_exactly_the_matches_while_the_sampler_is_killed(
     let (backend, backend_addr) = Backend::serve(&runtime);
     // Late spans must find their trace decided (root_grace) yet remembered (decision_cache_ttl).
     let timing = Timing { decision_wait: "4s", root_grace: "1s", ..Timing::default() };
-    let tailgate = start_with_policies(backend_addr, &timing);
+    let tailgate = start_with_policies(backend_addr, &timing, POLICIES);
     let (low, high) = (1u64, (1u64 << 56) - 1);
     // (case, reason it is kept, children first, drop the root, late span)
     let mut cases: Vec<(Case, Option<&str>, bool, bool)> = Vec::new();
@@ -329,4 +329,99 @@ fn an_incident_window_keeps_its_routes_until_it_ends() {
     let expired = fast(8, "/checkout");
     send(&[&expired]);
     assert_eq!(kept(&expired), None, "kept after the window expired");
+}
+
+/// A trace of one root span on `route` lasting `ms`.
+fn route_trace(n: u32, route: &str, ms: u64) -> Case {
+    let mut trace_id = [0xad; 16];
+    trace_id[..4].copy_from_slice(&n.to_be_bytes());
+    let start = 1_700_000_000_000_000_000u64 + u64::from(n) * 1_000_000;
+    let root = Span {
+        trace_id: trace_id.to_vec(),
+        span_id: [n.to_be_bytes(), [0, 0, 0, 1]].concat(),
+        name: format!("GET {route}"),
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + ms * 1_000_000,
+        attributes: vec![string_kv("http.route", route)],
+        ..Default::default()
+    };
+    Case { trace_id, spans: vec![root], kept: ms >= 200 }
+}
+
+#[test]
+fn the_adaptive_threshold_rises_in_steps_and_returns_after_recovery() {
+    const ADAPTIVE: &str = "  policies:
+    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+    - {name: slow, type: latency, latency: {threshold_ms: 200, adaptive: {window: 4s, step_ms: 25, margin_ms: 25, max_threshold_ms: 250, min_samples: 10}}}";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let timing = Timing { decision_wait: "1s", root_grace: "100ms", ..Timing::default() };
+    let tailgate = start_with_policies(backend_addr, &timing, ADAPTIVE);
+    let grpc = tailgate.grpc;
+    let client = runtime.block_on(TraceServiceClient::connect(format!("http://{grpc}"))).unwrap();
+    let mut n = 0u32;
+    // Sends a round of 10 traces on /checkout, `slow` of them lasting `ms`, the rest 20 ms.
+    let mut round = |slow: u32, ms: u64| {
+        let spans: Vec<Span> = (0..10)
+            .flat_map(|i| {
+                n += 1;
+                route_trace(n, "/checkout", if i < slow { ms } else { 20 }).spans
+            })
+            .collect();
+        runtime.block_on(client.clone().export(trace_request("shop", spans))).unwrap();
+    };
+    let lifted = || -> Option<u64> {
+        let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).ok()?;
+        status["queue"]["route_thresholds_ms"]["/checkout"].as_u64()
+    };
+    // The p95 of /checkout drifts to 240 ms (20% of its traces): lifted one step per half
+    // window (2 s) up to the maximum, never past it.
+    let mut seen = Vec::new();
+    for _ in 0..120 {
+        round(2, 240);
+        if let Some(ms) = lifted()
+            && seen.last() != Some(&ms)
+        {
+            seen.push(ms);
+        }
+        if seen.last() == Some(&250) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200)); // the load's pace
+    }
+    assert_eq!(seen, vec![225, 250], "threshold steps");
+    let metrics = runtime.block_on(async {
+        reqwest::get(format!("http://{}/metrics", tailgate.telemetry)).await.unwrap().text().await.unwrap()
+    });
+    assert!(metrics.contains("tailgate_sampling_latency_threshold_ms{route=\"/checkout\"} 250"), "{metrics}");
+    // While lifted: a 230 ms /checkout trace is dropped, a 230 ms trace of another route kept.
+    let (checkout, other) = (route_trace(1_000_001, "/checkout", 230), route_trace(1_000_002, "/other", 230));
+    runtime
+        .block_on(client.clone().export(trace_request("shop", [checkout.spans.clone(), other.spans.clone()].concat())))
+        .unwrap();
+    let key = |case: &Case| (case.trace_id, <[u8; 8]>::try_from(case.spans[0].span_id.as_slice()).unwrap());
+    assert!(wait_until(Duration::from_secs(20), || backend.spans().contains_key(&key(&other))));
+    // Recovery: fast traces only; the threshold steps back to the configured one.
+    let mut back = Vec::new();
+    for _ in 0..150 {
+        round(0, 20);
+        let now = lifted().unwrap_or(200);
+        if back.last() != Some(&now) {
+            back.push(now);
+        }
+        if now == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(back, vec![250, 225, 200], "steps back");
+    assert!(!backend.spans().contains_key(&key(&checkout)), "a 230 ms /checkout trace was kept at 250 ms");
+    let log = tailgate.log();
+    for (from, to) in [(200, 225), (225, 250)] {
+        assert!(
+            log.contains(&format!("adaptive latency threshold lifted route=/checkout from_ms={from} to_ms={to}")),
+            "{from}->{to}"
+        );
+    }
+    assert!(log.contains("adaptive latency threshold stepped back route=/checkout from_ms=225 to_ms=200"));
 }

@@ -579,6 +579,11 @@ impl Config {
                 }
                 policy.validate(&path, &mut problems);
             }
+            let adaptive =
+                sampling.policies.iter().filter(|p| p.latency.as_ref().is_some_and(|l| l.adaptive.is_some()));
+            if adaptive.count() > 1 {
+                problems.add("tail_sample.policies", "at most one latency policy can be adaptive");
+            }
         }
         if sampling.max_spans_per_trace == 0 {
             problems.add("tail_sample.max_spans_per_trace", "must be above zero");

@@ -119,6 +119,49 @@ pub struct LatencyPolicy {
     /// And at most this long, when above zero.
     #[serde(default)]
     pub upper_threshold_ms: u64,
+    /// Lift the threshold per route while the route's latency quantile nears it (top-level
+    /// `latency` policies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveLatency>,
+}
+
+/// `latency.adaptive`: per route (the root span's `http.route`, else its name), the latency
+/// `quantile` of the traces decided over `window` is tracked; when it comes within `margin_ms`
+/// of the route's threshold, the threshold is lifted by `step_ms` (at most `max_threshold_ms`);
+/// when it is back below the next lower threshold minus the margin, it steps back (never below
+/// `threshold_ms`). One step per half window at most, and only on `min_samples` traces.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveLatency {
+    /// The tracked quantile (0.95: p95).
+    pub quantile: f64,
+    /// The window the quantile is taken over (two halves; it moves by half a window).
+    #[serde(with = "humantime_serde")]
+    pub window: std::time::Duration,
+    /// Lift when the quantile is within this of the threshold (milliseconds).
+    pub margin_ms: u64,
+    /// Size of one step (milliseconds).
+    pub step_ms: u64,
+    /// Highest threshold (milliseconds); 0: twice `threshold_ms`.
+    pub max_threshold_ms: u64,
+    /// Traces a route needs in the window before its threshold moves.
+    pub min_samples: u64,
+    /// Routes tracked; traces of further routes use `threshold_ms`.
+    pub max_routes: usize,
+}
+
+impl Default for AdaptiveLatency {
+    fn default() -> Self {
+        AdaptiveLatency {
+            quantile: 0.95,
+            window: std::time::Duration::from_secs(300),
+            margin_ms: 25,
+            step_ms: 25,
+            max_threshold_ms: 0,
+            min_samples: 50,
+            max_routes: 256,
+        }
+    }
 }
 
 /// `string_attribute` section.
@@ -204,6 +247,22 @@ impl PolicyConfig {
         {
             problems.add(&format!("{path}.probabilistic.sampling_percentage"), "must be within 0..=100");
         }
+        if let Some(adaptive) = self.latency.as_ref().and_then(|l| l.adaptive.as_ref()) {
+            let at = format!("{path}.latency.adaptive");
+            if !(adaptive.quantile > 0.0 && adaptive.quantile < 1.0) {
+                problems.add(&format!("{at}.quantile"), "must be between 0 and 1 (0.95: p95)");
+            }
+            if adaptive.step_ms == 0 {
+                problems.add(&format!("{at}.step_ms"), "must be above 0");
+            }
+            if adaptive.window < std::time::Duration::from_secs(1) {
+                problems.add(&format!("{at}.window"), "must be at least 1s");
+            }
+            let threshold = self.latency.as_ref().map_or(0, |l| l.threshold_ms);
+            if adaptive.max_threshold_ms != 0 && adaptive.max_threshold_ms < threshold {
+                problems.add(&format!("{at}.max_threshold_ms"), "must not be below threshold_ms");
+            }
+        }
         if let Some(p) = &self.latency
             && p.upper_threshold_ms > 0
             && p.upper_threshold_ms < p.threshold_ms
@@ -237,6 +296,12 @@ impl PolicyConfig {
                 problems.add(&format!("{path}.{field}"), "needs at least one sub-policy");
             }
             for (i, sub) in subs.iter().enumerate() {
+                if sub.latency.as_ref().is_some_and(|l| l.adaptive.is_some()) {
+                    problems.add(
+                        &format!("{path}.{field}[{i}].latency.adaptive"),
+                        "only a top-level latency policy adapts",
+                    );
+                }
                 if matches!(sub.kind, PolicyType::And | PolicyType::Drop) {
                     problems.add(&format!("{path}.{field}[{i}]"), "and/drop cannot be nested");
                 } else {

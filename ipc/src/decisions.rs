@@ -31,6 +31,48 @@ use crate::topology::Edge;
 /// it is older than this progress minus the TTL.
 pub const LOG_MIRROR_PROGRESS_KEY: &str = "log_mirror/progress_unix_nano";
 
+/// Meta key of the adaptive latency thresholds ([`RouteThresholds`]).
+pub const ROUTE_THRESHOLDS_KEY: &str = "tail_sample/route_thresholds";
+
+/// The latency thresholds an adaptive `latency` policy has lifted, per route (routes at the
+/// base threshold are absent), written by tail_sample when one changes; log_mirror judges
+/// traceless records of a route by them, the supervisor exports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteThresholds {
+    /// Route -> current threshold, milliseconds.
+    pub routes: std::collections::BTreeMap<String, u64>,
+    /// Changes made since the queue was created (each lift or step back of one route).
+    pub changes: u64,
+}
+
+impl RouteThresholds {
+    /// `changes (u64 BE) ++ [len (u16 BE) ++ route ++ threshold_ms (u64 BE)]*`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.changes.to_be_bytes().to_vec();
+        for (route, ms) in &self.routes {
+            let bytes = &route.as_bytes()[..route.len().min(u16::MAX as usize)];
+            out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            out.extend_from_slice(bytes);
+            out.extend_from_slice(&ms.to_be_bytes());
+        }
+        out
+    }
+
+    /// The inverse of [`RouteThresholds::encode`].
+    pub fn decode(raw: &[u8]) -> Option<RouteThresholds> {
+        let word = |at: usize| Some(u64::from_be_bytes(raw.get(at..at + 8)?.try_into().ok()?));
+        let mut out = RouteThresholds { changes: word(0)?, ..RouteThresholds::default() };
+        let mut at = 8;
+        while at < raw.len() {
+            let len = usize::from(u16::from_be_bytes(raw.get(at..at + 2)?.try_into().ok()?));
+            let route = std::str::from_utf8(raw.get(at + 2..at + 2 + len)?).ok()?.to_owned();
+            out.routes.insert(route, word(at + 2 + len)?);
+            at += 2 + len + 8;
+        }
+        Some(out)
+    }
+}
+
 /// Which decisions [`Queue::prune_decisions_by`] deletes.
 #[derive(Debug, Clone, Copy)]
 pub struct PruneRule {
@@ -284,6 +326,16 @@ impl Queue {
             self.decisions.delete(wtxn, trace_id)?;
         }
         Ok(doomed.len())
+    }
+
+    /// The adaptive thresholds as last written (empty when none was lifted).
+    pub fn route_thresholds(&self, txn: &RoTxn<'_>) -> Result<RouteThresholds, QueueError> {
+        Ok(self.get_meta(txn, ROUTE_THRESHOLDS_KEY)?.and_then(RouteThresholds::decode).unwrap_or_default())
+    }
+
+    /// Stores the adaptive thresholds.
+    pub fn set_route_thresholds(&self, wtxn: &mut RwTxn<'_>, thresholds: &RouteThresholds) -> Result<(), QueueError> {
+        self.put_meta(wtxn, ROUTE_THRESHOLDS_KEY, &thresholds.encode())
     }
 
     /// Number of decisions stored.

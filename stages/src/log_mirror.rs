@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedLogBatch, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
 use tailgate_ipc::clock::pipeline_now;
-use tailgate_ipc::decisions::LOG_MIRROR_PROGRESS_KEY;
+use tailgate_ipc::decisions::{LOG_MIRROR_PROGRESS_KEY, RouteThresholds};
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn};
 
 use crate::context::{StageContext, StageError, wait_if_full};
 use crate::limits::{LOG_STEP_INTERVAL, MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, StepSizer};
+use crate::otlp_wire::{AttributeValue, LOG_RECORD_ATTRIBUTES, find_attribute};
 
 /// Meta key of the last `logs` sequence number read.
 const READ_POS_KEY: &str = "log_mirror/read_pos";
@@ -55,9 +56,22 @@ impl Rule {
         }
     }
 
-    fn keeps(&self, log: &batch::ArchivedLogEntry) -> bool {
-        (self.keep_errors && log.severity_number >= SEVERITY_NUMBER_ERROR)
-            || log.duration_nanos.to_native() > self.latency_threshold.as_nanos() as u64
+    /// Whether a record judged alone is kept: ERROR or above, or a duration over the latency
+    /// threshold — the one an adaptive `latency` policy has lifted for the record's `http.route`
+    /// attribute, if it did (`routes`), as tail_sample judges that route's traces.
+    fn keeps(&self, log: &batch::ArchivedLogEntry, routes: &RouteThresholds) -> bool {
+        if self.keep_errors && log.severity_number >= SEVERITY_NUMBER_ERROR {
+            return true;
+        }
+        let mut threshold = self.latency_threshold.as_nanos() as u64;
+        if !routes.routes.is_empty()
+            && let Some(AttributeValue::Str(route)) =
+                find_attribute(log.body.as_slice(), LOG_RECORD_ATTRIBUTES, "http.route")
+            && let Some(ms) = routes.routes.get(route)
+        {
+            threshold = ms.saturating_mul(1_000_000);
+        }
+        log.duration_nanos.to_native() > threshold
     }
 }
 
@@ -155,6 +169,8 @@ impl StepOutput {
 #[derive(Debug)]
 pub struct Mirror {
     rule: Rule,
+    /// Latency thresholds lifted per route by an adaptive policy (read at every step).
+    routes: RouteThresholds,
     cursor: u64,
     read_pos: u64,
     persisted_read_pos: u64,
@@ -178,6 +194,7 @@ impl Mirror {
         let read_pos = queue.meta_u64(&rtxn, READ_POS_KEY)?.unwrap_or(0).max(cursor);
         let mut mirror = Mirror {
             rule,
+            routes: RouteThresholds::default(),
             cursor,
             read_pos,
             persisted_read_pos: read_pos,
@@ -260,6 +277,7 @@ impl Mirror {
             return Ok(report);
         }
         let decided_through = queue.decided_through(&rtxn, now_unix_nano)?;
+        self.routes = queue.route_thresholds(&rtxn)?;
         let mut changed = self.ingest(queue, &rtxn, decided_through, &mut output, &mut report)?;
         changed |= self.resolve_new_decisions(queue, &rtxn, &mut output, &mut report)?;
         changed |= self.time_out(queue, &rtxn, decided_through, &mut output, &mut report)?;
@@ -460,7 +478,7 @@ impl Mirror {
         report: &mut MirrorReport,
     ) {
         match source.logs.get(index as usize) {
-            Some(log) if self.rule.keeps(log) => output.emit(seq, source, index),
+            Some(log) if self.rule.keeps(log, &self.routes) => output.emit(seq, source, index),
             _ => report.dropped_untraced += 1,
         }
     }

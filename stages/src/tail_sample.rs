@@ -30,6 +30,7 @@ use crate::context::{StageContext, StageError, wait_if_full};
 use summaries::Summaries;
 use tailgate_ipc::clock::{pipeline_now, wall_now};
 
+pub mod adaptive;
 pub mod incident;
 pub mod policies;
 pub mod summaries;
@@ -233,8 +234,10 @@ impl Sampler {
         let rtxn = queue.read()?;
         let cursor = queue.cursor(&rtxn, Consumer::TailSample)?;
         let replay_until = queue.meta_u64(&rtxn, SAMPLER_READ_POS_KEY)?.unwrap_or(0).max(cursor);
+        let mut policies = policies::Policies::new(&policy.policies, policy.keep_errors, policy.latency_threshold);
+        policies.resume_thresholds(&queue.route_thresholds(&rtxn)?, &policy.policies);
         Ok(Sampler {
-            policies: policies::Policies::new(&policy.policies, policy.keep_errors, policy.latency_threshold),
+            policies,
             incident: None,
             policy,
             traces: HashMap::new(),
@@ -352,6 +355,19 @@ impl Sampler {
             }
             self.incident = incident;
         }
+        if let Some(adaptive) = self.policies.adaptive() {
+            for change in adaptive.tick(now_unix_nano) {
+                let quantile_ms = (change.quantile_ms != u64::MAX).then_some(change.quantile_ms);
+                let what = if change.to_ms > change.from_ms { "lifted" } else { "stepped back" };
+                tracing::info!(
+                    route = %change.route,
+                    from_ms = change.from_ms,
+                    to_ms = change.to_ms,
+                    quantile_ms = ?quantile_ms,
+                    "adaptive latency threshold {what}"
+                );
+            }
+        }
         self.ingest(queue, &rtxn, now_unix_nano, &mut output, &mut report)?;
         self.enforce_pending_budget();
         report.decided_early = std::mem::take(&mut self.decided_early);
@@ -371,7 +387,12 @@ impl Sampler {
         // Never move the persisted position back: batches up to `replay_until` were handled
         // before the restart, and a crash during the replay must still know that.
         let read_pos = self.read_pos.max(self.replay_until);
-        if output.decisions.is_empty() && old_cursor == self.cursor && read_pos == self.persisted_read_pos {
+        let thresholds_changed = self.policies.adaptive().is_some_and(|a| a.is_dirty());
+        if output.decisions.is_empty()
+            && old_cursor == self.cursor
+            && read_pos == self.persisted_read_pos
+            && !thresholds_changed
+        {
             // Nothing to write; in particular no write at all while replaying, so a full queue
             // cannot stop the replay that leads to the decisions that free it.
             return Ok(report);
@@ -384,6 +405,9 @@ impl Sampler {
         }
         // Only ingesting and deciding change the watermark, and both lead here.
         queue.set_sampler_watermark(&mut wtxn, &self.watermark())?;
+        if let Some(thresholds) = self.policies.adaptive().and_then(|a| a.take_dirty()) {
+            queue.set_route_thresholds(&mut wtxn, &thresholds)?;
+        }
         output.seal();
         for kept in &output.full {
             queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;

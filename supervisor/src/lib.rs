@@ -241,6 +241,7 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
         "edges": edges,
         "consumers": consumers,
         "decisions": queue.decision_count(&txn)?,
+        "route_thresholds_ms": queue.route_thresholds(&txn)?.routes,
         "losses": losses,
     });
     // Incident windows are set and expire on the wall clock, like the operator's watch.
@@ -319,6 +320,10 @@ fn print_queue_report(q: &serde_json::Value) {
         );
     }
     println!("decisions    {:>10}", num(&q["decisions"]));
+    if let Some(routes) = q["route_thresholds_ms"].as_object().filter(|r| !r.is_empty()) {
+        let lifted: Vec<String> = routes.iter().map(|(route, ms)| format!("{route} {ms} ms")).collect();
+        println!("latency thresholds lifted: {}", lifted.join(", "));
+    }
     if let Some(window) = q["incident"].as_object() {
         let state = if window.get("open").and_then(|o| o.as_bool()) == Some(true) { "open" } else { "ended" };
         println!("incident window ({state}): {}", window.get("summary").and_then(|s| s.as_str()).unwrap_or(""));

@@ -55,6 +55,8 @@ pub struct Snapshot {
     filesystem_free_bytes: Option<u64>,
     /// Why the pipeline is not ready (empty when it is).
     not_ready: Vec<String>,
+    /// Latency thresholds an adaptive policy lifted, per route.
+    route_thresholds: tailgate_ipc::decisions::RouteThresholds,
 }
 
 impl Snapshot {
@@ -90,6 +92,7 @@ impl Snapshot {
             }
             snapshot.used_bytes = queue.used_bytes(&txn)?;
             snapshot.intake_open = queue.admits(&txn)?;
+            snapshot.route_thresholds = queue.route_thresholds(&txn)?;
             Ok(())
         };
         if let Err(err) = read() {
@@ -239,6 +242,26 @@ impl Snapshot {
             gauge.set(free as i64);
             registry.register("filesystem_free_bytes", "Free space of the queue's filesystem", gauge);
         }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct RouteLabel {
+            route: String,
+        }
+        let thresholds = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "sampling_latency_threshold_ms",
+            "Latency threshold an adaptive latency policy has lifted for a route (routes at the configured threshold are absent)",
+            thresholds.clone(),
+        );
+        for (route, ms) in &self.route_thresholds.routes {
+            thresholds.get_or_create(&RouteLabel { route: route.clone() }).set(*ms as i64);
+        }
+        let changes: Counter = Counter::default();
+        changes.inc_by(self.route_thresholds.changes);
+        registry.register(
+            "sampling_latency_threshold_changes",
+            "Adaptive latency threshold changes (lifts and steps back)",
+            changes,
+        );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)?;
         Ok(out)

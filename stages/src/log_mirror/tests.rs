@@ -172,3 +172,34 @@ fn untraced_records_follow_the_samplers_rule_on_their_own_fields() {
     assert_eq!((report.kept, report.dropped_untraced), (2, 2));
     assert_eq!(kept_tags(&queue), vec![1, 3]);
 }
+
+#[test]
+fn untraced_records_of_a_route_use_its_adaptive_threshold() {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
+    use prost::Message;
+    let (_dir, queue) = open_queue();
+    // An adaptive latency policy lifted /checkout to 250 ms.
+    let mut wtxn = queue.write().unwrap();
+    let lifted = RouteThresholds { routes: [("/checkout".to_string(), 250)].into(), changes: 2 };
+    queue.set_route_thresholds(&mut wtxn, &lifted).unwrap();
+    queue.commit(wtxn).unwrap();
+    let record = |route: &str, ms: u64| {
+        let attribute = KeyValue {
+            key: "http.route".into(),
+            value: Some(AnyValue { value: Some(Value::StringValue(route.into())) }),
+            ..Default::default()
+        };
+        let body = LogRecord { attributes: vec![attribute], ..Default::default() }.encode_to_vec();
+        LogEntry { duration_nanos: ms * 1_000_000, body, ..Default::default() }
+    };
+    append(&queue, vec![record("/checkout", 230), record("/other", 230), record("/checkout", 260)]);
+    let mut mirror = Mirror::open(&queue, rule()).unwrap();
+    let report = mirror.step(&queue, T0).unwrap();
+    assert_eq!((report.kept, report.dropped_untraced), (2, 1));
+    let rtxn = queue.read().unwrap();
+    let (_, value) = queue.entries_after(&rtxn, Edge::KeptLogs, 0).unwrap().next().unwrap().unwrap();
+    let durations: Vec<u64> =
+        batch::access_logs(value).unwrap().logs.iter().map(|l| l.duration_nanos.to_native() / 1_000_000).collect();
+    assert_eq!(durations, vec![230, 260], "the /other record at the base threshold, /checkout's over 250 ms");
+}

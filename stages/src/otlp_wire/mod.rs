@@ -548,6 +548,13 @@ pub fn split_top_level(request: &[u8]) -> Result<Vec<&[u8]>, WireError> {
     Ok(out)
 }
 
+/// `Span.attributes` field number.
+pub const SPAN_ATTRIBUTES: u32 = 9;
+/// `Resource.attributes` field number.
+pub const RESOURCE_ATTRIBUTES: u32 = 1;
+/// `LogRecord.attributes` field number.
+pub const LOG_RECORD_ATTRIBUTES: u32 = 6;
+
 /// An attribute value found by [`find_attribute`] (only the kinds policies compare).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttributeValue<'a> {

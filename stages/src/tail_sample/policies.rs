@@ -15,11 +15,7 @@ use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
 use tailgate_ipc::batch::ArchivedSpanBatch;
 
-use crate::otlp_wire::{AttributeValue, find_attribute};
-
-/// `Span.attributes` and `Resource.attributes` field numbers.
-const SPAN_ATTRIBUTES: u32 = 9;
-const RESOURCE_ATTRIBUTES: u32 = 1;
+use crate::otlp_wire::{AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, find_attribute};
 
 /// 2^56: the range of a trace id's randomness.
 const RANDOMNESS_RANGE: u64 = 1 << 56;
@@ -303,6 +299,8 @@ pub struct Policies {
     rules: Vec<(String, Rule)>,
     marks: Vec<Mark>,
     needs_attributes: bool,
+    /// The adaptive `latency` policy: its index and its per-route thresholds.
+    adaptive: Option<(usize, super::adaptive::Adaptive)>,
 }
 
 impl Policies {
@@ -321,24 +319,46 @@ impl Policies {
         let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
         let mut marks: Vec<Mark> = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
         marks.push(Mark::new(super::incident::INCIDENT_REASON, &Rule::Always));
-        Policies { rules, marks, needs_attributes }
+        let adaptive = configs.iter().enumerate().find_map(|(index, config)| {
+            let latency = config.latency.as_ref().filter(|_| config.kind == tailgate_config::PolicyType::Latency)?;
+            let adaptive = latency.adaptive.as_ref()?;
+            let stored = tailgate_ipc::decisions::RouteThresholds::default();
+            Some((index, super::adaptive::Adaptive::new(latency.threshold_ms, adaptive, &stored)))
+        });
+        Policies { rules, marks, needs_attributes, adaptive }
+    }
+
+    /// Resumes the adaptive thresholds stored in the queue.
+    pub fn resume_thresholds(&mut self, stored: &tailgate_ipc::decisions::RouteThresholds, configs: &[PolicyConfig]) {
+        if let Some((index, adaptive)) = &mut self.adaptive
+            && let Some(latency) = configs.get(*index).and_then(|c| c.latency.as_ref())
+            && let Some(config) = &latency.adaptive
+        {
+            *adaptive = super::adaptive::Adaptive::new(latency.threshold_ms, config, stored);
+        }
+    }
+
+    /// The adaptive thresholds' tracker, if a `latency` policy adapts.
+    pub fn adaptive(&mut self) -> Option<&mut super::adaptive::Adaptive> {
+        self.adaptive.as_mut().map(|(_, adaptive)| adaptive)
     }
 
     /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
     /// it, or `None` when it is dropped.
-    pub fn decide(&self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
+    pub fn decide(&mut self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
         self.decide_during(trace_id, spans, None)
     }
 
     /// Like [`Policies::decide`], with an open incident window: a trace it covers is kept
     /// (reason [`Policies::incident_index`]) unless a `drop` policy vetoes it.
     pub fn decide_during<'a>(
-        &self,
+        &mut self,
         trace_id: &'a [u8; 16],
         spans: &[(&'a ArchivedSpanBatch, u32)],
         incident: Option<&super::incident::Incident>,
     ) -> Option<usize> {
-        let needs_attributes = self.needs_attributes || incident.is_some_and(|i| !i.routes.is_empty());
+        let needs_route = self.adaptive.is_some() || incident.is_some_and(|i| !i.routes.is_empty());
+        let needs_attributes = self.needs_attributes;
         let mut root_route: Option<String> = None;
         let mut facts = TraceFacts {
             trace_id,
@@ -355,15 +375,15 @@ impl Policies {
             facts.last_end = facts.last_end.max(span.end_unix_nano.to_native());
             let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
             facts.longest_span = facts.longest_span.max(duration);
+            let body = span.body.as_slice();
+            if needs_route && span.parent_span_id == [0u8; 8] {
+                let route = match find_attribute(body, SPAN_ATTRIBUTES, "http.route") {
+                    Some(AttributeValue::Str(route)) => route,
+                    _ => span.name.as_str(),
+                };
+                root_route = Some(route.to_owned());
+            }
             if needs_attributes {
-                let body = span.body.as_slice();
-                if span.parent_span_id == [0u8; 8] {
-                    let route = match find_attribute(body, SPAN_ATTRIBUTES, "http.route") {
-                        Some(AttributeValue::Str(route)) => route,
-                        _ => span.name.as_str(),
-                    };
-                    root_route = Some(route.to_owned());
-                }
                 let resource = batch
                     .scopes
                     .get(span.scope.to_native() as usize)
@@ -372,7 +392,24 @@ impl Policies {
                 facts.attributes.push((body, resource));
             }
         }
-        let verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
+        let mut verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
+        if let Some((index, adaptive)) = &mut self.adaptive {
+            // The adaptive policy judges by its route's current threshold, then counts the trace.
+            let duration = facts.duration_nanos();
+            let threshold = adaptive.threshold_ms(root_route.as_deref()).saturating_mul(1_000_000);
+            if let (Some(Rule::Latency { max_nanos, .. }), Some(verdict)) =
+                (self.rules.get(*index).map(|(_, rule)| rule), verdicts.get_mut(*index))
+            {
+                *verdict = if duration >= threshold && duration <= *max_nanos {
+                    Verdict::Sampled
+                } else {
+                    Verdict::NotSampled
+                };
+            }
+            if let Some(route) = &root_route {
+                adaptive.observe(route, duration);
+            }
+        }
         if verdicts.contains(&Verdict::Dropped) {
             return None;
         }
@@ -452,7 +489,7 @@ mod tests {
         Policies::new(&configs, false, std::time::Duration::ZERO)
     }
 
-    fn decide(policies: &Policies, bytes: &[u8], trace_id: [u8; 16]) -> Option<String> {
+    fn decide(policies: &mut Policies, bytes: &[u8], trace_id: [u8; 16]) -> Option<String> {
         let batch = batch::access_spans(bytes).unwrap();
         let spans: Vec<(&ArchivedSpanBatch, u32)> = (0..batch.spans.len() as u32).map(|i| (batch, i)).collect();
         policies.decide(&trace_id, &spans).map(|i| policies.name(i).to_string())
@@ -460,94 +497,99 @@ mod tests {
 
     #[test]
     fn precedence_follows_the_collector() {
-        let set = policies(
+        let mut set = policies(
             "    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}\n\
              \x20   - {name: slow, type: latency, latency: {threshold_ms: 200}}\n\
              \x20   - {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}\n",
         );
         let route = |r: &str| vec![kv("http.route", Value::StringValue(r.into()))];
         // Error and slow: the first policy in order is the reason.
-        assert_eq!(decide(&set, &batch_of(vec![(2, 0, 300, route("/a"))]), [9; 16]), Some("errors".into()));
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 300, route("/a"))]), [9; 16]), Some("slow".into()));
+        assert_eq!(decide(&mut set, &batch_of(vec![(2, 0, 300, route("/a"))]), [9; 16]), Some("errors".into()));
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 300, route("/a"))]), [9; 16]), Some("slow".into()));
         // Latency is the trace's, first start to last end: two short spans 250 ms apart.
         assert_eq!(
-            decide(&set, &batch_of(vec![(0, 0, 10, vec![]), (0, 240, 250, vec![])]), [9; 16]),
+            decide(&mut set, &batch_of(vec![(0, 0, 10, vec![]), (0, 240, 250, vec![])]), [9; 16]),
             Some("slow".into())
         );
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 120, route("/a"))]), [9; 16]), None);
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 120, route("/a"))]), [9; 16]), None);
         // A drop policy vetoes even an error.
-        assert_eq!(decide(&set, &batch_of(vec![(2, 0, 300, route("/healthz"))]), [9; 16]), None);
+        assert_eq!(decide(&mut set, &batch_of(vec![(2, 0, 300, route("/healthz"))]), [9; 16]), None);
     }
 
     #[test]
     fn attribute_policies_match_span_then_resource_attributes() {
-        let set = policies(
+        let mut set = policies(
             "    - {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}\n\
              \x20   - {name: api, type: string_attribute, string_attribute: {key: http.route, values: ['/api/v[0-9]+/.*'], enabled_regex_matching: true}}\n\
              \x20   - {name: tier, type: numeric_attribute, numeric_attribute: {key: tier, min_value: 3, max_value: 5}}\n",
         );
         let route = |r: &str| vec![kv("http.route", Value::StringValue(r.into()))];
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/checkout"))]), [9; 16]), Some("checkout".into()));
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/api/v2/items"))]), [9; 16]), Some("api".into()));
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/apix/v2/items"))]), [9; 16]), None);
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 1, route("/checkout"))]), [9; 16]), Some("checkout".into()));
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 1, route("/api/v2/items"))]), [9; 16]), Some("api".into()));
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 1, route("/apix/v2/items"))]), [9; 16]), None);
         // The resource's tier is 2: outside 3..=5; a span attribute of 4 matches.
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 1, route("/other"))]), [9; 16]), None);
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 1, route("/other"))]), [9; 16]), None);
         assert_eq!(
-            decide(&set, &batch_of(vec![(0, 0, 1, vec![kv("tier", Value::IntValue(4))])]), [9; 16]),
+            decide(&mut set, &batch_of(vec![(0, 0, 1, vec![kv("tier", Value::IntValue(4))])]), [9; 16]),
             Some("tier".into())
         );
         // Inverted: keeps what does not match, vetoes what does.
-        let inverted = policies(
+        let mut inverted = policies(
             "    - {name: not-internal, type: string_attribute, string_attribute: {key: service.name, values: [internal], invert_match: true}}\n\
              \x20   - {name: all, type: always_sample}\n",
         );
-        assert_eq!(decide(&inverted, &batch_of(vec![(0, 0, 1, vec![])]), [9; 16]), Some("not-internal".into()));
+        assert_eq!(decide(&mut inverted, &batch_of(vec![(0, 0, 1, vec![])]), [9; 16]), Some("not-internal".into()));
         let internal = vec![kv("service.name", Value::StringValue("internal".into()))];
-        assert_eq!(decide(&inverted, &batch_of(vec![(0, 0, 1, internal)]), [9; 16]), None, "an inverted match vetoes");
+        assert_eq!(
+            decide(&mut inverted, &batch_of(vec![(0, 0, 1, internal)]), [9; 16]),
+            None,
+            "an inverted match vetoes"
+        );
     }
 
     #[test]
     fn probabilistic_keeps_its_share_by_the_trace_ids_randomness() {
-        let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}\n");
+        let mut set =
+            policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}\n");
         let bytes = batch_of(vec![(0, 0, 1, vec![])]);
         let mut kept = 0;
         for n in 0..10_000u64 {
             // Spread ids: a multiplicative hash of n into the randomness bits.
             let mut id = [0u8; 16];
             id[8..].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
-            let first = decide(&set, &bytes, id);
-            assert_eq!(first, decide(&set, &bytes, id), "not deterministic");
+            let first = decide(&mut set, &bytes, id);
+            assert_eq!(first, decide(&mut set, &bytes, id), "not deterministic");
             assert_eq!(first.is_some(), randomness(&id) >= threshold_for(10.0));
             kept += usize::from(first.is_some());
         }
         assert!((900..1100).contains(&kept), "{kept} of 10,000 kept at 10%");
-        let all = policies("    - {name: all, type: probabilistic, probabilistic: {sampling_percentage: 100}}\n");
-        assert!(decide(&all, &bytes, [0; 16]).is_some());
-        let none = policies("    - {name: none, type: probabilistic, probabilistic: {sampling_percentage: 0}}\n");
-        assert!(decide(&none, &bytes, [0xff; 16]).is_none());
+        let mut all = policies("    - {name: all, type: probabilistic, probabilistic: {sampling_percentage: 100}}\n");
+        assert!(decide(&mut all, &bytes, [0; 16]).is_some());
+        let mut none = policies("    - {name: none, type: probabilistic, probabilistic: {sampling_percentage: 0}}\n");
+        assert!(decide(&mut none, &bytes, [0xff; 16]).is_none());
     }
 
     #[test]
     fn and_keeps_only_when_every_sub_policy_keeps() {
-        let set = policies(
+        let mut set = policies(
             "    - {name: slow-checkout, type: and, and: {and_sub_policy: [{name: s, type: latency, latency: {threshold_ms: 100}}, {name: c, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}]}}\n",
         );
         let checkout = || vec![kv("http.route", Value::StringValue("/checkout".into()))];
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 150, checkout())]), [9; 16]), Some("slow-checkout".into()));
-        assert_eq!(decide(&set, &batch_of(vec![(0, 0, 50, checkout())]), [9; 16]), None);
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 150, checkout())]), [9; 16]), Some("slow-checkout".into()));
+        assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 50, checkout())]), [9; 16]), None);
     }
 
     #[test]
     fn the_shorthand_judges_spans_and_the_latency_policy_the_whole_trace() {
-        let shorthand = Policies::new(&[], true, std::time::Duration::from_millis(200));
+        let mut shorthand = Policies::new(&[], true, std::time::Duration::from_millis(200));
         // Two short spans a second apart: not slow by the shorthand (no span over 200 ms) ...
         let spread = batch_of(vec![(0, 0, 100, vec![]), (0, 1000, 1030, vec![])]);
-        assert_eq!(decide(&shorthand, &spread, [9; 16]), None);
-        assert_eq!(decide(&shorthand, &batch_of(vec![(0, 0, 201, vec![])]), [9; 16]), Some("slow".into()));
-        assert_eq!(decide(&shorthand, &batch_of(vec![(2, 0, 1, vec![])]), [9; 16]), Some("errors".into()));
+        assert_eq!(decide(&mut shorthand, &spread, [9; 16]), None);
+        assert_eq!(decide(&mut shorthand, &batch_of(vec![(0, 0, 201, vec![])]), [9; 16]), Some("slow".into()));
+        assert_eq!(decide(&mut shorthand, &batch_of(vec![(2, 0, 1, vec![])]), [9; 16]), Some("errors".into()));
         // ... but a 1,030 ms trace by the latency policy.
-        let latency = policies("    - {name: slow, type: latency, latency: {threshold_ms: 200}}\n");
-        assert_eq!(decide(&latency, &spread, [9; 16]), Some("slow".into()));
+        let mut latency = policies("    - {name: slow, type: latency, latency: {threshold_ms: 200}}\n");
+        assert_eq!(decide(&mut latency, &spread, [9; 16]), Some("slow".into()));
     }
 
     #[test]
@@ -560,7 +602,8 @@ mod tests {
         assert_eq!(with_threshold("", "8"), "ot=th:8");
         assert_eq!(with_threshold("vendor=x,ot=th:c;rv:abc", "8"), "ot=th:8;rv:abc,vendor=x");
         let mut body = Span { trace_state: "vendor=x".into(), ..Default::default() }.encode_to_vec();
-        let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
+        let set =
+            policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
         set.mark(0).unwrap().apply(&mut body);
         let span = Span::decode(body.as_slice()).unwrap();
         assert_eq!(span.trace_state, "ot=th:8,vendor=x");
