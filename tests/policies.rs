@@ -134,42 +134,42 @@ fn the_issues_policies_keep_exactly_what_they_match() {
     }
 }
 
-/// A replay of every kind of trace the policies tell apart — errors on the root or a child,
-/// slow by the trace's span, fast, a matching route, a vetoed route, kept or not by the trace
-/// id's randomness, children before their root, a root that never comes, a late span of a kept
-/// and of a dropped trace — while tail_sample is SIGKILLed every 1.5 s: the kept set is exact,
-/// each span arrives once and names the policy that kept its trace.
+/// The golden replay (`tests/golden/policies.v1.json`: errors on the root or a child, slow by
+/// a span or by the trace's spread, just under the threshold, fast, a matching route, a vetoed
+/// route, kept by the trace id's randomness, children first, a root that never comes, late
+/// spans of a kept and of a dropped trace, a giant trace with and without an error) replayed
+/// four times over while tail_sample is SIGKILLed every 1.5 s: the kept set is exact, each span
+/// arrives once and names the policy the golden file says kept its trace.
 #[test]
-fn a_replay_of_every_kind_keeps_exactly_the_matches_while_the_sampler_is_killed() {
+fn the_golden_replay_keeps_exactly_its_matches_while_the_sampler_is_killed() {
+    let golden: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (backend, backend_addr) = Backend::serve(&runtime);
     // Late spans must find their trace decided (root_grace) yet remembered (decision_cache_ttl).
     let timing = Timing { decision_wait: "4s", root_grace: "1s", ..Timing::default() };
-    let tailgate = start_with_policies(backend_addr, &timing, POLICIES);
-    let (low, high) = (1u64, (1u64 << 56) - 1);
-    // (case, reason it is kept, children first, drop the root, late span)
-    let mut cases: Vec<(Case, Option<&str>, bool, bool)> = Vec::new();
-    for round in 0..6u8 {
-        let n = |k: u8| round * 16 + k + 10;
-        cases.push((case(n(0), "/a", true, 0, low, true), Some("errors"), false, false));
-        cases.push((case(n(1), "/a", false, 300, low, true), Some("slow"), false, false));
-        cases.push((case(n(2), "/a", false, 0, low, false), None, false, false));
-        cases.push((case(n(3), "/checkout", false, 0, low, true), Some("checkout"), false, false));
-        cases.push((case(n(4), "/healthz", true, 0, high, false), None, false, false));
-        cases.push((case(n(5), "/a", false, 0, high, true), Some("baseline"), false, false));
-        cases.push((case(n(6), "/a", true, 0, low, true), Some("errors"), true, false));
-        cases.push((case(n(7), "/a", true, 0, low, true), Some("errors"), false, true));
-        cases.push((case(n(8), "/a", false, 0, low, false), None, true, true));
-        cases.push((case(n(9), "/checkout", false, 0, low, true), Some("checkout"), false, false));
+    let tailgate = start_with_policies(backend_addr, &timing, &format!("  max_spans_per_trace: 50\n{POLICIES}"));
+    // (requests in sending order, late spans, the policy that keeps the trace)
+    let mut replays: Vec<(Vec<Vec<Span>>, Vec<Span>, Option<String>)> = Vec::new();
+    let mut expected: std::collections::HashMap<([u8; 16], [u8; 8]), String> = std::collections::HashMap::new();
+    for round in 0..4u8 {
+        for (index, trace) in golden["traces"].as_array().unwrap().iter().enumerate() {
+            let (spans, late, kept_by) = golden_trace(round, index as u8, trace);
+            let mut requests: Vec<Vec<Span>> = if trace["giant"].is_u64() {
+                spans.chunks(10).map(<[Span]>::to_vec).collect()
+            } else {
+                spans.iter().map(|span| vec![span.clone()]).collect()
+            };
+            if trace["order"] == "children_first" {
+                requests.reverse();
+            }
+            if let Some(reason) = &kept_by {
+                for span in spans.iter().chain(&late) {
+                    expected.insert(key_of(span), reason.clone());
+                }
+            }
+            replays.push((requests, late, kept_by));
+        }
     }
-    // Late spans: one for a kept trace, one for a dropped one, sent after their decisions.
-    let late_kept = case(250, "/checkout", false, 0, low, true);
-    let late_dropped = case(251, "/a", false, 0, low, false);
-    let late = |c: &Case| {
-        let mut span = c.spans[1].clone();
-        span.span_id[7] = 9;
-        span
-    };
     let grpc = tailgate.grpc;
     let mut next_kill = std::time::Instant::now();
     let mut kill = || {
@@ -182,67 +182,106 @@ fn a_replay_of_every_kind_keeps_exactly_the_matches_while_the_sampler_is_killed(
     };
     runtime.block_on(async {
         let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
-        for c in [&late_kept, &late_dropped] {
-            client.export(trace_request("shop", c.spans.clone())).await.unwrap();
-        }
-        for (case, _, children_first, no_root) in &cases {
-            let mut spans = case.spans.clone();
-            if *no_root {
-                spans.remove(0);
-            } else if *children_first {
-                spans.reverse();
+        for (requests, _, _) in &replays {
+            for spans in requests {
+                client.export(trace_request("shop", spans.clone())).await.unwrap();
             }
-            for span in spans {
-                client.export(trace_request("shop", vec![span])).await.unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
             kill();
         }
     });
-    // The late pair's decisions are made by now (root_grace 1 s, plus restarts); send their
-    // late spans, still killing.
-    assert!(wait_until(Duration::from_secs(30), || backend
-        .spans()
-        .contains_key(&(late_kept.trace_id, [250, 0, 0, 0, 0, 0, 0, 1]))));
+    // Every trace decided and what it kept delivered (late spans aside); then the late spans.
+    let on_time: Vec<([u8; 16], [u8; 8])> = replays
+        .iter()
+        .filter(|(_, _, kept_by)| kept_by.is_some())
+        .flat_map(|(requests, _, _)| requests.iter().flatten().map(key_of))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || on_time.iter().all(|k| backend.spans().contains_key(k))),
+        "the kept traces were not delivered"
+    );
     runtime.block_on(async {
         let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
-        client.export(trace_request("shop", vec![late(&late_kept), late(&late_dropped)])).await.unwrap();
+        let late: Vec<Span> = replays.iter().flat_map(|(_, late, _)| late.clone()).collect();
+        client.export(trace_request("shop", late)).await.unwrap();
     });
     kill();
-    let mut expected: HashSet<([u8; 16], [u8; 8])> = HashSet::new();
-    let mut reasons = std::collections::HashMap::new();
-    for (case, reason, _, no_root) in &cases {
-        let Some(reason) = reason else { continue };
-        for span in case.spans.iter().skip(usize::from(*no_root)) {
-            let key = (case.trace_id, span.span_id.as_slice().try_into().unwrap());
-            expected.insert(key);
-            reasons.insert(key, reason.to_string());
-        }
-    }
-    for span in late_kept.spans.iter().chain([&late(&late_kept)]) {
-        let key = (late_kept.trace_id, span.span_id.as_slice().try_into().unwrap());
-        expected.insert(key);
-        reasons.insert(key, "checkout".to_string());
-    }
     let settled = || {
         let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).unwrap();
         let edge = |name: &str| {
             status["queue"]["edges"].as_array().unwrap().iter().find(|e| e["edge"] == name).unwrap()["batches"].clone()
         };
-        edge("spans") == 0 && edge("kept_spans") == 0 && expected.iter().all(|k| backend.spans().contains_key(k))
+        edge("spans") == 0 && edge("kept_spans") == 0 && expected.keys().all(|k| backend.spans().contains_key(k))
     };
     assert!(wait_until(Duration::from_secs(60), settled), "the replay did not settle");
     let got = backend.spans();
     let keys: HashSet<([u8; 16], [u8; 8])> = got.keys().copied().collect();
-    let missing: Vec<_> = expected.difference(&keys).collect();
-    let extra: Vec<_> = keys.difference(&expected).collect();
+    let wanted: HashSet<([u8; 16], [u8; 8])> = expected.keys().copied().collect();
+    let missing: Vec<_> = wanted.difference(&keys).collect();
+    let extra: Vec<_> = keys.difference(&wanted).collect();
     assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
     assert!(got.values().all(|(_, times)| *times == 1), "a span arrived twice");
-    assert_eq!(backend.policies(), reasons);
+    assert_eq!(backend.policies(), expected);
     let status: serde_json::Value = serde_json::from_str(&tailgate.cli(&["status", "--json"])).unwrap();
     let sampler =
         status["supervisor"]["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "tail_sample").unwrap();
     assert!(sampler["restarts"]["exited"].as_u64().unwrap_or(0) >= 2, "the sampler was hardly killed: {sampler:#}");
+    assert!(sampler["counters"]["error/trace_decided_early"].as_u64().unwrap_or(0) >= 8, "giant traces: {sampler:#}");
+}
+
+const GOLDEN: &str = include_str!("golden/policies.v1.json");
+
+fn key_of(span: &Span) -> ([u8; 16], [u8; 8]) {
+    (span.trace_id.as_slice().try_into().unwrap(), span.span_id.as_slice().try_into().unwrap())
+}
+
+/// The spans of one golden trace (on-time ones, then late ones) and the policy that keeps it.
+fn golden_trace(round: u8, index: u8, trace: &serde_json::Value) -> (Vec<Span>, Vec<Span>, Option<String>) {
+    let mut trace_id = [0u8; 16];
+    trace_id[0] = 0x60 | round;
+    trace_id[1] = index;
+    let randomness: u64 = if trace["randomness"] == "high" { (1 << 56) - 1 } else { 1 };
+    trace_id[8..].copy_from_slice(&randomness.to_be_bytes());
+    let span_id = |id: u64| {
+        let mut out = [0u8; 8];
+        out[0] = 0x60 | round;
+        out[1] = index;
+        out[4..].copy_from_slice(&(id as u32).to_be_bytes());
+        out
+    };
+    let route = trace["route"].as_str().unwrap();
+    let start = 1_700_000_000_000_000_000u64 + (u64::from(round) * 64 + u64::from(index)) * 1_000_000_000;
+    let ms = 1_000_000u64;
+    let mut spans = Vec::new();
+    let mut late = Vec::new();
+    let make = |id: u64, parent: Option<u64>, start_ms: u64, len_ms: u64, error: bool| Span {
+        trace_id: trace_id.to_vec(),
+        span_id: span_id(id).to_vec(),
+        parent_span_id: parent.map(|p| span_id(p).to_vec()).unwrap_or_default(),
+        name: if parent.is_none() { format!("GET {route}") } else { format!("step {id}") },
+        start_time_unix_nano: start + start_ms * ms,
+        end_time_unix_nano: start + (start_ms + len_ms) * ms,
+        attributes: vec![string_kv("http.route", route)],
+        status: error.then(|| Status { code: status::StatusCode::Error as i32, message: "failed".into() }),
+        ..Default::default()
+    };
+    for span in trace["spans"].as_array().unwrap() {
+        let built = make(
+            span["id"].as_u64().unwrap(),
+            span["parent"].as_u64(),
+            span["start_ms"].as_u64().unwrap(),
+            span["ms"].as_u64().unwrap(),
+            span["error"].as_bool().unwrap_or(false),
+        );
+        if span["late"].as_bool().unwrap_or(false) { late.push(built) } else { spans.push(built) }
+    }
+    if let Some(giant) = trace["giant"].as_u64() {
+        let error_at = trace["error_at"].as_u64().unwrap_or(0);
+        for child in 1..=giant {
+            spans.push(make(100 + child, Some(1), child, 5, child == error_at));
+        }
+    }
+    (spans, late, trace["kept_by"].as_str().map(str::to_owned))
 }
 
 /// `tailgate incident start|end`: while a window is open, the traces of its routes are kept

@@ -602,8 +602,7 @@ mod tests {
         assert_eq!(with_threshold("", "8"), "ot=th:8");
         assert_eq!(with_threshold("vendor=x,ot=th:c;rv:abc", "8"), "ot=th:8;rv:abc,vendor=x");
         let mut body = Span { trace_state: "vendor=x".into(), ..Default::default() }.encode_to_vec();
-        let set =
-            policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
+        let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
         set.mark(0).unwrap().apply(&mut body);
         let span = Span::decode(body.as_slice()).unwrap();
         assert_eq!(span.trace_state, "ot=th:8,vendor=x");
