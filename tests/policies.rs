@@ -148,8 +148,7 @@ fn the_golden_replay_keeps_exactly_its_matches_while_the_sampler_is_killed() {
     // Late spans must find their trace decided (root_grace) yet remembered (decision_cache_ttl).
     let timing = Timing { decision_wait: "4s", root_grace: "1s", ..Timing::default() };
     let tailgate = start_with_policies(backend_addr, &timing, &format!("  max_spans_per_trace: 50\n{POLICIES}"));
-    // (requests in sending order, late spans, the policy that keeps the trace)
-    let mut replays: Vec<(Vec<Vec<Span>>, Vec<Span>, Option<String>)> = Vec::new();
+    let mut replays: Vec<Replay> = Vec::new();
     let mut expected: std::collections::HashMap<([u8; 16], [u8; 8]), String> = std::collections::HashMap::new();
     for round in 0..4u8 {
         for (index, trace) in golden["traces"].as_array().unwrap().iter().enumerate() {
@@ -230,6 +229,10 @@ fn the_golden_replay_keeps_exactly_its_matches_while_the_sampler_is_killed() {
 }
 
 const GOLDEN: &str = include_str!("golden/policies.v1.json");
+
+/// One golden trace to send: its requests in sending order, its late spans, the policy that
+/// keeps it.
+type Replay = (Vec<Vec<Span>>, Vec<Span>, Option<String>);
 
 fn key_of(span: &Span) -> ([u8; 16], [u8; 8]) {
     (span.trace_id.as_slice().try_into().unwrap(), span.span_id.as_slice().try_into().unwrap())
