@@ -76,6 +76,8 @@ fn each_stage_runs_in_its_own_cgroup_with_its_caps() {
         assert_eq!(quota, "50000");
         memory
     };
+    // The ports answer once receive is up; the other stages may still be starting.
+    assert!(wait_until(Duration::from_secs(10), || tailgate.stage_pid("tail_sample").is_some()));
     let first = tailgate.stage_pid("tail_sample").unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || group_dir(first, "memory").is_some_and(|d| d.ends_with("tail_sample")))

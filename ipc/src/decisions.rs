@@ -252,6 +252,19 @@ impl Queue {
         Ok(())
     }
 
+    /// Records the decision of a trace that has none stored (no previous entry to replace:
+    /// the lookup [`Queue::put_decision`] makes is skipped).
+    pub fn put_new_decision(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        trace_id: &[u8; 16],
+        decision: &Decision,
+    ) -> Result<(), QueueError> {
+        self.put_sealed(self.decisions, wtxn, trace_id, &decision.encode())?;
+        self.put_sealed(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
+        Ok(())
+    }
+
     /// Deletes up to `limit` decisions made before `before_unix_ms` whose spans are all at or
     /// below `cursor`, kept or dropped alike (see [`Queue::prune_decisions_by`]).
     pub fn prune_decisions(

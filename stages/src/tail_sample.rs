@@ -184,7 +184,8 @@ struct StepOutput {
     /// Bytes of spans emitted in the step.
     emitted: usize,
     /// Decisions made or extended in this step, by trace id.
-    decisions: HashMap<[u8; 16], Decision>,
+    /// Decisions made or extended in this step, by trace id, and whether one is stored already.
+    decisions: HashMap<[u8; 16], (Decision, bool)>,
     /// What spanmetrics gets of every span decided in this step.
     summaries: Summaries,
 }
@@ -417,8 +418,15 @@ impl Sampler {
             queue.append(&mut wtxn, Edge::SpanSummaries, &batch::encode_summaries(summary)?)?;
         }
         report.summarized = summaries.iter().map(|b| b.summaries.len() as u64).sum();
-        for (trace_id, decision) in &output.decisions {
-            queue.put_decision(&mut wtxn, trace_id, decision)?;
+        // In key order: neighbouring puts touch the same pages.
+        let mut decisions: Vec<(&[u8; 16], &(Decision, bool))> = output.decisions.iter().collect();
+        decisions.sort_unstable_by_key(|(trace_id, _)| **trace_id);
+        for (trace_id, (decision, stored)) in decisions {
+            if *stored {
+                queue.put_decision(&mut wtxn, trace_id, decision)?;
+            } else {
+                queue.put_new_decision(&mut wtxn, trace_id, decision)?;
+            }
         }
         // Logs still waiting in the queue may need older decisions: measure the TTL from how far
         // log_mirror has got, not from now.
@@ -488,7 +496,7 @@ impl Sampler {
             for (index, span) in batch.spans.iter().enumerate() {
                 let trace_id = span.trace_id;
                 if !self.traces.contains_key(&trace_id)
-                    && let Some(mut decision) = self.decided(queue, rtxn, output, &trace_id)?
+                    && let Some((mut decision, stored)) = self.decided(queue, rtxn, output, &trace_id)?
                 {
                     // A late span (or, when replaying, one handled before the restart).
                     if replaying {
@@ -504,7 +512,7 @@ impl Sampler {
                         }
                         output.summarize(batch, index as u32, decision.keep, &self.policy.dimensions);
                         decision.last_seq = decision.last_seq.max(seq);
-                        output.decisions.insert(trace_id, decision);
+                        output.decisions.insert(trace_id, (decision, stored));
                     }
                     continue;
                 }
@@ -538,11 +546,11 @@ impl Sampler {
         rtxn: &ReadTxn<'_>,
         output: &StepOutput,
         trace_id: &[u8; 16],
-    ) -> Result<Option<Decision>, StageError> {
+    ) -> Result<Option<(Decision, bool)>, StageError> {
         if let Some(decision) = output.decisions.get(trace_id) {
             return Ok(Some(*decision));
         }
-        Ok(queue.decision(rtxn, trace_id)?)
+        Ok(queue.decision(rtxn, trace_id)?.map(|decision| (decision, true)))
     }
 
     fn buffer(&mut self, seq: u64, index: u32, received: u64, span: &batch::ArchivedSpanRecord) {
@@ -638,7 +646,7 @@ impl Sampler {
             report.decided += 1;
             let policy = kept_by.and_then(|index| u8::try_from(index).ok());
             let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq, policy };
-            output.decisions.insert(trace_id, decision);
+            output.decisions.insert(trace_id, (decision, false));
         }
         Ok(true)
     }

@@ -144,7 +144,7 @@ impl Rule {
             (false, true) => Verdict::InvertSampled,
         };
         match self {
-            Rule::StatusCode(codes) => sampled(trace.statuses.iter().any(|s| codes.contains(s))),
+            Rule::StatusCode(codes) => sampled(codes.iter().any(|c| trace.statuses & (1u8 << (c & 7)) != 0)),
             Rule::Latency { min_nanos, max_nanos } => {
                 let duration = trace.duration_nanos();
                 sampled(duration >= *min_nanos && duration <= *max_nanos)
@@ -193,7 +193,8 @@ pub fn randomness(trace_id: &[u8; 16]) -> u64 {
 /// needs them.
 struct TraceFacts<'a> {
     trace_id: &'a [u8; 16],
-    statuses: Vec<u8>,
+    /// Bit `c` set when a span has status code `c`.
+    statuses: u8,
     first_start: u64,
     last_end: u64,
     longest_span: u64,
@@ -362,7 +363,7 @@ impl Policies {
         let mut root_route: Option<String> = None;
         let mut facts = TraceFacts {
             trace_id,
-            statuses: Vec::with_capacity(spans.len()),
+            statuses: 0,
             first_start: u64::MAX,
             last_end: 0,
             longest_span: 0,
@@ -370,7 +371,7 @@ impl Policies {
         };
         for (batch, index) in spans {
             let Some(span) = batch.spans.get(*index as usize) else { continue };
-            facts.statuses.push(span.status_code);
+            facts.statuses |= 1u8 << (span.status_code & 7);
             facts.first_start = facts.first_start.min(span.start_unix_nano.to_native());
             facts.last_end = facts.last_end.max(span.end_unix_nano.to_native());
             let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
@@ -392,25 +393,30 @@ impl Policies {
                 facts.attributes.push((body, resource));
             }
         }
-        let mut verdicts: Vec<Verdict> = self.rules.iter().map(|(_, rule)| rule.evaluate(&facts)).collect();
-        if let Some((index, adaptive)) = &mut self.adaptive {
-            // The adaptive policy judges by its route's current threshold, then counts the trace.
+        // The adaptive policy judges by its route's current threshold, then counts the trace.
+        let adaptive = self.adaptive.as_mut().map(|(index, adaptive)| {
             let duration = facts.duration_nanos();
             let threshold = adaptive.threshold_ms(root_route.as_deref()).saturating_mul(1_000_000);
-            if let (Some(Rule::Latency { max_nanos, .. }), Some(verdict)) =
-                (self.rules.get(*index).map(|(_, rule)| rule), verdicts.get_mut(*index))
-            {
-                *verdict = if duration >= threshold && duration <= *max_nanos {
-                    Verdict::Sampled
-                } else {
-                    Verdict::NotSampled
-                };
-            }
             if let Some(route) = &root_route {
                 adaptive.observe(route, duration);
             }
+            (*index, duration >= threshold)
+        });
+        let (mut dropped, mut inverted_out, mut kept_by) = (false, false, None);
+        for (index, (_, rule)) in self.rules.iter().enumerate() {
+            let verdict = match (adaptive, rule) {
+                (Some((at, over)), Rule::Latency { max_nanos, .. }) if at == index => {
+                    if over && facts.duration_nanos() <= *max_nanos { Verdict::Sampled } else { Verdict::NotSampled }
+                }
+                _ => rule.evaluate(&facts),
+            };
+            dropped |= verdict == Verdict::Dropped;
+            inverted_out |= verdict == Verdict::InvertNotSampled;
+            if kept_by.is_none() && is_kept(verdict) {
+                kept_by = Some(index);
+            }
         }
-        if verdicts.contains(&Verdict::Dropped) {
+        if dropped {
             return None;
         }
         if let Some(incident) = incident
@@ -419,10 +425,10 @@ impl Policies {
         {
             return Some(self.incident_index());
         }
-        if verdicts.contains(&Verdict::InvertNotSampled) {
+        if inverted_out {
             return None;
         }
-        verdicts.iter().position(|v| is_kept(*v))
+        kept_by
     }
 
     /// The mark of policy `index` for the spans of the traces it keeps (the incident window's

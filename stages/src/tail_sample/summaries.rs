@@ -35,11 +35,15 @@ impl Summaries {
             .get(span.scope.to_native() as usize)
             .and_then(|scope| source.resources.get(scope.resource.to_native() as usize));
         let service_name = resource.map(|r| r.service_name.as_str()).unwrap_or("");
-        let next = self.current.services.len() as u32;
-        let service = *self.services.entry(service_name.to_owned()).or_insert_with(|| {
-            self.current.services.push(service_name.to_owned());
-            next
-        });
+        let service = match self.services.get(service_name) {
+            Some(service) => *service,
+            None => {
+                let next = self.current.services.len() as u32;
+                self.current.services.push(service_name.to_owned());
+                self.services.insert(service_name.to_owned(), next);
+                next
+            }
+        };
         let dimensions = if dimensions.is_empty() {
             Vec::new()
         } else {

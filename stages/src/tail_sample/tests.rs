@@ -278,3 +278,112 @@ fn a_kept_trace_stays_kept_after_the_decision_ttl() {
     let rtxn = queue.read().unwrap();
     assert_eq!(queue.decision(&rtxn, &[8; 16]).unwrap(), None);
 }
+
+/// The issue's sampling policies (and a drop policy), as the bench's `POLICIES=1` runs them.
+const BENCH_POLICIES: &str = "
+- {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+- {name: slow, type: latency, latency: {threshold_ms: 200}}
+- {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}
+- {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
+- {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}
+";
+
+/// Sampler CPU per span in process, on requests shaped like the load generator's (5-span
+/// traces, 512 spans a batch, one batch a millisecond): a measurement, and the harness to
+/// profile the sampler with callgrind.
+/// `TAILGATE_BENCH_SPANS=1000000 [TAILGATE_BENCH_POLICIES=1] cargo test --release -p
+/// tailgate-stages sampler_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run it by name"]
+fn sampler_throughput() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+    use prost::Message;
+    let spans_wanted: u64 =
+        std::env::var("TAILGATE_BENCH_SPANS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let with_policies = std::env::var("TAILGATE_BENCH_POLICIES").is_ok();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 4 << 30, ..Default::default() }).unwrap();
+    let kv = |key: &str, value: &str| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }),
+        ..Default::default()
+    };
+    let batches = spans_wanted.div_ceil(510);
+    let filling = std::time::Instant::now();
+    let mut trace = 0u64;
+    for b in 0..batches {
+        let received = T0 + b * 1_000_000;
+        let mut spans = Vec::new();
+        for _ in 0..102 {
+            trace += 1;
+            let mut trace_id = [0u8; 16];
+            trace_id[..8].copy_from_slice(&trace.to_be_bytes());
+            trace_id[8..].copy_from_slice(&trace.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes());
+            let error = trace.is_multiple_of(20);
+            let slow = trace.is_multiple_of(7);
+            for s in 0..5u32 {
+                let mut span_id = [0u8; 8];
+                span_id[..4].copy_from_slice(&(trace as u32).to_be_bytes());
+                span_id[4..].copy_from_slice(&(s + 1).to_be_bytes());
+                let root_len = if slow { 250_000_000 } else { 40_000_000 };
+                spans.push(Span {
+                    trace_id: trace_id.to_vec(),
+                    span_id: span_id.to_vec(),
+                    parent_span_id: if s == 0 { Vec::new() } else { [&span_id[..4], &1u32.to_be_bytes()[..]].concat() },
+                    name: if s == 0 { "GET /api/orders".into() } else { format!("SELECT orders {s}") },
+                    start_time_unix_nano: T0 + if s == 0 { 0 } else { 1_000_000 },
+                    end_time_unix_nano: T0 + if s == 0 { root_len } else { 6_000_000 },
+                    attributes: vec![kv("http.route", "/api/orders"), kv("db.system", "postgresql")],
+                    status: Some(Status { code: if error && s == 4 { 2 } else { 0 }, message: String::new() }),
+                    ..Default::default()
+                });
+            }
+        }
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv("service.name", "orders"), kv("host.name", "edge-1")],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        let batch = crate::otlp_wire::transcode_traces(&request.encode_to_vec(), received).unwrap();
+        let mut wtxn = queue.write().unwrap();
+        queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch).unwrap()).unwrap();
+        queue.commit(wtxn).unwrap();
+    }
+    eprintln!("queue filled in {:?}; sampling starts", filling.elapsed());
+    let mut policy = policy();
+    if with_policies {
+        policy.policies = serde_saphyr::from_str(BENCH_POLICIES).unwrap();
+        policy.keep_errors = true;
+        policy.latency_threshold = Duration::from_millis(200);
+    }
+    let cpu = || {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        text.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    let mut sampler = Sampler::open(&queue, policy).unwrap();
+    let (mut ingested, mut kept) = (0, 0);
+    // Far past every receive time: each batch is read, then what was due before it decided.
+    let now = T0 + batches * 1_000_000 + 3_600_000_000_000;
+    loop {
+        let report = sampler.step(&queue, now).unwrap();
+        ingested += report.ingested;
+        kept += report.kept;
+        if !report.more_input && sampler.pending_traces() == 0 {
+            break;
+        }
+    }
+    let seconds = (cpu() - before) as f64 / 1e9;
+    eprintln!(
+        "{ingested} spans ({kept} kept), policies: {with_policies}: {seconds:.2} CPU-s, {:.2} M spans per CPU-second",
+        ingested as f64 / seconds / 1e6
+    );
+}
