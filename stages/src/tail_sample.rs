@@ -39,6 +39,12 @@ use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTER
 /// Most stale decisions pruned per step.
 const MAX_PRUNE_PER_STEP: usize = 4096;
 
+/// The trace map is left alone below this capacity (a steady load's index).
+const COMPACT_ABOVE_CAPACITY: usize = 16_384;
+
+/// How often the stage, when it has caught up, gives back memory a burst left behind.
+const COMPACT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The sampling rules.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -280,6 +286,17 @@ impl Sampler {
             trace.spans.shrink_to_fit();
         }
         early
+    }
+
+    /// Gives back what a burst left: the trace map's capacity once at most a quarter of it is
+    /// in use (the ordered indexes free their nodes as they go). Returns whether it shrank.
+    pub fn compact(&mut self) -> bool {
+        let capacity = self.traces.capacity();
+        if capacity <= COMPACT_ABOVE_CAPACITY || self.traces.len() > capacity / 4 {
+            return false;
+        }
+        self.traces.shrink_to(self.traces.len().saturating_mul(2));
+        self.traces.capacity() < capacity
     }
 
     /// Estimated heap of the pending index.
@@ -669,6 +686,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
     let mut full_streak = 0;
     let mut over_budget = false;
     let mut sizer = StepSizer::default();
+    let mut compacted_at = std::time::Instant::now();
     crate::fault::bloat_at_start(&queue_run_dir(&ctx.queue));
     while !ctx.stopping() {
         ctx.beat();
@@ -729,6 +747,15 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         }
         if report.more_input {
             continue;
+        }
+        // Caught up: after a burst the index and the allocator hold far more than the load
+        // needs; hand it back (a heap walk every 10 s: microseconds at a steady load).
+        if compacted_at.elapsed() >= COMPACT_INTERVAL {
+            compacted_at = std::time::Instant::now();
+            if sampler.compact() {
+                tracing::debug!(pending = sampler.pending_traces(), "index shrunk after a burst");
+            }
+            tailgate_ipc::memory::release_free_heap();
         }
         let timeout = sampler
             .next_due()

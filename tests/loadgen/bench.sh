@@ -16,6 +16,8 @@
 #                                                  # spans, two hours of the reference's kept
 #                                                  # rate); then the backend returns and the
 #                                                  # backlog drains (rate, memory over time)
+#   tests/loadgen/bench.sh burst                   # reference spans for 150 s, 500,000 spans/s
+#                                                  # from 40 s to 60 s: tail_sample's memory
 #   tests/loadgen/bench.sh restart                 # the reference load (50-span requests) while
 #                                                  # tail_sample, receive and log_mirror are
 #                                                  # SIGKILLed, tail_sample SIGSTOPped and hung once:
@@ -242,6 +244,27 @@ PY
     sleep 20
     echo "idle (load over, decisions and exports done):"
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out"
+    ;;
+  burst)
+    # The reference spans (2,500/s, 50-span requests) for 150 s with a burst of 500,000 spans/s
+    # (512-span requests) from t=40 s to t=60 s: tail_sample's private memory every 5 s, its
+    # steady state before the burst against the figure a minute after it.
+    "$bin/tailgate-loadgen" send --rate 2500 --duration 150 --batch 50 > "$work/send.out" &
+    load=$!
+    sampler_pid=""
+    for _ in $(seq 50); do
+      sampler_pid=$(pgrep -P "$tailgate" -f 'stage tail_sample' || true)
+      [ -n "$sampler_pid" ] && break
+      sleep 0.1
+    done
+    anon() { awk '/^RssAnon/ {print $2}' "/proc/$sampler_pid/status" 2>/dev/null || echo 0; }
+    ( for i in $(seq 0 5 145); do echo "t=${i}s tail_sample RssAnon $(anon) KiB"; sleep 5; done ) > "$work/burst-rss.out" &
+    watcher=$!
+    sleep 40
+    "$bin/tailgate-loadgen" send --rate 500000 --duration 20 --batch 512 --concurrency 4 > "$work/burst.out"
+    wait "$load"; wait "$watcher"
+    cat "$work/burst.out" "$work/send.out" "$work/burst-rss.out"
+    : > "$work/meter.out"
     ;;
   logs-max)
     # The window covers reading, mirroring and pushing every line (lines per CPU-second =

@@ -387,3 +387,30 @@ fn sampler_throughput() {
         ingested as f64 / seconds / 1e6
     );
 }
+
+#[test]
+fn the_index_gives_back_a_bursts_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 256 << 20, ..Default::default() }).unwrap();
+    // A burst of 100,000 pending traces, all decided.
+    for chunk in 0..100u32 {
+        let spans = (0..1000u32)
+            .map(|n| {
+                let mut trace_id = [0u8; 16];
+                trace_id[..4].copy_from_slice(&(chunk * 1000 + n).to_be_bytes());
+                SpanRecord { trace_id, span_id: [1; 8], parent_span_id: [0xee; 8], ..Default::default() }
+            })
+            .collect();
+        append(&queue, spans);
+    }
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    while sampler.step(&queue, T0).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), 100_000);
+    let burst_capacity = sampler.traces.capacity();
+    while sampler.step(&queue, T0 + 60_000_000_000).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), 0);
+    assert!(sampler.compact());
+    assert!(sampler.traces.capacity() <= COMPACT_ABOVE_CAPACITY, "{} of {burst_capacity}", sampler.traces.capacity());
+    // A steady index is left alone.
+    assert!(!sampler.compact());
+}
