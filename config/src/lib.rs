@@ -37,6 +37,11 @@ pub struct Config {
     /// `RUST_LOG` overrides it.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// How log lines are written to stderr: `auto` (journald's form when stderr is the journal,
+    /// else text), `text` (timestamped lines), `journald` (no timestamp, the level as a syslog
+    /// priority prefix `<3>`..`<7>`), `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// Where telemetry comes in.
     pub receivers: Receivers,
     /// The on-disk queue between stages.
@@ -56,6 +61,21 @@ pub struct Config {
     /// Stage process supervision.
     #[serde(default)]
     pub supervisor: SupervisorConfig,
+}
+
+/// See [`Config::log_format`].
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `journald` when stderr is connected to the journal (`JOURNAL_STREAM`), else `text`.
+    #[default]
+    Auto,
+    /// Timestamped human-readable lines.
+    Text,
+    /// No timestamp (the journal adds its own); the level as a syslog priority prefix.
+    Journald,
+    /// One JSON object per line.
+    Json,
 }
 
 fn default_log_level() -> String {

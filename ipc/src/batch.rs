@@ -447,6 +447,13 @@ impl SubsetBuilder {
 
 /// Copies an archived span record into an owned one, pointing at `scope` of the new batch.
 pub fn own_span(span: &ArchivedSpanRecord, scope: u32) -> SpanRecord {
+    own_span_with_room(span, scope, 0)
+}
+
+/// Like [`own_span`], with room for `extra` more bytes of body (appended without a realloc).
+pub fn own_span_with_room(span: &ArchivedSpanRecord, scope: u32, extra: usize) -> SpanRecord {
+    let mut body = Vec::with_capacity(span.body.len() + extra);
+    body.extend_from_slice(span.body.as_slice());
     SpanRecord {
         trace_id: span.trace_id,
         span_id: span.span_id,
@@ -457,7 +464,7 @@ pub fn own_span(span: &ArchivedSpanRecord, scope: u32) -> SpanRecord {
         kind: span.kind,
         scope,
         name: span.name.as_str().to_owned(),
-        body: span.body.as_slice().to_vec(),
+        body,
     }
 }
 

@@ -207,7 +207,7 @@ impl StepOutput {
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
             self.span_bytes += span.body.len();
             self.emitted += span.body.len();
-            let mut record = batch::own_span(span, scope);
+            let mut record = batch::own_span_with_room(span, scope, mark.map_or(0, policies::Mark::appended_len));
             if let Some(mark) = mark {
                 mark.apply(&mut record.body);
             }

@@ -4,6 +4,8 @@
 
 pub mod cgroups;
 pub mod control;
+pub mod logging;
+pub mod notify;
 mod proc;
 pub mod reload;
 pub mod report;
@@ -523,17 +525,6 @@ pub fn restart_stage(stage: &str, config_file: Option<PathBuf>, data_dir: Option
 /// RFC 3339 (UTC, seconds) for a Unix millisecond time.
 fn format_unix_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
-}
-
-/// Sets up logging to stderr (journald picks it up under systemd). `RUST_LOG` overrides the
-/// configured filter.
-pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _already_set =
-        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 /// Resolves at the first SIGTERM or SIGINT. If the handlers cannot be installed it never

@@ -53,7 +53,7 @@ pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>)
             return ExitCode::FAILURE;
         }
     };
-    crate::init_logging(&config.log_level);
+    crate::logging::init(&config.log_level, config.log_format);
     let runtime = match stage {
         StageId::Export => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -400,6 +400,10 @@ impl StageActor {
         // in order. The stages learn of the supervisor's death through the parent-death signal.
         command.process_group(0);
         command.env(crate::stage_process::SUPERVISOR_PID_ENV, std::process::id().to_string());
+        // Only the main process speaks to the service manager.
+        for var in crate::notify::NOTIFY_ENV {
+            command.env_remove(var);
+        }
         command.stdin(std::process::Stdio::null()).kill_on_drop(false);
         let mut child = command.spawn()?;
         state.generation += 1;
@@ -1111,7 +1115,7 @@ pub fn main(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode
             return ExitCode::FAILURE;
         }
     };
-    crate::init_logging(&config.log_level);
+    crate::logging::init(&config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -1130,6 +1134,39 @@ pub fn main(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode
 
 fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     if path.is_absolute() { Ok(path.to_path_buf()) } else { Ok(std::env::current_dir()?.join(path)) }
+}
+
+/// Tells the service manager how the tree is (see [`crate::notify`]): every tick (half the
+/// watchdog timeout, else 2 s) asks the supervisor actor for a snapshot; an answer in time
+/// means healthy (a watchdog ping); READY once every stage is up; STATUS when it changes.
+async fn notify_loop(notifier: Arc<crate::notify::Notifier>, supervisor: ActorRef<SupervisorMsg>) {
+    let interval =
+        notifier.watchdog.unwrap_or(Duration::from_secs(2)).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let mut ready = false;
+    let mut last_status = String::new();
+    loop {
+        let timeout = interval.as_millis() as u64;
+        let snapshot = ractor::call_t!(supervisor, SupervisorMsg::Telemetry, timeout);
+        match snapshot {
+            Ok(snapshot) if snapshot.queue_readable() => {
+                if notifier.watchdog.is_some() {
+                    notifier.send("WATCHDOG=1");
+                }
+                let status = crate::notify::status_line(&snapshot);
+                if !ready && snapshot.stages_ready() {
+                    ready = true;
+                    notifier.send(&format!("READY=1\nSTATUS={status}"));
+                    last_status = status;
+                } else if status != last_status {
+                    notifier.send(&format!("STATUS={status}"));
+                    last_status = status;
+                }
+            }
+            Ok(_) => tracing::warn!("queue unreadable: no watchdog ping"),
+            Err(err) => tracing::warn!(error = %err, "supervisor did not answer in time: no watchdog ping"),
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -1172,6 +1209,8 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
     };
     let (supervisor, handle) = Actor::spawn(Some("supervisor".into()), Supervisor, args).await?;
     tracing::info!(data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "tailgate started");
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
+    let notifying = notifier.clone().map(|notifier| tokio::spawn(notify_loop(notifier, supervisor.clone())));
     tokio::pin!(handle);
     let stop = crate::wait_for_stop_signal();
     tokio::pin!(stop);
@@ -1180,6 +1219,9 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
         tokio::select! {
             _ = &mut stop => {
                 tracing::info!("shutting down: stopping intake, draining stages");
+                if let Some(notifier) = &notifier {
+                    notifier.send("STOPPING=1\nSTATUS=stopping: draining stages");
+                }
                 if let Err(err) = ractor::call!(supervisor, SupervisorMsg::Shutdown) {
                     tracing::warn!(error = %err, "supervisor already stopped");
                 }
@@ -1188,10 +1230,24 @@ async fn supervise(mut config: Config, config_file: Option<PathBuf>) -> anyhow::
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                let _ = supervisor.cast(SupervisorMsg::Reload(None));
+                match &notifier {
+                    Some(notifier) => {
+                        notifier.reloading();
+                        // The manager waits for READY=1 to end the reload (valid or not: a
+                        // refused file leaves the running configuration in place).
+                        let _ = ractor::call!(supervisor, |reply| SupervisorMsg::Reload(Some(reply)));
+                        notifier.send("READY=1");
+                    }
+                    None => {
+                        let _ = supervisor.cast(SupervisorMsg::Reload(None));
+                    }
+                }
             }
             _ = &mut handle => break,
         }
+    }
+    if let Some(task) = notifying {
+        task.abort();
     }
     if escalated.load(Ordering::SeqCst) {
         tracing::error!("exiting non-zero so the service manager restarts tailgate");

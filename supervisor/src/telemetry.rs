@@ -109,6 +109,34 @@ impl Snapshot {
         snapshot
     }
 
+    /// Whether every stage runs and stamped its heartbeat in time.
+    pub fn stages_ready(&self) -> bool {
+        self.stages.len() == tailgate_ipc::StageId::ALL.len()
+            && self.stages.iter().all(|s| s.state == "running" && s.heartbeat_overdue_ms.is_some_and(|ms| ms == 0))
+    }
+
+    /// (stages running, stages).
+    pub fn stages_up(&self) -> (usize, usize) {
+        (self.stages.iter().filter(|s| s.state == "running").count(), self.stages.len())
+    }
+
+    /// (batches, bytes, age of the oldest batch in seconds) over every edge.
+    pub fn backlog(&self) -> (u64, u64, f64) {
+        self.edges.iter().fold((0, 0, 0.0), |(batches, bytes, oldest), edge| {
+            (batches + edge.batches, bytes + edge.bytes, f64::max(oldest, edge.oldest_age_seconds))
+        })
+    }
+
+    /// Whether receive admits data (the queue below its budget).
+    pub fn intake_open(&self) -> bool {
+        self.intake_open
+    }
+
+    /// Whether the queue could be read for this snapshot.
+    pub fn queue_readable(&self) -> bool {
+        !self.not_ready.iter().any(|reason| reason.starts_with("queue unreadable"))
+    }
+
     /// The OpenMetrics text of the snapshot.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -91,6 +91,10 @@ pub struct Timing {
     pub exporters_extra: &'static str,
     /// Environment variables for the first start (e.g. a test fault point).
     pub env: Vec<(&'static str, &'static str)>,
+    /// The OTLP gRPC port (default: a free one).
+    pub otlp_grpc_port: Option<u16>,
+    /// Return without waiting for the OTLP ports (a test that keeps receive from binding).
+    pub no_port_wait: bool,
 }
 
 impl Default for Timing {
@@ -112,6 +116,8 @@ impl Default for Timing {
             otlp_extra: ", timeout: 10s",
             exporters_extra: "",
             env: Vec::new(),
+            otlp_grpc_port: None,
+            no_port_wait: false,
         }
     }
 }
@@ -131,7 +137,8 @@ impl Tailgate {
     /// Writes a config pointing every exporter at `backend` and starts the binary.
     pub fn start(backend: SocketAddr, timing: &Timing) -> Tailgate {
         let dir = tempfile::tempdir().unwrap();
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let grpc: SocketAddr =
+            format!("127.0.0.1:{}", timing.otlp_grpc_port.unwrap_or_else(free_port)).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let telemetry: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
@@ -197,6 +204,9 @@ supervisor:
         }
         let child = spawn_tailgate_with(&config_path, dir.path(), timing.netns.as_deref(), &timing.env);
         let tailgate = Tailgate { child, dir, grpc, http, telemetry, config_path };
+        if timing.no_port_wait {
+            return tailgate;
+        }
         let listening = || TcpStream::connect(grpc).is_ok() && TcpStream::connect(http).is_ok();
         let up = match timing.netns.as_deref() {
             Some(ns) => in_netns(ns, || wait_until(Duration::from_secs(20), listening)),

@@ -246,6 +246,11 @@ impl Mark {
         Mark { attribute_field: carrier.encode_to_vec(), threshold }
     }
 
+    /// Bytes [`Mark::apply`] appends (besides a re-encoded `tracestate`).
+    pub fn appended_len(&self) -> usize {
+        self.attribute_field.len()
+    }
+
     /// The span's bytes with the mark added.
     pub fn apply(&self, body: &mut Vec<u8>) {
         if let Some(threshold) = &self.threshold
