@@ -60,6 +60,19 @@ fn the_unit_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.contains(key), "the unit lacks {key:?}");
     }
+    // The hardening as systemd rates it (0 best, 10 worst; 1.6 when this was written).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tailgate.service");
+    std::fs::write(&path, unit.replace("/usr/bin/tailgate", env!("CARGO_BIN_EXE_tailgate"))).unwrap();
+    let out = Command::new("systemd-analyze").args(["security", "--offline=true"]).arg(&path).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = said
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for tailgate.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level: {said}"));
+    assert!(exposure <= 2.0, "exposure {exposure}: {said}");
     // The check can fail: a misspelt value is reported.
     let (_, said) = verify(&unit.replace("ProtectSystem=strict", "ProtectSystem=stric"));
     assert!(said.contains("ProtectSystem") || said.contains("protect system"), "verify missed a bad value: {said}");
