@@ -54,6 +54,8 @@ pub fn main(name: &str, config_file: Option<PathBuf>, data_dir: Option<PathBuf>)
         }
     };
     crate::logging::init(&config.log_level, config.log_format);
+    tailgate_ipc::memory::tune_allocator();
+    tailgate_ipc::memory::spawn_trimmer();
     let runtime = match stage {
         StageId::Export => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build(),
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),

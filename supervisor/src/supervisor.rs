@@ -1116,6 +1116,8 @@ pub fn main(config_file: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode
         }
     };
     crate::logging::init(&config.log_level, config.log_format);
+    tailgate_ipc::memory::tune_allocator();
+    tailgate_ipc::memory::spawn_trimmer();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

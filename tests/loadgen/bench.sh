@@ -16,6 +16,8 @@
 #                                                  # spans, two hours of the reference's kept
 #                                                  # rate); then the backend returns and the
 #                                                  # backlog drains (rate, memory over time)
+#   tests/loadgen/bench.sh sdk [grpc|http] [BATCH]  # the OpenTelemetry Python SDK exporter, 100
+#                                                  # requests/s of BATCH spans (50), 60 s
 #   tests/loadgen/bench.sh burst                   # reference spans for 150 s, 500,000 spans/s
 #                                                  # from 40 s to 60 s: tail_sample's memory
 #   tests/loadgen/bench.sh restart                 # the reference load (50-span requests) while
@@ -244,6 +246,21 @@ PY
     sleep 20
     echo "idle (load over, decisions and exports done):"
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out"
+    ;;
+  sdk)
+    # The official OpenTelemetry Python SDK's OTLP exporter (tests/sdk/load.py, in the test
+    # virtualenv) at 100 requests/s of BATCH spans (default 50) for 60 s, over PROTOCOL (grpc or
+    # http): what an instrumented service sends, which costs the server more than the
+    # generator's pre-encoded requests.
+    protocol=${2:-grpc}
+    endpoint=127.0.0.1:4317
+    [ "$protocol" = http ] && endpoint=http://127.0.0.1:4318/v1/traces
+    python=target/sdk-venv/bin/python3
+    [ -x "$python" ] || { python3 -m venv target/sdk-venv && "$python" -m pip install --quiet -r tests/sdk/requirements.txt; }
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$python" tests/sdk/load.py "$protocol" "$endpoint" 100 "${3:-50}" 60
+    wait "$meter"
     ;;
   burst)
     # The reference spans (2,500/s, 50-span requests) for 150 s with a burst of 500,000 spans/s
