@@ -26,7 +26,7 @@ pub fn release_free_heap() {
 }
 
 /// Free heap above which [`spawn_trimmer`] hands pages back.
-pub const TRIM_ABOVE_FREE_BYTES: usize = 4 << 20;
+pub const TRIM_ABOVE_FREE_BYTES: usize = 1 << 20;
 
 /// How often [`spawn_trimmer`] looks.
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);

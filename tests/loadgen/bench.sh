@@ -274,8 +274,14 @@ PY
       [ -n "$sampler_pid" ] && break
       sleep 0.1
     done
-    anon() { awk '/^RssAnon/ {print $2}' "/proc/$sampler_pid/status" 2>/dev/null || echo 0; }
-    ( for i in $(seq 0 5 145); do echo "t=${i}s tail_sample RssAnon $(anon) KiB"; sleep 5; done ) > "$work/burst-rss.out" &
+    anon() { awk '/^RssAnon/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+    every() {  # RssAnon of every stage process, KiB
+      for stage in receive tail_sample log_mirror spanmetrics export; do
+        pid=$(pgrep -P "$tailgate" -f "stage $stage" || true)
+        printf ' %s %s' "$stage" "$([ -n "$pid" ] && anon "$pid" || echo 0)"
+      done
+    }
+    ( for i in $(seq 0 5 145); do echo "t=${i}s tail_sample RssAnon $(anon "$sampler_pid") KiB; all (KiB):$(every)"; sleep 5; done ) > "$work/burst-rss.out" &
     watcher=$!
     sleep 40
     "$bin/tailgate-loadgen" send --rate 500000 --duration 20 --batch 512 --concurrency 4 > "$work/burst.out"
