@@ -197,3 +197,36 @@ fn grpc_receiver_rejects_bad_input_and_keeps_serving() {
     let traces: Vec<TestTrace> = (0..cases.len() as u32).map(|i| TestTrace::new(200 + i, Outcome::Error, 2)).collect();
     assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
 }
+
+/// Responses go uncompressed even to a client that accepts gzip (the OTLP export response is a
+/// few bytes; compressing it cost a deflate state per request): the compressed request is
+/// still read.
+#[test]
+fn grpc_responses_are_not_compressed() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let trace = TestTrace::new(300, Outcome::Error, 2);
+    let payload = gzip(&prost::Message::encode_to_vec(&trace_request("checkout", trace.spans.clone())));
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let raw = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let (encoding, body) = runtime.block_on(async {
+        let response = raw
+            .post(format!("http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export", tailgate.grpc))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-encoding", "gzip")
+            .header("grpc-accept-encoding", "gzip,identity")
+            .body(frame)
+            .send()
+            .await
+            .unwrap();
+        let encoding = response.headers().get("grpc-encoding").map(|v| v.to_str().unwrap().to_owned());
+        (encoding, response.bytes().await.unwrap())
+    });
+    assert_eq!(encoding, None, "the response was compressed");
+    assert_eq!(body.first(), Some(&0u8), "the response frame is flagged compressed");
+    assert_exact_delivery(&backend, &[trace], Duration::from_secs(1), false);
+}
