@@ -14,10 +14,12 @@ use tailgate_ipc::Queue;
 /// Most input batches read in one step (one write transaction).
 pub const MAX_BATCHES_PER_STEP: usize = 64;
 
-/// Steps are at least this far apart unless input is backing up: decisions take seconds anyway,
-/// and one step per burst of wake-ups keeps the cost per request low at small rates (measured in
-/// BENCHMARKS.md).
-pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(100);
+/// tail_sample's steps are at least this far apart unless input is backing up: decisions take
+/// seconds anyway, and every step's transaction copies the pages its decisions land on (trace
+/// ids are random, so nearly one page per decision): fewer, larger steps dirty fewer pages.
+/// 100 -> 500 ms took tail_sample from 1.13% to 0.70% of a core at 5,000 spans/s (BENCHMARKS.md);
+/// a decision comes at most this much after it is due.
+pub const MIN_STEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// log_mirror steps at most this often: its records wait for decisions that take seconds, and
 /// every step costs a transaction and a scan of new decisions (measured in BENCHMARKS.md).
