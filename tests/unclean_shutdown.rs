@@ -35,7 +35,9 @@ fn queue_undeliverable_traces(
 ) -> Vec<TestTrace> {
     backend.received.lock().unwrap().fail_next_traces = u32::MAX;
     let traces: Vec<TestTrace> = (0..20).map(|n| TestTrace::new(n, Outcome::Error, 2)).collect();
-    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(50), |_| {}));
+    // Waves further apart than tail_sample's step interval (500 ms): the traces are decided in
+    // several steps, so the kept spans lie in several batches (one of which gets damaged).
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(600), |_| {}));
     // Let tail_sample decide (root_grace 3 s) and export fail at least once.
     std::thread::sleep(Duration::from_secs(5));
     traces
