@@ -9,6 +9,7 @@ pub mod notify;
 mod proc;
 pub mod reload;
 pub mod report;
+pub mod stage_actor;
 pub mod stage_process;
 mod startup;
 pub mod supervisor;
