@@ -207,22 +207,14 @@ impl Queue {
             if key.len() != 24 {
                 continue;
             }
-            let mut stamp = [0u8; 8];
-            stamp.copy_from_slice(&key[..8]);
-            let mut trace_id = [0u8; 16];
-            trace_id.copy_from_slice(&key[8..]);
-            out.push((u64::from_be_bytes(stamp), trace_id));
+            out.push(split_expiry_key(key));
         }
         Ok(out)
     }
 
     /// The time (Unix ms) of the newest decision recorded.
     pub fn last_decision_ms(&self, txn: &RoTxn<'_>) -> Result<Option<u64>, QueueError> {
-        Ok(self.decision_expiry.last(txn)?.filter(|(key, _)| key.len() == 24).map(|(key, _)| {
-            let mut stamp = [0u8; 8];
-            stamp.copy_from_slice(&key[..8]);
-            u64::from_be_bytes(stamp)
-        }))
+        Ok(self.decision_expiry.last(txn)?.filter(|(key, _)| key.len() == 24).map(|(key, _)| split_expiry_key(key).0))
     }
 
     /// The decision for `trace_id`, if one is recorded.
@@ -293,45 +285,26 @@ impl Queue {
     ) -> Result<usize, QueueError> {
         let budget = rule.limit.saturating_mul(4);
         let mut doomed = Vec::new();
-        // The oldest entries: everything past the longer retention.
-        for (examined, entry) in self.decision_expiry.iter(wtxn)?.enumerate() {
-            let (key, _) = entry?;
-            if doomed.len() >= rule.limit || examined >= budget || key.len() != 24 {
-                break;
-            }
-            let (stamp, trace_id) = split_expiry_key(key);
-            if stamp >= rule.all_before_ms {
-                break;
-            }
-            // A damaged decision is pruned like any other (verification reports damage).
-            let decision = self.decision(wtxn, &trace_id).ok().flatten();
-            if decision.is_some_and(|d| d.last_seq > rule.cursor) {
-                continue;
-            }
-            doomed.push((key.to_vec(), trace_id));
-        }
+        // The oldest entries: everything past the longer retention. A damaged decision is
+        // pruned like any other (verification reports damage).
+        let pinned = |d: &Decision| d.last_seq > rule.cursor;
+        self.collect_expired(wtxn, &[0u8], rule.all_before_ms, budget, rule.limit, &pinned, &mut doomed)?;
         // Drop decisions past the TTL, from where the last scan stopped.
         if rule.drops_before_ms > rule.all_before_ms && doomed.len() < rule.limit {
-            // The smallest key LMDB accepts (it refuses an empty one): before every stamp.
+            // The smallest key LMDB accepts (it refuses an empty one) is before every stamp.
             let from = frontier.clone().unwrap_or_else(|| vec![0u8]);
-            let range = (std::ops::Bound::Included(&from[..]), std::ops::Bound::Unbounded);
-            for (examined, entry) in self.decision_expiry.range(wtxn, &range)?.enumerate() {
-                let (key, _) = entry?;
-                if doomed.len() >= rule.limit || examined >= budget || key.len() != 24 {
-                    break;
-                }
-                let (stamp, trace_id) = split_expiry_key(key);
-                if stamp >= rule.drops_before_ms {
-                    break;
-                }
-                *frontier = Some(key.to_vec());
-                let decision = self.decision(wtxn, &trace_id).ok().flatten();
-                if decision.is_some_and(|d| d.keep || d.last_seq > rule.cursor) {
-                    continue;
-                }
-                if !doomed.iter().any(|(k, _)| k.as_slice() == key) {
-                    doomed.push((key.to_vec(), trace_id));
-                }
+            let kept_or_pinned = |d: &Decision| d.keep || pinned(d);
+            let last = self.collect_expired(
+                wtxn,
+                &from,
+                rule.drops_before_ms,
+                budget,
+                rule.limit,
+                &kept_or_pinned,
+                &mut doomed,
+            )?;
+            if last.is_some() {
+                *frontier = last;
             }
         }
         for (key, trace_id) in &doomed {
@@ -339,6 +312,41 @@ impl Queue {
             self.decisions.delete(wtxn, trace_id)?;
         }
         Ok(doomed.len())
+    }
+
+    /// Adds to `doomed` the `decision_expiry` entries from key `from` on that are stamped before
+    /// `before_ms` and whose decision `stays` does not hold, until `doomed` has `limit` entries or
+    /// `budget` entries were examined. Returns the last key examined.
+    fn collect_expired(
+        &self,
+        wtxn: &RwTxn<'_>,
+        from: &[u8],
+        before_ms: u64,
+        budget: usize,
+        limit: usize,
+        stays: &dyn Fn(&Decision) -> bool,
+        doomed: &mut Vec<(Vec<u8>, [u8; 16])>,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let range = (std::ops::Bound::Included(from), std::ops::Bound::Unbounded);
+        let mut last = None;
+        for (examined, entry) in self.decision_expiry.range(wtxn, &range)?.enumerate() {
+            let (key, _) = entry?;
+            if doomed.len() >= limit || examined >= budget || key.len() != 24 {
+                break;
+            }
+            let (stamp, trace_id) = split_expiry_key(key);
+            if stamp >= before_ms {
+                break;
+            }
+            last = Some(key.to_vec());
+            if self.decision(wtxn, &trace_id).ok().flatten().is_some_and(|d| stays(&d)) {
+                continue;
+            }
+            if !doomed.iter().any(|(k, _)| k.as_slice() == key) {
+                doomed.push((key.to_vec(), trace_id));
+            }
+        }
+        Ok(last)
     }
 
     /// The adaptive thresholds as last written (empty when none was lifted).
