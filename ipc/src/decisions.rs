@@ -283,26 +283,18 @@ impl Queue {
         rule: &PruneRule,
         frontier: &mut Option<Vec<u8>>,
     ) -> Result<usize, QueueError> {
-        let budget = rule.limit.saturating_mul(4);
         let mut doomed = Vec::new();
         // The oldest entries: everything past the longer retention. A damaged decision is
         // pruned like any other (verification reports damage).
         let pinned = |d: &Decision| d.last_seq > rule.cursor;
-        self.collect_expired(wtxn, &[0u8], rule.all_before_ms, budget, rule.limit, &pinned, &mut doomed)?;
+        self.collect_expired(wtxn, &[0u8], rule.all_before_ms, rule.limit, &pinned, &mut doomed)?;
         // Drop decisions past the TTL, from where the last scan stopped.
         if rule.drops_before_ms > rule.all_before_ms && doomed.len() < rule.limit {
             // The smallest key LMDB accepts (it refuses an empty one) is before every stamp.
             let from = frontier.clone().unwrap_or_else(|| vec![0u8]);
             let kept_or_pinned = |d: &Decision| d.keep || pinned(d);
-            let last = self.collect_expired(
-                wtxn,
-                &from,
-                rule.drops_before_ms,
-                budget,
-                rule.limit,
-                &kept_or_pinned,
-                &mut doomed,
-            )?;
+            let last =
+                self.collect_expired(wtxn, &from, rule.drops_before_ms, rule.limit, &kept_or_pinned, &mut doomed)?;
             if last.is_some() {
                 *frontier = last;
             }
@@ -316,18 +308,18 @@ impl Queue {
 
     /// Adds to `doomed` the `decision_expiry` entries from key `from` on that are stamped before
     /// `before_ms` and whose decision `stays` does not hold, until `doomed` has `limit` entries or
-    /// `budget` entries were examined. Returns the last key examined.
+    /// `4 * limit` entries were examined. Returns the last key examined.
     fn collect_expired(
         &self,
         wtxn: &RwTxn<'_>,
         from: &[u8],
         before_ms: u64,
-        budget: usize,
         limit: usize,
         stays: &dyn Fn(&Decision) -> bool,
         doomed: &mut Vec<(Vec<u8>, [u8; 16])>,
     ) -> Result<Option<Vec<u8>>, QueueError> {
         let range = (std::ops::Bound::Included(from), std::ops::Bound::Unbounded);
+        let budget = limit.saturating_mul(4);
         let mut last = None;
         for (examined, entry) in self.decision_expiry.range(wtxn, &range)?.enumerate() {
             let (key, _) = entry?;
