@@ -42,7 +42,7 @@ const MAX_PRUNE_PER_STEP: usize = 4096;
 /// The trace map is left alone below this capacity (a steady load's index).
 const COMPACT_ABOVE_CAPACITY: usize = 16_384;
 
-/// How often the stage, when it has caught up, gives back memory a burst left behind.
+/// How often the stage, when it has caught up, shrinks an index a burst left oversized.
 const COMPACT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The sampling rules.
@@ -748,14 +748,13 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         if report.more_input {
             continue;
         }
-        // Caught up: after a burst the index and the allocator hold far more than the load
-        // needs; hand it back (a heap walk every 10 s: microseconds at a steady load).
+        // Caught up: after a burst the index holds far more capacity than the load needs; give
+        // it back (the process's heap trimmer, `ipc::memory::spawn_trimmer`, returns the pages).
         if compacted_at.elapsed() >= COMPACT_INTERVAL {
             compacted_at = std::time::Instant::now();
             if sampler.compact() {
                 tracing::debug!(pending = sampler.pending_traces(), "index shrunk after a burst");
             }
-            tailgate_ipc::memory::release_free_heap();
         }
         let timeout = sampler
             .next_due()
