@@ -570,8 +570,32 @@ pub enum AttributeValue<'a> {
 /// (`Span`: 9, `Resource`: 1) without decoding it: walks the fields and compares keys in
 /// place. `None` when absent or the bytes do not parse.
 pub fn find_attribute<'a>(message: &'a [u8], attributes_field: u32, key: &str) -> Option<AttributeValue<'a>> {
+    let mut found = [None];
+    find_attributes(message, attributes_field, &[key], &mut found);
+    found[0]
+}
+
+/// Finds several attributes in one walk: `found[i]` receives the first value of `keys[i]`
+/// (left as it is when absent). The walk stops once every key has a value; a value is decoded
+/// only when its key is wanted. Bytes that do not parse end the walk with what was found.
+pub fn find_attributes<'a, K: AsRef<str>>(
+    message: &'a [u8],
+    attributes_field: u32,
+    keys: &[K],
+    found: &mut [Option<AttributeValue<'a>>],
+) {
+    let _ = walk_attributes(message, attributes_field, keys, found);
+}
+
+fn walk_attributes<'a, K: AsRef<str>>(
+    message: &'a [u8],
+    attributes_field: u32,
+    keys: &[K],
+    found: &mut [Option<AttributeValue<'a>>],
+) -> Option<()> {
+    let mut missing = found.iter().take(keys.len()).filter(|f| f.is_none()).count();
     let mut reader = wire::Reader::new(message);
-    while !reader.is_done() {
+    while missing > 0 && !reader.is_done() {
         let (number, wire_type, at) = reader.key().ok()?;
         if number != attributes_field || wire_type != 2 {
             reader.skip(wire_type, at).ok()?;
@@ -588,28 +612,39 @@ pub fn find_attribute<'a>(message: &'a [u8], attributes_field: u32, key: &str) -
                 _ => fields.skip(wire_type, at).ok()?,
             }
         }
-        if found_key != Some(key.as_bytes()) {
+        let Some(found_key) = found_key else { continue };
+        let Some(slot) = keys
+            .iter()
+            .zip(found.iter_mut())
+            .find_map(|(key, slot)| (slot.is_none() && key.as_ref().as_bytes() == found_key).then_some(slot))
+        else {
             continue;
-        }
-        let mut any = wire::Reader::new(value.unwrap_or_default());
-        let mut result = AttributeValue::Other;
-        while !any.is_done() {
-            let (number, wire_type, at) = any.key().ok()?;
-            match (number, wire_type) {
-                (1, 2) => {
-                    result = std::str::from_utf8(any.len_delimited(at).ok()?)
-                        .map_or(AttributeValue::Other, AttributeValue::Str)
-                }
-                (3, 0) => result = AttributeValue::Int(any.varint().ok()? as i64),
-                _ => {
-                    any.skip(wire_type, at).ok()?;
-                    result = AttributeValue::Other;
-                }
+        };
+        *slot = Some(any_value(value.unwrap_or_default())?);
+        missing -= 1;
+    }
+    Some(())
+}
+
+/// An encoded `AnyValue` as far as policies compare it.
+fn any_value(value: &[u8]) -> Option<AttributeValue<'_>> {
+    let mut any = wire::Reader::new(value);
+    let mut result = AttributeValue::Other;
+    while !any.is_done() {
+        let (number, wire_type, at) = any.key().ok()?;
+        match (number, wire_type) {
+            (1, 2) => {
+                result =
+                    std::str::from_utf8(any.len_delimited(at).ok()?).map_or(AttributeValue::Other, AttributeValue::Str)
+            }
+            (3, 0) => result = AttributeValue::Int(any.varint().ok()? as i64),
+            _ => {
+                any.skip(wire_type, at).ok()?;
+                result = AttributeValue::Other;
             }
         }
-        return Some(result);
     }
-    None
+    Some(result)
 }
 
 /// Reads `partial_success` from an encoded `Export{Trace,Logs,Metrics}ServiceResponse`:

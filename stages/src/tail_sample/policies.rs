@@ -15,7 +15,7 @@ use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
 use tailgate_ipc::batch::ArchivedSpanBatch;
 
-use crate::otlp_wire::{AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, find_attribute};
+use crate::otlp_wire::{AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, find_attribute, find_attributes};
 
 /// 2^56: the range of a trace id's randomness.
 const RANDOMNESS_RANGE: u64 = 1 << 56;
@@ -47,12 +47,14 @@ enum Rule {
         over_nanos: u64,
     },
     StringAttribute {
-        key: String,
+        /// Index into [`Policies::keys`].
+        key: usize,
         matcher: Matcher,
         invert: bool,
     },
     NumericAttribute {
-        key: String,
+        /// Index into [`Policies::keys`].
+        key: usize,
         min: i64,
         max: i64,
         invert: bool,
@@ -75,7 +77,15 @@ enum Verdict {
 }
 
 impl Rule {
-    fn new(config: &PolicyConfig) -> Rule {
+    /// The rule of `config`; the attribute keys it reads are interned in `keys`.
+    fn new(config: &PolicyConfig, keys: &mut Vec<String>) -> Rule {
+        let mut intern = |key: &str| match keys.iter().position(|k| k == key) {
+            Some(index) => index,
+            None => {
+                keys.push(key.to_string());
+                keys.len() - 1
+            }
+        };
         match config.kind {
             PolicyType::StatusCode => Rule::StatusCode(
                 config.status_code.iter().flat_map(|s| s.status_codes.iter().map(|c| c.wire())).collect(),
@@ -100,7 +110,7 @@ impl Rule {
                     Matcher::Exact(values)
                 };
                 Rule::StringAttribute {
-                    key: policy.map(|p| p.key.clone()).unwrap_or_default(),
+                    key: intern(policy.map_or("", |p| p.key.as_str())),
                     matcher,
                     invert: policy.is_some_and(|p| p.invert_match),
                 }
@@ -108,7 +118,7 @@ impl Rule {
             PolicyType::NumericAttribute => {
                 let policy = config.numeric_attribute.as_ref();
                 Rule::NumericAttribute {
-                    key: policy.map(|p| p.key.clone()).unwrap_or_default(),
+                    key: intern(policy.map_or("", |p| p.key.as_str())),
                     min: policy.map_or(0, |p| p.min_value),
                     max: policy.map_or(-1, |p| p.max_value),
                     invert: policy.is_some_and(|p| p.invert_match),
@@ -120,11 +130,22 @@ impl Rule {
             }
             PolicyType::AlwaysSample => Rule::Always,
             PolicyType::And => {
-                Rule::And(config.and.iter().flat_map(|a| a.and_sub_policy.iter().map(Rule::new)).collect())
+                Rule::And(config.and.iter().flat_map(|a| a.and_sub_policy.iter()).map(|c| Rule::new(c, keys)).collect())
             }
-            PolicyType::Drop => {
-                Rule::Drop(config.drop.iter().flat_map(|d| d.drop_sub_policy.iter().map(Rule::new)).collect())
-            }
+            PolicyType::Drop => Rule::Drop(
+                config.drop.iter().flat_map(|d| d.drop_sub_policy.iter()).map(|c| Rule::new(c, keys)).collect(),
+            ),
+        }
+    }
+
+    /// Whether the rule can overrule a keep by another policy: a `drop` (veto) or an inverted
+    /// attribute match (drops when the value matches). Once a trace is kept, only these still
+    /// need evaluating.
+    fn can_overrule(&self) -> bool {
+        match self {
+            Rule::Drop(_) => true,
+            Rule::StringAttribute { invert, .. } | Rule::NumericAttribute { invert, .. } => *invert,
+            _ => false,
         }
     }
 
@@ -151,14 +172,14 @@ impl Rule {
             }
             Rule::SpanLatency { over_nanos } => sampled(trace.longest_span > *over_nanos),
             Rule::StringAttribute { key, matcher, invert } => {
-                let matched = trace.attribute_values(key).any(|value| match value {
+                let matched = trace.attribute_values(*key).any(|value| match value {
                     AttributeValue::Str(text) => matcher.matches(text),
                     _ => false,
                 });
                 inverted(matched, *invert)
             }
             Rule::NumericAttribute { key, min, max, invert } => {
-                let matched = trace.attribute_values(key).any(|value| match value {
+                let matched = trace.attribute_values(*key).any(|value| match value {
                     AttributeValue::Int(number) => (*min..=*max).contains(&number),
                     _ => false,
                 });
@@ -200,19 +221,34 @@ struct TraceFacts<'a> {
     longest_span: u64,
     /// Each span's encoded bytes and its resource's, where attributes are looked up in place.
     attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
+    /// The attribute keys the rules read ([`Policies::keys`]).
+    keys: &'a [String],
+    /// Per span, the value of each key (its own attribute, else its resource's): found in one
+    /// walk of each span the first time a rule asks.
+    values: std::cell::OnceCell<Vec<Option<AttributeValue<'a>>>>,
 }
 
-impl TraceFacts<'_> {
+impl<'a> TraceFacts<'a> {
     fn duration_nanos(&self) -> u64 {
         self.last_end.saturating_sub(self.first_start)
     }
 
-    /// The value of `key` on each span: its own attribute, else its resource's.
-    fn attribute_values<'k>(&'k self, key: &'k str) -> impl Iterator<Item = AttributeValue<'k>> + 'k {
-        self.attributes.iter().filter_map(move |(span, resource)| {
-            find_attribute(span, SPAN_ATTRIBUTES, key)
-                .or_else(|| find_attribute((*resource)?, RESOURCE_ATTRIBUTES, key))
-        })
+    /// The value of key `key` ([`Policies::keys`]) on each span that has it.
+    fn attribute_values(&self, key: usize) -> impl Iterator<Item = AttributeValue<'a>> + '_ {
+        let width = self.keys.len().max(1);
+        let values = self.values.get_or_init(|| {
+            let mut values = vec![None; self.attributes.len() * width];
+            for ((span, resource), found) in self.attributes.iter().zip(values.chunks_mut(width)) {
+                find_attributes(span, SPAN_ATTRIBUTES, self.keys, found);
+                if let Some(resource) = resource
+                    && found.iter().any(Option::is_none)
+                {
+                    find_attributes(resource, RESOURCE_ATTRIBUTES, self.keys, found);
+                }
+            }
+            values
+        });
+        values.chunks(width).filter_map(move |found| found.get(key).copied().flatten())
     }
 }
 
@@ -303,6 +339,10 @@ fn with_threshold(tracestate: &str, threshold: &str) -> String {
 #[derive(Debug)]
 pub struct Policies {
     rules: Vec<(String, Rule)>,
+    /// Per rule, whether it can overrule a keep ([`Rule::can_overrule`]).
+    overrules: Vec<bool>,
+    /// The attribute keys the rules read, each once.
+    keys: Vec<String>,
     marks: Vec<Mark>,
     needs_attributes: bool,
     /// The adaptive `latency` policy: its index and its per-route thresholds.
@@ -315,7 +355,9 @@ impl Policies {
     /// lasting longer than `latency_threshold`: the product's rule before policies, which the
     /// golden sets pin; the `latency` policy type measures the whole trace, as the Collector).
     pub fn new(configs: &[PolicyConfig], keep_errors: bool, latency_threshold: std::time::Duration) -> Policies {
-        let mut rules: Vec<(String, Rule)> = configs.iter().map(|c| (c.name.clone(), Rule::new(c))).collect();
+        let mut keys = Vec::new();
+        let mut rules: Vec<(String, Rule)> =
+            configs.iter().map(|c| (c.name.clone(), Rule::new(c, &mut keys))).collect();
         if configs.is_empty() {
             if keep_errors {
                 rules.push(("errors".to_string(), Rule::StatusCode(vec![tailgate_ipc::batch::STATUS_CODE_ERROR])));
@@ -323,6 +365,7 @@ impl Policies {
             rules.push(("slow".to_string(), Rule::SpanLatency { over_nanos: latency_threshold.as_nanos() as u64 }));
         }
         let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
+        let overrules = rules.iter().map(|(_, rule)| rule.can_overrule()).collect();
         let mut marks: Vec<Mark> = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
         marks.push(Mark::new(super::incident::INCIDENT_REASON, &Rule::Always));
         let adaptive = configs.iter().enumerate().find_map(|(index, config)| {
@@ -331,7 +374,7 @@ impl Policies {
             let stored = tailgate_ipc::decisions::RouteThresholds::default();
             Some((index, super::adaptive::Adaptive::new(latency.threshold_ms, adaptive, &stored)))
         });
-        Policies { rules, marks, needs_attributes, adaptive }
+        Policies { rules, overrules, keys, marks, needs_attributes, adaptive }
     }
 
     /// Resumes the adaptive thresholds stored in the queue.
@@ -373,6 +416,8 @@ impl Policies {
             last_end: 0,
             longest_span: 0,
             attributes: Vec::new(),
+            keys: &self.keys,
+            values: std::cell::OnceCell::new(),
         };
         for (batch, index) in spans {
             let Some(span) = batch.spans.get(*index as usize) else { continue };
@@ -409,6 +454,10 @@ impl Policies {
         });
         let (mut dropped, mut inverted_out, mut kept_by) = (false, false, None);
         for (index, (_, rule)) in self.rules.iter().enumerate() {
+            if kept_by.is_some() && !self.overrules[index] {
+                // Kept already: only a veto or an inverted match can still change the outcome.
+                continue;
+            }
             let verdict = match (adaptive, rule) {
                 (Some((at, over)), Rule::Latency { max_nanos, .. }) if at == index => {
                     if over && facts.duration_nanos() <= *max_nanos { Verdict::Sampled } else { Verdict::NotSampled }

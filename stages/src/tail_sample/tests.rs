@@ -304,6 +304,8 @@ fn sampler_throughput() {
     let spans_wanted: u64 =
         std::env::var("TAILGATE_BENCH_SPANS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let with_policies = std::env::var("TAILGATE_BENCH_POLICIES").is_ok();
+    // The allocator as the stage process sets it.
+    tailgate_ipc::memory::tune_allocator();
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 4 << 30, ..Default::default() }).unwrap();
     let kv = |key: &str, value: &str| KeyValue {

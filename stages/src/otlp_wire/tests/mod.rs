@@ -733,4 +733,11 @@ fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
         let _ = find_attribute(&span[..cut], 9, "retries");
     }
     assert_eq!(find_attribute(&[0xff, 0xff, 0xff], 9, "http.route"), None);
+    // Several keys in one walk; a slot already filled (a span's own value) is left alone.
+    let mut found = [None, Some(AttributeValue::Int(7)), None];
+    find_attributes(&span, 9, &["retries", "http.route", "missing"], &mut found);
+    assert_eq!(found, [Some(AttributeValue::Int(-3)), Some(AttributeValue::Int(7)), None]);
+    let mut found = [None, None];
+    find_attributes(&span, 9, &["ok", "http.route"], &mut found);
+    assert_eq!(found, [Some(AttributeValue::Other), Some(AttributeValue::Str("/checkout"))]);
 }
