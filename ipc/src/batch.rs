@@ -21,6 +21,11 @@
 use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
 
+mod borrowed;
+pub use borrowed::{
+    SpanBatchRef, SpanBody, SpanRecordRef, SpanSummaryRef, SummaryBatchRef, encode_span_refs, encode_summary_refs,
+};
+
 /// Format version written into every header; a reader rejects any other.
 pub const BATCH_FORMAT_VERSION: u16 = 3;
 
@@ -442,29 +447,6 @@ impl SubsetBuilder {
         self.scope_index.clear();
         self.resource_index.clear();
         (std::mem::take(&mut self.resources), std::mem::take(&mut self.scopes))
-    }
-}
-
-/// Copies an archived span record into an owned one, pointing at `scope` of the new batch.
-pub fn own_span(span: &ArchivedSpanRecord, scope: u32) -> SpanRecord {
-    own_span_with_room(span, scope, 0)
-}
-
-/// Like [`own_span`], with room for `extra` more bytes of body (appended without a realloc).
-pub fn own_span_with_room(span: &ArchivedSpanRecord, scope: u32, extra: usize) -> SpanRecord {
-    let mut body = Vec::with_capacity(span.body.len() + extra);
-    body.extend_from_slice(span.body.as_slice());
-    SpanRecord {
-        trace_id: span.trace_id,
-        span_id: span.span_id,
-        parent_span_id: span.parent_span_id,
-        start_unix_nano: span.start_unix_nano.to_native(),
-        end_unix_nano: span.end_unix_nano.to_native(),
-        status_code: span.status_code,
-        kind: span.kind,
-        scope,
-        name: span.name.as_str().to_owned(),
-        body,
     }
 }
 

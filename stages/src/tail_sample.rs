@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use tailgate_ipc::batch::{self, ArchivedSpanBatch, SpanBatch, SubsetBuilder};
+use tailgate_ipc::batch::{self, ArchivedSpanBatch, SubsetBuilder};
 use tailgate_ipc::decisions::{Decision, PruneRule, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
@@ -175,29 +175,38 @@ pub struct StepReport {
 /// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
 const SUMMARY_OVERHEAD_BYTES: usize = 72;
 
-/// The spans one step emits and the decisions it records, committed together.
+/// The spans one step emits and the decisions it records, committed together. The spans and
+/// summaries borrow from the batches read in the step's read transaction (`'t`) and are encoded
+/// from there ([`StepOutput::finish`]) before it ends: no span is copied but into its output.
 #[derive(Default)]
-struct StepOutput {
+struct StepOutput<'t> {
     builder: SubsetBuilder,
-    spans: Vec<batch::SpanRecord>,
+    spans: Vec<batch::SpanRecordRef<'t>>,
     span_bytes: usize,
     /// Finished output batches, each at most about `batch_limit` bytes of spans.
-    full: Vec<SpanBatch>,
+    full: Vec<batch::SpanBatchRef<'t>>,
     /// Seal output batches at this many bytes of spans.
     batch_limit: usize,
     /// Stop deciding once this many bytes of spans were emitted in the step.
     step_limit: usize,
     /// Bytes of spans emitted in the step.
     emitted: usize,
-    /// Decisions made or extended in this step, by trace id.
     /// Decisions made or extended in this step, by trace id, and whether one is stored already.
     decisions: HashMap<[u8; 16], (Decision, bool)>,
     /// What spanmetrics gets of every span decided in this step.
-    summaries: Summaries,
+    summaries: Summaries<'t>,
 }
 
-impl StepOutput {
-    fn emit(&mut self, seq: u64, source: &ArchivedSpanBatch, index: u32, mark: Option<&policies::Mark>) {
+/// A step's output, encoded and owned: what the write transaction appends and records.
+struct EncodedOutput {
+    kept_spans: Vec<Vec<u8>>,
+    summaries: Vec<Vec<u8>>,
+    summarized: u64,
+    decisions: HashMap<[u8; 16], (Decision, bool)>,
+}
+
+impl<'t> StepOutput<'t> {
+    fn emit(&mut self, seq: u64, source: &'t ArchivedSpanBatch, index: u32, mark: Option<&policies::Mark>) {
         if let Some(span) = source.spans.get(index as usize) {
             // Seal before a span would take the batch past the limit (a span above the limit on
             // its own still gets a batch of its own).
@@ -207,17 +216,17 @@ impl StepOutput {
             let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
             self.span_bytes += span.body.len();
             self.emitted += span.body.len();
-            let mut record = batch::own_span_with_room(span, scope, mark.map_or(0, policies::Mark::appended_len));
-            if let Some(mark) = mark {
-                mark.apply(&mut record.body);
-            }
-            self.spans.push(record);
+            let body = match mark {
+                Some(mark) => mark.body(span.body.as_slice()),
+                None => batch::SpanBody::Borrowed { body: span.body.as_slice(), tail: None },
+            };
+            self.spans.push(batch::SpanRecordRef::of(span, scope, body));
         }
     }
 
     /// Writes the span's summary for spanmetrics; it counts against the step's output limit like
     /// an emitted span, so a step deciding many dropped traces stays bounded too.
-    fn summarize(&mut self, source: &ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
+    fn summarize(&mut self, source: &'t ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
         self.summaries.add(source, index, kept, dimensions);
         let name = source.spans.get(index as usize).map_or(0, |span| span.name.len());
         self.emitted += SUMMARY_OVERHEAD_BYTES + name;
@@ -231,7 +240,16 @@ impl StepOutput {
         let (resources, scopes) = self.builder.take();
         let spans = std::mem::take(&mut self.spans);
         self.span_bytes = 0;
-        self.full.push(SpanBatch { received_unix_nano: pipeline_now(), resources, scopes, spans });
+        self.full.push(batch::SpanBatchRef { received_unix_nano: pipeline_now(), resources, scopes, spans });
+    }
+
+    /// Encodes the output batches (summaries stamped `decided_unix_nano`), ending the borrow of
+    /// the read transaction.
+    fn finish(mut self, decided_unix_nano: u64) -> Result<EncodedOutput, StageError> {
+        self.seal();
+        let kept_spans = self.full.iter().map(batch::encode_span_refs).collect::<Result<_, _>>()?;
+        let (summaries, summarized) = self.summaries.finish(decided_unix_nano)?;
+        Ok(EncodedOutput { kept_spans, summaries, summarized, decisions: self.decisions })
     }
 }
 
@@ -399,6 +417,7 @@ impl Sampler {
             // Stops at the step's output limit and asks for another step (more_input).
             self.decide(queue, &rtxn, decide_at, now_unix_nano, &mut output, &mut report)?;
         }
+        let output = output.finish(now_unix_nano)?;
         drop(rtxn);
         let old_cursor = self.cursor;
         self.advance_cursor();
@@ -426,15 +445,13 @@ impl Sampler {
         if let Some(thresholds) = self.policies.adaptive().and_then(|a| a.take_dirty()) {
             queue.set_route_thresholds(&mut wtxn, &thresholds)?;
         }
-        output.seal();
-        for kept in &output.full {
-            queue.append(&mut wtxn, Edge::KeptSpans, &batch::encode_spans(kept)?)?;
+        for kept in &output.kept_spans {
+            queue.append(&mut wtxn, Edge::KeptSpans, kept)?;
         }
-        let summaries = output.summaries.finish(now_unix_nano);
-        for summary in &summaries {
-            queue.append(&mut wtxn, Edge::SpanSummaries, &batch::encode_summaries(summary)?)?;
+        for summaries in &output.summaries {
+            queue.append(&mut wtxn, Edge::SpanSummaries, summaries)?;
         }
-        report.summarized = summaries.iter().map(|b| b.summaries.len() as u64).sum();
+        report.summarized = output.summarized;
         // In key order: neighbouring puts touch the same pages.
         let mut decisions: Vec<(&[u8; 16], &(Decision, bool))> = output.decisions.iter().collect();
         decisions.sort_unstable_by_key(|(trace_id, _)| **trace_id);
@@ -474,12 +491,12 @@ impl Sampler {
         }
     }
 
-    fn ingest(
+    fn ingest<'t>(
         &mut self,
         queue: &Queue,
-        rtxn: &ReadTxn<'_>,
+        rtxn: &'t ReadTxn<'_>,
         now_unix_nano: u64,
-        output: &mut StepOutput,
+        output: &mut StepOutput<'t>,
         report: &mut StepReport,
     ) -> Result<(), StageError> {
         let mut batches = 0;
@@ -561,7 +578,7 @@ impl Sampler {
         &self,
         queue: &Queue,
         rtxn: &ReadTxn<'_>,
-        output: &StepOutput,
+        output: &StepOutput<'_>,
         trace_id: &[u8; 16],
     ) -> Result<Option<(Decision, bool)>, StageError> {
         if let Some(decision) = output.decisions.get(trace_id) {
@@ -603,16 +620,16 @@ impl Sampler {
 
     /// Decides every pending trace due by `due_by` (receive-time clock); decisions are stamped
     /// with `now_unix_nano`. Returns false when it stopped at the step's output limit.
-    fn decide(
+    fn decide<'t>(
         &mut self,
         queue: &Queue,
-        rtxn: &ReadTxn<'_>,
+        rtxn: &'t ReadTxn<'_>,
         due_by: u64,
         now_unix_nano: u64,
-        output: &mut StepOutput,
+        output: &mut StepOutput<'t>,
         report: &mut StepReport,
     ) -> Result<bool, StageError> {
-        let mut sources: HashMap<u64, &ArchivedSpanBatch> = HashMap::new();
+        let mut sources: HashMap<u64, &'t ArchivedSpanBatch> = HashMap::new();
         while let Some(&(due, trace_id)) = self.due.first() {
             if due > due_by {
                 break;

@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
-use tailgate_ipc::batch::ArchivedSpanBatch;
+use tailgate_ipc::batch::{ArchivedSpanBatch, SpanBody};
 
 use crate::otlp_wire::{AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, find_attribute, find_attributes};
 
@@ -261,7 +261,8 @@ pub const POLICY_ATTRIBUTE: &str = "tailgate.sampling.policy";
 /// `tracestate` under `ot`, so downstream counts can weight the span by 1/p.
 #[derive(Debug, Clone)]
 pub struct Mark {
-    attribute_field: Vec<u8>,
+    /// Shared by every span the policy keeps (appended to each in place of a copy).
+    attribute_field: std::sync::Arc<[u8]>,
     threshold: Option<String>,
 }
 
@@ -279,23 +280,21 @@ impl Mark {
             Rule::Probabilistic { threshold } => Some(threshold_hex(*threshold)),
             _ => None,
         };
-        Mark { attribute_field: carrier.encode_to_vec(), threshold }
+        Mark { attribute_field: carrier.encode_to_vec().into(), threshold }
     }
 
-    /// Bytes [`Mark::apply`] appends (besides a re-encoded `tracestate`).
-    pub fn appended_len(&self) -> usize {
-        self.attribute_field.len()
-    }
-
-    /// The span's bytes with the mark added.
-    pub fn apply(&self, body: &mut Vec<u8>) {
+    /// The span's bytes (`body`) with the mark added: the stored bytes followed by the
+    /// attribute entry, or, for a probabilistic keep, the span re-encoded with its `tracestate`.
+    pub fn body<'a>(&self, body: &'a [u8]) -> SpanBody<'a> {
         if let Some(threshold) = &self.threshold
-            && let Ok(mut span) = Span::decode(body.as_slice())
+            && let Ok(mut span) = Span::decode(body)
         {
             span.trace_state = with_threshold(&span.trace_state, threshold);
-            *body = span.encode_to_vec();
+            let mut owned = span.encode_to_vec();
+            owned.extend_from_slice(&self.attribute_field);
+            return SpanBody::Owned(owned);
         }
-        body.extend_from_slice(&self.attribute_field);
+        SpanBody::Borrowed { body, tail: Some(self.attribute_field.clone()) }
     }
 }
 
@@ -661,9 +660,9 @@ mod tests {
         assert_eq!(threshold_for(0.0), RANDOMNESS_RANGE);
         assert_eq!(with_threshold("", "8"), "ot=th:8");
         assert_eq!(with_threshold("vendor=x,ot=th:c;rv:abc", "8"), "ot=th:8;rv:abc,vendor=x");
-        let mut body = Span { trace_state: "vendor=x".into(), ..Default::default() }.encode_to_vec();
+        let body = Span { trace_state: "vendor=x".into(), ..Default::default() }.encode_to_vec();
         let set = policies("    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 50}}\n");
-        set.mark(0).unwrap().apply(&mut body);
+        let body = set.mark(0).unwrap().body(&body).to_vec();
         let span = Span::decode(body.as_slice()).unwrap();
         assert_eq!(span.trace_state, "ot=th:8,vendor=x");
         assert_eq!(span.attributes.len(), 1);

@@ -10,22 +10,22 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use tailgate_ipc::batch::{ArchivedSpanBatch, SpanSummary, SummaryBatch};
+use tailgate_ipc::batch::{ArchivedSpanBatch, BatchError, SpanSummaryRef, SummaryBatchRef, encode_summary_refs};
 
 /// Summaries sealed into batches of at most this many.
 const MAX_SUMMARIES_PER_BATCH: usize = 16_384;
 
-/// Summaries of one step.
+/// Summaries of one step, borrowing the names from the spans read in the step's transaction.
 #[derive(Debug, Default)]
-pub struct Summaries {
-    services: HashMap<String, u32>,
-    current: SummaryBatch,
-    full: Vec<SummaryBatch>,
+pub struct Summaries<'t> {
+    services: HashMap<&'t str, u32>,
+    current: SummaryBatchRef<'t>,
+    full: Vec<SummaryBatchRef<'t>>,
 }
 
-impl Summaries {
+impl<'t> Summaries<'t> {
     /// Summarizes span `index` of `source`; `dimensions` are the configured attribute names.
-    pub fn add(&mut self, source: &ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
+    pub fn add(&mut self, source: &'t ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
         let Some(span) = source.spans.get(index as usize) else { return };
         if self.current.summaries.len() >= MAX_SUMMARIES_PER_BATCH {
             self.seal();
@@ -40,7 +40,7 @@ impl Summaries {
             None => {
                 let next = self.current.services.len() as u32;
                 self.current.services.push(service_name.to_owned());
-                self.services.insert(service_name.to_owned(), next);
+                self.services.insert(service_name, next);
                 next
             }
         };
@@ -62,7 +62,7 @@ impl Summaries {
                 .collect()
         };
         let (start, end) = (span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
-        self.current.summaries.push(SpanSummary {
+        self.current.summaries.push(SpanSummaryRef {
             trace_id: span.trace_id,
             span_id: span.span_id,
             end_unix_nano: end,
@@ -71,7 +71,7 @@ impl Summaries {
             status_code: span.status_code,
             kept,
             service,
-            name: span.name.as_str().to_owned(),
+            name: span.name.as_str(),
             dimensions,
         });
     }
@@ -84,14 +84,20 @@ impl Summaries {
         self.full.push(std::mem::take(&mut self.current));
     }
 
-    /// The batches to append, stamped with the decision time.
-    pub fn finish(&mut self, decided_unix_nano: u64) -> Vec<SummaryBatch> {
+    /// The batches to append, stamped with the decision time and encoded, and how many
+    /// summaries they hold.
+    pub fn finish(mut self, decided_unix_nano: u64) -> Result<(Vec<Vec<u8>>, u64), BatchError> {
         self.seal();
-        let mut out = std::mem::take(&mut self.full);
-        for batch in &mut out {
-            batch.decided_unix_nano = decided_unix_nano;
-        }
-        out
+        let count = self.full.iter().map(|batch| batch.summaries.len() as u64).sum();
+        let encoded = self
+            .full
+            .iter_mut()
+            .map(|batch| {
+                batch.decided_unix_nano = decided_unix_nano;
+                encode_summary_refs(batch)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((encoded, count))
     }
 }
 

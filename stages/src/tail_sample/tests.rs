@@ -1,5 +1,6 @@
 use super::*;
 use tailgate_ipc::QueueOptions;
+use tailgate_ipc::batch::SpanBatch;
 use tailgate_ipc::batch::{ResourceBlock, ScopeBlock, SpanRecord};
 
 const T0: u64 = 1_000_000_000_000;

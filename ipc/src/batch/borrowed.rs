@@ -1,0 +1,419 @@
+//! Batches written from borrowed parts: a stage that passes spans on (tail_sample's kept spans)
+//! or summarizes them serializes straight from the archived input it reads, instead of copying
+//! every span into an owned record first. The borrowed types archive *as* the owned types'
+//! archived forms ([`ArchivedSpanRecord`], [`ArchivedSpanBatch`], [`ArchivedSpanSummary`],
+//! [`ArchivedSummaryBatch`]), so the bytes are the same format and readers do not change; the
+//! tests pin that the encodings are byte for byte equal.
+
+use std::sync::Arc;
+
+use rkyv::munge::munge;
+use rkyv::rancor;
+use rkyv::ser::{Positional, Writer};
+use rkyv::string::{ArchivedString, StringResolver};
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::{Archive, Place, Serialize};
+
+use super::{
+    ArchivedSpanBatch, ArchivedSpanRecord, ArchivedSpanSummary, ArchivedSummaryBatch, BatchError, BatchKind,
+    ResourceBlock, ScopeBlock,
+};
+
+/// The serializer batches are written with (the one [`super::encode`] uses). The borrowed types
+/// implement `Serialize` for it alone: generic bounds would hide that their archived types are
+/// the owned types' (a where clause on a projection shadows the impl that normalizes it).
+type Ser<'x> = rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'x>, rancor::Error>;
+
+/// A span's encoded bytes: a borrowed body, optionally followed by bytes appended to it (an
+/// encoded repeated field, which protobuf merges), or a body rewritten in full.
+#[derive(Debug, Clone)]
+pub enum SpanBody<'a> {
+    /// The body as stored, then `tail` if any.
+    Borrowed { body: &'a [u8], tail: Option<Arc<[u8]>> },
+    /// A rewritten body.
+    Owned(Vec<u8>),
+}
+
+impl SpanBody<'_> {
+    /// Encoded length.
+    pub fn len(&self) -> usize {
+        match self {
+            SpanBody::Borrowed { body, tail } => body.len() + tail.as_ref().map_or(0, |t| t.len()),
+            SpanBody::Owned(body) => body.len(),
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, copied.
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            SpanBody::Borrowed { body, tail } => [*body, tail.as_deref().unwrap_or_default()].concat(),
+            SpanBody::Owned(body) => body.clone(),
+        }
+    }
+
+    /// Writes the bytes as the elements of an `ArchivedVec<u8>` (bytes need no alignment: the
+    /// parts go back to back where the vector's elements start).
+    fn serialize(&self, serializer: &mut Ser<'_>) -> Result<VecResolver, rancor::Error> {
+        let pos = serializer.pos();
+        match self {
+            SpanBody::Borrowed { body, tail } => {
+                serializer.write(body)?;
+                if let Some(tail) = tail {
+                    serializer.write(tail)?;
+                }
+            }
+            SpanBody::Owned(body) => serializer.write(body)?,
+        }
+        Ok(VecResolver::from_pos(pos))
+    }
+}
+
+/// A span record whose name and body are borrowed; archives as [`ArchivedSpanRecord`].
+#[derive(Debug, Clone)]
+pub struct SpanRecordRef<'a> {
+    /// 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// 8-byte span id.
+    pub span_id: [u8; 8],
+    /// Parent span id; all zero for a root span.
+    pub parent_span_id: [u8; 8],
+    /// Start time, Unix nanoseconds.
+    pub start_unix_nano: u64,
+    /// End time, Unix nanoseconds.
+    pub end_unix_nano: u64,
+    /// OTLP `Status.code`.
+    pub status_code: u8,
+    /// OTLP `SpanKind`.
+    pub kind: u8,
+    /// Index into the batch's `scopes`.
+    pub scope: u32,
+    /// Span name.
+    pub name: &'a str,
+    /// Encoded `Span`.
+    pub body: SpanBody<'a>,
+}
+
+impl<'a> SpanRecordRef<'a> {
+    /// The archived span `span`, pointing at `scope` of the new batch, with `body` as its bytes.
+    pub fn of(span: &'a ArchivedSpanRecord, scope: u32, body: SpanBody<'a>) -> SpanRecordRef<'a> {
+        SpanRecordRef {
+            trace_id: span.trace_id,
+            span_id: span.span_id,
+            parent_span_id: span.parent_span_id,
+            start_unix_nano: span.start_unix_nano.to_native(),
+            end_unix_nano: span.end_unix_nano.to_native(),
+            status_code: span.status_code,
+            kind: span.kind,
+            scope,
+            name: span.name.as_str(),
+            body,
+        }
+    }
+}
+
+/// Where a [`SpanRecordRef`]'s out-of-line parts were written.
+pub struct SpanRecordRefResolver {
+    name: StringResolver,
+    body: VecResolver,
+}
+
+impl Archive for SpanRecordRef<'_> {
+    type Archived = ArchivedSpanRecord;
+    type Resolver = SpanRecordRefResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        munge!(let ArchivedSpanRecord {
+            trace_id, span_id, parent_span_id, start_unix_nano, end_unix_nano, status_code, kind, scope, name, body
+        } = out);
+        self.trace_id.resolve([(); 16], trace_id);
+        self.span_id.resolve([(); 8], span_id);
+        self.parent_span_id.resolve([(); 8], parent_span_id);
+        self.start_unix_nano.resolve((), start_unix_nano);
+        self.end_unix_nano.resolve((), end_unix_nano);
+        self.status_code.resolve((), status_code);
+        self.kind.resolve((), kind);
+        self.scope.resolve((), scope);
+        ArchivedString::resolve_from_str(self.name, resolver.name, name);
+        ArchivedVec::<u8>::resolve_from_len(self.body.len(), resolver.body, body);
+    }
+}
+
+impl<'x> Serialize<Ser<'x>> for SpanRecordRef<'_> {
+    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
+        Ok(SpanRecordRefResolver {
+            name: ArchivedString::serialize_from_str(self.name, serializer)?,
+            body: self.body.serialize(serializer)?,
+        })
+    }
+}
+
+/// A span batch of borrowed spans; archives as [`ArchivedSpanBatch`].
+#[derive(Debug, Clone, Default)]
+pub struct SpanBatchRef<'a> {
+    /// When the data was accepted, Unix nanoseconds.
+    pub received_unix_nano: u64,
+    /// Resources the scopes point into.
+    pub resources: Vec<ResourceBlock>,
+    /// Scopes the spans point into.
+    pub scopes: Vec<ScopeBlock>,
+    /// The spans.
+    pub spans: Vec<SpanRecordRef<'a>>,
+}
+
+/// Where a [`SpanBatchRef`]'s vectors were written.
+pub struct SpanBatchRefResolver {
+    resources: VecResolver,
+    scopes: VecResolver,
+    spans: VecResolver,
+}
+
+impl Archive for SpanBatchRef<'_> {
+    type Archived = ArchivedSpanBatch;
+    type Resolver = SpanBatchRefResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        munge!(let ArchivedSpanBatch { received_unix_nano, resources, scopes, spans } = out);
+        self.received_unix_nano.resolve((), received_unix_nano);
+        ArchivedVec::resolve_from_slice(&self.resources, resolver.resources, resources);
+        ArchivedVec::resolve_from_slice(&self.scopes, resolver.scopes, scopes);
+        ArchivedVec::resolve_from_slice(&self.spans, resolver.spans, spans);
+    }
+}
+
+impl<'x> Serialize<Ser<'x>> for SpanBatchRef<'_> {
+    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
+        Ok(SpanBatchRefResolver {
+            resources: ArchivedVec::serialize_from_slice(&self.resources, serializer)?,
+            scopes: ArchivedVec::serialize_from_slice(&self.scopes, serializer)?,
+            spans: ArchivedVec::serialize_from_slice(&self.spans, serializer)?,
+        })
+    }
+}
+
+/// A span summary whose name is borrowed; archives as [`ArchivedSpanSummary`].
+#[derive(Debug, Clone)]
+pub struct SpanSummaryRef<'a> {
+    /// 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// 8-byte span id.
+    pub span_id: [u8; 8],
+    /// End time, Unix nanoseconds.
+    pub end_unix_nano: u64,
+    /// End minus start, nanoseconds.
+    pub duration_nanos: u64,
+    /// OTLP `SpanKind`.
+    pub kind: u8,
+    /// OTLP `Status.code`.
+    pub status_code: u8,
+    /// Whether the span's trace was kept.
+    pub kept: bool,
+    /// Index into the batch's `services`.
+    pub service: u32,
+    /// Span name.
+    pub name: &'a str,
+    /// Values of the configured dimensions.
+    pub dimensions: Vec<String>,
+}
+
+/// Where a [`SpanSummaryRef`]'s out-of-line parts were written.
+pub struct SpanSummaryRefResolver {
+    name: StringResolver,
+    dimensions: VecResolver,
+}
+
+impl Archive for SpanSummaryRef<'_> {
+    type Archived = ArchivedSpanSummary;
+    type Resolver = SpanSummaryRefResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        munge!(let ArchivedSpanSummary {
+            trace_id, span_id, end_unix_nano, duration_nanos, kind, status_code, kept, service, name, dimensions
+        } = out);
+        self.trace_id.resolve([(); 16], trace_id);
+        self.span_id.resolve([(); 8], span_id);
+        self.end_unix_nano.resolve((), end_unix_nano);
+        self.duration_nanos.resolve((), duration_nanos);
+        self.kind.resolve((), kind);
+        self.status_code.resolve((), status_code);
+        self.kept.resolve((), kept);
+        self.service.resolve((), service);
+        ArchivedString::resolve_from_str(self.name, resolver.name, name);
+        ArchivedVec::resolve_from_slice(&self.dimensions, resolver.dimensions, dimensions);
+    }
+}
+
+impl<'x> Serialize<Ser<'x>> for SpanSummaryRef<'_> {
+    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
+        Ok(SpanSummaryRefResolver {
+            name: ArchivedString::serialize_from_str(self.name, serializer)?,
+            dimensions: ArchivedVec::serialize_from_slice(&self.dimensions, serializer)?,
+        })
+    }
+}
+
+/// A summary batch of borrowed summaries; archives as [`ArchivedSummaryBatch`].
+#[derive(Debug, Clone, Default)]
+pub struct SummaryBatchRef<'a> {
+    /// When the spans were decided, Unix nanoseconds.
+    pub decided_unix_nano: u64,
+    /// Service names the summaries point into.
+    pub services: Vec<String>,
+    /// The summaries.
+    pub summaries: Vec<SpanSummaryRef<'a>>,
+}
+
+/// Where a [`SummaryBatchRef`]'s vectors were written.
+pub struct SummaryBatchRefResolver {
+    services: VecResolver,
+    summaries: VecResolver,
+}
+
+impl Archive for SummaryBatchRef<'_> {
+    type Archived = ArchivedSummaryBatch;
+    type Resolver = SummaryBatchRefResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        munge!(let ArchivedSummaryBatch { decided_unix_nano, services, summaries } = out);
+        self.decided_unix_nano.resolve((), decided_unix_nano);
+        ArchivedVec::resolve_from_slice(&self.services, resolver.services, services);
+        ArchivedVec::resolve_from_slice(&self.summaries, resolver.summaries, summaries);
+    }
+}
+
+impl<'x> Serialize<Ser<'x>> for SummaryBatchRef<'_> {
+    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
+        Ok(SummaryBatchRefResolver {
+            services: ArchivedVec::serialize_from_slice(&self.services, serializer)?,
+            summaries: ArchivedVec::serialize_from_slice(&self.summaries, serializer)?,
+        })
+    }
+}
+
+/// Serializes a borrowed span batch with its header: the same bytes as
+/// [`super::encode_spans`] of the owned batch.
+pub fn encode_span_refs(batch: &SpanBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
+    super::encode(BatchKind::Spans, batch.spans.len(), batch)
+}
+
+/// Serializes a borrowed summary batch with its header: the same bytes as
+/// [`super::encode_summaries`] of the owned batch.
+pub fn encode_summary_refs(batch: &SummaryBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
+    super::encode(BatchKind::Summaries, batch.summaries.len(), batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+
+    fn owned_batch() -> SpanBatch {
+        let span = |n: u8, name: &str, body: Vec<u8>| SpanRecord {
+            trace_id: [n; 16],
+            span_id: [n + 1; 8],
+            parent_span_id: [0; 8],
+            start_unix_nano: 1_000 + u64::from(n),
+            end_unix_nano: 9_000_000 + u64::from(n),
+            status_code: n % 3,
+            kind: 2,
+            scope: 0,
+            name: name.to_string(),
+            body,
+        };
+        SpanBatch {
+            received_unix_nano: 42,
+            resources: vec![ResourceBlock {
+                resource: vec![1, 2, 3],
+                schema_url: String::new(),
+                service_name: "orders".into(),
+            }],
+            scopes: vec![ScopeBlock { resource: 0, scope: vec![9], schema_url: String::new() }],
+            spans: vec![
+                // Names inline (up to 8 bytes) and out of line; bodies empty, odd-sized, large.
+                span(1, "GET", vec![]),
+                span(2, "SELECT orders by customer", vec![7; 33]),
+                span(3, "12345678", (0..=255).collect()),
+            ],
+        }
+    }
+
+    #[test]
+    fn borrowed_spans_encode_to_the_owned_bytes() {
+        let owned = owned_batch();
+        let stored = encode_spans(&owned).unwrap();
+        let source = access_spans(&stored).unwrap();
+        let tail: Arc<[u8]> = Arc::from(&[0x4a, 0x02, 0x0a, 0x00][..]);
+        let borrowed = SpanBatchRef {
+            received_unix_nano: 42,
+            resources: owned.resources.clone(),
+            scopes: owned.scopes.clone(),
+            spans: source
+                .spans
+                .iter()
+                .enumerate()
+                .map(|(i, span)| {
+                    let body = match i {
+                        0 => SpanBody::Borrowed { body: span.body.as_slice(), tail: None },
+                        1 => SpanBody::Borrowed { body: span.body.as_slice(), tail: Some(tail.clone()) },
+                        _ => SpanBody::Owned(span.body.as_slice().to_vec()),
+                    };
+                    SpanRecordRef::of(span, span.scope.to_native(), body)
+                })
+                .collect(),
+        };
+        let mut expected = owned.clone();
+        expected.spans[1].body.extend_from_slice(&tail);
+        assert_eq!(encode_span_refs(&borrowed).unwrap(), encode_spans(&expected).unwrap());
+        let read = access_spans(&encode_span_refs(&borrowed).unwrap()).unwrap().spans[1].body.as_slice().to_vec();
+        assert_eq!(read, expected.spans[1].body);
+    }
+
+    #[test]
+    fn borrowed_summaries_encode_to_the_owned_bytes() {
+        let summary = |n: u8, name: &str, dimensions: Vec<String>| SpanSummary {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            end_unix_nano: 77,
+            duration_nanos: 5,
+            kind: 1,
+            status_code: 2,
+            kept: n % 2 == 0,
+            service: 0,
+            name: name.to_string(),
+            dimensions,
+        };
+        let owned = SummaryBatch {
+            decided_unix_nano: 99,
+            services: vec!["orders".into(), "a service name longer than eight".into()],
+            summaries: vec![
+                summary(1, "GET", vec![]),
+                summary(2, "SELECT orders by id", vec!["eu".into(), String::new()]),
+            ],
+        };
+        let borrowed = SummaryBatchRef {
+            decided_unix_nano: 99,
+            services: owned.services.clone(),
+            summaries: owned
+                .summaries
+                .iter()
+                .map(|s| SpanSummaryRef {
+                    trace_id: s.trace_id,
+                    span_id: s.span_id,
+                    end_unix_nano: s.end_unix_nano,
+                    duration_nanos: s.duration_nanos,
+                    kind: s.kind,
+                    status_code: s.status_code,
+                    kept: s.kept,
+                    service: s.service,
+                    name: &s.name,
+                    dimensions: s.dimensions.clone(),
+                })
+                .collect(),
+        };
+        assert_eq!(encode_summary_refs(&borrowed).unwrap(), encode_summaries(&owned).unwrap());
+    }
+}
