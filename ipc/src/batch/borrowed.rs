@@ -381,7 +381,7 @@ mod tests {
             duration_nanos: 5,
             kind: 1,
             status_code: 2,
-            kept: n % 2 == 0,
+            kept: n.is_multiple_of(2),
             service: 0,
             name: name.to_string(),
             dimensions,
