@@ -299,7 +299,8 @@ pub struct SummaryBatch {
 
 /// Serializes a summary batch with its header.
 pub fn encode_summaries(batch: &SummaryBatch) -> Result<Vec<u8>, BatchError> {
-    encode(BatchKind::Summaries, batch.summaries.len(), batch)
+    let size = batch.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+    encode(BatchKind::Summaries, batch.summaries.len(), batch, summaries_size(size, &batch.services))
 }
 
 /// Checked, zero-copy view of a stored summary batch.
@@ -310,27 +311,57 @@ pub fn access_summaries(value: &[u8]) -> Result<&ArchivedSummaryBatch, BatchErro
 
 /// Serializes a batch with its header, ready to append to an edge.
 pub fn encode_spans(batch: &SpanBatch) -> Result<Vec<u8>, BatchError> {
-    encode(BatchKind::Spans, batch.spans.len(), batch)
+    let size = batch.spans.iter().map(|span| span.name.len() + span.body.len());
+    encode(BatchKind::Spans, batch.spans.len(), batch, spans_size(size, &batch.resources, &batch.scopes))
 }
 
 /// Serializes a log batch with its header.
 pub fn encode_logs(batch: &LogBatch) -> Result<Vec<u8>, BatchError> {
-    encode(BatchKind::Logs, batch.logs.len(), batch)
+    encode(BatchKind::Logs, batch.logs.len(), batch, 1024)
 }
 
 /// Serializes a metric batch with its header.
 pub fn encode_metrics(batch: &MetricBatch) -> Result<Vec<u8>, BatchError> {
-    encode(BatchKind::Metrics, batch.data_points as usize, batch)
+    encode(BatchKind::Metrics, batch.data_points as usize, batch, 1024)
 }
 
-fn encode<T>(kind: BatchKind, items: usize, value: &T) -> Result<Vec<u8>, BatchError>
+/// Archive bytes of one span record besides its name and body (ids, times, the name's and the
+/// body's relative pointers), rounded up.
+const SPAN_RECORD_SIZE: usize = 72;
+
+/// Archive bytes of one span summary besides its name and dimensions.
+const SUMMARY_SIZE: usize = 64;
+
+/// About the encoded size of a span batch whose spans' names and bodies take `payload`: what
+/// [`encode`] reserves, so the output buffer is not regrown (and copied) while it fills.
+fn spans_size(
+    payload: impl ExactSizeIterator<Item = usize>,
+    resources: &[ResourceBlock],
+    scopes: &[ScopeBlock],
+) -> usize {
+    let blocks =
+        resources.iter().map(|r| r.resource.len() + r.schema_url.len() + r.service_name.len() + 32).sum::<usize>()
+            + scopes.iter().map(|s| s.scope.len() + s.schema_url.len() + 24).sum::<usize>();
+    HEADER_LEN + 64 + blocks + payload.len() * SPAN_RECORD_SIZE + payload.sum::<usize>()
+}
+
+/// About the encoded size of a summary batch (see [`spans_size`]).
+fn summaries_size(payload: impl ExactSizeIterator<Item = usize>, services: &[String]) -> usize {
+    HEADER_LEN
+        + 64
+        + services.iter().map(|s| s.len() + 8).sum::<usize>()
+        + payload.len() * SUMMARY_SIZE
+        + payload.sum::<usize>()
+}
+
+fn encode<T>(kind: BatchKind, items: usize, value: &T, size: usize) -> Result<Vec<u8>, BatchError>
 where
     T: for<'a> Serialize<
         rkyv::api::high::HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>,
     >,
 {
     let items = u32::try_from(items).map_err(|_| BatchError::Header("more than u32::MAX items"))?;
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(size);
     BatchHeader { kind, items }.write(&mut out);
     rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, out)
         .map(seal)

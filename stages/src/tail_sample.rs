@@ -195,6 +195,8 @@ struct StepOutput<'t> {
     decisions: HashMap<[u8; 16], (Decision, bool)>,
     /// What spanmetrics gets of every span decided in this step.
     summaries: Summaries<'t>,
+    /// Batches opened (checked) in this step, by sequence number: each is checked once a step.
+    sources: HashMap<u64, &'t ArchivedSpanBatch>,
 }
 
 /// A step's output, encoded and owned: what the write transaction appends and records.
@@ -511,6 +513,7 @@ impl Sampler {
             let (seq, value) = entry?;
             bytes += value.len();
             let batch = batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
+            output.sources.insert(seq, batch);
             let replaying = seq <= self.replay_until;
             // A trace due before this batch was received is decided before the batch is read,
             // as it would have been had the sampler been running then: a backlog (after downtime
@@ -629,7 +632,6 @@ impl Sampler {
         output: &mut StepOutput<'t>,
         report: &mut StepReport,
     ) -> Result<bool, StageError> {
-        let mut sources: HashMap<u64, &'t ArchivedSpanBatch> = HashMap::new();
         while let Some(&(due, trace_id)) = self.due.first() {
             if due > due_by {
                 break;
@@ -653,7 +655,7 @@ impl Sampler {
                 if let Some(count) = self.undecided.get_mut(&seq) {
                     *count = count.saturating_sub(1);
                 }
-                if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry(seq) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = output.sources.entry(seq) {
                     let value = queue
                         .get(rtxn, Edge::Spans, seq)?
                         .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
@@ -661,7 +663,7 @@ impl Sampler {
                 }
             }
             let spans: Vec<(&ArchivedSpanBatch, u32)> =
-                trace.spans.iter().filter_map(|&(seq, index)| Some((*sources.get(&seq)?, index))).collect();
+                trace.spans.iter().filter_map(|&(seq, index)| Some((*output.sources.get(&seq)?, index))).collect();
             let kept_by = self.policies.decide_during(&trace_id, &spans, self.incident.as_ref());
             let keep = kept_by.is_some();
             let mark = kept_by.and_then(|policy| self.policies.mark(policy));

@@ -48,10 +48,10 @@ pub(crate) fn open_queue(config: &Config) -> anyhow::Result<Queue> {
     Ok(queue)
 }
 
-/// Backs the whole map with disk blocks before any stage writes. The queue writes through a
-/// shared memory map (`WRITE_MAP`) into a sparse file: a page the filesystem cannot back would be
-/// a SIGBUS in whichever stage touched it, not an error. Allocated up front, the budget is the
-/// only limit the queue can hit, and that one is a clean `Full` with pushback.
+/// Backs the whole map with disk blocks before any stage writes. The map's file is sparse: a
+/// page the filesystem cannot back would fail a commit in whichever stage wrote it (and a
+/// reader faulting a hole past the end of a shrunk filesystem gets SIGBUS). Allocated up front,
+/// the budget is the only limit the queue can hit, and that one is a clean `Full` with pushback.
 fn reserve_disk(queue_dir: &Path, capacity: u64) -> anyhow::Result<()> {
     let path = queue_dir.join("data.mdb");
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;

@@ -36,7 +36,7 @@ bin=target/release
 work=$(mktemp -d /tmp/tailgate-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
-cargo build --release --bins --quiet
+[ -n "$NO_BUILD" ] || cargo build --release --bins --quiet
 
 # Backend stand-in on the default export endpoint (127.0.0.1:14317), and a Loki push endpoint.
 "$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --loki-listen 127.0.0.1:13100 --duration 600 > "$work/sink.out" &

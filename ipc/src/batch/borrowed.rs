@@ -297,13 +297,15 @@ impl<'x> Serialize<Ser<'x>> for SummaryBatchRef<'_> {
 /// Serializes a borrowed span batch with its header: the same bytes as
 /// [`super::encode_spans`] of the owned batch.
 pub fn encode_span_refs(batch: &SpanBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
-    super::encode(BatchKind::Spans, batch.spans.len(), batch)
+    let size = batch.spans.iter().map(|span| span.name.len() + span.body.len());
+    super::encode(BatchKind::Spans, batch.spans.len(), batch, super::spans_size(size, &batch.resources, &batch.scopes))
 }
 
 /// Serializes a borrowed summary batch with its header: the same bytes as
 /// [`super::encode_summaries`] of the owned batch.
 pub fn encode_summary_refs(batch: &SummaryBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
-    super::encode(BatchKind::Summaries, batch.summaries.len(), batch)
+    let size = batch.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+    super::encode(BatchKind::Summaries, batch.summaries.len(), batch, super::summaries_size(size, &batch.services))
 }
 
 #[cfg(test)]
@@ -368,6 +370,9 @@ mod tests {
         let mut expected = owned.clone();
         expected.spans[1].body.extend_from_slice(&tail);
         assert_eq!(encode_span_refs(&borrowed).unwrap(), encode_spans(&expected).unwrap());
+        // The reserved size covers the archive, so the buffer is never regrown while it fills.
+        let payload = expected.spans.iter().map(|span| span.name.len() + span.body.len());
+        assert!(encode_spans(&expected).unwrap().len() <= spans_size(payload, &expected.resources, &expected.scopes));
         let read = access_spans(&encode_span_refs(&borrowed).unwrap()).unwrap().spans[1].body.as_slice().to_vec();
         assert_eq!(read, expected.spans[1].body);
     }
@@ -415,5 +420,8 @@ mod tests {
                 .collect(),
         };
         assert_eq!(encode_summary_refs(&borrowed).unwrap(), encode_summaries(&owned).unwrap());
+        let payload =
+            owned.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+        assert!(encode_summaries(&owned).unwrap().len() <= summaries_size(payload, &owned.services));
     }
 }

@@ -550,6 +550,8 @@ pub fn split_top_level(request: &[u8]) -> Result<Vec<&[u8]>, WireError> {
 
 /// `Span.attributes` field number.
 pub const SPAN_ATTRIBUTES: u32 = 9;
+/// Field number of `Span.trace_state`.
+pub const SPAN_TRACE_STATE: u32 = 3;
 /// `Resource.attributes` field number.
 pub const RESOURCE_ATTRIBUTES: u32 = 1;
 /// `LogRecord.attributes` field number.
@@ -624,6 +626,44 @@ fn walk_attributes<'a, K: AsRef<str>>(
         missing -= 1;
     }
     Some(())
+}
+
+/// Rewrites string field `number` of an encoded message without decoding the rest: every
+/// occurrence is left out and one field holding `rewrite(last value or "")` is written after
+/// the other fields (protobuf reads fields in any order; the last value of a singular field
+/// wins, and there is only one). `reserve` more bytes are reserved for the caller to append.
+/// `None` when the message does not parse or the value is not UTF-8.
+pub fn with_string_field(
+    message: &[u8],
+    number: u32,
+    reserve: usize,
+    rewrite: impl FnOnce(&str) -> String,
+) -> Option<Vec<u8>> {
+    let base = message.as_ptr() as usize;
+    let mut reader = wire::Reader::new(message);
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
+    let mut last = "";
+    while !reader.is_done() {
+        let (found, wire_type, at) = reader.key().ok()?;
+        if found == number && wire_type == 2 {
+            last = std::str::from_utf8(reader.len_delimited(at).ok()?).ok()?;
+            cuts.push((at - base, message.len() - reader.remaining()));
+        } else {
+            reader.skip(wire_type, at).ok()?;
+        }
+    }
+    let value = rewrite(last);
+    let mut out = Vec::with_capacity(message.len() + value.len() + 12 + reserve);
+    let mut from = 0;
+    for (start, end) in cuts {
+        out.extend_from_slice(&message[from..start]);
+        from = end;
+    }
+    out.extend_from_slice(&message[from..]);
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(value.len() as u64, &mut out);
+    out.extend_from_slice(value.as_bytes());
+    Some(out)
 }
 
 /// An encoded `AnyValue` as far as policies compare it.

@@ -88,6 +88,12 @@ impl<'a> Reader<'a> {
         self.pos >= self.data.len()
     }
 
+    /// Bytes not read yet.
+    #[inline]
+    pub(super) fn remaining(&self) -> usize {
+        self.data.len().saturating_sub(self.pos)
+    }
+
     /// Address of the next byte (see the type's docs).
     #[inline]
     fn offset(&self) -> usize {

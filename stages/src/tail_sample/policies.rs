@@ -15,7 +15,10 @@ use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
 use tailgate_ipc::batch::{ArchivedSpanBatch, SpanBody};
 
-use crate::otlp_wire::{AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, find_attribute, find_attributes};
+use crate::otlp_wire::{
+    AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, SPAN_TRACE_STATE, find_attribute, find_attributes,
+    with_string_field,
+};
 
 /// 2^56: the range of a trace id's randomness.
 const RANDOMNESS_RANGE: u64 = 1 << 56;
@@ -287,10 +290,10 @@ impl Mark {
     /// attribute entry, or, for a probabilistic keep, the span re-encoded with its `tracestate`.
     pub fn body<'a>(&self, body: &'a [u8]) -> SpanBody<'a> {
         if let Some(threshold) = &self.threshold
-            && let Ok(mut span) = Span::decode(body)
+            && let Some(mut owned) = with_string_field(body, SPAN_TRACE_STATE, self.attribute_field.len(), |state| {
+                with_threshold(state, threshold)
+            })
         {
-            span.trace_state = with_threshold(&span.trace_state, threshold);
-            let mut owned = span.encode_to_vec();
             owned.extend_from_slice(&self.attribute_field);
             return SpanBody::Owned(owned);
         }

@@ -371,6 +371,12 @@ fn sampler_throughput() {
         let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
         text.split_whitespace().next().unwrap().parse::<u64>().unwrap()
     };
+    let faults = || {
+        let text = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let fields: Vec<&str> = text.rsplit(')').next().unwrap().split_whitespace().collect();
+        fields[7].parse::<u64>().unwrap()
+    };
+    let faults_before = faults();
     let before = cpu();
     let mut sampler = Sampler::open(&queue, policy).unwrap();
     let (mut ingested, mut kept) = (0, 0);
@@ -386,8 +392,9 @@ fn sampler_throughput() {
     }
     let seconds = (cpu() - before) as f64 / 1e9;
     eprintln!(
-        "{ingested} spans ({kept} kept), policies: {with_policies}: {seconds:.2} CPU-s, {:.2} M spans per CPU-second",
-        ingested as f64 / seconds / 1e6
+        "{ingested} spans ({kept} kept), policies: {with_policies}: {seconds:.2} CPU-s, {:.2} M spans per CPU-second, {} minor faults",
+        ingested as f64 / seconds / 1e6,
+        faults() - faults_before
     );
 }
 

@@ -714,7 +714,7 @@ fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
         value: Some(opentelemetry_proto::tonic::common::v1::AnyValue { value: Some(value) }),
         ..Default::default()
     };
-    let span = Span {
+    let span_message = Span {
         name: "GET".into(),
         attributes: vec![
             kv("http.route", Value::StringValue("/checkout".into())),
@@ -722,8 +722,8 @@ fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
             kv("ok", Value::BoolValue(true)),
         ],
         ..Default::default()
-    }
-    .encode_to_vec();
+    };
+    let span = span_message.encode_to_vec();
     assert_eq!(find_attribute(&span, 9, "http.route"), Some(AttributeValue::Str("/checkout")));
     assert_eq!(find_attribute(&span, 9, "retries"), Some(AttributeValue::Int(-3)));
     assert_eq!(find_attribute(&span, 9, "ok"), Some(AttributeValue::Other));
@@ -733,6 +733,20 @@ fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
         let _ = find_attribute(&span[..cut], 9, "retries");
     }
     assert_eq!(find_attribute(&[0xff, 0xff, 0xff], 9, "http.route"), None);
+    // A string field rewritten in place of every occurrence, the rest of the bytes kept.
+    let with_state = Span { trace_state: "a=1".into(), ..span_message.clone() }.encode_to_vec();
+    let rewritten = with_string_field(&with_state, 3, 0, |old| format!("ot=th:8,{old}")).unwrap();
+    let decoded = Span::decode(rewritten.as_slice()).unwrap();
+    assert_eq!(decoded.trace_state, "ot=th:8,a=1");
+    assert_eq!(decoded.attributes, span_message.attributes);
+    let mut twice = with_state.clone();
+    twice.extend_from_slice(&Span { trace_state: "b=2".into(), ..Default::default() }.encode_to_vec());
+    let rewritten = with_string_field(&twice, 3, 0, |old| format!("[{old}]")).unwrap();
+    assert_eq!(Span::decode(rewritten.as_slice()).unwrap().trace_state, "[b=2]");
+    assert_eq!(rewritten.windows(3).filter(|w| *w == b"a=1").count(), 0);
+    let rewritten = with_string_field(&span, 3, 0, |old| format!("[{old}]")).unwrap();
+    assert_eq!(Span::decode(rewritten.as_slice()).unwrap().trace_state, "[]");
+    assert_eq!(with_string_field(&[0xff, 0xff, 0xff], 3, 0, |_| String::new()), None);
     // Several keys in one walk; a slot already filled (a span's own value) is left alone.
     let mut found = [None, Some(AttributeValue::Int(7)), None];
     find_attributes(&span, 9, &["retries", "http.route", "missing"], &mut found);
