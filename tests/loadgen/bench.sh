@@ -26,6 +26,8 @@
 #                                                  # time from the signal to the stage ready again;
 #                                                  # then the supervisor's CPU while idle
 # Everything runs on loopback; every loop is bounded by --duration.
+# NO_BUILD=1 skips the build (to bench a binary put in target/release by hand, e.g. a profiling
+# build).
 # POLICIES=1 runs the spans scenarios with the sampling policies of issue 9 (see below).
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
 # rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
