@@ -14,6 +14,7 @@ pub mod stage_process;
 mod startup;
 pub mod supervisor;
 pub mod telemetry;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -3,6 +3,11 @@
 # quotes. Usage:
 #   tests/loadgen/bench.sh reference [BATCH]  # 2,500 spans/s + one log per span for 60 s,
 #                                             # BATCH spans per request (default 50: 100 requests/s)
+#   tests/loadgen/bench.sh w1                      # the field report's profile (users ramp to
+#                                                  # 500 in 60 s, four endpoints, logs to a tailed
+#                                                  # file, ground truth), metered over 60-120 s
+#   tests/loadgen/bench.sh passthrough [RATE]      # RATE spans/s (10,000) in 512-span requests,
+#                                                  # always_sample: like for like with PEER=rotel
 #   tests/loadgen/bench.sh max [RATE]  # RATE spans/s (0: as fast as accepted) for 20 s, batches of 512
 #   tests/loadgen/bench.sh spans [BATCH]           # the reference spans without logs (60 s)
 #   tests/loadgen/bench.sh logs-reference [BATCH]  # the reference spans + one JSON line per span
@@ -29,8 +34,9 @@
 # NO_BUILD=1 skips the build (to bench a binary put in target/release by hand, e.g. a profiling
 # build).
 # POLICIES=1 runs the spans scenarios with the sampling policies of issue 9 (see below).
-# PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; `pip install
-# rotel==0.0.1a15`) as a pass-through OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
+# PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; installed with pip
+# into a virtualenv, $ROTEL_VENV or /tmp/tailgate-rotel-venv, on first use) as a pass-through
+# OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scenario=${1:-reference}
@@ -85,30 +91,35 @@ exporters:
   traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
   metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
 YAML
+# A spans-only configuration with sampling policies (YAML list items, one per line on stdin).
+policy_config() {
+  {
+    printf 'data_dir: %s\nreceivers:\n  otlp:\n    protocols:\n      grpc: { endpoint: 127.0.0.1:4317 }\n' "$work/data"
+    printf 'tail_sample:\n  policies:\n'
+    sed 's/^/    /'
+    printf 'exporters:\n  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }\n'
+    printf '  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }\n'
+  } > "$1"
+}
 # POLICIES=1: the issue's sampling policies instead of the shorthand (attribute policies make
 # the sampler decode span attributes of every decided trace).
-cat > "$work/policies.yaml" <<YAML
-data_dir: $work/data
-receivers:
-  otlp:
-    protocols:
-      grpc: { endpoint: 127.0.0.1:4317 }
-tail_sample:
-  policies:
-    - {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
-    - {name: slow, type: latency, latency: {threshold_ms: 200}}
-    - {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}
-    - {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
-    - {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}
-exporters:
-  traces: { otlp: { endpoint: http://127.0.0.1:14317 } }
-  metrics: { otlp: { endpoint: http://127.0.0.1:14317 } }
+policy_config "$work/policies.yaml" <<'YAML'
+- {name: errors, type: status_code, status_code: {status_codes: [ERROR]}}
+- {name: slow, type: latency, latency: {threshold_ms: 200}}
+- {name: checkout, type: string_attribute, string_attribute: {key: http.route, values: [/checkout]}}
+- {name: baseline, type: probabilistic, probabilistic: {sampling_percentage: 10}}
+- {name: no-health, type: drop, drop: {drop_sub_policy: [{name: health, type: string_attribute, string_attribute: {key: http.route, values: [/healthz]}}]}}
+YAML
+# passthrough: keep everything (like for like with a pass-through collector).
+policy_config "$work/passthrough.yaml" <<'YAML'
+- {name: everything, type: always_sample}
 YAML
 config=()
 [ -n "${POLICIES:-}" ] && config=(--config "$work/policies.yaml")
 case "$scenario" in
   drain) config=(--config "$work/drain.yaml") ;;
-  logs-*) config=(--config "$work/logs.yaml") ;;
+  logs-* | w1) config=(--config "$work/logs.yaml") ;;
+  passthrough) config=(--config "$work/passthrough.yaml") ;;
   cardinality) config=(--config "$work/cardinality.yaml") ;;
 esac
 if [ "$scenario" = logs-max ]; then
@@ -116,7 +127,12 @@ if [ "$scenario" = logs-max ]; then
   ls -l "$work/logs/app.jsonl"
 fi
 if [ "${PEER:-}" = rotel ]; then
-  rotel_agent="$(python3 -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
+  # rotel from the Python package registry, in a virtualenv of its own (kept between runs).
+  venv=${ROTEL_VENV:-/tmp/tailgate-rotel-venv}
+  if ! "$venv/bin/python" -c 'import rotel' 2>/dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet rotel==0.0.1a15
+  fi
+  rotel_agent="$("$venv/bin/python" -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')"
   "$rotel_agent" start --otlp-grpc-endpoint 127.0.0.1:4317 --otlp-http-endpoint 127.0.0.1:4318 \
     --exporter otlp --otlp-exporter-endpoint http://127.0.0.1:14317 --otlp-exporter-protocol grpc \
     --otlp-exporter-compression none --batch-max-size 512 --batch-timeout 5s > "$work/tailgate.log" 2>&1 &
@@ -133,6 +149,23 @@ for _ in $(seq 100); do
 done
 
 case "$scenario" in
+  w1)
+    # The field report's profile (tailgate::workload): users ramp to 500 in a minute, then stay;
+    # traces over OTLP/gRPC, the services' log lines to a tailed file, ground truth of the kept
+    # traces. Metered over the plateau (the second minute).
+    ( sleep 60; "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" ) &
+    meter=$!
+    "$bin/tailgate-loadgen" profile --duration 120 --log-file "$work/logs/app.jsonl" --truth-file "$work/truth.jsonl"
+    wait "$meter"
+    echo "ground truth: $(wc -l < "$work/truth.jsonl") traces must be kept"
+    ;;
+  passthrough)
+    # W2: 10k spans/s (SDK-sized requests), everything kept and exported.
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
+    meter=$!
+    "$bin/tailgate-loadgen" send --rate "${2:-10000}" --duration 60 --batch 512 --error-percent 0 --slow-percent 0
+    wait "$meter"
+    ;;
   reference)
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
     meter=$!
@@ -302,7 +335,7 @@ cat "$work/meter.out"
 # Let decisions (decision_wait 10 s), waiting logs (max_wait 30 s after the last spans) and the
 # export batch timeout (5 s) run out, then stop.
 case "$scenario" in
-  logs-*) sleep 35 ;;
+  logs-* | w1) sleep 35 ;;
   *) sleep 17 ;;
 esac
 kill -TERM "$tailgate"; wait "$tailgate" || true
