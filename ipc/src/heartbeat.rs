@@ -9,9 +9,11 @@
 //! never completes, a blocked runtime thread, an endless loop. (A stopped process and a writer
 //! that holds the queue's lock without committing are caught by their own checks as well.)
 //!
-//! The slot is 32 bytes at the start of a page-sized file: the stamping process's pid, the due
-//! time in nanoseconds, and two counters of shed requests (the supervisor's, when the stage is
-//! over its soft memory budget) and of the requests the stage has handled; each an aligned
+//! The slot is 48 bytes at the start of a page-sized file: the stamping process's pid, the due
+//! time in nanoseconds, two counters of shed requests (the supervisor's, when the stage is
+//! over its soft memory budget) and of the requests the stage has handled, receive's intake
+//! pause, and whether the process is past its startup (its first stamp from its own work: the
+//! supervisor's READY waits for every stage's); each an aligned
 //! atomic u64 in a shared mapping, so a stamp is one store and a read is one load: no torn
 //! values, no syscalls. A slot left by an earlier process of the stage carries that process's
 //! pid and is not taken for the new one's.
@@ -54,6 +56,8 @@ pub struct Heartbeat {
     map: NonNull<[AtomicU64; WORDS]>,
     /// The last due time written by this handle, to skip stores that would not change it much.
     last_due: AtomicU64,
+    /// Whether this handle has marked the slot started.
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// Where the counter table starts, its entry size and name size.
@@ -64,13 +68,15 @@ const COUNTER_NAME_BYTES: usize = 40;
 /// Counters a slot holds.
 pub const MAX_COUNTERS: usize = (SLOT_BYTES - COUNTERS_AT) / COUNTER_BYTES;
 
-/// Words of a slot: pid, due, shed requests, shed requests handled, intake paused (receive).
-const WORDS: usize = 5;
+/// Words of a slot: pid, due, shed requests, shed requests handled, intake paused (receive),
+/// started (the process has stamped from its own loop, not only the startup promise).
+const WORDS: usize = 6;
 const PID: usize = 0;
 const DUE: usize = 1;
 const SHED_REQUESTED: usize = 2;
 const SHED_HANDLED: usize = 3;
 const INTAKE_PAUSED: usize = 4;
+const STARTED: usize = 5;
 
 // SAFETY: the mapping is only accessed through atomics, and it lives as long as the handle.
 unsafe impl Send for Heartbeat {}
@@ -84,12 +90,13 @@ impl Heartbeat {
     pub fn claim(run_dir: &Path, stage: StageId, startup: Duration) -> std::io::Result<Heartbeat> {
         let slot = Heartbeat::map(run_dir, stage, true)?;
         slot.words()[DUE].store(0, Ordering::Release);
+        slot.words()[STARTED].store(0, Ordering::Release);
         // Requests made to an earlier process do not apply to this one.
         let requested = slot.words()[SHED_REQUESTED].load(Ordering::Acquire);
         slot.words()[SHED_HANDLED].store(requested, Ordering::Release);
         slot.counters_len().store(0, Ordering::Release);
         slot.words()[PID].store(u64::from(std::process::id()), Ordering::Release);
-        slot.beat_within(startup);
+        slot.promise(startup);
         Ok(slot)
     }
 
@@ -123,7 +130,7 @@ impl Heartbeat {
         }?;
         let map =
             NonNull::new(ptr.cast::<[AtomicU64; WORDS]>()).ok_or_else(|| std::io::Error::other("null mapping"))?;
-        Ok(Heartbeat { map, last_due: AtomicU64::new(0) })
+        Ok(Heartbeat { map, last_due: AtomicU64::new(0), started: std::sync::atomic::AtomicBool::new(false) })
     }
 
     fn words(&self) -> &[AtomicU64; WORDS] {
@@ -132,8 +139,17 @@ impl Heartbeat {
         unsafe { self.map.as_ref() }
     }
 
-    /// Stamps: this process will stamp again within `within`.
+    /// Stamps: this process will stamp again within `within`. The first stamp marks the slot
+    /// started: the stage is past its startup and doing its work (receive: listening).
     pub fn beat_within(&self, within: Duration) {
+        if !self.started.swap(true, Ordering::Relaxed) {
+            self.words()[STARTED].store(1, Ordering::Release);
+        }
+        self.promise(within);
+    }
+
+    /// Promises the next stamp within `within` without marking the slot started.
+    fn promise(&self, within: Duration) {
         let due = (monotonic_now() + within).as_nanos() as u64;
         // Back-to-back steps stamp often; a store that moves the promise by less than a
         // hundredth of the interval is skipped (the supervisor judges in seconds).
@@ -154,6 +170,12 @@ impl Heartbeat {
         let pid = self.words()[PID].load(Ordering::Acquire) as u32;
         let due = self.words()[DUE].load(Ordering::Acquire);
         (pid, Duration::from_nanos(due))
+    }
+
+    /// Whether `pid` claimed the slot and has stamped from its work since (not only the startup
+    /// promise of [`Heartbeat::claim`]).
+    pub fn started_by(&self, pid: u32) -> bool {
+        self.read().0 == pid && self.words()[STARTED].load(Ordering::Acquire) == 1
     }
 
     /// How long ago `pid`'s promise fell due (zero while it holds); `None` when the slot is not
@@ -297,7 +319,16 @@ mod tests {
         let me = std::process::id();
         assert_eq!(reader.overdue(me), Some(Duration::ZERO));
         assert_eq!(reader.overdue(me + 1), None, "a slot is only its claimer's");
+        // The startup promise is not a start: only a stamp from the stage's work is.
+        assert!(!reader.started_by(me));
         stamper.beat();
+        assert!(reader.started_by(me));
+        assert!(!reader.started_by(me + 1));
+        // A new claim (the next process of the stage) starts unstarted.
+        let next = Heartbeat::claim(dir.path(), StageId::TailSample, Duration::from_secs(60)).unwrap();
+        assert!(!reader.started_by(me));
+        next.beat();
+        assert!(reader.started_by(me));
         std::thread::sleep(Duration::from_millis(30));
         let overdue = reader.overdue(me).unwrap();
         assert!(overdue >= Duration::from_millis(30), "{overdue:?}");

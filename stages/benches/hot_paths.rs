@@ -46,7 +46,10 @@ fn request(n: u64) -> Vec<u8> {
                 start_time_unix_nano: T0,
                 end_time_unix_nano: T0 + if root && trace.is_multiple_of(7) { 250_000_000 } else { 6_000_000 },
                 attributes: vec![kv("http.route", "/api/orders"), kv("db.system", "postgresql")],
-                status: Some(Status { code: if trace.is_multiple_of(20) && s == 4 { 2 } else { 0 }, message: String::new() }),
+                status: Some(Status {
+                    code: if trace.is_multiple_of(20) && s == 4 { 2 } else { 0 },
+                    message: String::new(),
+                }),
                 ..Default::default()
             });
         }

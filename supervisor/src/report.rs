@@ -38,6 +38,9 @@ pub struct StageStatus {
     pub restarts_in_window: usize,
     /// How late the stage's heartbeat is (0 while its promise holds); `None` before its first.
     pub heartbeat_overdue_ms: Option<u64>,
+    /// Whether the stage has stamped from its work (past its startup; receive: listening).
+    #[serde(default)]
+    pub started: bool,
 }
 
 /// A stage's recent rates.

@@ -344,7 +344,9 @@ impl StageActor {
             .pid
             .and_then(|pid| state.heartbeat.as_ref().and_then(|slot| slot.overdue(pid)))
             .map(|overdue| overdue.as_millis() as u64);
+        let started = state.pid.is_some_and(|pid| state.heartbeat.as_ref().is_some_and(|slot| slot.started_by(pid)));
         StageStatus {
+            started,
             stage: state.stage.as_str().to_string(),
             pid: state.pid,
             state: run_state.to_string(),

@@ -68,6 +68,8 @@ impl Snapshot {
                 snapshot.not_ready.push(format!("{} is {}", stage.stage, stage.state));
             } else if stage.heartbeat_overdue_ms.is_none_or(|ms| ms > 0) {
                 snapshot.not_ready.push(format!("{} has not stamped its heartbeat in time", stage.stage));
+            } else if !stage.started {
+                snapshot.not_ready.push(format!("{} is starting", stage.stage));
             }
         }
         let mut read = || -> Result<(), tailgate_ipc::QueueError> {
@@ -109,10 +111,14 @@ impl Snapshot {
         snapshot
     }
 
-    /// Whether every stage runs and stamped its heartbeat in time.
+    /// Whether every stage runs, is past its startup (it stamped from its work, not only the
+    /// startup promise) and stamped its heartbeat in time.
     pub fn stages_ready(&self) -> bool {
         self.stages.len() == tailgate_ipc::StageId::ALL.len()
-            && self.stages.iter().all(|s| s.state == "running" && s.heartbeat_overdue_ms.is_some_and(|ms| ms == 0))
+            && self
+                .stages
+                .iter()
+                .all(|s| s.state == "running" && s.started && s.heartbeat_overdue_ms.is_some_and(|ms| ms == 0))
     }
 
     /// (stages running, stages).

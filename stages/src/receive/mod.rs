@@ -20,7 +20,6 @@ const MIB: usize = 1024 * 1024;
 /// Runs the receive stage until shutdown: stops accepting and finishes in-flight requests (each
 /// answered after its commit).
 pub async fn run(ctx: StageContext) -> Result<(), StageError> {
-    let _heartbeat = ctx.beat_while_runtime_runs();
     // OTLP log records are judged on the same duration fields as file lines.
     let durations = match &ctx.config.receivers.filelog {
         Some(filelog) => filelog.fields.duration.clone(),
@@ -85,6 +84,10 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         // A thread of its own: reading files blocks, and receive's runtime has one thread.
         servers.spawn_blocking(move || tailer.run(shutdown, &slot));
     }
+    // The first heartbeat says "ready": only once every listener is bound (a receive that
+    // cannot bind its port must never look up, not even for a moment; the supervisor's READY
+    // waits for all five stages' first stamps).
+    let _heartbeat = ctx.beat_while_runtime_runs();
     drop(intake);
     // Any server ending (shutdown or failure) or a queue failure ends the stage; a failure
     // exits non-zero and the supervisor restarts the process.
