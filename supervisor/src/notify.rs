@@ -2,8 +2,8 @@
 //! to the socket named by `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace).
 //!
 //! What the supervisor says, and when:
-//! - `READY=1` once every stage is running and has stamped its heartbeat (not while any stage is
-//!   down), and again after a reload completes;
+//! - `READY=1` once every stage is running and has stamped its heartbeat from its work (past its
+//!   startup; receive: listening), not while any stage is down, and again after a reload;
 //! - `STATUS=` a one-line summary of stages and backlog, whenever it changes;
 //! - `WATCHDOG=1` every half `WATCHDOG_USEC`, only while the supervisor actor answers and the
 //!   queue is readable: a hung supervisor stops pinging and the manager restarts the service;
