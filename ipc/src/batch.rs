@@ -299,7 +299,7 @@ pub struct SummaryBatch {
 
 /// Serializes a summary batch with its header.
 pub fn encode_summaries(batch: &SummaryBatch) -> Result<Vec<u8>, BatchError> {
-    let size = batch.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+    let size = batch.summaries.iter().map(|s| summary_payload(&s.name, &s.dimensions));
     encode(BatchKind::Summaries, batch.summaries.len(), batch, summaries_size(size, &batch.services))
 }
 
@@ -343,6 +343,11 @@ fn spans_size(
         resources.iter().map(|r| r.resource.len() + r.schema_url.len() + r.service_name.len() + 32).sum::<usize>()
             + scopes.iter().map(|s| s.scope.len() + s.schema_url.len() + 24).sum::<usize>();
     HEADER_LEN + 64 + blocks + payload.len() * SPAN_RECORD_SIZE + payload.sum::<usize>()
+}
+
+/// Bytes of a summary's name and dimension values (each with its string header).
+fn summary_payload(name: &str, dimensions: &[String]) -> usize {
+    name.len() + dimensions.iter().map(|d| d.len() + 8).sum::<usize>()
 }
 
 /// About the encoded size of a summary batch (see [`spans_size`]).

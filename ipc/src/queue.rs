@@ -68,7 +68,7 @@ pub const STAGE_STOP_RATIO: f64 = 0.9;
 /// of the value bytes it adds.
 const COMMIT_OVERHEAD: f64 = 1.5;
 
-type Table = Database<'static, Bytes, Bytes>;
+pub(crate) type Table = Database<'static, Bytes, Bytes>;
 
 /// Key/value pairs borrowed from the map for the life of a transaction.
 pub type Entries<'t> = Vec<(&'t [u8], &'t [u8])>;
@@ -432,25 +432,6 @@ impl Queue {
 
     pub(crate) fn meta_table(&self) -> Table {
         self.meta
-    }
-
-    /// Fault injection for the durability drills: flips byte `at` of the stored value of `key` in
-    /// table `table` (`cursors` or `meta`), as bit rot in exactly that value would. Returns
-    /// whether the value existed and was long enough.
-    #[doc(hidden)]
-    pub fn flip_stored_byte(&self, table: &str, key: &[u8], at: usize) -> Result<bool, QueueError> {
-        let table = match table {
-            "cursors" => self.cursors,
-            "meta" => self.meta,
-            _ => return Ok(false),
-        };
-        let mut wtxn = self.write()?;
-        let Some(mut value) = table.get(&wtxn, key)?.map(<[u8]>::to_vec) else { return Ok(false) };
-        let Some(byte) = value.get_mut(at) else { return Ok(false) };
-        *byte ^= 0x5a;
-        table.put(&mut wtxn, key, &value)?;
-        self.commit(wtxn)?;
-        Ok(true)
     }
 
     fn assemble(env: Env<WithoutTls>, tables: ([Table; Edge::ALL.len()], [Table; 5]), options: &QueueOptions) -> Queue {

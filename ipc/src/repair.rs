@@ -26,7 +26,7 @@
 use heed::RwTxn;
 
 use crate::batch::{self, BatchHeader};
-use crate::queue::{EdgeDepth, FORMAT_KEY, QueueError, SMALL_TABLES, depth_key, key_seq, seq_key, unseal};
+use crate::queue::{EdgeDepth, FORMAT_KEY, QueueError, SMALL_TABLES, Table, depth_key, key_seq, seq_key, unseal};
 use crate::{Consumer, Edge, Queue};
 
 const LOSS_PREFIX: &str = "loss/";
@@ -160,6 +160,30 @@ fn small_table_index(name: &str) -> Option<usize> {
 }
 
 impl Queue {
+    /// Fault injection for the durability drills: flips byte `at` of the stored value of `key` in
+    /// table `table` (`cursors` or `meta`), as bit rot in exactly that value would. Returns
+    /// whether the value existed and was long enough.
+    #[doc(hidden)]
+    pub fn flip_stored_byte(&self, table: &str, key: &[u8], at: usize) -> Result<bool, QueueError> {
+        let table = match table {
+            "cursors" => self.cursors_table(),
+            "meta" => self.meta_table(),
+            _ => return Ok(false),
+        };
+        self.flip_in(table, key, at)
+    }
+
+    /// Flips byte `at` of the value of `key` in `table`, in a transaction of its own.
+    pub(crate) fn flip_in(&self, table: Table, key: &[u8], at: usize) -> Result<bool, QueueError> {
+        let mut wtxn = self.write()?;
+        let Some(mut value) = table.get(&wtxn, key)?.map(<[u8]>::to_vec) else { return Ok(false) };
+        let Some(byte) = value.get_mut(at) else { return Ok(false) };
+        *byte ^= 0x5a;
+        table.put(&mut wtxn, key, &value)?;
+        self.commit(wtxn)?;
+        Ok(true)
+    }
+
     /// Checks every table and repairs what is damaged (see the module docs). Run it while no
     /// stage runs: it holds the write lock for one pass over the whole queue.
     pub fn repair(&self) -> Result<RepairReport, QueueError> {
@@ -473,12 +497,8 @@ mod tests {
     }
 
     /// Flips one byte of a stored value in place (what a torn page or bit rot does).
-    fn flip(q: &Queue, table: heed::Database<heed::types::Bytes, heed::types::Bytes>, key: &[u8], at: usize) {
-        let mut wtxn = q.write().unwrap();
-        let mut value = table.get(&wtxn, key).unwrap().unwrap().to_vec();
-        value[at] ^= 0x20;
-        table.put(&mut wtxn, key, &value).unwrap();
-        q.commit(wtxn).unwrap();
+    fn flip(q: &Queue, table: Table, key: &[u8], at: usize) {
+        assert!(q.flip_in(table, key, at).unwrap(), "nothing stored to flip");
     }
 
     fn stored_seqs(q: &Queue, edge: Edge, after: u64) -> Vec<u64> {

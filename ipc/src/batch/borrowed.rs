@@ -73,46 +73,32 @@ impl SpanBody<'_> {
     }
 }
 
-/// A span record whose name and body are borrowed; archives as [`ArchivedSpanRecord`].
-#[derive(Debug, Clone)]
+/// A stored span passed on: its archived record, its scope in the new batch and its bytes (as
+/// stored, or marked); archives as [`ArchivedSpanRecord`].
+#[derive(Clone)]
 pub struct SpanRecordRef<'a> {
-    /// 16-byte trace id.
-    pub trace_id: [u8; 16],
-    /// 8-byte span id.
-    pub span_id: [u8; 8],
-    /// Parent span id; all zero for a root span.
-    pub parent_span_id: [u8; 8],
-    /// Start time, Unix nanoseconds.
-    pub start_unix_nano: u64,
-    /// End time, Unix nanoseconds.
-    pub end_unix_nano: u64,
-    /// OTLP `Status.code`.
-    pub status_code: u8,
-    /// OTLP `SpanKind`.
-    pub kind: u8,
-    /// Index into the batch's `scopes`.
+    /// The span as read.
+    pub span: &'a ArchivedSpanRecord,
+    /// Index into the new batch's `scopes`.
     pub scope: u32,
-    /// Span name.
-    pub name: &'a str,
     /// Encoded `Span`.
     pub body: SpanBody<'a>,
+}
+
+impl std::fmt::Debug for SpanRecordRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanRecordRef")
+            .field("span_id", &self.span.span_id)
+            .field("scope", &self.scope)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
 }
 
 impl<'a> SpanRecordRef<'a> {
     /// The archived span `span`, pointing at `scope` of the new batch, with `body` as its bytes.
     pub fn of(span: &'a ArchivedSpanRecord, scope: u32, body: SpanBody<'a>) -> SpanRecordRef<'a> {
-        SpanRecordRef {
-            trace_id: span.trace_id,
-            span_id: span.span_id,
-            parent_span_id: span.parent_span_id,
-            start_unix_nano: span.start_unix_nano.to_native(),
-            end_unix_nano: span.end_unix_nano.to_native(),
-            status_code: span.status_code,
-            kind: span.kind,
-            scope,
-            name: span.name.as_str(),
-            body,
-        }
+        SpanRecordRef { span, scope, body }
     }
 }
 
@@ -130,15 +116,16 @@ impl Archive for SpanRecordRef<'_> {
         munge!(let ArchivedSpanRecord {
             trace_id, span_id, parent_span_id, start_unix_nano, end_unix_nano, status_code, kind, scope, name, body
         } = out);
-        self.trace_id.resolve([(); 16], trace_id);
-        self.span_id.resolve([(); 8], span_id);
-        self.parent_span_id.resolve([(); 8], parent_span_id);
-        self.start_unix_nano.resolve((), start_unix_nano);
-        self.end_unix_nano.resolve((), end_unix_nano);
-        self.status_code.resolve((), status_code);
-        self.kind.resolve((), kind);
+        let span = self.span;
+        span.trace_id.resolve([(); 16], trace_id);
+        span.span_id.resolve([(); 8], span_id);
+        span.parent_span_id.resolve([(); 8], parent_span_id);
+        span.start_unix_nano.to_native().resolve((), start_unix_nano);
+        span.end_unix_nano.to_native().resolve((), end_unix_nano);
+        span.status_code.resolve((), status_code);
+        span.kind.resolve((), kind);
         self.scope.resolve((), scope);
-        ArchivedString::resolve_from_str(self.name, resolver.name, name);
+        ArchivedString::resolve_from_str(span.name.as_str(), resolver.name, name);
         ArchivedVec::<u8>::resolve_from_len(self.body.len(), resolver.body, body);
     }
 }
@@ -146,7 +133,7 @@ impl Archive for SpanRecordRef<'_> {
 impl<'x> Serialize<Ser<'x>> for SpanRecordRef<'_> {
     fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
         Ok(SpanRecordRefResolver {
-            name: ArchivedString::serialize_from_str(self.name, serializer)?,
+            name: ArchivedString::serialize_from_str(self.span.name.as_str(), serializer)?,
             body: self.body.serialize(serializer)?,
         })
     }
@@ -297,14 +284,14 @@ impl<'x> Serialize<Ser<'x>> for SummaryBatchRef<'_> {
 /// Serializes a borrowed span batch with its header: the same bytes as
 /// [`super::encode_spans`] of the owned batch.
 pub fn encode_span_refs(batch: &SpanBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
-    let size = batch.spans.iter().map(|span| span.name.len() + span.body.len());
+    let size = batch.spans.iter().map(|span| span.span.name.len() + span.body.len());
     super::encode(BatchKind::Spans, batch.spans.len(), batch, super::spans_size(size, &batch.resources, &batch.scopes))
 }
 
 /// Serializes a borrowed summary batch with its header: the same bytes as
 /// [`super::encode_summaries`] of the owned batch.
 pub fn encode_summary_refs(batch: &SummaryBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
-    let size = batch.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+    let size = batch.summaries.iter().map(|s| super::summary_payload(s.name, &s.dimensions));
     super::encode(BatchKind::Summaries, batch.summaries.len(), batch, super::summaries_size(size, &batch.services))
 }
 
@@ -420,8 +407,7 @@ mod tests {
                 .collect(),
         };
         assert_eq!(encode_summary_refs(&borrowed).unwrap(), encode_summaries(&owned).unwrap());
-        let payload =
-            owned.summaries.iter().map(|s| s.name.len() + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>());
+        let payload = owned.summaries.iter().map(|s| summary_payload(&s.name, &s.dimensions));
         assert!(encode_summaries(&owned).unwrap().len() <= summaries_size(payload, &owned.services));
     }
 }
