@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Tailgate, Timing, assert_exact_delivery, mixed_traces, send_in_waves, signal, wait_until};
+use common::{
+    Backend, Tailgate, Timing, assert_exact_delivery, mixed_traces, send_in_waves, signal, stop_and_wait, wait_until,
+};
 
 /// A plain HTTP/1.1 GET (blocking: it is also used between waves, inside the client's runtime).
 fn get(tailgate: &Tailgate, path: &str) -> (u16, String) {
@@ -78,7 +80,7 @@ fn metrics_count_every_stage_across_restarts_and_readiness_names_the_stage() {
 
     // A stopped stage makes the pipeline not ready, by name; it is ready again once it runs.
     let pid = tailgate.stage_pid("log_mirror").unwrap();
-    signal(pid, "STOP");
+    stop_and_wait(pid);
     let (code, body) = get(&tailgate, "/readyz");
     signal(pid, "CONT");
     assert_eq!(code, 503, "{body}");

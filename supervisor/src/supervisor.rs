@@ -291,19 +291,8 @@ impl Actor for Supervisor {
         myself: ActorRef<SupervisorMsg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        let mut stages = Vec::new();
-        for stage in StageId::ALL {
-            let stage_args = StageArgs {
-                stage,
-                launch: args.launch.clone(),
-                queue: args.queue.clone(),
-                policy: args.policy.clone(),
-            };
-            let (actor, _handle) =
-                Actor::spawn_linked(Some(format!("stage-{stage}")), StageActor, stage_args, myself.get_cell()).await?;
-            stages.push((stage, actor));
-        }
-        myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
+        // Self-metrics first: /healthz answers before any stage's listener does, so a probe
+        // that waits for the receivers can rely on it (scrapes wait for pre_start to finish).
         let telemetry = &args.policy.telemetry;
         let source: crate::telemetry::Source = {
             let supervisor = myself.clone();
@@ -321,6 +310,19 @@ impl Actor for Supervisor {
         {
             tracing::error!(endpoint = %telemetry.endpoint, error = %err, "cannot serve self-metrics; the pipeline runs without them");
         }
+        let mut stages = Vec::new();
+        for stage in StageId::ALL {
+            let stage_args = StageArgs {
+                stage,
+                launch: args.launch.clone(),
+                queue: args.queue.clone(),
+                policy: args.policy.clone(),
+            };
+            let (actor, _handle) =
+                Actor::spawn_linked(Some(format!("stage-{stage}")), StageActor, stage_args, myself.get_cell()).await?;
+            stages.push((stage, actor));
+        }
+        myself.send_interval(args.sync_interval, || SupervisorMsg::Sync);
         let handler: crate::control::Handler = {
             let supervisor = myself.clone();
             std::sync::Arc::new(move |request| {

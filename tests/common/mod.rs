@@ -381,6 +381,18 @@ pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
 }
 
+/// SIGSTOPs a process and waits until the kernel shows it stopped: kill(2) returns before the
+/// target is scheduled to take the signal, and on a busy machine that can be a while.
+pub fn stop_and_wait(pid: u32) {
+    signal(pid, "STOP");
+    let stopped = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "T" || s == "t"))
+        }) == Some(true)
+    });
+    assert!(stopped, "process {pid} did not stop within 10 s of SIGSTOP");
+}
+
 /// Stage name -> pid of the supervisor's children, read from /proc.
 pub fn stage_pids(supervisor: u32) -> HashMap<String, u32> {
     let mut out = HashMap::new();

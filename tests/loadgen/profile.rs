@@ -102,4 +102,3 @@ pub async fn profile(
     );
     Ok(())
 }
-
