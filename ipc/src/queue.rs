@@ -34,8 +34,8 @@
 //!    500k spans/s and a sync costing the supervisor 7.6% of a core; LMDB's own page buffers,
 //!    written with `pwrite` at commit, cost a copy instead (13-20% less CPU for the pipeline,
 //!    BENCHMARKS.md). The price: each process keeps the buffers of its largest transaction's
-//!    dirty pages for reuse (LMDB's free list; ~6.5 MiB in tail_sample after a 500k spans/s
-//!    burst).
+//!    dirty pages for reuse (LMDB's free list), so writers bound the pages one transaction
+//!    dirties (tail_sample's decisions and prunes per step: `stages/src/limits.rs`).
 //! 6. The budget is tiered so that no stage can starve the one that frees space: intake stops
 //!    where a commit would take the map past [`INTAKE_STOP_RATIO`] (counting the size of what it
 //!    adds); stages that read one edge and write another stop stepping above

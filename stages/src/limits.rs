@@ -14,6 +14,18 @@ use tailgate_ipc::Queue;
 /// Most input batches read in one step (one write transaction).
 pub const MAX_BATCHES_PER_STEP: usize = 64;
 
+/// Most traces tail_sample decides, and most stale decisions it prunes, in one step. Trace ids
+/// are random, so each decision put or prune lands on its own page of the decisions table, and
+/// LMDB copies every page a transaction dirties into a buffer of the process it keeps for reuse
+/// until the environment closes: the largest step's page count stays in the stage's private
+/// memory for good. 256 + 256 pages bound that to 2 MiB; a step's fixed cost is small next to
+/// 256 page copies, so under a burst more, smaller steps cost nothing measurable (BENCHMARKS.md).
+pub const MAX_DECISIONS_PER_STEP: usize = 256;
+
+/// See [`MAX_DECISIONS_PER_STEP`]: pruning runs in every writing step, so it keeps pace with
+/// decisions made at the same bound.
+pub const MAX_PRUNE_PER_STEP: usize = 256;
+
 /// tail_sample's steps are at least this far apart unless input is backing up: decisions take
 /// seconds anyway, and every step's transaction copies the pages its decisions land on (trace
 /// ids are random, so nearly one page per decision): fewer, larger steps dirty fewer pages.

@@ -34,10 +34,10 @@ pub mod adaptive;
 pub mod incident;
 pub mod policies;
 pub mod summaries;
-use crate::limits::{MAX_BATCHES_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MIN_STEP_INTERVAL, StepSizer};
-
-/// Most stale decisions pruned per step.
-const MAX_PRUNE_PER_STEP: usize = 4096;
+use crate::limits::{
+    MAX_BATCHES_PER_STEP, MAX_DECISIONS_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MAX_PRUNE_PER_STEP, MIN_STEP_INTERVAL,
+    StepSizer,
+};
 
 /// The trace map is left alone below this capacity (a steady load's index).
 const COMPACT_ABOVE_CAPACITY: usize = 16_384;
@@ -636,7 +636,7 @@ impl Sampler {
             if due > due_by {
                 break;
             }
-            if output.emitted >= output.step_limit {
+            if output.emitted >= output.step_limit || output.decisions.len() >= MAX_DECISIONS_PER_STEP {
                 report.more_input = true;
                 return Ok(false);
             }

@@ -424,3 +424,35 @@ fn the_index_gives_back_a_bursts_capacity() {
     // A steady index is left alone.
     assert!(!sampler.compact());
 }
+
+/// Every decision lands on its own page of the decisions table, and LMDB keeps the pages of the
+/// largest transaction buffered in the process for good: a step decides a bounded number of
+/// traces, and a backlog of due traces is decided over several steps, none lost.
+#[test]
+fn a_step_decides_a_bounded_number_of_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let traces = 2 * MAX_DECISIONS_PER_STEP + 100;
+    let spans = (0..traces as u32)
+        .map(|n| {
+            let mut trace_id = [0u8; 16];
+            trace_id[..4].copy_from_slice(&n.to_be_bytes());
+            SpanRecord { trace_id, span_id: [1; 8], parent_span_id: [0xee; 8], ..Default::default() }
+        })
+        .collect();
+    append(&queue, spans);
+    let mut sampler = Sampler::open(&queue, policy()).unwrap();
+    while sampler.step(&queue, T0).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), traces);
+    let mut steps = Vec::new();
+    loop {
+        let report = sampler.step(&queue, T0 + 60_000_000_000).unwrap();
+        steps.push(report.decided);
+        if !report.more_input {
+            break;
+        }
+    }
+    assert_eq!(sampler.pending_traces(), 0);
+    assert_eq!(steps.iter().sum::<u64>(), traces as u64);
+    assert_eq!(steps, [MAX_DECISIONS_PER_STEP as u64, MAX_DECISIONS_PER_STEP as u64, 100]);
+}
