@@ -152,9 +152,41 @@ fn sampler(c: &mut Criterion) {
     group.finish();
 }
 
+/// A JSON log line as the field report's services write them (the load profile's shape).
+fn log_line(n: u64) -> String {
+    format!(
+        r#"{{"time":1764600000{:03},"level":"{}","msg":"GET /api/orders step {}","trace_id":"{:032x}","span_id":"{:016x}","service":"orders","http.route":"/api/orders","duration_ms":{}}}"#,
+        n % 1000,
+        if n.is_multiple_of(20) { "ERROR" } else { "INFO" },
+        n % 5,
+        u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c834) | 1,
+        n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        n % 300,
+    )
+}
+
+fn filelog(c: &mut Criterion) {
+    const LINES: u64 = 100;
+    let config: tailgate_config::FilelogReceiver =
+        serde_json::from_value(serde_json::json!({ "include": ["/var/log/app/*.jsonl"] })).unwrap();
+    let parser = tailgate_stages::receive::filelog::fields::LineParser::new(&config);
+    let lines: Vec<String> = (0..LINES).map(log_line).collect();
+    let mut group = c.benchmark_group("filelog");
+    group.throughput(Throughput::Elements(LINES));
+    group.bench_function("parse 100 JSON lines", |b| {
+        b.iter(|| {
+            let mut drift = tailgate_stages::receive::filelog::drift::Drift::default();
+            for line in &lines {
+                black_box(parser.parse(black_box(line), "/var/log/app/orders.jsonl", T0, &mut drift));
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
-    targets = transcode, queue, sampler
+    targets = transcode, queue, sampler, filelog
 }
 criterion_main!(benches);

@@ -374,7 +374,8 @@ impl Tailer {
                     drift.count("invalid_utf8", None);
                 }
                 let parsed = self.parser.parse(&text, &path, observed, drift);
-                let service = parsed.service.clone().or_else(|| self.config.resource.get("service.name").cloned());
+                let service =
+                    parsed.service.as_deref().or_else(|| self.config.resource.get("service.name").map(String::as_str));
                 let scope = scope_of(&mut output.services, service.unwrap_or_default());
                 output.bytes += parsed.record.len();
                 output.logs.push(LogEntry {
@@ -485,9 +486,13 @@ impl Tailer {
     }
 }
 
-fn scope_of(services: &mut BTreeMap<String, u32>, service: String) -> u32 {
+fn scope_of(services: &mut BTreeMap<String, u32>, service: &str) -> u32 {
+    if let Some(scope) = services.get(service) {
+        return *scope;
+    }
     let next = services.len() as u32;
-    *services.entry(service).or_insert(next)
+    services.insert(service.to_owned(), next);
+    next
 }
 
 fn string_kv(key: &str, value: &str) -> KeyValue {
