@@ -17,6 +17,29 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     encoder.finish().unwrap()
 }
 
+/// A valid trace request whose span carries an attribute nested `depth` kvlists deep.
+fn deeply_nested_request(depth: usize) -> Vec<u8> {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, KeyValueList, any_value};
+    let mut value = AnyValue { value: Some(any_value::Value::StringValue("leaf".into())) };
+    for _ in 0..depth {
+        let pair = KeyValue { key: "k".into(), value: Some(value), ..Default::default() };
+        value = AnyValue { value: Some(any_value::Value::KvlistValue(KeyValueList { values: vec![pair] })) };
+    }
+    let mut spans = TestTrace::new(7, Outcome::Error, 1).spans;
+    spans[0].attributes.push(KeyValue { key: "deep".into(), value: Some(value), ..Default::default() });
+    trace_request("checkout", spans).encode_to_vec()
+}
+
+/// A trace request whose root span name is not UTF-8.
+fn invalid_utf8_request() -> Vec<u8> {
+    let mut spans = TestTrace::new(8, Outcome::Error, 1).spans;
+    spans[0].name = "NAME".into();
+    let mut encoded = trace_request("checkout", spans).encode_to_vec();
+    let at = encoded.windows(4).position(|w| w == b"NAME").unwrap();
+    encoded[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0x80, 0x41]);
+    encoded
+}
+
 fn valid_request(n: u32) -> Vec<u8> {
     trace_request("checkout", TestTrace::new(n, Outcome::Error, 2).spans).encode_to_vec()
 }
@@ -98,6 +121,27 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
             body: b"{\"resourceSpans\": [".to_vec(),
             status: 400,
         },
+        Case {
+            name: "json that is not an object",
+            content_type: "application/json",
+            encoding: None,
+            body: b"[]".to_vec(),
+            status: 400,
+        },
+        Case {
+            name: "nesting deeper than 32",
+            content_type: "application/x-protobuf",
+            encoding: None,
+            body: deeply_nested_request(40),
+            status: 400,
+        },
+        Case {
+            name: "invalid utf-8",
+            content_type: "application/x-protobuf",
+            encoding: None,
+            body: invalid_utf8_request(),
+            status: 400,
+        },
     ];
     // A server that answers 413 before reading the body closes that connection; use a fresh
     // connection per request so the follow-up checks the server, not connection reuse.
@@ -115,7 +159,7 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
             assert_eq!(response.status().as_u16(), case.status, "{}", case.name);
             let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
             let body = response.bytes().await.unwrap();
-            if case.status != 413 || case.encoding.is_some() {
+            {
                 let message = if case.content_type == "application/json" {
                     let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
                     value["message"].as_str().unwrap().to_owned()
@@ -181,6 +225,8 @@ fn grpc_receiver_rejects_bad_input_and_keeps_serving() {
         ("oversize", vec![0u8; 5 * 1024 * 1024], false, "8"),
         ("gzip that does not inflate", b"\x1f\x8b\x08\x00garbage-not-deflate".to_vec(), true, "3"),
         ("gzip bomb", gzip(&vec![0u8; 64 * 1024 * 1024]), true, "8"),
+        ("nesting deeper than 32", deeply_nested_request(40), false, "3"),
+        ("invalid utf-8", invalid_utf8_request(), false, "3"),
     ];
     let raw = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     runtime.block_on(async {
@@ -229,4 +275,96 @@ fn grpc_responses_are_not_compressed() {
     assert_eq!(encoding, None, "the response was compressed");
     assert_eq!(body.first(), Some(&0u8), "the response frame is flagged compressed");
     assert_exact_delivery(&backend, &[trace], Duration::from_secs(1), false);
+}
+
+/// Spans of one request: trace `n` (an error, kept), two traces whose every span has an invalid
+/// trace id (all zero; 8 bytes), and a fast trace whose root has no start time and an all-zero
+/// parent id (accepted as a root, and not slow).
+fn partly_invalid_spans(n: u32) -> (Vec<opentelemetry_proto::tonic::trace::v1::Span>, [TestTrace; 2]) {
+    let kept = TestTrace::new(n, Outcome::Error, 2);
+    let mut zero = TestTrace::new(n + 1, Outcome::Error, 1);
+    let mut short = TestTrace::new(n + 2, Outcome::Error, 1);
+    for span in &mut zero.spans {
+        span.trace_id = vec![0; 16];
+    }
+    for span in &mut short.spans {
+        span.trace_id = vec![1; 8];
+    }
+    let mut unset = TestTrace::new(n + 3, Outcome::Fast, 1);
+    unset.spans[0].start_time_unix_nano = 0;
+    unset.spans[0].parent_span_id = vec![0; 8];
+    let spans = [&kept.spans, &zero.spans, &short.spans, &unset.spans].into_iter().flatten().cloned().collect();
+    (spans, [kept, unset])
+}
+
+/// The partial success every transport must answer for [`partly_invalid_spans`]: the four spans
+/// with invalid trace ids refused, named by the first one's path.
+fn assert_partial(rejected: i64, message: &str, transport: &str) {
+    assert_eq!(rejected, 4, "{transport}: {message}");
+    let first = "4 spans rejected; the first: resource_spans[0].scope_spans[0].spans[3].trace_id: must not be all zero";
+    assert_eq!(message, first, "{transport}");
+}
+
+#[test]
+fn invalid_items_are_refused_alone_as_a_partial_success() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let receive_pid = tailgate.stage_pid("receive").unwrap();
+    let mut expected = Vec::new();
+    let http = reqwest::Client::new();
+    runtime.block_on(async {
+        // gRPC.
+        let (spans, traces) = partly_invalid_spans(300);
+        expected.extend(traces);
+        let mut client = TraceServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
+        let response = client.export(trace_request("checkout", spans)).await.unwrap().into_inner();
+        let partial = response.partial_success.expect("gRPC: partial_success set");
+        assert_partial(partial.rejected_spans, &partial.error_message, "gRPC");
+        // A fully valid request: partial_success left unset, as the spec requires.
+        let response = client.export(trace_request("checkout", TestTrace::new(310, Outcome::Error, 1).spans)).await;
+        assert_eq!(response.unwrap().into_inner().partial_success, None);
+        expected.push(TestTrace::new(310, Outcome::Error, 1));
+
+        // OTLP/HTTP protobuf.
+        let (spans, traces) = partly_invalid_spans(320);
+        expected.extend(traces);
+        let response = http
+            .post(format!("http://{}/v1/traces", tailgate.http))
+            .header("content-type", "application/x-protobuf")
+            .body(trace_request("checkout", spans).encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body = ExportTraceServiceResponse::decode(response.bytes().await.unwrap()).unwrap();
+        let partial = body.partial_success.expect("HTTP protobuf: partial_success set");
+        assert_partial(partial.rejected_spans, &partial.error_message, "HTTP protobuf");
+
+        // OTLP/HTTP JSON.
+        let (spans, traces) = partly_invalid_spans(340);
+        expected.extend(traces);
+        let response = http
+            .post(format!("http://{}/v1/traces", tailgate.http))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&trace_request("checkout", spans)).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        let partial = &body["partialSuccess"];
+        let rejected: i64 = partial["rejectedSpans"].as_str().expect("int64 as a string").parse().unwrap();
+        assert_partial(rejected, partial["errorMessage"].as_str().unwrap(), "HTTP JSON");
+    });
+    assert_eq!(tailgate.stage_pid("receive"), Some(receive_pid), "receive restarted");
+    // The valid spans of every request arrive; the fast trace without a start time is dropped.
+    assert_exact_delivery(&backend, &expected, Duration::from_secs(2), false);
+    let metrics = http_get(tailgate.telemetry, "/metrics").1;
+    assert!(
+        metrics.contains("tailgate_items_dropped_total{stage=\"receive\",reason=\"invalid_item\"} 12"),
+        "refused spans are counted:\n{metrics}"
+    );
 }

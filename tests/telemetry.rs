@@ -10,21 +10,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Backend, Tailgate, Timing, assert_exact_delivery, mixed_traces, send_in_waves, signal, stop_and_wait, wait_until,
+    Backend, Tailgate, Timing, assert_exact_delivery, http_get, mixed_traces, send_in_waves, signal, stop_and_wait,
+    wait_until,
 };
 
-/// A plain HTTP/1.1 GET (blocking: it is also used between waves, inside the client's runtime).
 fn get(tailgate: &Tailgate, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(tailgate.telemetry).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: tailgate\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    http_get(tailgate.telemetry, path)
 }
 
 /// The value of the sample `series` (name and labels exactly as exposed), 0 when absent.

@@ -198,6 +198,13 @@ pub struct SpanRecord {
 /// Status code value of an error span in OTLP.
 pub const STATUS_CODE_ERROR: u8 = 2;
 
+/// A span's duration from its OTLP times: 0 (unknown) when the start time is missing (0) or the
+/// end precedes the start, so a client that leaves the start unset cannot make a span look
+/// decades long (slow to the sampler, an outlier in the latency histograms).
+pub fn span_duration(start_unix_nano: u64, end_unix_nano: u64) -> u64 {
+    if start_unix_nano == 0 { 0 } else { end_unix_nano.saturating_sub(start_unix_nano) }
+}
+
 /// A batch of spans as received (edge `spans`) or as kept (edge `kept_spans`).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpanBatch {

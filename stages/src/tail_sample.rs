@@ -592,7 +592,7 @@ impl Sampler {
 
     fn buffer(&mut self, seq: u64, index: u32, received: u64, span: &batch::ArchivedSpanRecord) {
         let policy = &self.policy;
-        let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
+        let duration = batch::span_duration(span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
         let interesting = (policy.keep_errors && span.status_code == batch::STATUS_CODE_ERROR)
             || duration > policy.latency_threshold.as_nanos() as u64;
         let is_root = span.parent_span_id == [0u8; 8];

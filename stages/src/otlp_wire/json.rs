@@ -10,6 +10,10 @@
 //!   derives require `values`),
 //! - enum names (`"kind": "SPAN_KIND_SERVER"`) and 32-bit integers as strings.
 //!
+//! Bodies that are not a JSON object (`[]`, `"text"`) are refused; `null` members are defaults, so
+//! `{"resourceSpans": null}` is an empty request (accepted, nothing queued); unknown members are
+//! ignored at any depth (the spec: receivers MUST ignore unknown fields), within the body limit.
+//!
 //! Not handled: `"NaN"` / `"Infinity"` in double fields other than summary quantiles (a
 //! `serde_json::Value` cannot hold them); snake_case keys, which the OTLP spec rules out and
 //! which are ignored like any unknown key; a malformed `asInt`/`asDouble` in a data point or
@@ -28,6 +32,11 @@ use super::{Signal, WireError};
 /// Converts an OTLP/HTTP JSON request body into the protobuf encoding of the same
 /// `Export*ServiceRequest`.
 pub fn json_to_protobuf(signal: Signal, json: &[u8]) -> Result<Vec<u8>, WireError> {
+    // A message is a JSON object in the protobuf JSON mapping; serde would also take an array
+    // (as the fields in order), which no OTLP client sends.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(WireError::Json("the body must be a JSON object (an Export*ServiceRequest)".into()));
+    }
     macro_rules! convert {
         ($request:ty) => {{
             let request: $request = match serde_json::from_slice::<$request>(json) {

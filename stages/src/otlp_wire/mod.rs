@@ -11,9 +11,13 @@
 //! scopes, spans with their attributes, events, links and status, log records with body and
 //! attributes, metrics down to their data points): the wire format is well formed, known fields
 //! carry the wire type of their schema, unknown fields are skipped by wire type (groups are
-//! rejected), strings are UTF-8, ids have their OTLP lengths (span trace/span ids present and not
-//! all zero), and messages nest at most [`MAX_DEPTH`] deep. Whatever is accepted here decodes
-//! with prost too. Nothing panics on any input.
+//! rejected), strings are UTF-8, and messages nest at most [`MAX_DEPTH`] deep: a request that
+//! fails any of these is refused whole. Ids are checked per item: a span whose trace or span id
+//! is missing, all zero or of the wrong length, or whose parent or link ids have the wrong
+//! length, and a log record whose ids have the wrong length, is refused alone and counted
+//! ([`Rejected`], answered as OTLP partial success); the rest of the request is accepted. An
+//! all-zero `parent_span_id` is read as a root span. Whatever is accepted here decodes with prost
+//! too. Nothing panics on any input.
 
 #![forbid(unsafe_code)]
 
@@ -182,8 +186,10 @@ fn index_u32(len: usize, what: &'static str) -> Result<u32, WireError> {
     u32::try_from(len).map_err(|_| WireError::TooMany { what })
 }
 
-/// Per-item callback of [`resource_group`]: (scope index, item message, depth of the item).
-type ItemFn<'a, 'f> = dyn FnMut(u32, &'a [u8], u32) -> Result<(), Fail> + 'f;
+/// Per-item callback of [`resource_group`]: (scope block index, item message, depth of the
+/// item, its position: index of its scope group in the resource group and of the item in the
+/// scope group). Returns whether the item was accepted (see [`Rejected`]).
+type ItemFn<'a, 'f> = dyn FnMut(u32, &'a [u8], u32, [u32; 2]) -> Result<bool, Fail> + 'f;
 
 /// Walks a `ResourceSpans` / `ResourceLogs`, appending its resource and scope blocks; items go
 /// to `item`. Groups that end up holding no item leave no block behind.
@@ -197,6 +203,7 @@ fn resource_group<'a, G: Message, S: Message>(
     let resource = index_u32(resources.len(), "resources")?;
     let first_scope = scopes.len();
     resources.push(ResourceBlock::default());
+    let mut scope_groups = 0u32;
     walk::<G, _>(group, depth, &mut |number, value| {
         match (number, value) {
             (1, Val::Bytes(r)) => {
@@ -210,7 +217,10 @@ fn resource_group<'a, G: Message, S: Message>(
                     }
                 }
             }
-            (2, Val::Bytes(r)) => scope_group::<S>(r, depth + 1, resource, scopes, item)?,
+            (2, Val::Bytes(r)) => {
+                scope_group::<S>(r, depth + 1, resource, scope_groups, scopes, item)?;
+                scope_groups = scope_groups.saturating_add(1);
+            }
             (3, Val::Str(url)) => {
                 if let Some(block) = resources.last_mut() {
                     text(url).clone_into(&mut block.schema_url);
@@ -230,12 +240,14 @@ fn scope_group<'a, S: Message>(
     group: &'a [u8],
     depth: u32,
     resource: u32,
+    position: u32,
     scopes: &mut Vec<ScopeBlock>,
     item: &mut ItemFn<'a, '_>,
 ) -> Result<(), Fail> {
     let scope = index_u32(scopes.len(), "scopes")?;
     scopes.push(ScopeBlock { resource, ..ScopeBlock::default() });
-    let mut items = 0usize;
+    let mut items = 0u32;
+    let mut accepted = 0usize;
     walk::<S, _>(group, depth, &mut |number, value| {
         match (number, value) {
             (1, Val::Bytes(r)) => {
@@ -244,8 +256,8 @@ fn scope_group<'a, S: Message>(
                 }
             }
             (2, Val::Bytes(r)) => {
-                items += 1;
-                item(scope, r, depth + 1)?;
+                accepted += usize::from(item(scope, r, depth + 1, [position, items])?);
+                items = items.saturating_add(1);
             }
             (3, Val::Str(url)) => {
                 if let Some(block) = scopes.last_mut() {
@@ -256,7 +268,7 @@ fn scope_group<'a, S: Message>(
         }
         Ok(())
     })?;
-    if items == 0 {
+    if accepted == 0 {
         scopes.pop();
     }
     Ok(())
@@ -332,11 +344,30 @@ fn exact_id<const N: usize>(id: &[u8], name: &'static str) -> Result<[u8; N], Fa
     Ok(id)
 }
 
-fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<SpanRecord, Fail> {
+/// An item (span, log record) whose own fields are invalid while the request around it is well
+/// formed: it alone is refused and the rest of the request accepted (OTLP partial success).
+/// Malformed wire bytes, invalid UTF-8 and excess nesting refuse the whole request.
+fn item_fault(fail: &WireError) -> bool {
+    matches!(fail, WireError::IdLength { .. } | WireError::ZeroId { .. })
+}
+
+/// Refuses one item for `fail`, once the rest of it is known to be well formed: the walk stopped
+/// at the fault, and a request with malformed bytes after it is refused whole (what is accepted
+/// always decodes).
+#[cold]
+fn refuse_item<M: prost::Message + Default, T>(item: &[u8], fail: Fail) -> Result<Result<T, Fail>, Fail> {
+    match M::decode(item) {
+        Ok(_) => Ok(Err(fail)),
+        Err(err) => Err(WireError::Other(format!("malformed item after an invalid id ({fail}): {err}")).into()),
+    }
+}
+
+/// A span's record, or (inner `Err`) why this span alone is refused.
+fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<Result<SpanRecord, Fail>, Fail> {
     let (mut trace_id, mut span_id, mut parent): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
     let mut name = "";
     let (mut kind, mut start, mut end, mut status) = (0, 0, 0, 0);
-    walk::<schema::Span, _>(span, depth, &mut |number, value| {
+    let walked = walk::<schema::Span, _>(span, depth, &mut |number, value| {
         match (number, value) {
             (1, Val::Bytes(b)) => trace_id = b,
             (2, Val::Bytes(b)) => span_id = b,
@@ -349,11 +380,23 @@ fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<SpanRecord, Fail> 
             _ => {}
         }
         Ok(())
-    })?;
-    Ok(SpanRecord {
-        trace_id: exact_id(trace_id, "trace_id")?,
-        span_id: exact_id(span_id, "span_id")?,
-        parent_span_id: <[u8; 8]>::try_from(parent).unwrap_or_default(),
+    });
+    match walked {
+        Err(fail) if item_fault(&fail) => {
+            return refuse_item::<opentelemetry_proto::tonic::trace::v1::Span, _>(span, fail);
+        }
+        other => other?,
+    }
+    let ids =
+        (|| Ok::<_, Fail>((exact_id(trace_id, "trace_id")?, exact_id(span_id, "span_id")?, parent_id(parent)?)))();
+    let (trace_id, span_id, parent_span_id) = match ids {
+        Ok(ids) => ids,
+        Err(fail) => return Ok(Err(fail)),
+    };
+    Ok(Ok(SpanRecord {
+        trace_id,
+        span_id,
+        parent_span_id,
         start_unix_nano: start,
         end_unix_nano: end,
         status_code: status,
@@ -361,18 +404,35 @@ fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<SpanRecord, Fail> 
         scope,
         name: name.to_owned(),
         body: span.to_vec(),
-    })
+    }))
+}
+
+/// A span's parent: empty for a root; an all-zero id also means a root (what converters from
+/// formats with numeric ids write; documented normalization); any other length is invalid.
+fn parent_id(parent: &[u8]) -> Result<[u8; 8], Fail> {
+    match <[u8; 8]>::try_from(parent) {
+        Ok(id) => Ok(id),
+        Err(_) if parent.is_empty() => Ok([0; 8]),
+        Err(_) => Err(WireError::IdLength {
+            path: FieldPath::named("parent_span_id"),
+            expected: "empty or 8 bytes",
+            got: parent.len(),
+        }
+        .into()),
+    }
 }
 
 /// Attribute names that carry a duration, each with nanoseconds per unit (the filelog
 /// receiver's `fields.duration` aliases): records without a trace id are judged on them.
 pub type DurationKeys = [(String, f64)];
 
-fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) -> Result<LogEntry, Fail> {
+/// A log record's entry, or (inner `Err`) why this record alone is refused. Ids are optional on
+/// log records: an all-zero trace id means no trace.
+fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) -> Result<Result<LogEntry, Fail>, Fail> {
     let (mut trace_id, mut span_id): (&[u8], &[u8]) = (&[], &[]);
     let (mut time, mut observed, mut severity) = (0, 0, 0);
     let mut attributes: Vec<&[u8]> = Vec::new();
-    walk::<schema::LogRecord, _>(record, depth, &mut |number, value| {
+    let walked = walk::<schema::LogRecord, _>(record, depth, &mut |number, value| {
         match (number, value) {
             (1, Val::Int(v)) => time = v,
             (11, Val::Int(v)) => observed = v,
@@ -383,11 +443,17 @@ fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) ->
             _ => {}
         }
         Ok(())
-    })?;
+    });
+    match walked {
+        Err(fail) if item_fault(&fail) => {
+            return refuse_item::<opentelemetry_proto::tonic::logs::v1::LogRecord, _>(record, fail);
+        }
+        other => other?,
+    }
     let trace_id = <[u8; 16]>::try_from(trace_id).unwrap_or_default();
     // Only a record without a trace is judged on its own fields; the others skip the look.
     let duration_nanos = if trace_id == [0u8; 16] { attribute_duration(&attributes, durations) } else { 0 };
-    Ok(LogEntry {
+    Ok(Ok(LogEntry {
         trace_id,
         span_id: <[u8; 8]>::try_from(span_id).unwrap_or_default(),
         time_unix_nano: if time != 0 { time } else { observed },
@@ -395,7 +461,7 @@ fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) ->
         duration_nanos,
         scope,
         body: record.to_vec(),
-    })
+    }))
 }
 
 /// The first duration attribute (by alias order) of a record, in nanoseconds; 0 when none.
@@ -422,52 +488,109 @@ fn attribute_duration(attributes: &[&[u8]], durations: &DurationKeys) -> u64 {
     0
 }
 
+/// Items of a request refused one by one (OTLP partial success): how many, and the first
+/// reason with the item's path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rejected {
+    /// Items refused.
+    pub count: u64,
+    /// The first refusal, e.g. `resource_spans[0].scope_spans[0].spans[2].trace_id: must be 16
+    /// bytes, got 8`.
+    pub first: Option<String>,
+}
+
+impl Rejected {
+    #[cold]
+    fn add(&mut self, fail: Fail, at: [&str; 3], position: [u32; 3]) {
+        self.count += 1;
+        if self.first.is_none() {
+            let fail =
+                fail.within(at[2], Some(position[2])).within(at[1], Some(position[1])).within(at[0], Some(position[0]));
+            self.first = Some(fail.to_string());
+        }
+    }
+
+    /// The partial-success message: the count and the first reason.
+    pub fn message(&self, items: &str) -> String {
+        match &self.first {
+            Some(first) => format!("{} {items} rejected; the first: {first}", self.count),
+            None => String::new(),
+        }
+    }
+}
+
 /// Checks an encoded `ExportTraceServiceRequest` and transcodes it into a span batch: one
 /// resource block per `ResourceSpans` and one scope block per `ScopeSpans` that hold spans,
-/// every span as its received bytes.
-pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<SpanBatch, WireError> {
+/// every span as its received bytes. Spans with invalid ids are left out and counted in
+/// [`Rejected`]; a malformed request is an error.
+pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<(SpanBatch, Rejected), WireError> {
     let mut batch = SpanBatch { received_unix_nano, ..SpanBatch::default() };
+    let mut rejected = Rejected::default();
     let SpanBatch { resources, scopes, spans, .. } = &mut batch;
+    let mut group_index = 0u32;
     walk::<schema::TracesRequest, _>(request, 0, &mut |_, value| match value {
-        Val::Bytes(group) => resource_group::<schema::ResourceSpans, schema::ScopeSpans>(
-            group,
-            1,
-            resources,
-            scopes,
-            &mut |scope, span, depth| {
-                spans.push(span_record(span, depth, scope)?);
-                Ok(())
-            },
-        ),
+        Val::Bytes(group) => {
+            let at = group_index;
+            group_index = group_index.saturating_add(1);
+            resource_group::<schema::ResourceSpans, schema::ScopeSpans>(
+                group,
+                1,
+                resources,
+                scopes,
+                &mut |scope, span, depth, [s, i]| match span_record(span, depth, scope)? {
+                    Ok(record) => {
+                        spans.push(record);
+                        Ok(true)
+                    }
+                    Err(fail) => {
+                        rejected.add(fail, ["resource_spans", "scope_spans", "spans"], [at, s, i]);
+                        Ok(false)
+                    }
+                },
+            )
+        }
         _ => Ok(()),
     })
     .map_err(|err| relocate(*err, request))?;
-    Ok(batch)
+    Ok((batch, rejected))
 }
 
-/// Checks an encoded `ExportLogsServiceRequest` and transcodes it into a log batch.
+/// Checks an encoded `ExportLogsServiceRequest` and transcodes it into a log batch; records with
+/// ids of the wrong length are left out and counted in [`Rejected`].
 pub fn transcode_logs(
     request: &[u8],
     received_unix_nano: u64,
     durations: &DurationKeys,
-) -> Result<LogBatch, WireError> {
+) -> Result<(LogBatch, Rejected), WireError> {
     let mut batch = LogBatch { received_unix_nano, ..LogBatch::default() };
+    let mut rejected = Rejected::default();
     let LogBatch { resources, scopes, logs, .. } = &mut batch;
+    let mut group_index = 0u32;
     walk::<schema::LogsRequest, _>(request, 0, &mut |_, value| match value {
-        Val::Bytes(group) => resource_group::<schema::ResourceLogs, schema::ScopeLogs>(
-            group,
-            1,
-            resources,
-            scopes,
-            &mut |scope, record, depth| {
-                logs.push(log_entry(record, depth, scope, durations)?);
-                Ok(())
-            },
-        ),
+        Val::Bytes(group) => {
+            let at = group_index;
+            group_index = group_index.saturating_add(1);
+            resource_group::<schema::ResourceLogs, schema::ScopeLogs>(
+                group,
+                1,
+                resources,
+                scopes,
+                &mut |scope, record, depth, [s, i]| match log_entry(record, depth, scope, durations)? {
+                    Ok(entry) => {
+                        logs.push(entry);
+                        Ok(true)
+                    }
+                    Err(fail) => {
+                        rejected.add(fail, ["resource_logs", "scope_logs", "log_records"], [at, s, i]);
+                        Ok(false)
+                    }
+                },
+            )
+        }
         _ => Ok(()),
     })
     .map_err(|err| relocate(*err, request))?;
-    Ok(batch)
+    Ok((batch, rejected))
 }
 
 /// Checks an encoded `ExportMetricsServiceRequest` down to its data points and counts them

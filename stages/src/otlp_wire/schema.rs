@@ -75,7 +75,7 @@ messages! {
         one(1, "trace_id", Bytes),
         one(2, "span_id", Bytes),
         one(3, "trace_state", Str),
-        one(4, "parent_span_id", Id(8)),
+        one(4, "parent_span_id", Bytes),
         one(5, "name", Str),
         one(6, "kind", Varint),
         one(7, "start_time_unix_nano", Fixed64),

@@ -10,7 +10,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Code, Status};
 
-use super::intake::{AcceptError, Intake};
+use super::intake::{AcceptError, Accepted, Intake};
 use crate::grpc_raw::{RawCodec, status_with_retry_info};
 use crate::otlp_wire::Signal;
 
@@ -78,6 +78,39 @@ struct ExportCall<S> {
     signal: PhantomData<S>,
 }
 
+/// The encoded `Export*ServiceResponse` for an accepted request: empty when nothing was refused
+/// (the spec: `partial_success` MUST be left unset), else `partial_success` with the refused
+/// count (`rejected_spans` / `rejected_log_records` / `rejected_data_points`, field 1 of each)
+/// and the message (field 2).
+pub fn partial_success_body(signal: Signal, accepted: &Accepted) -> Vec<u8> {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    let rejected = &accepted.rejected;
+    if rejected.count == 0 {
+        return Vec::new();
+    }
+    let message = rejected.message(items_noun(signal));
+    let inner_len =
+        1 + encoded_len_varint(rejected.count) + 1 + encoded_len_varint(message.len() as u64) + message.len();
+    let mut out = Vec::with_capacity(inner_len + 6);
+    encode_varint(1 << 3 | 2, &mut out);
+    encode_varint(inner_len as u64, &mut out);
+    encode_varint(1 << 3, &mut out);
+    encode_varint(rejected.count, &mut out);
+    encode_varint(2 << 3 | 2, &mut out);
+    encode_varint(message.len() as u64, &mut out);
+    out.extend_from_slice(message.as_bytes());
+    out
+}
+
+/// What a signal's items are called in messages.
+pub fn items_noun(signal: Signal) -> &'static str {
+    match signal {
+        Signal::Traces => "spans",
+        Signal::Logs => "log records",
+        Signal::Metrics => "data points",
+    }
+}
+
 /// Maps an intake refusal to the gRPC status OTLP clients act on.
 pub fn status_of(err: &AcceptError) -> Status {
     match err {
@@ -105,8 +138,9 @@ impl<S: GrpcSignal> UnaryService<Bytes> for ExportCall<S> {
         Box::pin(async move {
             let body = request.into_inner();
             match intake.accept(S::SIGNAL, &body).await {
-                // An empty Export*ServiceResponse: everything accepted.
-                Ok(_) => Ok(tonic::Response::new(Bytes::new())),
+                // An empty Export*ServiceResponse when everything was accepted, else a partial
+                // success naming what was refused.
+                Ok(accepted) => Ok(tonic::Response::new(Bytes::from(partial_success_body(S::SIGNAL, &accepted)))),
                 Err(err) => Err(status_of(&err)),
             }
         })

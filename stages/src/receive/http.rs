@@ -8,13 +8,14 @@ use std::io::Read;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 
-use super::grpc::RETRY_AFTER_SECS;
-use super::intake::{AcceptError, Intake};
+use super::grpc::{RETRY_AFTER_SECS, items_noun, partial_success_body};
+use super::intake::{AcceptError, Accepted, Intake};
 use crate::grpc_raw::status_body;
 use crate::otlp_wire::{self, Signal};
 
@@ -37,17 +38,34 @@ pub fn router(intake: Intake, max_body_bytes: usize) -> Router {
         .route("/v1/traces", post(|s, h, b| handle(s, h, b, Signal::Traces)))
         .route("/v1/logs", post(|s, h, b| handle(s, h, b, Signal::Logs)))
         .route("/v1/metrics", post(|s, h, b| handle(s, h, b, Signal::Metrics)))
-        // Axum answers 413 itself when the body as sent is larger than this.
+        // A body larger than this as sent is not read: the handler answers 413.
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
-async fn handle(State(state): State<HttpState>, headers: HeaderMap, body: Bytes, signal: Signal) -> Response {
+async fn handle(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    signal: Signal,
+) -> Response {
     let encoding = match content_type(&headers) {
         Some(encoding) => encoding,
         None => {
             let message = "content-type must be application/x-protobuf or application/json";
             return error(Encoding::Protobuf, StatusCode::UNSUPPORTED_MEDIA_TYPE, 3, message);
+        }
+    };
+    // Over the limit as sent (or cut off): answered with a Status body like every other error.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let message = format!("request body exceeds {} bytes", state.max_body_bytes);
+            return error(encoding, StatusCode::PAYLOAD_TOO_LARGE, 8, &message);
+        }
+        Err(rejection) => {
+            let message = format!("cannot read the request body: {}", rejection.body_text());
+            return error(encoding, StatusCode::BAD_REQUEST, 3, &message);
         }
     };
     let inflated = match content_encoding(&headers) {
@@ -75,7 +93,7 @@ async fn handle(State(state): State<HttpState>, headers: HeaderMap, body: Bytes,
         },
     };
     match state.intake.accept(signal, &protobuf).await {
-        Ok(_) => success(encoding),
+        Ok(accepted) => success(encoding, signal, &accepted),
         Err(AcceptError::Invalid(message)) => error(encoding, StatusCode::BAD_REQUEST, 3, &message),
         Err(err @ (AcceptError::Full | AcceptError::Busy)) => {
             let mut response = error(encoding, StatusCode::SERVICE_UNAVAILABLE, 8, &err.to_string());
@@ -132,10 +150,31 @@ fn inflate(body: &[u8], limit: usize) -> Result<Vec<u8>, Inflate> {
     Ok(out)
 }
 
-fn success(encoding: Encoding) -> Response {
+/// 200 with the `Export*ServiceResponse`: empty when everything was accepted, else a partial
+/// success (in JSON, `partialSuccess` with the signal's `rejected*` count as a decimal string,
+/// the protobuf JSON mapping of an int64).
+fn success(encoding: Encoding, signal: Signal, accepted: &Accepted) -> Response {
     match encoding {
-        Encoding::Protobuf => ([(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new()).into_response(),
-        Encoding::Json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        Encoding::Protobuf => {
+            ([(header::CONTENT_TYPE, "application/x-protobuf")], partial_success_body(signal, accepted)).into_response()
+        }
+        Encoding::Json if accepted.rejected.count == 0 => {
+            ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+        }
+        Encoding::Json => {
+            let field = match signal {
+                Signal::Traces => "rejectedSpans",
+                Signal::Logs => "rejectedLogRecords",
+                Signal::Metrics => "rejectedDataPoints",
+            };
+            let rejected = &accepted.rejected;
+            let body = serde_json::json!({ "partialSuccess": {
+                field: rejected.count.to_string(),
+                "errorMessage": rejected.message(items_noun(signal)),
+            }})
+            .to_string();
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
     }
 }
 

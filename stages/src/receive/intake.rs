@@ -35,6 +35,15 @@ const PENDING: u8 = 0;
 const COMMITTING: u8 = 1;
 const ABANDONED: u8 = 2;
 
+/// What an accepted request left in the queue, and what of it was refused item by item.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Items committed.
+    pub items: u64,
+    /// Items refused alone (invalid ids): the answer is an OTLP partial success.
+    pub rejected: otlp_wire::Rejected,
+}
+
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
@@ -135,33 +144,45 @@ impl Intake {
         self.slot = Some(slot);
     }
 
-    /// Validates, transcodes and durably queues one OTLP request (protobuf bytes). Returns the
-    /// number of items accepted once they are committed.
-    pub async fn accept(&self, signal: Signal, request: &[u8]) -> Result<u64, AcceptError> {
+    /// Validates, transcodes and durably queues one OTLP request (protobuf bytes). Answers once
+    /// the accepted items are committed, with the items refused one by one.
+    pub async fn accept(&self, signal: Signal, request: &[u8]) -> Result<Accepted, AcceptError> {
         if self.slot.as_ref().is_some_and(|slot| slot.intake_paused()) {
             return Err(AcceptError::Draining);
         }
         let received = tailgate_ipc::clock::pipeline_now();
         let transcoded = match signal {
-            Signal::Traces => otlp_wire::transcode_traces(request, received)
-                .and_then(|batch| Ok((Edge::Spans, batch.spans.len() as u64, encode(batch::encode_spans(&batch))?))),
-            Signal::Logs => otlp_wire::transcode_logs(request, received, &self.durations)
-                .and_then(|batch| Ok((Edge::Logs, batch.logs.len() as u64, encode(batch::encode_logs(&batch))?))),
+            Signal::Traces => otlp_wire::transcode_traces(request, received).and_then(|(batch, rejected)| {
+                Ok((Edge::Spans, batch.spans.len() as u64, rejected, encode(batch::encode_spans(&batch))?))
+            }),
+            Signal::Logs => {
+                otlp_wire::transcode_logs(request, received, &self.durations).and_then(|(batch, rejected)| {
+                    Ok((Edge::Logs, batch.logs.len() as u64, rejected, encode(batch::encode_logs(&batch))?))
+                })
+            }
             Signal::Metrics => otlp_wire::count_metric_points(request).and_then(|points| {
                 let batch =
                     MetricBatch { received_unix_nano: received, requests: vec![request.to_vec()], data_points: points };
-                Ok((Edge::Metrics, u64::from(points), encode(batch::encode_metrics(&batch))?))
+                Ok((
+                    Edge::Metrics,
+                    u64::from(points),
+                    otlp_wire::Rejected::default(),
+                    encode(batch::encode_metrics(&batch))?,
+                ))
             }),
         };
-        let (edge, items, value) = match transcoded {
+        let (edge, items, rejected, value) = match transcoded {
             Ok(done) => done,
             Err(err) => {
                 self.events.error("invalid_request");
                 return Err(AcceptError::Invalid(err.to_string()));
             }
         };
+        if rejected.count > 0 {
+            self.events.dropped("invalid_item", rejected.count);
+        }
         if items == 0 {
-            return Ok(0);
+            return Ok(Accepted { items, rejected });
         }
         let (reply, mut answer) = oneshot::channel();
         let state = Arc::new(AtomicU8::new(PENDING));
@@ -189,7 +210,7 @@ impl Intake {
             Err(AcceptError::Busy) => self.events.dropped("refused_queue_busy", items),
             Err(_) => self.events.error("queue"),
         }
-        outcome.map(|()| items)
+        outcome.map(|()| Accepted { items, rejected })
     }
 }
 

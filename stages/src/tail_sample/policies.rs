@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tailgate_config::{PolicyConfig, PolicyType};
-use tailgate_ipc::batch::{ArchivedSpanBatch, SpanBody};
+use tailgate_ipc::batch::{ArchivedSpanBatch, SpanBody, span_duration};
 
 use crate::otlp_wire::{
     AttributeValue, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, SPAN_TRACE_STATE, find_attribute, find_attributes,
@@ -424,9 +424,13 @@ impl Policies {
         for (batch, index) in spans {
             let Some(span) = batch.spans.get(*index as usize) else { continue };
             facts.statuses |= 1u8 << (span.status_code & 7);
-            facts.first_start = facts.first_start.min(span.start_unix_nano.to_native());
-            facts.last_end = facts.last_end.max(span.end_unix_nano.to_native());
-            let duration = span.end_unix_nano.to_native().saturating_sub(span.start_unix_nano.to_native());
+            let (start, end) = (span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
+            // A span without a start time says nothing about the trace's extent.
+            if start != 0 {
+                facts.first_start = facts.first_start.min(start);
+                facts.last_end = facts.last_end.max(end);
+            }
+            let duration = span_duration(start, end);
             facts.longest_span = facts.longest_span.max(duration);
             let body = span.body.as_slice();
             if needs_route && span.parent_span_id == [0u8; 8] {
@@ -518,9 +522,17 @@ mod tests {
         KeyValue { key: key.into(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
     }
 
+    /// Span times in `batch_of` are milliseconds after this.
+    const BASE_MS: u64 = 1_700_000_000_000;
+
     /// One batch: a resource with `service.name`/`tier`, and spans (status, start ms, end ms,
     /// span attributes).
     fn batch_of(spans: Vec<(u8, u64, u64, Vec<KeyValue>)>) -> Vec<u8> {
+        batch_at(spans.into_iter().map(|(status, start, end, a)| (status, BASE_MS + start, BASE_MS + end, a)).collect())
+    }
+
+    /// Like [`batch_of`], span times in Unix milliseconds (0: unset).
+    fn batch_at(spans: Vec<(u8, u64, u64, Vec<KeyValue>)>) -> Vec<u8> {
         let resource = Resource {
             attributes: vec![kv("service.name", Value::StringValue("shop".into())), kv("tier", Value::IntValue(2))],
             ..Default::default()
@@ -574,6 +586,12 @@ mod tests {
             Some("slow".into())
         );
         assert_eq!(decide(&mut set, &batch_of(vec![(0, 0, 120, route("/a"))]), [9; 16]), None);
+        // A span without a start time has no known duration: not slow, and no extent for the
+        // trace (an error still counts).
+        let unset_start =
+            |status| batch_at(vec![(status, 0, BASE_MS + 300, vec![]), (0, BASE_MS, BASE_MS + 10, vec![])]);
+        assert_eq!(decide(&mut set, &unset_start(0), [9; 16]), None);
+        assert_eq!(decide(&mut set, &unset_start(2), [9; 16]), Some("errors".into()));
         // A drop policy vetoes even an error.
         assert_eq!(decide(&mut set, &batch_of(vec![(2, 0, 300, route("/healthz"))]), [9; 16]), None);
     }

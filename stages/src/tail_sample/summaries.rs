@@ -10,7 +10,9 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use tailgate_ipc::batch::{ArchivedSpanBatch, BatchError, SpanSummaryRef, SummaryBatchRef, encode_summary_refs};
+use tailgate_ipc::batch::{
+    ArchivedSpanBatch, BatchError, SpanSummaryRef, SummaryBatchRef, encode_summary_refs, span_duration,
+};
 
 /// Summaries sealed into batches of at most this many.
 const MAX_SUMMARIES_PER_BATCH: usize = 16_384;
@@ -66,7 +68,7 @@ impl<'t> Summaries<'t> {
             trace_id: span.trace_id,
             span_id: span.span_id,
             end_unix_nano: end,
-            duration_nanos: end.saturating_sub(start),
+            duration_nanos: span_duration(start, end),
             kind: span.kind,
             status_code: span.status_code,
             kept,

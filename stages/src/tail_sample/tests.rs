@@ -355,7 +355,7 @@ fn sampler_throughput() {
                 ..Default::default()
             }],
         };
-        let batch = crate::otlp_wire::transcode_traces(&request.encode_to_vec(), received).unwrap();
+        let batch = crate::otlp_wire::transcode_traces(&request.encode_to_vec(), received).unwrap().0;
         let mut wtxn = queue.write().unwrap();
         queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch).unwrap()).unwrap();
         queue.commit(wtxn).unwrap();
@@ -455,4 +455,17 @@ fn a_step_decides_a_bounded_number_of_traces() {
     assert_eq!(sampler.pending_traces(), 0);
     assert_eq!(steps.iter().sum::<u64>(), traces as u64);
     assert_eq!(steps, [MAX_DECISIONS_PER_STEP as u64, MAX_DECISIONS_PER_STEP as u64, 100]);
+}
+
+/// A span whose client left the start time unset (0) has no known duration: it does not make
+/// its trace slow (today's clock minus nothing would be decades).
+#[test]
+fn a_span_without_a_start_time_is_not_slow() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let unset = |trace, error| SpanRecord { start_unix_nano: 0, ..span(trace, 1, true, error) };
+    let backwards = SpanRecord { start_unix_nano: T0 + 5_000_000_000, ..span(3, 1, true, false) };
+    append(&queue, vec![unset(1, false), unset(2, true), backwards]);
+    run_until_idle(&queue, T0 + 60_000_000_000);
+    assert_eq!(kept(&queue), vec![([2; 16], [1; 8])], "only the error span's trace is kept");
 }

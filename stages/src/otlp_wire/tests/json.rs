@@ -31,7 +31,7 @@ fn spec_json_traces_convert() {
         }],
     };
     assert_eq!(encoded, expected.encode_to_vec());
-    let batch = transcode_traces(&encoded, 0).unwrap();
+    let batch = transcode_traces(&encoded, 0).unwrap().0;
     assert_eq!(batch.resources[0].service_name, "checkout");
     assert_eq!((batch.spans[0].trace_id, batch.spans[0].status_code, batch.spans[0].kind), (TRACE, 2, 2));
     // Upper-case hex, 64-bit integers as JSON numbers and unknown keys are accepted too.
@@ -66,7 +66,7 @@ fn json_forms_the_derives_reject_are_normalized() {
 #[test]
 fn spec_json_logs_and_metrics_convert() {
     let logs = r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"api"}}]},"scopeLogs":[{"scope":{},"logRecords":[{"timeUnixNano":"1544712660300000000","observedTimeUnixNano":"1544712660300000000","severityNumber":17,"severityText":"Error","traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","body":{"stringValue":"Example log record"},"attributes":[{"key":"int","value":{"intValue":"10"}},{"key":"double","value":{"doubleValue":637.704}},{"key":"bytes","value":{"bytesValue":"aGVsbG8="}}]}]}]}]}"#;
-    let batch = transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0, &[]).unwrap();
+    let batch = transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0, &[]).unwrap().0;
     assert_eq!(batch.resources[0].service_name, "api");
     let entry = &batch.logs[0];
     assert_eq!((entry.trace_id, entry.span_id, entry.severity_number), (TRACE, SPAN, 17));
@@ -101,13 +101,21 @@ fn bad_json_is_reported() {
     let missing_key = SPEC_TRACES.replace("\"kind\":2", r#""kind":2,"attributes":[{"value":{"stringValue":"v"}}]"#);
     let err = json_to_protobuf(Signal::Traces, missing_key.as_bytes()).unwrap_err().to_string();
     assert!(err.starts_with("invalid json: missing field `key` at line 1 column"), "{err}");
-    let err = json_to_protobuf(Signal::Logs, b"\"x\"").unwrap_err().to_string();
-    assert!(err.starts_with("invalid json: invalid type: string"), "{err}");
+    for not_an_object in [&b"\"x\""[..], b"[]", b" [{}]", b"null", b""] {
+        let err = json_to_protobuf(Signal::Logs, not_an_object).unwrap_err().to_string();
+        assert_eq!(err, "invalid json: the body must be a JSON object (an Export*ServiceRequest)");
+    }
+    // null is the default and unknown members are ignored, however deep: empty requests.
+    assert!(json_to_protobuf(Signal::Traces, br#"{"resourceSpans": null}"#).unwrap().is_empty());
+    let deep = format!(r#"{{"x":{}{}}}"#, "[".repeat(50_000), "]".repeat(50_000));
+    assert!(json_to_protobuf(Signal::Traces, deep.as_bytes()).unwrap().is_empty());
     // A hex span id of the wrong length parses as JSON; the wire check rejects it.
     let short = SPEC_TRACES.replace("eee19b7ec3c1b174", "eee19b7ec3");
     let encoded = json_to_protobuf(Signal::Traces, short.as_bytes()).unwrap();
+    let (batch, rejected) = transcode_traces(&encoded, 0).unwrap();
+    assert_eq!(batch.spans.len(), 0);
     assert_eq!(
-        transcode_traces(&encoded, 0).unwrap_err().to_string(),
-        "resource_spans[0].scope_spans[0].spans[0].span_id: must be 8 bytes, got 5"
+        rejected.first.as_deref(),
+        Some("resource_spans[0].scope_spans[0].spans[0].span_id: must be 8 bytes, got 5")
     );
 }

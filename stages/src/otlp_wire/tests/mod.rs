@@ -235,7 +235,7 @@ fn rebuild_logs(batch: &LogBatch) -> Vec<u8> {
 #[test]
 fn traces_are_transcoded_like_prost_decodes_them() {
     let request = traces(2);
-    let batch = transcode_traces(&request.encode_to_vec(), 42).unwrap();
+    let batch = transcode_traces(&request.encode_to_vec(), 42).unwrap().0;
     assert_eq!(batch.received_unix_nano, 42);
     assert_eq!((batch.resources.len(), batch.scopes.len(), batch.spans.len()), (2, 4, 12));
     let mut spans = batch.spans.iter();
@@ -274,13 +274,13 @@ fn rebuilt_trace_requests_equal_the_original() {
     // One scope per resource: byte-identical.
     let request = traces(1);
     let encoded = request.encode_to_vec();
-    let rebuilt = rebuild_traces(&transcode_traces(&encoded, 0).unwrap());
+    let rebuilt = rebuild_traces(&transcode_traces(&encoded, 0).unwrap().0);
     assert_eq!(rebuilt, encoded);
     assert_eq!(ExportTraceServiceRequest::decode(rebuilt.as_slice()).unwrap(), request);
 
     // Several scopes per resource come back as one resource group per scope.
     let request = traces(3);
-    let rebuilt = rebuild_traces(&transcode_traces(&request.encode_to_vec(), 0).unwrap());
+    let rebuilt = rebuild_traces(&transcode_traces(&request.encode_to_vec(), 0).unwrap().0);
     let split: Vec<ResourceSpans> = request
         .resource_spans
         .iter()
@@ -317,7 +317,7 @@ fn encode_resource_group_omits_empty_fields() {
 fn logs_are_transcoded_like_prost_decodes_them() {
     let request = logs();
     let encoded = request.encode_to_vec();
-    let batch = transcode_logs(&encoded, 7, &[]).unwrap();
+    let batch = transcode_logs(&encoded, 7, &[]).unwrap().0;
     assert_eq!(batch.resources[0].service_name, "logsvc");
     assert_eq!(batch.scopes[0].schema_url, "u");
     let records = &request.resource_logs[0].scope_logs[0].log_records;
@@ -408,12 +408,15 @@ fn with_span(span: &[u8]) -> Vec<u8> {
     ld(1, &[ld(2, &ld(2, &good)), ld(2, &second_scope)].concat())
 }
 
+/// The refusal of the one bad span; the request's four other spans are accepted.
 fn span_error(span: Span) -> String {
-    transcode_traces(&with_span(&span.encode_to_vec()), 0).unwrap_err().to_string()
+    let (batch, rejected) = transcode_traces(&with_span(&span.encode_to_vec()), 0).unwrap();
+    assert_eq!((batch.spans.len(), rejected.count), (4, 1), "only the bad span is refused");
+    rejected.first.unwrap()
 }
 
 #[test]
-fn bad_ids_are_rejected_with_their_path() {
+fn a_span_with_bad_ids_is_refused_alone_with_its_path() {
     let path = "resource_spans[0].scope_spans[1].spans[3]";
     assert_eq!(
         span_error(Span { trace_id: vec![1; 5], ..test_span(1) }),
@@ -445,11 +448,43 @@ fn bad_ids_are_rejected_with_their_path() {
         format!("{path}.links[1].trace_id: must be empty or 16 bytes, got 4")
     );
     let mut request = logs();
+    let records = request.resource_logs[0].scope_logs[0].log_records.len();
     request.resource_logs[0].scope_logs[0].log_records[2].span_id = vec![1; 7];
+    let (batch, rejected) = transcode_logs(&request.encode_to_vec(), 0, &[]).unwrap();
+    assert_eq!((batch.logs.len(), rejected.count), (records - 1, 1));
     assert_eq!(
-        transcode_logs(&request.encode_to_vec(), 0, &[]).unwrap_err().to_string(),
-        "resource_logs[0].scope_logs[0].log_records[2].span_id: must be empty or 8 bytes, got 7"
+        rejected.first.as_deref(),
+        Some("resource_logs[0].scope_logs[0].log_records[2].span_id: must be empty or 8 bytes, got 7")
     );
+    assert_eq!(
+        rejected.message("log records"),
+        format!("1 log records rejected; the first: {}", rejected.first.unwrap())
+    );
+    // Every span of a scope refused: the scope (and its resource) leave no empty block behind.
+    let bad = Span { trace_id: vec![0; 16], ..test_span(1) }.encode_to_vec();
+    let (batch, rejected) = transcode_traces(&ld(1, &ld(2, &[ld(2, &bad), ld(2, &bad)].concat())), 0).unwrap();
+    assert_eq!((batch.spans.len(), batch.scopes.len(), batch.resources.len(), rejected.count), (0, 0, 0, 2));
+}
+
+#[test]
+fn an_all_zero_parent_is_a_root_span() {
+    let (batch, rejected) =
+        transcode_traces(&with_span(&Span { parent_span_id: vec![0; 8], ..test_span(1) }.encode_to_vec()), 0).unwrap();
+    assert_eq!((batch.spans.len(), rejected.count), (5, 0));
+    assert_eq!(batch.spans[4].parent_span_id, [0; 8]);
+}
+
+#[test]
+fn a_bad_id_does_not_excuse_malformed_bytes_after_it() {
+    // A link with an invalid trace id, then a status message that is not UTF-8: the request is
+    // malformed, refused whole.
+    let link = span::Link { trace_id: vec![1; 4], ..Default::default() };
+    let status = Some(Status { message: "NAME".into(), ..Default::default() });
+    let mut encoded = with_span(&Span { links: vec![link], status, ..test_span(1) }.encode_to_vec());
+    let at = encoded.windows(4).position(|w| w == b"NAME").unwrap();
+    encoded[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0x80, 0x41]);
+    let err = transcode_traces(&encoded, 0).unwrap_err().to_string();
+    assert!(err.contains("malformed item after an invalid id"), "{err}");
 }
 
 #[test]
@@ -531,7 +566,7 @@ fn unknown_fields_are_skipped_and_kept() {
     .concat();
     let span = [test_span(1).encode_to_vec(), unknown.clone()].concat();
     let request = [with_span(&span), unknown.clone()].concat();
-    let batch = transcode_traces(&request, 0).unwrap();
+    let batch = transcode_traces(&request, 0).unwrap().0;
     assert_eq!(batch.spans[4].body, span);
     assert_eq!(batch.spans[4].name, "GET /1");
     let with_group = [test_span(1).encode_to_vec(), varint(104 << 3 | 3), varint(104 << 3 | 4)].concat();
@@ -546,7 +581,7 @@ fn service_name_and_empty_groups() {
     request.resource_spans[1].resource = None;
     request.resource_spans.push(ResourceSpans { resource: resource("empty"), ..Default::default() });
     request.resource_spans.push(ResourceSpans { scope_spans: vec![ScopeSpans::default()], ..Default::default() });
-    let batch = transcode_traces(&request.encode_to_vec(), 0).unwrap();
+    let batch = transcode_traces(&request.encode_to_vec(), 0).unwrap().0;
     assert_eq!(batch.resources.len(), 2);
     assert_eq!(batch.resources[0].service_name, "");
     assert_eq!(batch.resources[1].service_name, "");
@@ -611,11 +646,11 @@ fn samples() -> Vec<Vec<u8>> {
 /// Runs every entry point; whatever is accepted must decode with prost as well, and so must the
 /// requests rebuilt from the batches.
 fn exercise(bytes: &[u8]) {
-    if let Ok(batch) = transcode_traces(bytes, 0) {
+    if let Ok((batch, _)) = transcode_traces(bytes, 0) {
         assert!(ExportTraceServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportTraceServiceRequest::decode(rebuild_traces(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
-    if let Ok(batch) = transcode_logs(bytes, 0, &[]) {
+    if let Ok((batch, _)) = transcode_logs(bytes, 0, &[]) {
         assert!(ExportLogsServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportLogsServiceRequest::decode(rebuild_logs(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
@@ -699,7 +734,7 @@ fn untraced_log_records_carry_their_duration_attribute() {
         }],
     };
     let keys = vec![("duration_ms".to_owned(), 1e6), ("elapsed_ms".to_owned(), 1e6), ("duration_us".to_owned(), 1e3)];
-    let batch = transcode_logs(&request.encode_to_vec(), 0, &keys).unwrap();
+    let batch = transcode_logs(&request.encode_to_vec(), 0, &keys).unwrap().0;
     let durations: Vec<u64> = batch.logs.iter().map(|log| log.duration_nanos).collect();
     // A traced record follows its trace: its duration is never looked at.
     assert_eq!(durations, vec![350_000_000, 12_500_000, 40_000, 0, 0]);
