@@ -368,3 +368,40 @@ fn invalid_items_are_refused_alone_as_a_partial_success() {
         "refused spans are counted:\n{metrics}"
     );
 }
+
+/// One span with 100,000 attributes (the request well within the size limit): accepted, cut to
+/// the default cap of 128 with the rest counted in `dropped_attributes_count`, delivered, and
+/// the cut counted in the receive stage's metrics.
+#[test]
+fn a_span_with_100k_attributes_is_cut_to_the_cap() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let mut trace = TestTrace::new(400, Outcome::Error, 1);
+    let mut spans = trace.spans.clone();
+    spans[0].attributes = (0..100_000)
+        .map(|i| KeyValue {
+            key: format!("a{i}"),
+            value: Some(AnyValue { value: Some(any_value::Value::IntValue(i)) }),
+            ..Default::default()
+        })
+        .collect();
+    runtime.block_on(async {
+        let mut client = TraceServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
+        let response = client.export(trace_request("checkout", spans.clone())).await.unwrap().into_inner();
+        assert_eq!(response.partial_success, None, "cut, not refused");
+    });
+    // Delivered as cut: the first 128 attributes, the rest counted as dropped.
+    trace.spans[0].attributes = spans[0].attributes[..128].to_vec();
+    trace.spans[0].dropped_attributes_count = 100_000 - 128;
+    trace.spans[1] = spans[1].clone();
+    assert_exact_delivery(&backend, std::slice::from_ref(&trace), Duration::from_secs(1), false);
+    let counted = wait_until(Duration::from_secs(10), || {
+        http_get(tailgate.telemetry, "/metrics")
+            .1
+            .contains("tailgate_errors_total{stage=\"receive\",kind=\"attributes_dropped\"} 99872")
+    });
+    assert!(counted, "the cut is counted:\n{}", http_get(tailgate.telemetry, "/metrics").1);
+}

@@ -23,6 +23,50 @@ pub struct Receivers {
 pub struct OtlpReceiver {
     /// Protocols to serve; omit one to disable it.
     pub protocols: OtlpProtocols,
+    /// Caps on what one span or log record may carry, applied as received (the OpenTelemetry
+    /// SDK's attribute limits, with its defaults): what is cut is counted in the item's
+    /// `dropped_*_count` fields and in `tailgate_errors_total{stage="receive"}`.
+    #[serde(default)]
+    pub limits: AttributeLimits,
+}
+
+/// Per-item caps, named as the OpenTelemetry SDK configuration names them. Spans and log records
+/// within every cap are stored as received, byte for byte; one over a cap is cut down to it:
+/// the attributes, events or links past the count are dropped (the first ones kept) and counted
+/// in `dropped_attributes_count` / `dropped_events_count` / `dropped_links_count`, string and
+/// bytes values past the length are cut (strings at a character boundary, also inside arrays
+/// and key-value lists).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeLimits {
+    /// Most attributes per span and per log record (`0`: no cap). Default 128.
+    #[serde(default = "default_count_limit")]
+    pub attribute_count_limit: u32,
+    /// Longest attribute value of a span or log record: characters of a string, bytes of a
+    /// bytes value (omitted: no cap, the SDK's default).
+    #[serde(default)]
+    pub attribute_value_length_limit: Option<u32>,
+    /// Most events per span (`0`: no cap). Default 128.
+    #[serde(default = "default_count_limit")]
+    pub event_count_limit: u32,
+    /// Most links per span (`0`: no cap). Default 128.
+    #[serde(default = "default_count_limit")]
+    pub link_count_limit: u32,
+}
+
+impl Default for AttributeLimits {
+    fn default() -> Self {
+        AttributeLimits {
+            attribute_count_limit: default_count_limit(),
+            attribute_value_length_limit: None,
+            event_count_limit: default_count_limit(),
+            link_count_limit: default_count_limit(),
+        }
+    }
+}
+
+fn default_count_limit() -> u32 {
+    128
 }
 
 /// OTLP transports.

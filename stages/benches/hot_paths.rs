@@ -65,7 +65,12 @@ fn request(n: u64) -> Vec<u8> {
 }
 
 fn stored(n: u64) -> Vec<u8> {
-    batch::encode_spans(&tailgate_stages::otlp_wire::transcode_traces(&request(n), T0 + n).unwrap().0).unwrap()
+    batch::encode_spans(
+        &tailgate_stages::otlp_wire::transcode_traces(&request(n), T0 + n, &tailgate_stages::otlp_wire::Limits::NONE)
+            .unwrap()
+            .batch,
+    )
+    .unwrap()
 }
 
 fn transcode(c: &mut Criterion) {
@@ -73,10 +78,28 @@ fn transcode(c: &mut Criterion) {
     let mut group = c.benchmark_group("otlp");
     group.throughput(Throughput::Elements(SPANS_PER_REQUEST));
     group.bench_function("transcode 510 spans", |b| {
-        b.iter(|| tailgate_stages::otlp_wire::transcode_traces(black_box(&bytes), T0).unwrap().0)
+        b.iter(|| {
+            tailgate_stages::otlp_wire::transcode_traces(
+                black_box(&bytes),
+                T0,
+                &tailgate_stages::otlp_wire::Limits::NONE,
+            )
+            .unwrap()
+            .batch
+        })
     });
     group.bench_function("transcode + encode 510 spans", |b| {
-        b.iter(|| batch::encode_spans(&tailgate_stages::otlp_wire::transcode_traces(black_box(&bytes), T0).unwrap().0))
+        b.iter(|| {
+            batch::encode_spans(
+                &tailgate_stages::otlp_wire::transcode_traces(
+                    black_box(&bytes),
+                    T0,
+                    &tailgate_stages::otlp_wire::Limits::NONE,
+                )
+                .unwrap()
+                .batch,
+            )
+        })
     });
     group.finish();
 }

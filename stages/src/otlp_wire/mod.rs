@@ -27,6 +27,7 @@ use tailgate_ipc::batch::{LogBatch, LogEntry, ResourceBlock, ScopeBlock, SpanBat
 
 mod encode;
 mod json;
+mod limits;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ mod wire;
 
 pub use encode::{ScopeItems, encode_resource, encode_resource_group};
 pub use json::json_to_protobuf;
+pub use limits::{Limits, Truncated};
 use wire::Message;
 use wire::{Fail, Reader, Val, relocate, walk};
 
@@ -363,12 +365,19 @@ fn refuse_item<M: prost::Message + Default, T>(item: &[u8], fail: Fail) -> Resul
 }
 
 /// A span's record, or (inner `Err`) why this span alone is refused.
-fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<Result<SpanRecord, Fail>, Fail> {
+fn span_record(span: &[u8], depth: u32, scope: u32, caps: &mut Caps<'_>) -> Result<Result<SpanRecord, Fail>, Fail> {
     let (mut trace_id, mut span_id, mut parent): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
     let mut name = "";
     let (mut kind, mut start, mut end, mut status) = (0, 0, 0, 0);
+    let (mut attributes, mut longest, mut events, mut links) = (0usize, 0usize, 0usize, 0usize);
     let walked = walk::<schema::Span, _>(span, depth, &mut |number, value| {
         match (number, value) {
+            (9, Val::Bytes(b)) => {
+                attributes += 1;
+                longest = longest.max(b.len());
+            }
+            (11, _) => events += 1,
+            (13, _) => links += 1,
             (1, Val::Bytes(b)) => trace_id = b,
             (2, Val::Bytes(b)) => span_id = b,
             (4, Val::Bytes(b)) => parent = b,
@@ -393,6 +402,11 @@ fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<Result<SpanRecord,
         Ok(ids) => ids,
         Err(fail) => return Ok(Err(fail)),
     };
+    let body = if caps.limits.exceeded(attributes, longest, events, links) {
+        limits::limit_span(span, caps.limits, &mut caps.truncated)
+    } else {
+        span.to_vec()
+    };
     Ok(Ok(SpanRecord {
         trace_id,
         span_id,
@@ -403,7 +417,7 @@ fn span_record(span: &[u8], depth: u32, scope: u32) -> Result<Result<SpanRecord,
         kind,
         scope,
         name: name.to_owned(),
-        body: span.to_vec(),
+        body,
     }))
 }
 
@@ -428,7 +442,13 @@ pub type DurationKeys = [(String, f64)];
 
 /// A log record's entry, or (inner `Err`) why this record alone is refused. Ids are optional on
 /// log records: an all-zero trace id means no trace.
-fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) -> Result<Result<LogEntry, Fail>, Fail> {
+fn log_entry(
+    record: &[u8],
+    depth: u32,
+    scope: u32,
+    durations: &DurationKeys,
+    caps: &mut Caps<'_>,
+) -> Result<Result<LogEntry, Fail>, Fail> {
     let (mut trace_id, mut span_id): (&[u8], &[u8]) = (&[], &[]);
     let (mut time, mut observed, mut severity) = (0, 0, 0);
     let mut attributes: Vec<&[u8]> = Vec::new();
@@ -453,6 +473,12 @@ fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) ->
     let trace_id = <[u8; 16]>::try_from(trace_id).unwrap_or_default();
     // Only a record without a trace is judged on its own fields; the others skip the look.
     let duration_nanos = if trace_id == [0u8; 16] { attribute_duration(&attributes, durations) } else { 0 };
+    let longest = attributes.iter().map(|a| a.len()).max().unwrap_or(0);
+    let body = if caps.limits.exceeded(attributes.len(), longest, 0, 0) {
+        limits::limit_log_record(record, caps.limits, &mut caps.truncated)
+    } else {
+        record.to_vec()
+    };
     Ok(Ok(LogEntry {
         trace_id,
         span_id: <[u8; 8]>::try_from(span_id).unwrap_or_default(),
@@ -460,7 +486,7 @@ fn log_entry(record: &[u8], depth: u32, scope: u32, durations: &DurationKeys) ->
         severity_number: severity,
         duration_nanos,
         scope,
-        body: record.to_vec(),
+        body,
     }))
 }
 
@@ -519,13 +545,36 @@ impl Rejected {
     }
 }
 
+/// A transcoded request: its batch, the items refused alone, and what the caps cut.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transcoded<B> {
+    /// The accepted items.
+    pub batch: B,
+    /// Items refused one by one.
+    pub rejected: Rejected,
+    /// What [`Limits`] cut from accepted items.
+    pub truncated: Truncated,
+}
+
+/// The caps of one request's walk and what they cut.
+struct Caps<'l> {
+    limits: &'l Limits,
+    truncated: Truncated,
+}
+
 /// Checks an encoded `ExportTraceServiceRequest` and transcodes it into a span batch: one
 /// resource block per `ResourceSpans` and one scope block per `ScopeSpans` that hold spans,
 /// every span as its received bytes. Spans with invalid ids are left out and counted in
-/// [`Rejected`]; a malformed request is an error.
-pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<(SpanBatch, Rejected), WireError> {
+/// [`Rejected`]; spans over a cap are cut down to it ([`Limits`]); a malformed request is an
+/// error.
+pub fn transcode_traces(
+    request: &[u8],
+    received_unix_nano: u64,
+    limits: &Limits,
+) -> Result<Transcoded<SpanBatch>, WireError> {
     let mut batch = SpanBatch { received_unix_nano, ..SpanBatch::default() };
     let mut rejected = Rejected::default();
+    let mut caps = Caps { limits, truncated: Truncated::default() };
     let SpanBatch { resources, scopes, spans, .. } = &mut batch;
     let mut group_index = 0u32;
     walk::<schema::TracesRequest, _>(request, 0, &mut |_, value| match value {
@@ -537,7 +586,7 @@ pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<(Span
                 1,
                 resources,
                 scopes,
-                &mut |scope, span, depth, [s, i]| match span_record(span, depth, scope)? {
+                &mut |scope, span, depth, [s, i]| match span_record(span, depth, scope, &mut caps)? {
                     Ok(record) => {
                         spans.push(record);
                         Ok(true)
@@ -552,18 +601,21 @@ pub fn transcode_traces(request: &[u8], received_unix_nano: u64) -> Result<(Span
         _ => Ok(()),
     })
     .map_err(|err| relocate(*err, request))?;
-    Ok((batch, rejected))
+    Ok(Transcoded { batch, rejected, truncated: caps.truncated })
 }
 
 /// Checks an encoded `ExportLogsServiceRequest` and transcodes it into a log batch; records with
-/// ids of the wrong length are left out and counted in [`Rejected`].
+/// ids of the wrong length are left out and counted in [`Rejected`]; records over a cap are cut
+/// down to it.
 pub fn transcode_logs(
     request: &[u8],
     received_unix_nano: u64,
     durations: &DurationKeys,
-) -> Result<(LogBatch, Rejected), WireError> {
+    limits: &Limits,
+) -> Result<Transcoded<LogBatch>, WireError> {
     let mut batch = LogBatch { received_unix_nano, ..LogBatch::default() };
     let mut rejected = Rejected::default();
+    let mut caps = Caps { limits, truncated: Truncated::default() };
     let LogBatch { resources, scopes, logs, .. } = &mut batch;
     let mut group_index = 0u32;
     walk::<schema::LogsRequest, _>(request, 0, &mut |_, value| match value {
@@ -575,7 +627,7 @@ pub fn transcode_logs(
                 1,
                 resources,
                 scopes,
-                &mut |scope, record, depth, [s, i]| match log_entry(record, depth, scope, durations)? {
+                &mut |scope, record, depth, [s, i]| match log_entry(record, depth, scope, durations, &mut caps)? {
                     Ok(entry) => {
                         logs.push(entry);
                         Ok(true)
@@ -590,7 +642,7 @@ pub fn transcode_logs(
         _ => Ok(()),
     })
     .map_err(|err| relocate(*err, request))?;
-    Ok((batch, rejected))
+    Ok(Transcoded { batch, rejected, truncated: caps.truncated })
 }
 
 /// Checks an encoded `ExportMetricsServiceRequest` down to its data points and counts them

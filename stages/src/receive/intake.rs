@@ -109,6 +109,8 @@ pub struct Intake {
     write_timeout: Duration,
     /// The stage's slot: intake is refused while the supervisor has paused it (a drain).
     slot: Option<Arc<tailgate_ipc::heartbeat::Heartbeat>>,
+    /// Per-item caps (`receivers.otlp.limits`).
+    limits: otlp_wire::Limits,
 }
 
 impl std::fmt::Debug for Intake {
@@ -134,9 +136,23 @@ impl Intake {
         std::thread::Builder::new().name("tg-receive-commit".into()).spawn(move || committer.run())?;
         let closer = Arc::new(Closer(shared.clone()));
         Ok((
-            Intake { shared, _closer: closer, events, durations: Arc::new(durations), write_timeout, slot: None },
+            Intake {
+                shared,
+                _closer: closer,
+                events,
+                durations: Arc::new(durations),
+                write_timeout,
+                slot: None,
+                limits: otlp_wire::Limits::NONE,
+            },
             failed,
         ))
+    }
+
+    /// Cuts spans and log records down to `limits` as they are accepted.
+    pub fn with_limits(mut self, limits: otlp_wire::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Refuses requests while the supervisor pauses intake in `slot` (a drain).
@@ -152,32 +168,37 @@ impl Intake {
         }
         let received = tailgate_ipc::clock::pipeline_now();
         let transcoded = match signal {
-            Signal::Traces => otlp_wire::transcode_traces(request, received).and_then(|(batch, rejected)| {
-                Ok((Edge::Spans, batch.spans.len() as u64, rejected, encode(batch::encode_spans(&batch))?))
+            Signal::Traces => otlp_wire::transcode_traces(request, received, &self.limits).and_then(|t| {
+                let value = encode(batch::encode_spans(&t.batch))?;
+                Ok((Edge::Spans, t.batch.spans.len() as u64, t.rejected, t.truncated, value))
             }),
-            Signal::Logs => {
-                otlp_wire::transcode_logs(request, received, &self.durations).and_then(|(batch, rejected)| {
-                    Ok((Edge::Logs, batch.logs.len() as u64, rejected, encode(batch::encode_logs(&batch))?))
-                })
-            }
+            Signal::Logs => otlp_wire::transcode_logs(request, received, &self.durations, &self.limits).and_then(|t| {
+                let value = encode(batch::encode_logs(&t.batch))?;
+                Ok((Edge::Logs, t.batch.logs.len() as u64, t.rejected, t.truncated, value))
+            }),
             Signal::Metrics => otlp_wire::count_metric_points(request).and_then(|points| {
                 let batch =
                     MetricBatch { received_unix_nano: received, requests: vec![request.to_vec()], data_points: points };
+                let value = encode(batch::encode_metrics(&batch))?;
                 Ok((
                     Edge::Metrics,
                     u64::from(points),
                     otlp_wire::Rejected::default(),
-                    encode(batch::encode_metrics(&batch))?,
+                    otlp_wire::Truncated::default(),
+                    value,
                 ))
             }),
         };
-        let (edge, items, rejected, value) = match transcoded {
+        let (edge, items, rejected, truncated, value) = match transcoded {
             Ok(done) => done,
             Err(err) => {
                 self.events.error("invalid_request");
                 return Err(AcceptError::Invalid(err.to_string()));
             }
         };
+        if truncated.any() {
+            self.count_truncated(&truncated);
+        }
         if rejected.count > 0 {
             self.events.dropped("invalid_item", rejected.count);
         }
@@ -211,6 +232,25 @@ impl Intake {
             Err(_) => self.events.error("queue"),
         }
         outcome.map(|()| Accepted { items, rejected })
+    }
+}
+
+impl Intake {
+    /// Counts what the caps cut (`tailgate_errors_total{stage="receive",kind=...}`). Counted
+    /// when cut, whether or not the request is then committed: a refused request is sent again
+    /// and cut again, so the counts say how often clients exceed the caps.
+    #[cold]
+    fn count_truncated(&self, truncated: &otlp_wire::Truncated) {
+        for (kind, n) in [
+            ("attributes_dropped", truncated.attributes),
+            ("attribute_values_truncated", truncated.values),
+            ("span_events_dropped", truncated.events),
+            ("span_links_dropped", truncated.links),
+        ] {
+            if n > 0 {
+                self.events.errors(kind, n);
+            }
+        }
     }
 }
 

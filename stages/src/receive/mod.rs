@@ -34,6 +34,8 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         ctx.config.queue.write_timeout,
     )?;
     intake.pause_with(ctx.heartbeat.clone());
+    let limits = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.limits.clone()).unwrap_or_default();
+    let intake = intake.with_limits(crate::otlp_wire::Limits::from_config(&limits));
     let protocols = ctx.config.receivers.otlp.as_ref().map(|otlp| otlp.protocols.clone());
     let (grpc, http) = protocols.map(|p| (p.grpc, p.http)).unwrap_or_default();
     let mut servers = tokio::task::JoinSet::new();

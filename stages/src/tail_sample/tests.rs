@@ -355,7 +355,10 @@ fn sampler_throughput() {
                 ..Default::default()
             }],
         };
-        let batch = crate::otlp_wire::transcode_traces(&request.encode_to_vec(), received).unwrap().0;
+        let batch =
+            crate::otlp_wire::transcode_traces(&request.encode_to_vec(), received, &crate::otlp_wire::Limits::NONE)
+                .unwrap()
+                .batch;
         let mut wtxn = queue.write().unwrap();
         queue.append(&mut wtxn, Edge::Spans, &batch::encode_spans(&batch).unwrap()).unwrap();
         queue.commit(wtxn).unwrap();

@@ -31,7 +31,7 @@ fn spec_json_traces_convert() {
         }],
     };
     assert_eq!(encoded, expected.encode_to_vec());
-    let batch = transcode_traces(&encoded, 0).unwrap().0;
+    let batch = transcode_traces(&encoded, 0, &Limits::NONE).unwrap().batch;
     assert_eq!(batch.resources[0].service_name, "checkout");
     assert_eq!((batch.spans[0].trace_id, batch.spans[0].status_code, batch.spans[0].kind), (TRACE, 2, 2));
     // Upper-case hex, 64-bit integers as JSON numbers and unknown keys are accepted too.
@@ -66,7 +66,8 @@ fn json_forms_the_derives_reject_are_normalized() {
 #[test]
 fn spec_json_logs_and_metrics_convert() {
     let logs = r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"api"}}]},"scopeLogs":[{"scope":{},"logRecords":[{"timeUnixNano":"1544712660300000000","observedTimeUnixNano":"1544712660300000000","severityNumber":17,"severityText":"Error","traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","body":{"stringValue":"Example log record"},"attributes":[{"key":"int","value":{"intValue":"10"}},{"key":"double","value":{"doubleValue":637.704}},{"key":"bytes","value":{"bytesValue":"aGVsbG8="}}]}]}]}]}"#;
-    let batch = transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0, &[]).unwrap().0;
+    let batch =
+        transcode_logs(&json_to_protobuf(Signal::Logs, logs.as_bytes()).unwrap(), 0, &[], &Limits::NONE).unwrap().batch;
     assert_eq!(batch.resources[0].service_name, "api");
     let entry = &batch.logs[0];
     assert_eq!((entry.trace_id, entry.span_id, entry.severity_number), (TRACE, SPAN, 17));
@@ -112,7 +113,7 @@ fn bad_json_is_reported() {
     // A hex span id of the wrong length parses as JSON; the wire check rejects it.
     let short = SPEC_TRACES.replace("eee19b7ec3c1b174", "eee19b7ec3");
     let encoded = json_to_protobuf(Signal::Traces, short.as_bytes()).unwrap();
-    let (batch, rejected) = transcode_traces(&encoded, 0).unwrap();
+    let Transcoded { batch, rejected, .. } = transcode_traces(&encoded, 0, &Limits::NONE).unwrap();
     assert_eq!(batch.spans.len(), 0);
     assert_eq!(
         rejected.first.as_deref(),

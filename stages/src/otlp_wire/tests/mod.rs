@@ -235,7 +235,7 @@ fn rebuild_logs(batch: &LogBatch) -> Vec<u8> {
 #[test]
 fn traces_are_transcoded_like_prost_decodes_them() {
     let request = traces(2);
-    let batch = transcode_traces(&request.encode_to_vec(), 42).unwrap().0;
+    let batch = transcode_traces(&request.encode_to_vec(), 42, &Limits::NONE).unwrap().batch;
     assert_eq!(batch.received_unix_nano, 42);
     assert_eq!((batch.resources.len(), batch.scopes.len(), batch.spans.len()), (2, 4, 12));
     let mut spans = batch.spans.iter();
@@ -274,13 +274,13 @@ fn rebuilt_trace_requests_equal_the_original() {
     // One scope per resource: byte-identical.
     let request = traces(1);
     let encoded = request.encode_to_vec();
-    let rebuilt = rebuild_traces(&transcode_traces(&encoded, 0).unwrap().0);
+    let rebuilt = rebuild_traces(&transcode_traces(&encoded, 0, &Limits::NONE).unwrap().batch);
     assert_eq!(rebuilt, encoded);
     assert_eq!(ExportTraceServiceRequest::decode(rebuilt.as_slice()).unwrap(), request);
 
     // Several scopes per resource come back as one resource group per scope.
     let request = traces(3);
-    let rebuilt = rebuild_traces(&transcode_traces(&request.encode_to_vec(), 0).unwrap().0);
+    let rebuilt = rebuild_traces(&transcode_traces(&request.encode_to_vec(), 0, &Limits::NONE).unwrap().batch);
     let split: Vec<ResourceSpans> = request
         .resource_spans
         .iter()
@@ -317,7 +317,7 @@ fn encode_resource_group_omits_empty_fields() {
 fn logs_are_transcoded_like_prost_decodes_them() {
     let request = logs();
     let encoded = request.encode_to_vec();
-    let batch = transcode_logs(&encoded, 7, &[]).unwrap().0;
+    let batch = transcode_logs(&encoded, 7, &[], &Limits::NONE).unwrap().batch;
     assert_eq!(batch.resources[0].service_name, "logsvc");
     assert_eq!(batch.scopes[0].schema_url, "u");
     let records = &request.resource_logs[0].scope_logs[0].log_records;
@@ -410,7 +410,8 @@ fn with_span(span: &[u8]) -> Vec<u8> {
 
 /// The refusal of the one bad span; the request's four other spans are accepted.
 fn span_error(span: Span) -> String {
-    let (batch, rejected) = transcode_traces(&with_span(&span.encode_to_vec()), 0).unwrap();
+    let Transcoded { batch, rejected, .. } =
+        transcode_traces(&with_span(&span.encode_to_vec()), 0, &Limits::NONE).unwrap();
     assert_eq!((batch.spans.len(), rejected.count), (4, 1), "only the bad span is refused");
     rejected.first.unwrap()
 }
@@ -450,7 +451,7 @@ fn a_span_with_bad_ids_is_refused_alone_with_its_path() {
     let mut request = logs();
     let records = request.resource_logs[0].scope_logs[0].log_records.len();
     request.resource_logs[0].scope_logs[0].log_records[2].span_id = vec![1; 7];
-    let (batch, rejected) = transcode_logs(&request.encode_to_vec(), 0, &[]).unwrap();
+    let Transcoded { batch, rejected, .. } = transcode_logs(&request.encode_to_vec(), 0, &[], &Limits::NONE).unwrap();
     assert_eq!((batch.logs.len(), rejected.count), (records - 1, 1));
     assert_eq!(
         rejected.first.as_deref(),
@@ -462,14 +463,19 @@ fn a_span_with_bad_ids_is_refused_alone_with_its_path() {
     );
     // Every span of a scope refused: the scope (and its resource) leave no empty block behind.
     let bad = Span { trace_id: vec![0; 16], ..test_span(1) }.encode_to_vec();
-    let (batch, rejected) = transcode_traces(&ld(1, &ld(2, &[ld(2, &bad), ld(2, &bad)].concat())), 0).unwrap();
+    let Transcoded { batch, rejected, .. } =
+        transcode_traces(&ld(1, &ld(2, &[ld(2, &bad), ld(2, &bad)].concat())), 0, &Limits::NONE).unwrap();
     assert_eq!((batch.spans.len(), batch.scopes.len(), batch.resources.len(), rejected.count), (0, 0, 0, 2));
 }
 
 #[test]
 fn an_all_zero_parent_is_a_root_span() {
-    let (batch, rejected) =
-        transcode_traces(&with_span(&Span { parent_span_id: vec![0; 8], ..test_span(1) }.encode_to_vec()), 0).unwrap();
+    let Transcoded { batch, rejected, .. } = transcode_traces(
+        &with_span(&Span { parent_span_id: vec![0; 8], ..test_span(1) }.encode_to_vec()),
+        0,
+        &Limits::NONE,
+    )
+    .unwrap();
     assert_eq!((batch.spans.len(), rejected.count), (5, 0));
     assert_eq!(batch.spans[4].parent_span_id, [0; 8]);
 }
@@ -483,7 +489,7 @@ fn a_bad_id_does_not_excuse_malformed_bytes_after_it() {
     let mut encoded = with_span(&Span { links: vec![link], status, ..test_span(1) }.encode_to_vec());
     let at = encoded.windows(4).position(|w| w == b"NAME").unwrap();
     encoded[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0x80, 0x41]);
-    let err = transcode_traces(&encoded, 0).unwrap_err().to_string();
+    let err = transcode_traces(&encoded, 0, &Limits::NONE).unwrap_err().to_string();
     assert!(err.contains("malformed item after an invalid id"), "{err}");
 }
 
@@ -494,7 +500,7 @@ fn invalid_utf8_is_rejected() {
     encoded[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0x80, 0x41]);
     assert!(ExportTraceServiceRequest::decode(encoded.as_slice()).is_err());
     assert_eq!(
-        transcode_traces(&encoded, 0).unwrap_err().to_string(),
+        transcode_traces(&encoded, 0, &Limits::NONE).unwrap_err().to_string(),
         "resource_spans[0].scope_spans[1].spans[3].name: string is not valid UTF-8"
     );
     let mut encoded = with_span(
@@ -503,7 +509,7 @@ fn invalid_utf8_is_rejected() {
     let at = encoded.windows(5).position(|w| w == b"VALUE").unwrap();
     encoded[at] = 0xc0;
     assert_eq!(
-        transcode_traces(&encoded, 0).unwrap_err().to_string(),
+        transcode_traces(&encoded, 0, &Limits::NONE).unwrap_err().to_string(),
         "resource_spans[0].scope_spans[1].spans[3].attributes[0].value.string_value: string is not valid UTF-8"
     );
 }
@@ -513,7 +519,7 @@ fn truncated_and_garbage_input_is_rejected() {
     let encoded = traces(1).encode_to_vec();
     let last = traces(1).resource_spans[1].encoded_len();
     assert_eq!(
-        transcode_traces(&encoded[..encoded.len() - 1], 0).unwrap_err().to_string(),
+        transcode_traces(&encoded[..encoded.len() - 1], 0, &Limits::NONE).unwrap_err().to_string(),
         format!(
             "resource_spans[1]: truncated message at byte {}",
             encoded.len() - prost::length_delimiter_len(last) - last - 1
@@ -521,7 +527,7 @@ fn truncated_and_garbage_input_is_rejected() {
     );
     let mut rejected = 0;
     for cut in 1..encoded.len() {
-        if let Err(err) = transcode_traces(&encoded[..cut], 0) {
+        if let Err(err) = transcode_traces(&encoded[..cut], 0, &Limits::NONE) {
             assert!(err.to_string().contains("truncated message at byte"), "{err}");
             rejected += 1;
         }
@@ -540,11 +546,11 @@ fn truncated_and_garbage_input_is_rejected() {
         (b"{\"resourceSpans\":[]}", "group (wire type 3) at byte 0 is not supported"),
     ];
     for (bytes, message) in garbage {
-        assert_eq!(transcode_traces(bytes, 0).unwrap_err().to_string(), *message, "{bytes:?}");
+        assert_eq!(transcode_traces(bytes, 0, &Limits::NONE).unwrap_err().to_string(), *message, "{bytes:?}");
     }
     let span = [ld(1, &TRACE), ld(2, &SPAN), varint(5 << 3), varint(1)].concat();
     assert_eq!(
-        transcode_traces(&with_span(&span), 0).unwrap_err().to_string(),
+        transcode_traces(&with_span(&span), 0, &Limits::NONE).unwrap_err().to_string(),
         format!(
             "resource_spans[0].scope_spans[1].spans[3].name: wire type 0 at byte {} does not match the field (expected length-delimited)",
             with_span(&span).len() - 2
@@ -566,11 +572,16 @@ fn unknown_fields_are_skipped_and_kept() {
     .concat();
     let span = [test_span(1).encode_to_vec(), unknown.clone()].concat();
     let request = [with_span(&span), unknown.clone()].concat();
-    let batch = transcode_traces(&request, 0).unwrap().0;
+    let batch = transcode_traces(&request, 0, &Limits::NONE).unwrap().batch;
     assert_eq!(batch.spans[4].body, span);
     assert_eq!(batch.spans[4].name, "GET /1");
     let with_group = [test_span(1).encode_to_vec(), varint(104 << 3 | 3), varint(104 << 3 | 4)].concat();
-    assert!(transcode_traces(&with_span(&with_group), 0).unwrap_err().to_string().contains("group (wire type 3)"));
+    assert!(
+        transcode_traces(&with_span(&with_group), 0, &Limits::NONE)
+            .unwrap_err()
+            .to_string()
+            .contains("group (wire type 3)")
+    );
 }
 
 #[test]
@@ -581,7 +592,7 @@ fn service_name_and_empty_groups() {
     request.resource_spans[1].resource = None;
     request.resource_spans.push(ResourceSpans { resource: resource("empty"), ..Default::default() });
     request.resource_spans.push(ResourceSpans { scope_spans: vec![ScopeSpans::default()], ..Default::default() });
-    let batch = transcode_traces(&request.encode_to_vec(), 0).unwrap().0;
+    let batch = transcode_traces(&request.encode_to_vec(), 0, &Limits::NONE).unwrap().batch;
     assert_eq!(batch.resources.len(), 2);
     assert_eq!(batch.resources[0].service_name, "");
     assert_eq!(batch.resources[1].service_name, "");
@@ -602,10 +613,10 @@ fn nested(levels: usize) -> Value {
 fn nesting_is_limited() {
     // The deepest AnyValue sits at depth 5 + 2 * levels (request = 0, span = 3).
     let ok = with_span(&Span { attributes: vec![kv("deep", nested(13))], ..test_span(1) }.encode_to_vec());
-    assert!(transcode_traces(&ok, 0).is_ok());
+    assert!(transcode_traces(&ok, 0, &Limits::NONE).is_ok());
     let deep = with_span(&Span { attributes: vec![kv("deep", nested(14))], ..test_span(1) }.encode_to_vec());
     assert!(ExportTraceServiceRequest::decode(deep.as_slice()).is_ok());
-    let err = transcode_traces(&deep, 0).unwrap_err().to_string();
+    let err = transcode_traces(&deep, 0, &Limits::NONE).unwrap_err().to_string();
     assert!(
         err.starts_with("resource_spans[0].scope_spans[1].spans[3].attributes[0].value.array_value.values[0]"),
         "{err}"
@@ -646,11 +657,11 @@ fn samples() -> Vec<Vec<u8>> {
 /// Runs every entry point; whatever is accepted must decode with prost as well, and so must the
 /// requests rebuilt from the batches.
 fn exercise(bytes: &[u8]) {
-    if let Ok((batch, _)) = transcode_traces(bytes, 0) {
+    if let Ok(Transcoded { batch, .. }) = transcode_traces(bytes, 0, &Limits::NONE) {
         assert!(ExportTraceServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportTraceServiceRequest::decode(rebuild_traces(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
-    if let Ok((batch, _)) = transcode_logs(bytes, 0, &[]) {
+    if let Ok(Transcoded { batch, .. }) = transcode_logs(bytes, 0, &[], &Limits::NONE) {
         assert!(ExportLogsServiceRequest::decode(bytes).is_ok(), "{bytes:?}");
         assert!(ExportLogsServiceRequest::decode(rebuild_logs(&batch).as_slice()).is_ok(), "{bytes:?}");
     }
@@ -734,7 +745,7 @@ fn untraced_log_records_carry_their_duration_attribute() {
         }],
     };
     let keys = vec![("duration_ms".to_owned(), 1e6), ("elapsed_ms".to_owned(), 1e6), ("duration_us".to_owned(), 1e3)];
-    let batch = transcode_logs(&request.encode_to_vec(), 0, &keys).unwrap().0;
+    let batch = transcode_logs(&request.encode_to_vec(), 0, &keys, &Limits::NONE).unwrap().batch;
     let durations: Vec<u64> = batch.logs.iter().map(|log| log.duration_nanos).collect();
     // A traced record follows its trace: its duration is never looked at.
     assert_eq!(durations, vec![350_000_000, 12_500_000, 40_000, 0, 0]);
@@ -789,4 +800,61 @@ fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
     let mut found = [None, None];
     find_attributes(&span, 9, &["ok", "http.route"], &mut found);
     assert_eq!(found, [Some(AttributeValue::Other), Some(AttributeValue::Str("/checkout"))]);
+}
+
+#[test]
+fn items_over_a_cap_are_cut_down_and_counted_and_the_others_kept_byte_for_byte() {
+    let limits = Limits { attributes: 128, value_length: Some(8), events: 128, links: 128 };
+    let within = test_span(1);
+    let mut over = test_span(3);
+    over.attributes = (0..200).map(|i| kv(&format!("k{i}"), Value::IntValue(i))).collect();
+    over.attributes[0] = kv("long", Value::StringValue("ééééééééééé".into()));
+    over.attributes[1] = kv(
+        "list",
+        Value::ArrayValue(ArrayValue { values: vec![some_value(Value::StringValue("x".repeat(20))).unwrap()] }),
+    );
+    over.events = (0..150).map(|_| span::Event { name: "ev".into(), ..Default::default() }).collect();
+    over.links = (0..130)
+        .map(|_| span::Link { trace_id: TRACE.to_vec(), span_id: SPAN.to_vec(), ..Default::default() })
+        .collect();
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: resource("svc"),
+            scope_spans: vec![ScopeSpans {
+                scope: scope("lib"),
+                spans: vec![within.clone(), over],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    let Transcoded { batch, rejected, truncated } = transcode_traces(&request, 0, &limits).unwrap();
+    assert_eq!(rejected.count, 0);
+    assert_eq!(truncated, Truncated { attributes: 72, values: 2, events: 22, links: 2 });
+    assert_eq!(batch.spans[0].body, within.encode_to_vec(), "a span within the caps is kept as sent");
+    let cut = Span::decode(batch.spans[1].body.as_slice()).unwrap();
+    assert_eq!((cut.attributes.len(), cut.dropped_attributes_count), (128, 1 + 72));
+    assert_eq!(cut.attributes[0].value, some_value(Value::StringValue("éééééééé".into())), "8 characters, not bytes");
+    assert_eq!(
+        cut.attributes[1].value,
+        some_value(Value::ArrayValue(ArrayValue {
+            values: vec![some_value(Value::StringValue("x".repeat(8))).unwrap()]
+        }))
+    );
+    assert_eq!((cut.events.len(), cut.dropped_events_count), (128, 22));
+    assert_eq!((cut.links.len(), cut.dropped_links_count), (128, 2));
+    assert_eq!(batch.spans[1].name, "GET /3", "the lifted fields are the span's");
+    // Without caps the same request is kept as sent.
+    let Transcoded { batch, truncated, .. } = transcode_traces(&request, 0, &Limits::NONE).unwrap();
+    assert!(!truncated.any());
+    assert_eq!(Span::decode(batch.spans[1].body.as_slice()).unwrap().attributes.len(), 200);
+    // Log records: the attribute caps.
+    let mut request = logs();
+    let record = &mut request.resource_logs[0].scope_logs[0].log_records[0];
+    record.attributes = (0..130).map(|i| kv(&format!("k{i}"), Value::IntValue(i))).collect();
+    let Transcoded { batch, truncated, .. } = transcode_logs(&request.encode_to_vec(), 0, &[], &limits).unwrap();
+    assert_eq!(truncated.attributes, 2);
+    let cut = LogRecord::decode(batch.logs[0].body.as_slice()).unwrap();
+    assert_eq!((cut.attributes.len(), cut.dropped_attributes_count), (128, 2));
 }
