@@ -95,6 +95,9 @@ pub struct Timing {
     pub otlp_grpc_port: Option<u16>,
     /// Return without waiting for the OTLP ports (a test that keeps receive from binding).
     pub no_port_wait: bool,
+    /// Added to the gRPC and HTTP receivers' settings (e.g. `, tls: {...}`).
+    pub grpc_extra: String,
+    pub http_extra: String,
 }
 
 impl Default for Timing {
@@ -118,6 +121,8 @@ impl Default for Timing {
             env: Vec::new(),
             otlp_grpc_port: None,
             no_port_wait: false,
+            grpc_extra: String::new(),
+            http_extra: String::new(),
         }
     }
 }
@@ -148,8 +153,8 @@ log_level: info
 receivers:
   otlp:
     protocols:
-      grpc: {{ endpoint: "{grpc}" }}
-      http: {{ endpoint: "{http}" }}
+      grpc: {{ endpoint: "{grpc}"{grpc_extra} }}
+      http: {{ endpoint: "{http}"{http_extra} }}
 {filelog}
 queue:
   max_size_mib: {queue_mib}
@@ -177,6 +182,8 @@ supervisor:
 {extra}
 "#,
             extra = timing.supervisor_extra,
+            grpc_extra = timing.grpc_extra,
+            http_extra = timing.http_extra,
             filelog = timing.filelog.as_ref().map(|f| format!("  filelog: {f}")).unwrap_or_default(),
             logs = timing
                 .logs_destination

@@ -7,10 +7,12 @@ pub mod filelog;
 pub mod grpc;
 pub mod http;
 pub mod intake;
+pub mod tls;
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 use crate::context::{StageContext, StageError};
 use intake::Intake;
@@ -47,37 +49,69 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
             .add_service(grpc::OtlpGrpcService::<grpc::Traces>::new(intake.clone(), max))
             .add_service(grpc::OtlpGrpcService::<grpc::Logs>::new(intake.clone(), max))
             .add_service(grpc::OtlpGrpcService::<grpc::Metrics>::new(intake.clone(), max));
-        tracing::info!(endpoint = %grpc.endpoint, "otlp grpc receiver listening");
-        servers.spawn(async move {
-            // Without TCP_NODELAY, small response frames wait on the client's delayed ACK.
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let stop = async move {
-                let _closed = shutdown.wait_for(|stop| *stop).await;
-            };
-            router
-                .serve_with_incoming_shutdown(incoming, stop)
-                .await
-                .map_err(|err| StageError::Other(format!("grpc server: {err}")))
-        });
+        let tls = grpc.tls.as_ref().map(|tls| tls::server_config(tls, &[b"h2"])).transpose()?;
+        tracing::info!(endpoint = %grpc.endpoint, tls = tls.is_some(), "otlp grpc receiver listening");
+        let stop = async move {
+            let _closed = shutdown.wait_for(|stop| *stop).await;
+        };
+        match tls {
+            Some(config) => {
+                let connections = tls::accept(listener, config, ctx.events.clone());
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(connections)
+                    .map(|(connection, _)| Ok::<_, std::io::Error>(connection));
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                        .map_err(|err| StageError::Other(format!("grpc server: {err}")))
+                });
+            }
+            None => {
+                servers.spawn(async move {
+                    // Without TCP_NODELAY, small response frames wait on the client's delayed ACK.
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                        .map_err(|err| StageError::Other(format!("grpc server: {err}")))
+                });
+            }
+        }
     }
     if let Some(http) = http {
         let listener = bind(&http.endpoint).await?;
         let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB);
         let mut shutdown = ctx.shutdown.clone();
-        tracing::info!(endpoint = %http.endpoint, "otlp http receiver listening");
-        let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
-            if let Err(err) = stream.set_nodelay(true) {
-                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        let stop = async move {
+            let _closed = shutdown.wait_for(|stop| *stop).await;
+        };
+        let tls = http.tls.as_ref().map(|tls| tls::server_config(tls, &[b"h2", b"http/1.1"])).transpose()?;
+        tracing::info!(endpoint = %http.endpoint, tls = tls.is_some(), "otlp http receiver listening");
+        match tls {
+            Some(config) => {
+                let local = listener.local_addr()?;
+                let listener = tls::TlsListener::new(tls::accept(listener, config, ctx.events.clone()), local);
+                servers.spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                        .map_err(|err| StageError::Other(format!("http server: {err}")))
+                });
             }
-        });
-        servers.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _closed = shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
-                .map_err(|err| StageError::Other(format!("http server: {err}")))
-        });
+            None => {
+                let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+                    }
+                });
+                servers.spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                        .map_err(|err| StageError::Other(format!("http server: {err}")))
+                });
+            }
+        }
     }
     if let Some(filelog) = ctx.config.receivers.filelog.clone() {
         let tailer = filelog::Tailer::open(filelog, ctx.queue.clone(), ctx.waker.clone(), ctx.events.clone())?;

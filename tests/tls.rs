@@ -1,0 +1,151 @@
+//! TLS on the receivers: certificates made here (rcgen), tailgate serving OTLP/gRPC and OTLP/HTTP
+//! over TLS; plain-text clients and, under mutual TLS, clients without a certificate are refused
+//! in the handshake, while TLS clients are served and their spans delivered.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use prost::Message;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+struct Pki {
+    ca: String,
+    client: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "tailgate test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["client.test".into()]);
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), &server_cert).unwrap();
+    std::fs::write(dir.join("server.key"), &server_key).unwrap();
+    Pki { ca: ca.pem(), client: format!("{client_cert}{client_key}") }
+}
+
+fn tls_settings(dir: &Path, mutual: bool) -> String {
+    let ca = if mutual { format!(", client_ca_file: \"{}\"", dir.join("ca.pem").display()) } else { String::new() };
+    format!(
+        ", tls: {{ cert_file: \"{}\", key_file: \"{}\"{ca} }}",
+        dir.join("server.pem").display(),
+        dir.join("server.key").display()
+    )
+}
+
+/// A client trusting only the test CA, with the client certificate when `identity` is given.
+fn client(pki: &Pki, identity: bool, h2: bool) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(pki.ca.as_bytes()).unwrap()])
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10));
+    if identity {
+        builder = builder.identity(reqwest::Identity::from_pem(pki.client.as_bytes()).unwrap());
+    }
+    if h2 {
+        builder = builder.http2_prior_knowledge();
+    }
+    builder.build().unwrap()
+}
+
+async fn post_http(client: &reqwest::Client, url: &str, n: u32) -> Result<u16, reqwest::Error> {
+    let body = trace_request("checkout", TestTrace::new(n, Outcome::Error, 1).spans).encode_to_vec();
+    let response = client.post(url).header("content-type", "application/x-protobuf").body(body).send().await?;
+    Ok(response.status().as_u16())
+}
+
+/// One OTLP/gRPC export as a raw frame over HTTP/2: the grpc-status.
+async fn post_grpc(client: &reqwest::Client, base: &str, n: u32) -> Result<String, reqwest::Error> {
+    let payload = trace_request("checkout", TestTrace::new(n, Outcome::Error, 1).spans).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let response = client
+        .post(format!("{base}/opentelemetry.proto.collector.trace.v1.TraceService/Export"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(frame)
+        .send()
+        .await?;
+    let status = response.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    // A successful answer carries its status in the trailers.
+    let _ = response.bytes().await?;
+    Ok(status.unwrap_or_else(|| "0".into()))
+}
+
+fn start(dir: &Path, mutual: bool) -> (tokio::runtime::Runtime, Backend, Tailgate) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let settings = tls_settings(dir, mutual);
+    let timing = Timing { grpc_extra: settings.clone(), http_extra: settings, ..Timing::default() };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    (runtime, backend, tailgate)
+}
+
+#[test]
+fn receivers_over_tls_serve_tls_clients_and_refuse_plain_text() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = pki(certs.path());
+    let (runtime, backend, tailgate) = start(certs.path(), false);
+    let receive = tailgate.stage_pid("receive").unwrap();
+    runtime.block_on(async {
+        let http_url = format!("https://127.0.0.1:{}/v1/traces", tailgate.http.port());
+        assert_eq!(post_http(&client(&pki, false, false), &http_url, 1).await.unwrap(), 200);
+        let grpc_base = format!("https://127.0.0.1:{}", tailgate.grpc.port());
+        assert_eq!(post_grpc(&client(&pki, false, true), &grpc_base, 2).await.unwrap(), "0");
+        // Plain text to a TLS port gets no answer.
+        let plain = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        assert!(post_http(&plain, &format!("http://{}/v1/traces", tailgate.http), 3).await.is_err());
+        let plain_h2 =
+            reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(5)).build().unwrap();
+        assert!(post_grpc(&plain_h2, &format!("http://{}", tailgate.grpc), 4).await.is_err());
+        // The listeners keep serving.
+        assert_eq!(post_http(&client(&pki, false, false), &http_url, 5).await.unwrap(), 200);
+    });
+    assert_eq!(tailgate.stage_pid("receive"), Some(receive), "receive restarted");
+    let delivered: Vec<TestTrace> = [1, 2, 5].iter().map(|n| TestTrace::new(*n, Outcome::Error, 1)).collect();
+    assert_exact_delivery(&backend, &delivered, Duration::from_secs(1), false);
+}
+
+#[test]
+fn mutual_tls_refuses_clients_without_a_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = pki(certs.path());
+    let (runtime, backend, tailgate) = start(certs.path(), true);
+    // The start-up probes (plain TCP connects) already failed handshakes: count from after them.
+    assert!(wait_until(Duration::from_secs(10), || handshake_failures(&tailgate) >= 1.0));
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = handshake_failures(&tailgate);
+    runtime.block_on(async {
+        let http_url = format!("https://127.0.0.1:{}/v1/traces", tailgate.http.port());
+        let grpc_base = format!("https://127.0.0.1:{}", tailgate.grpc.port());
+        assert!(post_http(&client(&pki, false, false), &http_url, 10).await.is_err(), "HTTP without a certificate");
+        assert!(post_grpc(&client(&pki, false, true), &grpc_base, 11).await.is_err(), "gRPC without a certificate");
+        assert_eq!(post_http(&client(&pki, true, false), &http_url, 12).await.unwrap(), 200);
+        assert_eq!(post_grpc(&client(&pki, true, true), &grpc_base, 13).await.unwrap(), "0");
+    });
+    let delivered: Vec<TestTrace> = [12, 13].iter().map(|n| TestTrace::new(*n, Outcome::Error, 1)).collect();
+    assert_exact_delivery(&backend, &delivered, Duration::from_secs(1), false);
+    let refused = wait_until(Duration::from_secs(10), || handshake_failures(&tailgate) >= before + 2.0);
+    assert!(refused, "refused handshakes are counted: {before} -> {}", handshake_failures(&tailgate));
+}
+
+fn handshake_failures(tailgate: &Tailgate) -> f64 {
+    let metrics = http_get(tailgate.telemetry, "/metrics").1;
+    let series = "tailgate_errors_total{stage=\"receive\",kind=\"tls_handshake\"} ";
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.parse().ok()).unwrap_or(0.0)
+}
