@@ -149,3 +149,38 @@ fn handshake_failures(tailgate: &Tailgate) -> f64 {
     let series = "tailgate_errors_total{stage=\"receive\",kind=\"tls_handshake\"} ";
     metrics.lines().find_map(|line| line.strip_prefix(series)?.parse().ok()).unwrap_or(0.0)
 }
+
+/// The OTLP exporter to a backend that serves TLS and requires a client certificate: with the
+/// configured CA and client certificate the kept traces arrive over TLS.
+#[test]
+fn the_otlp_exporter_delivers_to_a_mutual_tls_backend() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = pki(certs.path());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let server_cert = std::fs::read_to_string(certs.path().join("server.pem")).unwrap();
+    let server_key = std::fs::read_to_string(certs.path().join("server.key")).unwrap();
+    let (backend, backend_addr) = Backend::serve_tls(&runtime, (&server_cert, &server_key), Some(&pki.ca));
+    let (client_cert, client_key) = pki.client.split_at(pki.client.find("-----BEGIN PRIVATE KEY").unwrap());
+    std::fs::write(certs.path().join("client.pem"), client_cert).unwrap();
+    std::fs::write(certs.path().join("client.key"), client_key).unwrap();
+    let tls = format!(
+        r#", tls: {{ ca_file: "{}", cert_file: "{}", key_file: "{}" }}"#,
+        certs.path().join("ca.pem").display(),
+        certs.path().join("client.pem").display(),
+        certs.path().join("client.key").display()
+    );
+    // The helper writes http://{backend}; the TLS destination needs https://.
+    let endpoint = format!("https://127.0.0.1:{}", backend_addr.port());
+    let destination = format!("{{ otlp: {{ endpoint: \"{endpoint}\", timeout: 10s{tls} }} }}");
+    let timing = Timing {
+        traces_destination: Some(destination.clone()),
+        logs_destination: Some(destination.clone()),
+        metrics_destination: Some(destination),
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    let traces = mixed_traces(20);
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(100), |_| {}));
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
+}

@@ -84,6 +84,41 @@ pub struct OtlpExporter {
     /// so intake goes on and the newest data is what is kept).
     #[serde(default)]
     pub when_full: WhenFull,
+    /// TLS of an `https://` endpoint (the Collector's client `tls` settings): without it, the
+    /// server is verified against the system's CA certificates.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+}
+
+/// An exporter's TLS: whom to trust, and the client certificate for mutual TLS.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// PEM file of CA certificates to verify the server with, instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file: the client certificate (then intermediates), for servers that require one.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM file: the client certificate's key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it differs from the endpoint's host.
+    #[serde(default)]
+    pub server_name_override: Option<String>,
+}
+
+impl ClientTls {
+    fn validate(&self, path: &str, problems: &mut Problems) {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.add(path, "cert_file and key_file go together");
+        }
+        for (key, file) in [("ca_file", &self.ca_file), ("cert_file", &self.cert_file), ("key_file", &self.key_file)] {
+            if let Some(file) = file {
+                problems.check_pem_file(file, &format!("{path}.{key}"));
+            }
+        }
+    }
 }
 
 /// A destination's policy at the disk budget.
@@ -425,6 +460,12 @@ impl OtlpExporter {
         problems.check_url(&self.endpoint, &format!("{path}.endpoint"));
         if self.timeout.is_zero() {
             problems.add(&format!("{path}.timeout"), "must be above zero");
+        }
+        if let Some(tls) = &self.tls {
+            if !self.endpoint.starts_with("https://") {
+                problems.add(&format!("{path}.tls"), "TLS needs an https:// endpoint");
+            }
+            tls.validate(&format!("{path}.tls"), problems);
         }
     }
 }

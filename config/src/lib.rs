@@ -697,6 +697,16 @@ impl Problems {
         }
     }
 
+    /// A certificate or key file must be readable and hold PEM (whether it parses is checked
+    /// when the listener or client is built, with the same message).
+    pub(crate) fn check_pem_file(&mut self, file: &std::path::Path, path: &str) {
+        match std::fs::read_to_string(file) {
+            Ok(text) if text.contains("-----BEGIN ") => {}
+            Ok(_) => self.add(path, &format!("{} holds no PEM block", file.display())),
+            Err(err) => self.add(path, &format!("cannot read {}: {err}", file.display())),
+        }
+    }
+
     pub(crate) fn check_url(&mut self, endpoint: &str, path: &str) {
         let rest = endpoint.strip_prefix("http://").or_else(|| endpoint.strip_prefix("https://"));
         match rest {

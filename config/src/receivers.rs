@@ -111,18 +111,11 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// Every file must be readable and hold PEM (whether it parses as a certificate or key is
-    /// checked when the listener starts, with the same message).
     fn validate(&self, problems: &mut Problems, path: &str) {
-        let files = [("cert_file", Some(&self.cert_file)), ("key_file", Some(&self.key_file))];
-        let optional = [("client_ca_file", self.client_ca_file.as_ref())];
-        for (key, file) in files.into_iter().chain(optional) {
-            let Some(file) = file else { continue };
-            match std::fs::read_to_string(file) {
-                Ok(text) if text.contains("-----BEGIN ") => {}
-                Ok(_) => problems.add(&format!("{path}.{key}"), &format!("{} holds no PEM block", file.display())),
-                Err(err) => problems.add(&format!("{path}.{key}"), &format!("cannot read {}: {err}", file.display())),
-            }
+        problems.check_pem_file(&self.cert_file, &format!("{path}.cert_file"));
+        problems.check_pem_file(&self.key_file, &format!("{path}.key_file"));
+        if let Some(file) = &self.client_ca_file {
+            problems.check_pem_file(file, &format!("{path}.client_ca_file"));
         }
     }
 }

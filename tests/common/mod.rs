@@ -95,6 +95,8 @@ pub struct Timing {
     pub otlp_grpc_port: Option<u16>,
     /// Return without waiting for the OTLP ports (a test that keeps receive from binding).
     pub no_port_wait: bool,
+    /// `exporters.traces` instead of OTLP to the backend over plain gRPC.
+    pub traces_destination: Option<String>,
     /// Added to the gRPC and HTTP receivers' settings (e.g. `, tls: {...}`).
     pub grpc_extra: String,
     pub http_extra: String,
@@ -123,6 +125,7 @@ impl Default for Timing {
             no_port_wait: false,
             grpc_extra: String::new(),
             http_extra: String::new(),
+            traces_destination: None,
         }
     }
 }
@@ -168,7 +171,7 @@ spanmetrics:
   metrics_flush_interval: {fi}
 {spanmetrics_extra}
 exporters:
-  traces: {{ otlp: {{ endpoint: "http://{backend}"{otlp_extra} }} }}
+  traces: {traces}
   logs: {logs}
   metrics: {metrics}
   batch: {{ send_batch_size: 512, timeout: {bt} }}
@@ -185,6 +188,10 @@ supervisor:
             grpc_extra = timing.grpc_extra,
             http_extra = timing.http_extra,
             filelog = timing.filelog.as_ref().map(|f| format!("  filelog: {f}")).unwrap_or_default(),
+            traces = timing
+                .traces_destination
+                .clone()
+                .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\"{} }} }}", timing.otlp_extra)),
             logs = timing
                 .logs_destination
                 .clone()
@@ -193,7 +200,6 @@ supervisor:
                 .metrics_destination
                 .clone()
                 .unwrap_or_else(|| format!("{{ otlp: {{ endpoint: \"http://{backend}\"{} }} }}", timing.otlp_extra)),
-            otlp_extra = timing.otlp_extra,
             exporters_extra = timing.exporters_extra,
             spanmetrics_extra = timing.spanmetrics_extra,
             queue_mib = timing.queue_max_size_mib,
@@ -529,12 +535,40 @@ impl Backend {
         addr: SocketAddr,
         max_message_bytes: usize,
     ) -> (Backend, SocketAddr) {
+        Backend::serve_with(runtime, addr, max_message_bytes, None)
+    }
+
+    /// Serves the backend over TLS with this server identity (PEM certificate and key), asking
+    /// for a client certificate from `client_ca` when given.
+    pub fn serve_tls(
+        runtime: &tokio::runtime::Runtime,
+        identity: (&str, &str),
+        client_ca: Option<&str>,
+    ) -> (Backend, SocketAddr) {
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(identity.0, identity.1));
+        if let Some(ca) = client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        Backend::serve_with(runtime, "127.0.0.1:0".parse().unwrap(), 64 << 20, Some(tls))
+    }
+
+    fn serve_with(
+        runtime: &tokio::runtime::Runtime,
+        addr: SocketAddr,
+        max_message_bytes: usize,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> (Backend, SocketAddr) {
         let backend = Backend::default();
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
         let service = backend.clone();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).unwrap();
+        }
         runtime.spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(
                     TraceServiceServer::new(service.clone())
                         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)

@@ -44,6 +44,27 @@ pub enum SendOutcome {
     Permanent(String),
 }
 
+/// TLS of an `https://` endpoint: the configured CA (else the system's), the client
+/// certificate for mutual TLS, the expected server name.
+fn client_tls(tls: Option<&tailgate_config::ClientTls>) -> Result<tonic::transport::ClientTlsConfig, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|err| format!("cannot read TLS {what} {}: {err}", path.display()))
+    };
+    let Some(tls) = tls else { return Ok(ClientTlsConfig::new().with_native_roots()) };
+    let mut config = match &tls.ca_file {
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA")?)),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        config = config.identity(Identity::from_pem(read(cert, "certificate")?, read(key, "key")?));
+    }
+    if let Some(name) = &tls.server_name_override {
+        config = config.domain_name(name.clone());
+    }
+    Ok(config)
+}
+
 /// An OTLP/gRPC destination.
 #[derive(Debug)]
 pub struct OtlpClient {
@@ -70,6 +91,12 @@ impl OtlpClient {
             .http2_keep_alive_interval(config.keepalive.time)
             .keep_alive_timeout(config.keepalive.timeout)
             .keep_alive_while_idle(config.keepalive.permit_without_stream);
+        let endpoint = match config.endpoint.starts_with("https://") {
+            true => endpoint
+                .tls_config(client_tls(config.tls.as_ref())?)
+                .map_err(|err| format!("TLS for {}: {err}", config.endpoint))?,
+            false => endpoint,
+        };
         let path = match signal {
             Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
             Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
