@@ -145,7 +145,7 @@ fn http_receiver_rejects_bad_input_and_keeps_serving() {
     ];
     // A server that answers 413 before reading the body closes that connection; use a fresh
     // connection per request so the follow-up checks the server, not connection reuse.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let client = http_client().pool_max_idle_per_host(0).build().unwrap();
     runtime.block_on(async {
         for (index, case) in cases.iter().enumerate() {
             let mut request = client
@@ -228,7 +228,7 @@ fn grpc_receiver_rejects_bad_input_and_keeps_serving() {
         ("nesting deeper than 32", deeply_nested_request(40), false, "3"),
         ("invalid utf-8", invalid_utf8_request(), false, "3"),
     ];
-    let raw = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let raw = http_client().http2_prior_knowledge().build().unwrap();
     runtime.block_on(async {
         let mut client = TraceServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
         for (index, (name, payload, compressed, expected)) in cases.iter().enumerate() {
@@ -257,7 +257,7 @@ fn grpc_responses_are_not_compressed() {
     let mut frame = vec![1u8];
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(&payload);
-    let raw = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let raw = http_client().http2_prior_knowledge().build().unwrap();
     let (encoding, body) = runtime.block_on(async {
         let response = raw
             .post(format!("http://{}/opentelemetry.proto.collector.trace.v1.TraceService/Export", tailgate.grpc))
@@ -314,7 +314,7 @@ fn invalid_items_are_refused_alone_as_a_partial_success() {
     let tailgate = Tailgate::start(backend_addr, &Timing::default());
     let receive_pid = tailgate.stage_pid("receive").unwrap();
     let mut expected = Vec::new();
-    let http = reqwest::Client::new();
+    let http = http_client().build().unwrap();
     runtime.block_on(async {
         // gRPC.
         let (spans, traces) = partly_invalid_spans(300);

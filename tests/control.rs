@@ -134,7 +134,9 @@ fn drain_pauses_intake_until_the_queue_is_empty_and_resume_reopens_it() {
     });
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     let http = runtime.block_on(async {
-        reqwest::Client::new()
+        common::http_client()
+            .build()
+            .unwrap()
             .post(format!("http://{}/v1/traces", tailgate.http))
             .header("content-type", "application/x-protobuf")
             .body(prost::Message::encode_to_vec(&trace_request("late", late.spans.clone())))

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Tailgate, Timing, assert_exact_delivery, mixed_traces, send_in_waves, signal, wait_until};
+use common::{
+    Backend, Tailgate, Timing, assert_exact_delivery, http_client, mixed_traces, send_in_waves, signal, wait_until,
+};
 
 #[test]
 fn stopped_stages_are_killed_and_restarted_without_loss() {
@@ -76,7 +78,7 @@ fn a_held_writer_lock_gets_refusals_not_hangs() {
     let traces: Vec<TestTrace> = (0..12).map(|n| TestTrace::new(n, common::Outcome::Error, 2)).collect();
     let (accepted, refused) = runtime.block_on(async {
         let mut client = TraceServiceClient::connect(format!("http://{grpc}")).await.unwrap();
-        let http_client = reqwest::Client::new();
+        let http_client = http_client().build().unwrap();
         let (mut accepted, mut refused) = (Vec::new(), Vec::new());
         for (i, trace) in traces.iter().enumerate() {
             let started = Instant::now();

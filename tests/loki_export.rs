@@ -84,7 +84,9 @@ async fn send_grpc(tailgate: &Tailgate, request: ExportLogsServiceRequest) {
 }
 
 async fn send_http(tailgate: &Tailgate, request: ExportLogsServiceRequest) {
-    let response = reqwest::Client::new()
+    let response = http_client()
+        .build()
+        .unwrap()
         .post(format!("http://{}/v1/logs", tailgate.http))
         .header("content-type", "application/x-protobuf")
         .body(request.encode_to_vec())
@@ -461,4 +463,25 @@ fn unavailable_loki_is_retried_until_it_takes_the_push() {
     assert_eq!(sink.state.lock().unwrap().duplicates, 0, "entries pushed again after Loki took them");
     assert_streams_ordered(&sink.stored());
     assert_pushes_ordered(&sink);
+}
+
+/// Loki behind TLS: the exporter trusts the CA given in `tls.ca_file` and pushes over https.
+#[test]
+fn logs_reach_loki_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    common::pki::pki(certs.path());
+    let runtime = runtime();
+    let (_backend, backend_addr) = Backend::serve(&runtime);
+    let sink = LokiSink::serve_tls(&runtime, &certs.path().join("server.pem"), &certs.path().join("server.key"));
+    let tls = format!("tls: {{ ca_file: \"{}\" }}", certs.path().join("ca.pem").display());
+    let tailgate = start(backend_addr, &sink, &tls);
+    let lines: Vec<String> = (0..5).map(|i| format!("over tls #{i}")).collect();
+    let records = lines.iter().enumerate().map(|(i, line)| record(line, ERROR, T0 + i as u64)).collect();
+    runtime.block_on(async {
+        let mut client = LogsServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
+        client.export(logs_request(vec![("checkout", records)])).await.unwrap();
+    });
+    let expected: BTreeSet<String> = lines.into_iter().collect();
+    wait_for_lines(&sink, &expected);
+    assert_exactly_once(&sink, &expected);
 }

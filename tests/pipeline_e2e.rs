@@ -117,7 +117,7 @@ fn json_and_gzip_requests_are_delivered_unaltered() {
         encoder.finish().unwrap()
     };
     runtime.block_on(async {
-        let http = reqwest::Client::new();
+        let http = http_client().build().unwrap();
         for (index, trace) in traces.iter().enumerate() {
             match index % 3 {
                 // OTLP/HTTP JSON.

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Backend, Tailgate, Timing, signal, string_kv, trace_request, wait_until};
+use common::{Backend, Tailgate, Timing, http_get, signal, string_kv, trace_request, wait_until};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::trace::v1::{Span, Status, status};
 
@@ -434,9 +434,7 @@ fn the_adaptive_threshold_rises_in_steps_and_returns_after_recovery() {
         std::thread::sleep(Duration::from_millis(200)); // the load's pace
     }
     assert_eq!(seen, vec![225, 250], "threshold steps");
-    let metrics = runtime.block_on(async {
-        reqwest::get(format!("http://{}/metrics", tailgate.telemetry)).await.unwrap().text().await.unwrap()
-    });
+    let metrics = http_get(tailgate.telemetry, "/metrics").1;
     assert!(metrics.contains("tailgate_sampling_latency_threshold_ms{route=\"/checkout\"} 250"), "{metrics}");
     // While lifted: a 230 ms /checkout trace is dropped, a 230 ms trace of another route kept.
     let (checkout, other) = (route_trace(1_000_001, "/checkout", 230), route_trace(1_000_002, "/other", 230));

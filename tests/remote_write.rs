@@ -454,7 +454,9 @@ fn send_metrics_grpc(runtime: &tokio::runtime::Runtime, tailgate: &Tailgate, req
 fn send_metrics_http(runtime: &tokio::runtime::Runtime, tailgate: &Tailgate, request: ExportMetricsServiceRequest) {
     let http = tailgate.http;
     runtime.block_on(async move {
-        let response = reqwest::Client::new()
+        let response = http_client()
+            .build()
+            .unwrap()
             .post(format!("http://{http}/v1/metrics"))
             .header("content-type", "application/x-protobuf")
             .body(request.encode_to_vec())

@@ -9,33 +9,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::pki::{Pki, pki};
 use common::*;
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
-struct Pki {
-    ca: String,
-    client: String,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "tailgate test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
-    let (client_cert, client_key) = leaf(vec!["client.test".into()]);
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), &server_cert).unwrap();
-    std::fs::write(dir.join("server.key"), &server_key).unwrap();
-    Pki { ca: ca.pem(), client: format!("{client_cert}{client_key}") }
-}
 
 fn tls_settings(dir: &Path, mutual: bool) -> String {
     let ca = if mutual { format!(", client_ca_file: \"{}\"", dir.join("ca.pem").display()) } else { String::new() };
@@ -48,8 +24,7 @@ fn tls_settings(dir: &Path, mutual: bool) -> String {
 
 /// A client trusting only the test CA, with the client certificate when `identity` is given.
 fn client(pki: &Pki, identity: bool, h2: bool) -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = reqwest::Client::builder()
+    let mut builder = http_client()
         .tls_certs_only([reqwest::Certificate::from_pem(pki.ca.as_bytes()).unwrap()])
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10));
@@ -108,10 +83,9 @@ fn receivers_over_tls_serve_tls_clients_and_refuse_plain_text() {
         let grpc_base = format!("https://127.0.0.1:{}", tailgate.grpc.port());
         assert_eq!(post_grpc(&client(&pki, false, true), &grpc_base, 2).await.unwrap(), "0");
         // Plain text to a TLS port gets no answer.
-        let plain = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        let plain = http_client().timeout(Duration::from_secs(5)).build().unwrap();
         assert!(post_http(&plain, &format!("http://{}/v1/traces", tailgate.http), 3).await.is_err());
-        let plain_h2 =
-            reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(5)).build().unwrap();
+        let plain_h2 = http_client().http2_prior_knowledge().timeout(Duration::from_secs(5)).build().unwrap();
         assert!(post_grpc(&plain_h2, &format!("http://{}", tailgate.grpc), 4).await.is_err());
         // The listeners keep serving.
         assert_eq!(post_http(&client(&pki, false, false), &http_url, 5).await.unwrap(), 200);
@@ -156,7 +130,6 @@ fn handshake_failures(tailgate: &Tailgate) -> f64 {
 fn the_otlp_exporter_delivers_to_a_mutual_tls_backend() {
     let certs = tempfile::tempdir().unwrap();
     let pki = pki(certs.path());
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let server_cert = std::fs::read_to_string(certs.path().join("server.pem")).unwrap();
     let server_key = std::fs::read_to_string(certs.path().join("server.key")).unwrap();

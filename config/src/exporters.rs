@@ -109,6 +109,17 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
+    /// For the HTTP exporters (Loki, remote write).
+    fn validate_http(&self, endpoint: &str, path: &str, problems: &mut Problems) {
+        if !endpoint.starts_with("https://") {
+            problems.add(path, "TLS needs an https:// endpoint");
+        }
+        if self.server_name_override.is_some() {
+            problems.add(&format!("{path}.server_name_override"), "is supported by the otlp exporter only");
+        }
+        self.validate(path, problems);
+    }
+
     fn validate(&self, path: &str, problems: &mut Problems) {
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.add(path, "cert_file and key_file go together");
@@ -238,6 +249,10 @@ pub struct LokiExporter {
     /// Credentials: `basic` (username and password or password_file) or `bearer_token_file`.
     #[serde(default)]
     pub auth: Option<HttpAuth>,
+    /// TLS of an `https://` endpoint: `ca_file` instead of the system's CAs, `cert_file` and
+    /// `key_file` for mutual TLS (`server_name_override` is for the OTLP exporter only).
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
     /// Stream labels. `service.name` always becomes `service_name` and the severity becomes
     /// `level`; these add more.
     #[serde(default)]
@@ -361,6 +376,10 @@ pub struct RemoteWriteExporter {
     /// Credentials: `basic` (username and password_file) or `bearer_token_file`.
     #[serde(default)]
     pub auth: Option<HttpAuth>,
+    /// TLS of an `https://` endpoint: `ca_file` instead of the system's CAs, `cert_file` and
+    /// `key_file` for mutual TLS (`server_name_override` is for the OTLP exporter only).
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
     /// Deadline of one request.
     #[serde(default = "default_export_timeout", with = "humantime_serde")]
     pub timeout: Duration,
@@ -417,6 +436,9 @@ impl Exporters {
             }
             if let Some(remote) = &metrics.prometheusremotewrite {
                 problems.check_url(&remote.endpoint, "exporters.metrics.prometheusremotewrite.endpoint");
+                if let Some(tls) = &remote.tls {
+                    tls.validate_http(&remote.endpoint, "exporters.metrics.prometheusremotewrite.tls", problems);
+                }
                 if remote.timeout.is_zero() {
                     problems.add("exporters.metrics.prometheusremotewrite.timeout", "must be above zero");
                 }
@@ -434,6 +456,9 @@ impl Exporters {
             }
             if let Some(loki) = &logs.loki {
                 problems.check_url(&loki.endpoint, "exporters.logs.loki.endpoint");
+                if let Some(tls) = &loki.tls {
+                    tls.validate_http(&loki.endpoint, "exporters.logs.loki.tls", problems);
+                }
                 if loki.timeout.is_zero() {
                     problems.add("exporters.logs.loki.timeout", "must be above zero");
                 }

@@ -146,11 +146,32 @@ pub struct LokiState {
 pub struct LokiSink {
     pub state: Arc<Mutex<LokiState>>,
     pub addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
 }
 
 impl LokiSink {
     /// Serves the sink on a free loopback port from the given runtime.
     pub fn serve(runtime: &tokio::runtime::Runtime) -> LokiSink {
+        LokiSink::serve_with(runtime, None)
+    }
+
+    /// Serves the sink over TLS (tailgate's own TLS listener) with this certificate and key.
+    pub fn serve_tls(
+        runtime: &tokio::runtime::Runtime,
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> LokiSink {
+        let tls = tailgate_config::ServerTls {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            client_ca_file: None,
+        };
+        LokiSink::serve_with(runtime, Some(tls))
+    }
+
+    fn serve_with(runtime: &tokio::runtime::Runtime, tls: Option<tailgate_config::ServerTls>) -> LokiSink {
+        use tailgate_stages::receive::tls;
         let state = Arc::new(Mutex::new(LokiState::default()));
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -158,15 +179,29 @@ impl LokiSink {
             .route("/loki/api/v1/push", post(push))
             .layer(DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
-        runtime.spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        LokiSink { state, addr }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        match tls {
+            None => {
+                runtime.spawn(async move {
+                    axum::serve(listener, app).await.unwrap();
+                });
+            }
+            Some(settings) => {
+                let config = tls::server_config(&settings, &[b"h2", b"http/1.1"]).unwrap();
+                let _guard = runtime.enter();
+                let events = Arc::new(tailgate_stages::events::StageEvents::new(tailgate_ipc::StageId::Export));
+                let listener = tls::TlsListener::new(tls::accept(listener, config, events), addr);
+                runtime.spawn(async move {
+                    axum::serve(listener, app).await.unwrap();
+                });
+            }
+        }
+        LokiSink { state, addr, scheme }
     }
 
     /// The push URL.
     pub fn endpoint(&self) -> String {
-        format!("http://{}/loki/api/v1/push", self.addr)
+        format!("{}://{}/loki/api/v1/push", self.scheme, self.addr)
     }
 
     /// The `exporters.logs` destination (YAML flow mapping) pointing at this sink, with extra

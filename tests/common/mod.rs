@@ -24,6 +24,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 
 pub mod loki;
+pub mod pki;
 pub mod prometheus;
 
 /// A port nobody listens on right now.
@@ -394,6 +395,14 @@ pub fn signal(pid: u32, name: &str) {
     let _ = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status();
 }
 
+/// An HTTP client builder. The build's reqwest has rustls without a built-in crypto provider
+/// (tailgate picks ring explicitly), so a test's own clients need ring installed as the
+/// process default first.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// A plain HTTP/1.1 GET (blocking: usable between waves, inside a client's runtime): status
 /// and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -739,7 +748,7 @@ pub async fn send_in_waves(
 ) {
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
     use prost::Message;
-    let http_client = reqwest::Client::new();
+    let http_client = http_client().build().unwrap();
     // Wave of each span: children 0..k-1 in wave i % 3, root one wave later, last child after it.
     let waves = 5;
     for wave in 0..waves {

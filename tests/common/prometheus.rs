@@ -102,7 +102,7 @@ impl Prometheus {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = spawn_child(dir.path(), addr);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+        let client = super::http_client().timeout(Duration::from_secs(20)).build().unwrap();
         Prometheus { child, dir, addr, runtime, client }
     }
 

@@ -25,6 +25,8 @@ pub struct HttpSetup<'c> {
     pub auth: Option<&'c HttpAuth>,
     /// Deadline of one request (and of connecting).
     pub timeout: Duration,
+    /// TLS settings of an `https://` endpoint.
+    pub tls: Option<&'c tailgate_config::ClientTls>,
 }
 
 impl HttpSetup<'_> {
@@ -61,14 +63,60 @@ impl HttpSetup<'_> {
             header.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, header);
         }
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .tcp_nodelay(true)
-            .build()
-            .map_err(|err| HttpSetupError(err.to_string()))?;
+            .tls_backend_preconfigured(client_tls(self.tls)?);
+        let client = builder.build().map_err(|err| HttpSetupError(err.to_string()))?;
         Ok((client, headers))
     }
+}
+
+/// The TLS of an HTTP exporter, for `https://` endpoints: ring explicitly (no process-wide
+/// provider needed), the CA certificates of `tls.ca_file` or else the system's, and the client
+/// certificate for mutual TLS.
+fn client_tls(tls: Option<&tailgate_config::ClientTls>) -> Result<rustls::ClientConfig, HttpSetupError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|err| HttpSetupError(format!("cannot read TLS {what} {}: {err}", path.display())))
+    };
+    let certs = |path: &std::path::Path, what: &str| {
+        CertificateDer::pem_slice_iter(&read(path, what)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| HttpSetupError(format!("TLS {what} {}: {err}", path.display())))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match tls.and_then(|tls| tls.ca_file.as_deref()) {
+        Some(ca) => {
+            for cert in certs(ca, "CA")? {
+                roots.add(cert).map_err(|err| HttpSetupError(format!("TLS CA {}: {err}", ca.display())))?;
+            }
+        }
+        None => {
+            // Unreadable entries of the system store are skipped, as every TLS client does.
+            let _ignored = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| HttpSetupError(format!("TLS: {err}")))?
+        .with_root_certificates(roots);
+    let identity = tls.and_then(|tls| Some((tls.cert_file.as_deref()?, tls.key_file.as_deref()?)));
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let key = PrivateKeyDer::from_pem_slice(&read(key, "key")?)
+                .map_err(|err| HttpSetupError(format!("TLS key {}: {err}", key.display())))?;
+            builder
+                .with_client_auth_cert(certs(cert, "certificate")?, key)
+                .map_err(|err| HttpSetupError(format!("TLS certificate {}: {err}", cert.display())))?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// A backend's answer to one request.

@@ -40,7 +40,12 @@ impl LokiClient {
     /// A client for the configured endpoint; credentials files are read here, once.
     pub fn new(config: &LokiExporter) -> Result<LokiClient, HttpSetupError> {
         let tenant = config.tenant_id.as_deref().map(|tenant| ("x-scope-orgid", tenant));
-        let setup = HttpSetup { headers: &config.headers, auth: config.auth.as_ref(), timeout: config.timeout };
+        let setup = HttpSetup {
+            headers: &config.headers,
+            auth: config.auth.as_ref(),
+            timeout: config.timeout,
+            tls: config.tls.as_ref(),
+        };
         let (http, headers) = setup.build(tenant)?;
         Ok(LokiClient {
             responses: crate::events::Responses::default(),

@@ -95,7 +95,12 @@ pub fn classify(status: u16, body: &str, after: Option<std::time::Duration>) -> 
 impl RemoteWriteSink {
     /// A sink for the configured endpoint; credentials files are read here, once.
     pub fn new(config: &RemoteWriteExporter) -> Result<RemoteWriteSink, StageError> {
-        let setup = HttpSetup { headers: &config.headers, auth: config.auth.as_ref(), timeout: config.timeout };
+        let setup = HttpSetup {
+            headers: &config.headers,
+            auth: config.auth.as_ref(),
+            timeout: config.timeout,
+            tls: config.tls.as_ref(),
+        };
         let (http, headers) =
             setup.build(None).map_err(|err| StageError::Other(format!("remote write exporter: {err}")))?;
         Ok(RemoteWriteSink {
