@@ -562,6 +562,41 @@ struct Caps<'l> {
     truncated: Truncated,
 }
 
+/// Walks an export request (`R`) of resource groups (`G`) of scope groups (`S`): blocks go to
+/// `resources` / `scopes`, each item to `item` (the item's own fields, or why it alone is
+/// refused, which is counted in `rejected` under its path `names[0][r].names[1][s].names[2][i]`).
+fn transcode_request<'a, R: Message, G: Message, S: Message, T>(
+    request: &'a [u8],
+    names: [&str; 3],
+    resources: &mut Vec<ResourceBlock>,
+    scopes: &mut Vec<ScopeBlock>,
+    items: &mut Vec<T>,
+    rejected: &mut Rejected,
+    item: &mut dyn FnMut(u32, &'a [u8], u32) -> Result<Result<T, Fail>, Fail>,
+) -> Result<(), WireError> {
+    let mut group_index = 0u32;
+    walk::<R, _>(request, 0, &mut |_, value| match value {
+        Val::Bytes(group) => {
+            let at = group_index;
+            group_index = group_index.saturating_add(1);
+            resource_group::<G, S>(group, 1, resources, scopes, &mut |scope, bytes, depth, [s, i]| match item(
+                scope, bytes, depth,
+            )? {
+                Ok(one) => {
+                    items.push(one);
+                    Ok(true)
+                }
+                Err(fail) => {
+                    rejected.add(fail, names, [at, s, i]);
+                    Ok(false)
+                }
+            })
+        }
+        _ => Ok(()),
+    })
+    .map_err(|err| relocate(*err, request))
+}
+
 /// Checks an encoded `ExportTraceServiceRequest` and transcodes it into a span batch: one
 /// resource block per `ResourceSpans` and one scope block per `ScopeSpans` that hold spans,
 /// every span as its received bytes. Spans with invalid ids are left out and counted in
@@ -576,31 +611,15 @@ pub fn transcode_traces(
     let mut rejected = Rejected::default();
     let mut caps = Caps { limits, truncated: Truncated::default() };
     let SpanBatch { resources, scopes, spans, .. } = &mut batch;
-    let mut group_index = 0u32;
-    walk::<schema::TracesRequest, _>(request, 0, &mut |_, value| match value {
-        Val::Bytes(group) => {
-            let at = group_index;
-            group_index = group_index.saturating_add(1);
-            resource_group::<schema::ResourceSpans, schema::ScopeSpans>(
-                group,
-                1,
-                resources,
-                scopes,
-                &mut |scope, span, depth, [s, i]| match span_record(span, depth, scope, &mut caps)? {
-                    Ok(record) => {
-                        spans.push(record);
-                        Ok(true)
-                    }
-                    Err(fail) => {
-                        rejected.add(fail, ["resource_spans", "scope_spans", "spans"], [at, s, i]);
-                        Ok(false)
-                    }
-                },
-            )
-        }
-        _ => Ok(()),
-    })
-    .map_err(|err| relocate(*err, request))?;
+    transcode_request::<schema::TracesRequest, schema::ResourceSpans, schema::ScopeSpans, _>(
+        request,
+        ["resource_spans", "scope_spans", "spans"],
+        resources,
+        scopes,
+        spans,
+        &mut rejected,
+        &mut |scope, span, depth| span_record(span, depth, scope, &mut caps),
+    )?;
     Ok(Transcoded { batch, rejected, truncated: caps.truncated })
 }
 
@@ -617,31 +636,15 @@ pub fn transcode_logs(
     let mut rejected = Rejected::default();
     let mut caps = Caps { limits, truncated: Truncated::default() };
     let LogBatch { resources, scopes, logs, .. } = &mut batch;
-    let mut group_index = 0u32;
-    walk::<schema::LogsRequest, _>(request, 0, &mut |_, value| match value {
-        Val::Bytes(group) => {
-            let at = group_index;
-            group_index = group_index.saturating_add(1);
-            resource_group::<schema::ResourceLogs, schema::ScopeLogs>(
-                group,
-                1,
-                resources,
-                scopes,
-                &mut |scope, record, depth, [s, i]| match log_entry(record, depth, scope, durations, &mut caps)? {
-                    Ok(entry) => {
-                        logs.push(entry);
-                        Ok(true)
-                    }
-                    Err(fail) => {
-                        rejected.add(fail, ["resource_logs", "scope_logs", "log_records"], [at, s, i]);
-                        Ok(false)
-                    }
-                },
-            )
-        }
-        _ => Ok(()),
-    })
-    .map_err(|err| relocate(*err, request))?;
+    transcode_request::<schema::LogsRequest, schema::ResourceLogs, schema::ScopeLogs, _>(
+        request,
+        ["resource_logs", "scope_logs", "log_records"],
+        resources,
+        scopes,
+        logs,
+        &mut rejected,
+        &mut |scope, record, depth| log_entry(record, depth, scope, durations, &mut caps),
+    )?;
     Ok(Transcoded { batch, rejected, truncated: caps.truncated })
 }
 
