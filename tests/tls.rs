@@ -157,3 +157,71 @@ fn the_otlp_exporter_delivers_to_a_mutual_tls_backend() {
     runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(100), |_| {}));
     assert_exact_delivery(&backend, &traces, Duration::from_secs(1), false);
 }
+
+/// Receivers with `auth: { bearer_token_file }`: a client without the token, or with another,
+/// is refused (UNAUTHENTICATED / 401 with `WWW-Authenticate`) and counted; one with it is
+/// served. Neither the receivers' token nor an exporter's appears in the log.
+#[test]
+fn receivers_with_a_bearer_token_refuse_other_clients_and_never_log_it() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    let secrets = tempfile::tempdir().unwrap();
+    let token = "s3cr3t-receiver-token-7f1c";
+    let loki_token = "s3cr3t-loki-token-91ab";
+    std::fs::write(secrets.path().join("token"), format!("{token}\n")).unwrap();
+    std::fs::write(secrets.path().join("loki-token"), loki_token).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let sink = common::loki::LokiSink::serve(&runtime);
+    let auth = format!(", auth: {{ bearer_token_file: \"{}\" }}", secrets.path().join("token").display());
+    let loki_auth = format!("auth: {{ bearer_token_file: \"{}\" }}", secrets.path().join("loki-token").display());
+    let timing = Timing {
+        grpc_extra: auth.clone(),
+        http_extra: auth,
+        logs_destination: Some(sink.destination(&loki_auth)),
+        ..Timing::default()
+    };
+    let tailgate = Tailgate::start(backend_addr, &timing);
+    runtime.block_on(async {
+        let url = format!("http://{}/v1/traces", tailgate.http);
+        let body = trace_request("checkout", TestTrace::new(20, Outcome::Error, 1).spans).encode_to_vec();
+        let http = http_client().build().unwrap();
+        for presented in [None, Some("Bearer wrong"), Some("Basic czNjcjN0")] {
+            let mut request = http.post(&url).header("content-type", "application/x-protobuf").body(body.clone());
+            if let Some(value) = presented {
+                request = request.header("authorization", value);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{presented:?}");
+            assert_eq!(response.headers().get("www-authenticate").unwrap(), "Bearer");
+        }
+        let response = http
+            .post(&url)
+            .header("content-type", "application/x-protobuf")
+            .header("authorization", format!("Bearer {token}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+
+        let mut client = TraceServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
+        let refused = client.export(trace_request("checkout", TestTrace::new(21, Outcome::Error, 1).spans)).await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+        let mut request = tonic::Request::new(trace_request("checkout", TestTrace::new(21, Outcome::Error, 1).spans));
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        client.export(request).await.unwrap();
+    });
+    let delivered: Vec<TestTrace> = [20, 21].iter().map(|n| TestTrace::new(*n, Outcome::Error, 1)).collect();
+    assert_exact_delivery(&backend, &delivered, Duration::from_secs(1), false);
+    let counted = wait_until(Duration::from_secs(10), || {
+        http_get(tailgate.telemetry, "/metrics")
+            .1
+            .contains("tailgate_errors_total{stage=\"receive\",kind=\"unauthenticated\"} 4")
+    });
+    assert!(counted, "refusals counted:\n{}", http_get(tailgate.telemetry, "/metrics").1);
+    let log = std::fs::read_to_string(tailgate.dir.path().join("tailgate.log")).unwrap();
+    assert!(!log.is_empty());
+    for secret in [token, loki_token] {
+        assert!(!log.contains(secret), "a secret appears in the log");
+    }
+}

@@ -319,6 +319,19 @@ pub enum HttpAuth {
     BearerTokenFile(PathBuf),
 }
 
+impl HttpAuth {
+    /// The secret's file must be readable (the receivers read it at start).
+    pub(crate) fn validate(&self, problems: &mut Problems, path: &str) {
+        let (key, file) = match self {
+            HttpAuth::Basic { password_file, .. } => ("basic.password_file", password_file),
+            HttpAuth::BearerTokenFile(file) => ("bearer_token_file", file),
+        };
+        if let Err(err) = std::fs::metadata(file).and_then(|_| std::fs::File::open(file)) {
+            problems.add(&format!("{path}.{key}"), &format!("cannot read {}: {err}", file.display()));
+        }
+    }
+}
+
 /// Label sources of Loki streams.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]

@@ -92,6 +92,11 @@ pub struct GrpcServer {
     /// TLS on this listener (omitted: plain TCP, for loopback).
     #[serde(default)]
     pub tls: Option<ServerTls>,
+    /// Credentials every client must present in `Authorization` (`basic` with username and
+    /// password_file, or `bearer_token_file`); others are refused with UNAUTHENTICATED / 401.
+    /// Use with TLS beyond loopback: the header travels in clear text otherwise.
+    #[serde(default)]
+    pub auth: Option<crate::HttpAuth>,
 }
 
 /// A listener's TLS (the Collector's `tls` server settings): its certificate chain and key, and
@@ -132,6 +137,11 @@ pub struct HttpServer {
     /// TLS on this listener (omitted: plain TCP, for loopback).
     #[serde(default)]
     pub tls: Option<ServerTls>,
+    /// Credentials every client must present in `Authorization` (`basic` with username and
+    /// password_file, or `bearer_token_file`); others are refused with UNAUTHENTICATED / 401.
+    /// Use with TLS beyond loopback: the header travels in clear text otherwise.
+    #[serde(default)]
+    pub auth: Option<crate::HttpAuth>,
 }
 
 fn default_max_message_mib() -> u32 {
@@ -377,6 +387,9 @@ impl Receivers {
                 if let Some(tls) = &grpc.tls {
                     tls.validate(problems, "receivers.otlp.protocols.grpc.tls");
                 }
+                if let Some(auth) = &grpc.auth {
+                    auth.validate(problems, "receivers.otlp.protocols.grpc.auth");
+                }
             }
             if let Some(http) = &protocols.http {
                 problems.check_listen(&http.endpoint, "receivers.otlp.protocols.http.endpoint");
@@ -386,6 +399,9 @@ impl Receivers {
                 );
                 if let Some(tls) = &http.tls {
                     tls.validate(problems, "receivers.otlp.protocols.http.tls");
+                }
+                if let Some(auth) = &http.auth {
+                    auth.validate(problems, "receivers.otlp.protocols.http.auth");
                 }
             }
         }

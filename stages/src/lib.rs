@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod context;
+pub mod credentials;
 pub mod events;
 pub mod export;
 pub mod fault;

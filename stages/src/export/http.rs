@@ -44,19 +44,10 @@ impl HttpSetup<'_> {
         if let Some((name, text)) = extra {
             headers.insert(name, value(text, name)?);
         }
-        let read_secret = |path: &std::path::Path| {
-            std::fs::read_to_string(path)
-                .map(|text| text.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|err| HttpSetupError(format!("cannot read {}: {err}", path.display())))
-        };
         let authorization = match self.auth {
             None => None,
-            Some(HttpAuth::Basic { username, password_file }) => {
-                let token = base64(format!("{username}:{}", read_secret(password_file)?).as_bytes());
-                Some(value(&format!("Basic {token}"), "basic credentials")?)
-            }
-            Some(HttpAuth::BearerTokenFile(path)) => {
-                Some(value(&format!("Bearer {}", read_secret(path)?), "the bearer token")?)
+            Some(auth) => {
+                Some(value(&crate::credentials::authorization(auth).map_err(HttpSetupError)?, "the credentials")?)
             }
         };
         if let Some(mut header) = authorization {
@@ -161,36 +152,4 @@ pub fn snappy(bytes: &[u8]) -> Result<Vec<u8>, Attempt> {
     snap::raw::Encoder::new()
         .compress_vec(bytes)
         .map_err(|err| Attempt::Refused { reason: "encoding", message: err.to_string() })
-}
-
-/// Standard base64 with padding (for basic auth).
-fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let word = (u32::from(bytes[0]) << 16) | (u32::from(bytes[1]) << 8) | u32::from(bytes[2]);
-        for index in 0..4 {
-            if index <= chunk.len() {
-                out.push(ALPHABET[((word >> (18 - 6 * index)) & 0x3f) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, expected) in
-            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")]
-        {
-            assert_eq!(base64(input.as_bytes()), expected);
-        }
-    }
 }

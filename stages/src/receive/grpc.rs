@@ -58,13 +58,21 @@ impl GrpcSignal for Metrics {
 pub struct OtlpGrpcService<S> {
     intake: Intake,
     max_message_bytes: usize,
+    /// The `Authorization` value clients must send, when the receiver has `auth`.
+    expected_authorization: Option<std::sync::Arc<str>>,
     signal: PhantomData<S>,
 }
 
 impl<S> OtlpGrpcService<S> {
     /// A service feeding `intake`, refusing messages above `max_message_bytes`.
     pub fn new(intake: Intake, max_message_bytes: usize) -> Self {
-        OtlpGrpcService { intake, max_message_bytes, signal: PhantomData }
+        OtlpGrpcService { intake, max_message_bytes, expected_authorization: None, signal: PhantomData }
+    }
+
+    /// Refuses calls whose `authorization` metadata is not exactly `expected` (UNAUTHENTICATED).
+    pub fn with_authorization(mut self, expected: Option<std::sync::Arc<str>>) -> Self {
+        self.expected_authorization = expected;
+        self
     }
 }
 
@@ -168,6 +176,16 @@ where
             return Box::pin(async move {
                 Ok(Status::unimplemented(format!("unknown method {}", request.uri().path())).into_http())
             });
+        }
+        if let Some(expected) = &self.expected_authorization {
+            let presented = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+            if !presented.is_some_and(|presented| crate::credentials::matches(presented, expected.as_bytes())) {
+                let intake = self.intake.clone();
+                return Box::pin(async move {
+                    intake.refused_unauthenticated();
+                    Ok(Status::unauthenticated("missing or wrong credentials").into_http())
+                });
+            }
         }
         Box::pin(async move {
             // Requests may be gzip-compressed; responses are a few bytes and go uncompressed (a

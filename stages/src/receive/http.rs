@@ -23,6 +23,8 @@ use crate::otlp_wire::{self, Signal};
 struct HttpState {
     intake: Intake,
     max_body_bytes: usize,
+    /// The `Authorization` value clients must send, when the receiver has `auth`.
+    expected_authorization: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +34,8 @@ enum Encoding {
 }
 
 /// The OTLP/HTTP routes.
-pub fn router(intake: Intake, max_body_bytes: usize) -> Router {
-    let state = HttpState { intake, max_body_bytes };
+pub fn router(intake: Intake, max_body_bytes: usize, expected_authorization: Option<std::sync::Arc<str>>) -> Router {
+    let state = HttpState { intake, max_body_bytes, expected_authorization };
     Router::new()
         .route("/v1/traces", post(|s, h, b| handle(s, h, b, Signal::Traces)))
         .route("/v1/logs", post(|s, h, b| handle(s, h, b, Signal::Logs)))
@@ -56,6 +58,16 @@ async fn handle(
             return error(Encoding::Protobuf, StatusCode::UNSUPPORTED_MEDIA_TYPE, 3, message);
         }
     };
+    if let Some(expected) = &state.expected_authorization {
+        let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if !presented.is_some_and(|presented| crate::credentials::matches(presented, expected.as_bytes())) {
+            state.intake.refused_unauthenticated();
+            let mut response = error(encoding, StatusCode::UNAUTHORIZED, 16, "missing or wrong credentials");
+            let scheme = if expected.starts_with("Basic ") { "Basic realm=\"tailgate\"" } else { "Bearer" };
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+            return response;
+        }
+    }
     // Over the limit as sent (or cut off): answered with a Status body like every other error.
     let body = match body {
         Ok(body) => body,

@@ -236,6 +236,11 @@ impl Intake {
 }
 
 impl Intake {
+    /// Counts a request refused for missing or wrong credentials.
+    pub fn refused_unauthenticated(&self) {
+        self.events.error("unauthenticated");
+    }
+
     /// Counts what the caps cut (`tailgate_errors_total{stage="receive",kind=...}`). Counted
     /// when cut, whether or not the request is then committed: a refused request is sent again
     /// and cut again, so the counts say how often clients exceed the caps.

@@ -45,10 +45,15 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         let listener = bind(&grpc.endpoint).await?;
         let max = grpc.max_recv_msg_size_mib as usize * MIB;
         let mut shutdown = ctx.shutdown.clone();
+        let expected = expected_authorization(grpc.auth.as_ref())?;
         let router = tonic::transport::Server::builder()
-            .add_service(grpc::OtlpGrpcService::<grpc::Traces>::new(intake.clone(), max))
-            .add_service(grpc::OtlpGrpcService::<grpc::Logs>::new(intake.clone(), max))
-            .add_service(grpc::OtlpGrpcService::<grpc::Metrics>::new(intake.clone(), max));
+            .add_service(
+                grpc::OtlpGrpcService::<grpc::Traces>::new(intake.clone(), max).with_authorization(expected.clone()),
+            )
+            .add_service(
+                grpc::OtlpGrpcService::<grpc::Logs>::new(intake.clone(), max).with_authorization(expected.clone()),
+            )
+            .add_service(grpc::OtlpGrpcService::<grpc::Metrics>::new(intake.clone(), max).with_authorization(expected));
         let tls = grpc.tls.as_ref().map(|tls| tls::server_config(tls, &[b"h2"])).transpose()?;
         tracing::info!(endpoint = %grpc.endpoint, tls = tls.is_some(), "otlp grpc receiver listening");
         let stop = async move {
@@ -80,7 +85,8 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     }
     if let Some(http) = http {
         let listener = bind(&http.endpoint).await?;
-        let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB);
+        let expected = expected_authorization(http.auth.as_ref())?;
+        let app = http::router(intake.clone(), http.max_request_body_size_mib as usize * MIB, expected);
         let mut shutdown = ctx.shutdown.clone();
         let stop = async move {
             let _closed = shutdown.wait_for(|stop| *stop).await;
@@ -148,6 +154,12 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
     while servers.join_next().await.is_some() {}
     ctx.events.log_summary();
     outcome
+}
+
+/// The `Authorization` value a receiver with `auth` requires (its secret read now, once).
+fn expected_authorization(auth: Option<&tailgate_config::HttpAuth>) -> Result<Option<std::sync::Arc<str>>, StageError> {
+    auth.map(|auth| crate::credentials::authorization(auth).map(std::sync::Arc::from).map_err(StageError::Other))
+        .transpose()
 }
 
 async fn bind(endpoint: &str) -> Result<TcpListener, StageError> {
