@@ -227,6 +227,9 @@ supervisor:
             None => wait_until(Duration::from_secs(20), listening),
         };
         assert!(up, "tailgate did not open its OTLP ports");
+        // Receive listening says nothing about the stages forked after it: tests that compare
+        // stage pids before and after need all five. (Best effort: a test may keep one down.)
+        wait_until(Duration::from_secs(10), || stage_pids(tailgate.pid()).len() == 5);
         tailgate
     }
 
