@@ -405,3 +405,62 @@ fn a_span_with_100k_attributes_is_cut_to_the_cap() {
     });
     assert!(counted, "the cut is counted:\n{}", http_get(tailgate.telemetry, "/metrics").1);
 }
+
+/// Log records refused alone: a record whose span id has the wrong length is counted in
+/// `rejected_log_records` with its path, over gRPC and OTLP/HTTP JSON; its neighbours are taken.
+#[test]
+fn a_log_record_with_a_bad_id_is_refused_alone() {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (_backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let record = |line: &str, span_id: Vec<u8>| LogRecord {
+        time_unix_nano: 1_700_000_000_000_000_000,
+        severity_number: 17,
+        body: Some(AnyValue { value: Some(any_value::Value::StringValue(line.into())) }),
+        span_id,
+        ..Default::default()
+    };
+    let request = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![
+                    record("fine", Vec::new()),
+                    record("bad id", vec![1; 7]),
+                    record("fine too", vec![2; 8]),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let expected = "1 log records rejected; the first: resource_logs[0].scope_logs[0].log_records[1].span_id: must be empty or 8 bytes, got 7";
+    runtime.block_on(async {
+        let mut client = LogsServiceClient::connect(format!("http://{}", tailgate.grpc)).await.unwrap();
+        let partial = client.export(request.clone()).await.unwrap().into_inner().partial_success.unwrap();
+        assert_eq!((partial.rejected_log_records, partial.error_message.as_str()), (1, expected));
+        let response = http_client()
+            .build()
+            .unwrap()
+            .post(format!("http://{}/v1/logs", tailgate.http))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&request).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["partialSuccess"]["rejectedLogRecords"], "1");
+        assert_eq!(body["partialSuccess"]["errorMessage"], expected);
+    });
+    let taken = wait_until(Duration::from_secs(10), || {
+        http_get(tailgate.telemetry, "/metrics")
+            .1
+            .lines()
+            .any(|l| l == "tailgate_items_received_total{stage=\"receive\"} 4")
+    });
+    assert!(taken, "the two good records of each request are taken:\n{}", http_get(tailgate.telemetry, "/metrics").1);
+}
