@@ -20,6 +20,13 @@ pub fn authorization(auth: &HttpAuth) -> Result<String, String> {
     })
 }
 
+/// Whether a request carries the `Authorization` a receiver requires (always, when it requires
+/// none).
+pub fn authorized(headers: &http::HeaderMap, expected: Option<&str>) -> bool {
+    let Some(expected) = expected else { return true };
+    headers.get(http::header::AUTHORIZATION).is_some_and(|presented| matches(presented.as_bytes(), expected.as_bytes()))
+}
+
 /// Whether `presented` equals `expected`, in time that does not depend on where they differ.
 pub fn matches(presented: &[u8], expected: &[u8]) -> bool {
     presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0

@@ -23,6 +23,7 @@ pub mod otlp_wire;
 pub mod receive;
 pub mod spanmetrics;
 pub mod tail_sample;
+pub mod tls_files;
 
 pub use context::{StageContext, StageError};
 

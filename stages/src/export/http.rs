@@ -68,28 +68,16 @@ impl HttpSetup<'_> {
 /// provider needed), the CA certificates of `tls.ca_file` or else the system's, and the client
 /// certificate for mutual TLS.
 fn client_tls(tls: Option<&tailgate_config::ClientTls>) -> Result<rustls::ClientConfig, HttpSetupError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map_err(|err| HttpSetupError(format!("cannot read TLS {what} {}: {err}", path.display())))
-    };
-    let certs = |path: &std::path::Path, what: &str| {
-        CertificateDer::pem_slice_iter(&read(path, what)?)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| HttpSetupError(format!("TLS {what} {}: {err}", path.display())))
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match tls.and_then(|tls| tls.ca_file.as_deref()) {
-        Some(ca) => {
-            for cert in certs(ca, "CA")? {
-                roots.add(cert).map_err(|err| HttpSetupError(format!("TLS CA {}: {err}", ca.display())))?;
-            }
-        }
+    use crate::tls_files;
+    let roots = match tls.and_then(|tls| tls.ca_file.as_deref()) {
+        Some(ca) => tls_files::roots(ca, "CA").map_err(HttpSetupError)?,
         None => {
             // Unreadable entries of the system store are skipped, as every TLS client does.
+            let mut roots = rustls::RootCertStore::empty();
             let _ignored = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            roots
         }
-    }
+    };
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -99,11 +87,11 @@ fn client_tls(tls: Option<&tailgate_config::ClientTls>) -> Result<rustls::Client
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let key = PrivateKeyDer::from_pem_slice(&read(key, "key")?)
-                .map_err(|err| HttpSetupError(format!("TLS key {}: {err}", key.display())))?;
+            let chain = tls_files::certificates(cert, "certificate").map_err(HttpSetupError)?;
+            let key = tls_files::private_key(key).map_err(HttpSetupError)?;
             builder
-                .with_client_auth_cert(certs(cert, "certificate")?, key)
-                .map_err(|err| HttpSetupError(format!("TLS certificate {}: {err}", cert.display())))?
+                .with_client_auth_cert(chain, key)
+                .map_err(|err| HttpSetupError(tls_files::bad("certificate", cert, err)))?
         }
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -47,10 +47,8 @@ pub enum SendOutcome {
 /// TLS of an `https://` endpoint: the configured CA (else the system's), the client
 /// certificate for mutual TLS, the expected server name.
 fn client_tls(tls: Option<&tailgate_config::ClientTls>) -> Result<tonic::transport::ClientTlsConfig, String> {
+    use crate::tls_files::read;
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map_err(|err| format!("cannot read TLS {what} {}: {err}", path.display()))
-    };
     let Some(tls) = tls else { return Ok(ClientTlsConfig::new().with_native_roots()) };
     let mut config = match &tls.ca_file {
         Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA")?)),

@@ -177,15 +177,12 @@ where
                 Ok(Status::unimplemented(format!("unknown method {}", request.uri().path())).into_http())
             });
         }
-        if let Some(expected) = &self.expected_authorization {
-            let presented = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-            if !presented.is_some_and(|presented| crate::credentials::matches(presented, expected.as_bytes())) {
-                let intake = self.intake.clone();
-                return Box::pin(async move {
-                    intake.refused_unauthenticated();
-                    Ok(Status::unauthenticated("missing or wrong credentials").into_http())
-                });
-            }
+        if !crate::credentials::authorized(request.headers(), self.expected_authorization.as_deref()) {
+            let intake = self.intake.clone();
+            return Box::pin(async move {
+                intake.refused_unauthenticated();
+                Ok(Status::unauthenticated("missing or wrong credentials").into_http())
+            });
         }
         Box::pin(async move {
             // Requests may be gzip-compressed; responses are a few bytes and go uncompressed (a

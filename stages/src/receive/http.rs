@@ -58,15 +58,14 @@ async fn handle(
             return error(Encoding::Protobuf, StatusCode::UNSUPPORTED_MEDIA_TYPE, 3, message);
         }
     };
-    if let Some(expected) = &state.expected_authorization {
-        let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-        if !presented.is_some_and(|presented| crate::credentials::matches(presented, expected.as_bytes())) {
-            state.intake.refused_unauthenticated();
-            let mut response = error(encoding, StatusCode::UNAUTHORIZED, 16, "missing or wrong credentials");
-            let scheme = if expected.starts_with("Basic ") { "Basic realm=\"tailgate\"" } else { "Bearer" };
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
-            return response;
-        }
+    let expected = state.expected_authorization.as_deref();
+    if !crate::credentials::authorized(&headers, expected) {
+        state.intake.refused_unauthenticated();
+        let mut response = error(encoding, StatusCode::UNAUTHORIZED, 16, "missing or wrong credentials");
+        let basic = expected.is_some_and(|expected| expected.starts_with("Basic "));
+        let scheme = if basic { "Basic realm=\"tailgate\"" } else { "Bearer" };
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+        return response;
     }
     // Over the limit as sent (or cut off): answered with a Status body like every other error.
     let body = match body {

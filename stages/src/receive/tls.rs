@@ -9,14 +9,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tailgate_config::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::StageError;
 use crate::events::StageEvents;
+use crate::tls_files;
 
 /// Handshakes in flight per listener.
 pub const MAX_HANDSHAKES: usize = 256;
@@ -33,23 +31,10 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// How long a client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, StageError> {
-    std::fs::read(path).map_err(|err| StageError::Other(format!("cannot read TLS {what} {}: {err}", path.display())))
-}
-
 /// The server configuration for `tls`, offering `alpn` protocols.
 pub fn server_config(tls: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, StageError> {
-    let bad = |what: &str, path: &Path, err: &dyn std::fmt::Display| {
-        StageError::Other(format!("TLS {what} {}: {err}", path.display()))
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read_pem(&tls.cert_file, "certificate")?)
-        .collect::<Result<_, _>>()
-        .map_err(|err| bad("certificate", &tls.cert_file, &err))?;
-    if chain.is_empty() {
-        return Err(bad("certificate", &tls.cert_file, &"no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&read_pem(&tls.key_file, "key")?)
-        .map_err(|err| bad("key", &tls.key_file, &err))?;
+    let chain = tls_files::certificates(&tls.cert_file, "certificate").map_err(StageError::Other)?;
+    let key = tls_files::private_key(&tls.key_file).map_err(StageError::Other)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -57,19 +42,16 @@ pub fn server_config(tls: &ServerTls, alpn: &[&[u8]]) -> Result<Arc<rustls::Serv
     let builder = match &tls.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&read_pem(path, "client CA")?) {
-                let cert = cert.map_err(|err| bad("client CA", path, &err))?;
-                roots.add(cert).map_err(|err| bad("client CA", path, &err))?;
-            }
+            let roots = tls_files::roots(path, "client CA").map_err(StageError::Other)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|err| bad("client CA", path, &err))?;
+                .map_err(|err| StageError::Other(tls_files::bad("client CA", path, err)))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config =
-        builder.with_single_cert(chain, key).map_err(|err| bad("certificate and key", &tls.cert_file, &err))?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|err| StageError::Other(tls_files::bad("certificate and key", &tls.cert_file, err)))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
