@@ -8,7 +8,8 @@
 #     cuts a link between two network namespaces it creates; it and the full-filesystem test
 #     (a tmpfs mount) need root, as CI runs them;
 #   - cargo-nextest, if missing.
-# Extra arguments go to `cargo nextest run`.
+# Then every test (extra arguments go to `cargo nextest run`), then the fuzz targets for a bounded
+# time each (tests/fuzz/run.sh; TAILGATE_FUZZ_SECONDS per target, default 30, 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,4 +39,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-exec cargo nextest run --workspace --all-targets "$@"
+cargo nextest run --workspace --all-targets "$@"
+
+fuzz_seconds=${TAILGATE_FUZZ_SECONDS:-30}
+if [ "$fuzz_seconds" -gt 0 ]; then
+  tests/fuzz/run.sh "$fuzz_seconds"
+fi

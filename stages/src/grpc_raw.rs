@@ -1,7 +1,10 @@
 //! A tonic codec that moves protobuf messages as raw bytes, so receive can walk the wire bytes
 //! itself and export can send bytes it assembled from the queue, with no prost decode.
 
+use std::time::Duration;
+
 use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -51,50 +54,118 @@ impl Decoder for RawDecoder {
     }
 }
 
+/// `google.rpc.Status` (`google/rpc/status.proto`): the gRPC error model's rich status, carried
+/// in the `grpc-status-details-bin` trailer and as the OTLP/HTTP error body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    /// A `google.rpc.Code`.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    /// The developer-facing message.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// `google.protobuf.Any` details.
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<AnyDetail>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AnyDetail {
+    /// The type of `value`, e.g. [`RETRY_INFO_TYPE`].
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    /// The encoded message.
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo` (`google/rpc/error_details.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetryInfo {
+    /// How long the client should wait before retrying.
+    #[prost(message, optional, tag = "1")]
+    pub retry_delay: Option<ProtoDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProtoDuration {
+    /// Whole seconds.
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    /// Fraction of a second, nanoseconds.
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+/// The `type_url` of a `google.rpc.RetryInfo` detail.
+pub const RETRY_INFO_TYPE: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
 /// Encodes a `google.rpc.Status` carrying a `google.rpc.RetryInfo` detail, for the
 /// `grpc-status-details-bin` trailer of a RESOURCE_EXHAUSTED answer (OTLP clients retry such an
 /// answer only when RetryInfo is present).
 pub fn status_with_retry_info(code: i32, message: &str, retry_after_secs: i64) -> Bytes {
-    // RetryInfo { retry_delay: Duration { seconds } }
-    let mut duration = Vec::new();
-    put_varint_field(&mut duration, 1, retry_after_secs as u64);
-    let mut retry_info = Vec::new();
-    put_bytes_field(&mut retry_info, 1, &duration);
-    // Any { type_url, value }
-    let mut any = Vec::new();
-    put_bytes_field(&mut any, 1, b"type.googleapis.com/google.rpc.RetryInfo");
-    put_bytes_field(&mut any, 2, &retry_info);
-    // Status { code, message, details }
-    let mut status = Vec::new();
-    put_varint_field(&mut status, 1, code as u64);
-    put_bytes_field(&mut status, 2, message.as_bytes());
-    put_bytes_field(&mut status, 3, &any);
-    Bytes::from(status)
+    let retry_info = RetryInfo { retry_delay: Some(ProtoDuration { seconds: retry_after_secs, nanos: 0 }) };
+    let detail = AnyDetail { type_url: RETRY_INFO_TYPE.to_owned(), value: retry_info.encode_to_vec() };
+    Bytes::from(RpcStatus { code, message: message.to_owned(), details: vec![detail] }.encode_to_vec())
 }
 
 /// Encodes a plain `google.rpc.Status { code, message }` (the OTLP/HTTP protobuf error body).
 pub fn status_body(code: i32, message: &str) -> Vec<u8> {
-    let mut status = Vec::new();
-    put_varint_field(&mut status, 1, code as u64);
-    put_bytes_field(&mut status, 2, message.as_bytes());
-    status
+    RpcStatus { code, message: message.to_owned(), details: Vec::new() }.encode_to_vec()
 }
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
+/// The retry delay a server asked for in the `google.rpc.Status` of its error answer (the
+/// `grpc-status-details-bin` trailer, or an OTLP/HTTP error body): the first `RetryInfo` detail's
+/// `retry_delay`. `None` when the bytes are not a status, carry no `RetryInfo`, or the delay is
+/// negative or malformed; a `RetryInfo` without a delay means "retry, at your own pace" (zero).
+pub fn retry_delay(status: &[u8]) -> Option<Duration> {
+    let status = RpcStatus::decode(status).ok()?;
+    let detail = status.details.iter().find(|detail| detail.type_url == RETRY_INFO_TYPE)?;
+    let info = RetryInfo::decode(detail.value.as_slice()).ok()?;
+    let Some(delay) = info.retry_delay else { return Some(Duration::ZERO) };
+    let seconds = u64::try_from(delay.seconds).ok()?;
+    let nanos = u32::try_from(delay.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    Some(Duration::new(seconds, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_read_from_a_status_with_retry_info() {
+        assert_eq!(retry_delay(&status_with_retry_info(8, "slow down", 3)), Some(Duration::from_secs(3)));
+        let fraction = RetryInfo { retry_delay: Some(ProtoDuration { seconds: 1, nanos: 500_000_000 }) };
+        let other = AnyDetail { type_url: "type.googleapis.com/google.rpc.DebugInfo".into(), value: vec![1, 2] };
+        let status = RpcStatus {
+            code: 14,
+            message: String::new(),
+            details: vec![other, AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: fraction.encode_to_vec() }],
+        };
+        assert_eq!(retry_delay(&status.encode_to_vec()), Some(Duration::from_millis(1500)));
+        // RetryInfo without a delay: retry, no wait asked for.
+        let bare = RpcStatus {
+            code: 8,
+            message: String::new(),
+            details: vec![AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: Vec::new() }],
+        };
+        assert_eq!(retry_delay(&bare.encode_to_vec()), Some(Duration::ZERO));
     }
-    out.push(value as u8);
-}
 
-fn put_varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
-    put_varint(out, u64::from(field) << 3);
-    put_varint(out, value);
-}
-
-fn put_bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    put_varint(out, (u64::from(field) << 3) | 2);
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
+    #[test]
+    fn no_retry_delay_without_a_valid_retry_info() {
+        assert_eq!(retry_delay(&status_body(8, "too big")), None);
+        assert_eq!(retry_delay(b"x"), None);
+        for (seconds, nanos) in [(-1, 0), (1, -1), (1, 1_000_000_000)] {
+            let info = RetryInfo { retry_delay: Some(ProtoDuration { seconds, nanos }) };
+            let status = RpcStatus {
+                code: 8,
+                message: String::new(),
+                details: vec![AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: info.encode_to_vec() }],
+            };
+            assert_eq!(retry_delay(&status.encode_to_vec()), None, "{seconds} {nanos}");
+        }
+    }
 }

@@ -128,11 +128,22 @@ pub async fn send(request: reqwest::RequestBuilder, responses: &Responses) -> Re
     let after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|value| retry_after(value.as_bytes(), std::time::SystemTime::now()));
     let body = if (200..300).contains(&status) { String::new() } else { response.text().await.unwrap_or_default() };
     Ok(Answer { status, after, body })
+}
+
+/// The wait a `Retry-After` header asks for (RFC 9110 section 10.2.3): delay-seconds or an
+/// HTTP-date, which counts from `now` (a date in the past: retry at once). `None` for a value
+/// that is neither.
+pub fn retry_after(value: &[u8], now: std::time::SystemTime) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is still "a very long time".
+        return Some(Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Snappy's block format (what Loki and remote write take), or a refusal to send.
@@ -140,4 +151,26 @@ pub fn snappy(bytes: &[u8]) -> Result<Vec<u8>, Attempt> {
     snap::raw::Encoder::new()
         .compress_vec(bytes)
         .map_err(|err| Attempt::Refused { reason: "encoding", message: err.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::retry_after;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        // 2015-10-21T07:28:00Z, the RFC's example date.
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(retry_after(b"120", now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(b" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
+        // A date already past: at once.
+        assert_eq!(retry_after(b"Wed, 21 Oct 2015 07:27:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(retry_after(b"99999999999999999999999", now), Some(Duration::from_secs(u64::MAX)));
+        for bad in [&b""[..], b"-5", b"1.5", b"soon", b"\xff\xfe"] {
+            assert_eq!(retry_after(bad, SystemTime::now()), None, "{bad:?}");
+        }
+    }
 }

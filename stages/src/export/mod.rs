@@ -411,7 +411,7 @@ async fn deliver_otlp(
             }
             SendOutcome::Permanent(message) => Attempt::Refused { reason: "permanent_error", message },
             SendOutcome::Failed(message) => Attempt::Failed { message },
-            SendOutcome::Retryable(message) => Attempt::Retry { message, after: None },
+            SendOutcome::Retryable(message, after) => Attempt::Retry { message, after },
         }
     })
     .await;
@@ -457,7 +457,7 @@ async fn replay_dead_letters(
                 delivered.push(letter.key.clone());
             }
             SendOutcome::Permanent(_) | SendOutcome::Failed(_) => kept += u64::from(letter.items),
-            SendOutcome::Retryable(message) => {
+            SendOutcome::Retryable(message, _) => {
                 tracing::warn!(consumer = consumer.as_str(), %message, "dead-letter replay stopped: destination unavailable");
                 break;
             }

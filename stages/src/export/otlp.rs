@@ -22,7 +22,7 @@ use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::grpc_raw::RawCodec;
+use crate::grpc_raw::{RawCodec, retry_delay};
 use crate::otlp_wire::{self, Signal};
 
 /// The result of one attempt.
@@ -35,8 +35,9 @@ pub enum SendOutcome {
         /// Its explanation, if any.
         message: String,
     },
-    /// Worth another attempt later (unavailable, deadline, throttled...).
-    Retryable(String),
+    /// Worth another attempt later (unavailable, deadline, throttled...), after the delay the
+    /// server asked for in a `RetryInfo`, if it did.
+    Retryable(String, Option<Duration>),
     /// The backend answered with an error that may come from this request's content
     /// (INTERNAL, UNKNOWN, DATA_LOSS answered by the server, not by the transport).
     Failed(String),
@@ -135,7 +136,7 @@ impl OtlpClient {
     pub async fn send(&mut self, request: Bytes) -> SendOutcome {
         let outcome = self.send_once(request).await;
         self.responses.record(&outcome.code());
-        if matches!(&outcome, SendOutcome::Retryable(_)) {
+        if matches!(&outcome, SendOutcome::Retryable(..)) {
             self.reconnect();
         }
         outcome
@@ -150,7 +151,7 @@ impl OtlpClient {
         grpc = grpc.accept_compressed(CompressionEncoding::Gzip);
         let attempt = async {
             if let Err(err) = grpc.ready().await {
-                return SendOutcome::Retryable(format!("connect: {err}"));
+                return SendOutcome::Retryable(format!("connect: {err}"), None);
             }
             let mut request = tonic::Request::new(request);
             request.set_timeout(timeout);
@@ -166,7 +167,7 @@ impl OtlpClient {
         // The grpc-timeout header tells the server; this bounds the wait here (connect included).
         match tokio::time::timeout(timeout + Duration::from_millis(100), attempt).await {
             Ok(outcome) => outcome,
-            Err(_) => SendOutcome::Retryable(format!("DeadlineExceeded: no answer within {timeout:?}")),
+            Err(_) => SendOutcome::Retryable(format!("DeadlineExceeded: no answer within {timeout:?}"), None),
         }
     }
 }
@@ -273,7 +274,7 @@ impl SendOutcome {
     pub fn code(&self) -> String {
         let message = match self {
             SendOutcome::Accepted { .. } => return "ok".to_string(),
-            SendOutcome::Retryable(m) | SendOutcome::Failed(m) | SendOutcome::Permanent(m) => m,
+            SendOutcome::Retryable(m, _) | SendOutcome::Failed(m) | SendOutcome::Permanent(m) => m,
         };
         // Every message here starts with its code (`Unavailable: ...`, `connect: ...`).
         let name = message.split(':').next().unwrap_or("unknown");
@@ -298,6 +299,8 @@ impl SendOutcome {
 /// - RESOURCE_EXHAUSTED is final only without RetryInfo (a size or quota refusal: grpc-go's
 ///   answer to a message over its limit), as is OUT_OF_RANGE (tonic's); the caller splits the
 ///   request rather than dropping it;
+/// - a `RetryInfo` delay in the answer's details (`grpc-status-details-bin`) is honoured: the next
+///   attempt waits at least that long (within the exporters' 30 s cap on any one wait);
 /// - INTERNAL, UNKNOWN and DATA_LOSS that the server itself answered (no transport error behind
 ///   them) may be caused by the request's content: [`SendOutcome::Failed`].
 pub fn classify(status: &tonic::Status) -> SendOutcome {
@@ -310,9 +313,12 @@ pub fn classify(status: &tonic::Status) -> SendOutcome {
         | Code::FailedPrecondition
         | Code::OutOfRange
         | Code::Unimplemented => SendOutcome::Permanent(message),
-        Code::ResourceExhausted if status.details().is_empty() => SendOutcome::Permanent(message),
+        Code::ResourceExhausted => match retry_delay(status.details()) {
+            Some(after) => SendOutcome::Retryable(message, Some(after)),
+            None => SendOutcome::Permanent(message),
+        },
         Code::Internal | Code::Unknown | Code::DataLoss if from_server => SendOutcome::Failed(message),
-        _ => SendOutcome::Retryable(message),
+        _ => SendOutcome::Retryable(message, retry_delay(status.details())),
     }
 }
 
@@ -325,14 +331,17 @@ mod tests {
         assert_eq!(SendOutcome::Accepted { rejected: 0, message: String::new() }.code(), "ok");
         assert_eq!(classify(&tonic::Status::new(Code::Unavailable, "down")).code(), "unavailable");
         assert_eq!(classify(&tonic::Status::new(Code::ResourceExhausted, "big")).code(), "resource_exhausted");
-        assert_eq!(SendOutcome::Retryable("DeadlineExceeded: no answer within 10s".into()).code(), "deadline_exceeded");
-        assert_eq!(SendOutcome::Retryable("connect: refused".into()).code(), "connect");
+        assert_eq!(
+            SendOutcome::Retryable("DeadlineExceeded: no answer within 10s".into(), None).code(),
+            "deadline_exceeded"
+        );
+        assert_eq!(SendOutcome::Retryable("connect: refused".into(), None).code(), "connect");
     }
 
     #[test]
     fn transport_failures_and_auth_problems_are_retried() {
         for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Unauthenticated] {
-            assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Retryable(_)), "{code:?}");
+            assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Retryable(..)), "{code:?}");
         }
         // Answered by the server: possibly the content's fault.
         for code in [Code::Unknown, Code::Internal, Code::DataLoss] {
@@ -340,12 +349,16 @@ mod tests {
         }
         // The same codes from a broken transport are an outage.
         let cut = tonic::Status::from_error(Box::new(std::io::Error::other("connection reset")));
-        assert!(matches!(classify(&cut), SendOutcome::Retryable(_)), "{cut:?}");
+        assert!(matches!(classify(&cut), SendOutcome::Retryable(..)), "{cut:?}");
         for code in [Code::InvalidArgument, Code::Unimplemented, Code::ResourceExhausted, Code::OutOfRange] {
             assert!(matches!(classify(&tonic::Status::new(code, "x")), SendOutcome::Permanent(_)), "{code:?}");
         }
-        let throttled =
-            tonic::Status::with_details(Code::ResourceExhausted, "slow down", bytes::Bytes::from_static(b"x"));
-        assert!(matches!(classify(&throttled), SendOutcome::Retryable(_)));
+        // Throttling: RESOURCE_EXHAUSTED with RetryInfo is retried after the delay it names.
+        let details = crate::grpc_raw::status_with_retry_info(Code::ResourceExhausted as i32, "slow down", 7);
+        let throttled = tonic::Status::with_details(Code::ResourceExhausted, "slow down", details);
+        assert!(matches!(classify(&throttled), SendOutcome::Retryable(_, Some(d)) if d == Duration::from_secs(7)));
+        // Details that are not a RetryInfo do not make a quota refusal retryable.
+        let other = tonic::Status::with_details(Code::ResourceExhausted, "too big", bytes::Bytes::from_static(b"x"));
+        assert!(matches!(classify(&other), SendOutcome::Permanent(_)), "{other:?}");
     }
 }

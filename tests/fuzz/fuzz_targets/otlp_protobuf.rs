@@ -1,0 +1,4 @@
+//! libFuzzer entry point for [`tailgate_fuzz::otlp_protobuf`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tailgate_fuzz::otlp_protobuf(data));
