@@ -242,6 +242,31 @@ fn span_metrics_count_every_span_sent_kept_or_dropped() {
     assert_exact_delivery(&backend, &traces, Duration::from_secs(1), true);
 }
 
+/// Remote write over mutual TLS to a Prometheus that serves only TLS and requires a client
+/// certificate (`--web.config.file` with `tls_server_config`): with `tls.ca_file`, `cert_file`
+/// and `key_file` the span metrics arrive, exact.
+#[test]
+fn span_metrics_reach_a_prometheus_that_requires_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    common::pki::pki(certs.path());
+    let prometheus = Prometheus::start_tls(certs.path());
+    assert!(prometheus.write_url().starts_with("https://"));
+    let runtime = runtime();
+    let (_backend, backend_addr) = Backend::serve(&runtime);
+    let tls = format!(
+        "tls: {{ ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\" }}",
+        certs.path().join("ca.pem").display(),
+        certs.path().join("client.pem").display(),
+        certs.path().join("client.key").display()
+    );
+    let tailgate = start(backend_addr, &prometheus, &tls);
+    let traces = fresh_traces(12);
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(300), |_| {}));
+    let total = span_count(&traces);
+    wait_for_sum(&prometheus, &tailgate, CALLS, total, Duration::from_secs(120));
+    assert_span_metrics_exact(&prometheus, &tailgate, &traces);
+}
+
 #[test]
 fn every_exemplar_points_at_a_trace_the_sink_received() {
     let prometheus = Prometheus::start();

@@ -134,9 +134,6 @@ fn the_otlp_exporter_delivers_to_a_mutual_tls_backend() {
     let server_cert = std::fs::read_to_string(certs.path().join("server.pem")).unwrap();
     let server_key = std::fs::read_to_string(certs.path().join("server.key")).unwrap();
     let (backend, backend_addr) = Backend::serve_tls(&runtime, (&server_cert, &server_key), Some(&pki.ca));
-    let (client_cert, client_key) = pki.client.split_at(pki.client.find("-----BEGIN PRIVATE KEY").unwrap());
-    std::fs::write(certs.path().join("client.pem"), client_cert).unwrap();
-    std::fs::write(certs.path().join("client.key"), client_key).unwrap();
     let tls = format!(
         r#", tls: {{ ca_file: "{}", cert_file: "{}", key_file: "{}" }}"#,
         certs.path().join("ca.pem").display(),

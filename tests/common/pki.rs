@@ -12,7 +12,7 @@ pub struct Pki {
     pub client: String,
 }
 
-/// Writes `ca.pem`, `server.pem` and `server.key` into `dir`.
+/// Writes `ca.pem`, `server.pem`, `server.key`, `client.pem` and `client.key` into `dir`.
 pub fn pki(dir: &Path) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -28,5 +28,7 @@ pub fn pki(dir: &Path) -> Pki {
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("server.pem"), &server_cert).unwrap();
     std::fs::write(dir.join("server.key"), &server_key).unwrap();
+    std::fs::write(dir.join("client.pem"), &client_cert).unwrap();
+    std::fs::write(dir.join("client.key"), &client_key).unwrap();
     Pki { ca: ca.pem(), client: format!("{client_cert}{client_key}") }
 }

@@ -58,6 +58,8 @@ pub struct Prometheus {
     child: Child,
     dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// `http`, or `https` when it serves TLS.
+    scheme: &'static str,
     runtime: tokio::runtime::Runtime,
     client: reqwest::Client,
 }
@@ -75,9 +77,21 @@ pub fn now_nanos() -> u64 {
 impl Prometheus {
     /// Starts Prometheus and waits until `/-/ready` answers 200.
     pub fn start() -> Prometheus {
+        Prometheus::start_with(None)
+    }
+
+    /// Starts Prometheus serving TLS only, with mutual TLS: its web config (`--web.config.file`,
+    /// `tls_server_config`) takes `server.pem` / `server.key` from `certs` (see
+    /// [`super::pki::pki`]) and requires a client certificate signed by `ca.pem`. The helpers
+    /// query it with `client.pem` / `client.key`.
+    pub fn start_tls(certs: &std::path::Path) -> Prometheus {
+        Prometheus::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&std::path::Path>) -> Prometheus {
         // The port may be taken between free_port() and the bind: retry with another one.
         for _attempt in 0..5 {
-            let prometheus = Prometheus::spawn();
+            let prometheus = Prometheus::spawn(certs);
             let ready = wait_until(Duration::from_secs(60), || {
                 TcpStream::connect(prometheus.addr).is_ok() && prometheus.get_status("/-/ready") == Some(200)
                     || prometheus.exited()
@@ -92,18 +106,36 @@ impl Prometheus {
         panic!("Prometheus could not bind a port in 5 attempts");
     }
 
-    fn spawn() -> Prometheus {
+    fn spawn(certs: Option<&std::path::Path>) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("prometheus.yml"),
             "global:\n  evaluation_interval: 1m\nstorage:\n  tsdb:\n    out_of_order_time_window: 10m\n",
         )
         .unwrap();
+        // Always a web config file: empty means plain HTTP.
+        let mut web = String::new();
+        let mut client = super::http_client().timeout(Duration::from_secs(20));
+        if let Some(certs) = certs {
+            web = format!(
+                "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n",
+                certs.join("server.pem").display(),
+                certs.join("server.key").display(),
+                certs.join("ca.pem").display()
+            );
+            let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+            let mut identity = std::fs::read(certs.join("client.pem")).unwrap();
+            identity.extend(std::fs::read(certs.join("client.key")).unwrap());
+            client = client
+                .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+                .identity(reqwest::Identity::from_pem(&identity).unwrap());
+        }
+        std::fs::write(dir.path().join("web.yml"), web).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = spawn_child(dir.path(), addr);
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let client = super::http_client().timeout(Duration::from_secs(20)).build().unwrap();
-        Prometheus { child, dir, addr, runtime, client }
+        let scheme = if certs.is_some() { "https" } else { "http" };
+        Prometheus { child, dir, addr, scheme, runtime, client: client.build().unwrap() }
     }
 
     /// Kills the server (SIGKILL: an outage, not a clean stop); the data directory stays.
@@ -139,7 +171,7 @@ impl Prometheus {
 
     /// The remote-write URL.
     pub fn write_url(&self) -> String {
-        format!("http://{}/api/v1/write", self.addr)
+        format!("{}://{}/api/v1/write", self.scheme, self.addr)
     }
 
     /// The `exporters.metrics` destination (YAML flow mapping) pointing at this server, with
@@ -165,13 +197,13 @@ impl Prometheus {
     }
 
     fn get_status(&self, path: &str) -> Option<u16> {
-        let url = format!("http://{}{path}", self.addr);
+        let url = format!("{}://{}{path}", self.scheme, self.addr);
         self.runtime.block_on(async { self.client.get(url).send().await.ok().map(|r| r.status().as_u16()) })
     }
 
     /// GET `path_and_query`; the status and body text.
     pub fn get(&self, path_and_query: &str) -> (u16, String) {
-        let url = format!("http://{}{path_and_query}", self.addr);
+        let url = format!("{}://{}{path_and_query}", self.scheme, self.addr);
         self.runtime.block_on(async {
             let response = self.client.get(&url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
             let status = response.status().as_u16();
@@ -314,6 +346,7 @@ fn spawn_child(dir: &std::path::Path, addr: SocketAddr) -> Child {
         .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address={addr}"))
+        .arg(format!("--web.config.file={}", dir.join("web.yml").display()))
         .arg("--web.enable-remote-write-receiver")
         .arg("--enable-feature=exemplar-storage")
         .stdin(Stdio::null())
