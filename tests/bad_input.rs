@@ -464,3 +464,30 @@ fn a_log_record_with_a_bad_id_is_refused_alone() {
     });
     assert!(taken, "the two good records of each request are taken:\n{}", http_get(tailgate.telemetry, "/metrics").1);
 }
+
+/// Span times far in the past (1970) or far in the future (year 2508): kept as sent, judged by
+/// their duration (slow and error traces kept, fast ones dropped), due by receive time, so none
+/// waits for a wall clock to reach it or is decided before its spans arrive.
+#[test]
+fn timestamps_far_in_the_past_or_future_are_kept_as_sent_and_judged_by_duration() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (backend, backend_addr) = Backend::serve(&runtime);
+    let tailgate = Tailgate::start(backend_addr, &Timing::default());
+    let receive_pid = tailgate.stage_pid("receive").unwrap();
+    let mut traces = Vec::new();
+    for (n, outcome) in [Outcome::Slow, Outcome::Fast, Outcome::Error].into_iter().enumerate() {
+        let n = n as u32;
+        for (era, new_origin) in [(0, 1_000_000_000u64), (1, 17_000_000_000_000_000_000)] {
+            let mut trace = TestTrace::new(500 + 10 * era + n, outcome, 2);
+            let origin = trace.spans.iter().map(|s| s.start_time_unix_nano).min().unwrap();
+            for span in &mut trace.spans {
+                span.start_time_unix_nano = span.start_time_unix_nano - origin + new_origin;
+                span.end_time_unix_nano = span.end_time_unix_nano - origin + new_origin;
+            }
+            traces.push(trace);
+        }
+    }
+    runtime.block_on(send_in_waves(tailgate.grpc, tailgate.http, &traces, Duration::from_millis(100), |_| {}));
+    assert_eq!(tailgate.stage_pid("receive"), Some(receive_pid), "receive restarted");
+    assert_exact_delivery(&backend, &traces, Duration::from_secs(2), false);
+}
