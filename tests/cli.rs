@@ -53,6 +53,36 @@ fn check_config_lists_every_problem_with_its_path() {
     }
 }
 
+/// `${env:NAME}` in the file takes the value from the environment; unset, `check-config`
+/// names the variable; a value that does not parse is reported by its reference, not its value.
+#[test]
+fn check_config_expands_environment_references_and_never_prints_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("env.yaml");
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tailgate.example.yaml")).unwrap();
+    let text = example.replacen("endpoint: 127.0.0.1:4317", "endpoint: ${env:TG_TEST_GRPC}", 1).replacen(
+        "timeout: 10s",
+        "timeout: \"${env:TG_TEST_TIMEOUT:-10s}\"",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let check = |vars: &[(&str, &str)]| {
+        let mut command = tailgate();
+        command.arg("check-config").arg(&path).env_remove("TG_TEST_GRPC").env_remove("TG_TEST_TIMEOUT");
+        command.envs(vars.iter().copied());
+        let output = command.output().unwrap();
+        (output.status.code(), String::from_utf8(output.stderr).unwrap())
+    };
+    assert_eq!(check(&[("TG_TEST_GRPC", "127.0.0.1:4317")]).0, Some(0));
+    let (code, stderr) = check(&[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("the environment variable TG_TEST_GRPC is not set"), "{stderr}");
+    let (code, stderr) = check(&[("TG_TEST_GRPC", "127.0.0.1:4317"), ("TG_TEST_TIMEOUT", "s3cret-value")]);
+    assert_eq!(code, Some(1));
+    assert!(!stderr.contains("s3cret-value") && stderr.contains("${env:TG_TEST_TIMEOUT"), "{stderr}");
+}
+
 #[test]
 fn check_config_names_an_unknown_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod env;
 mod exporters;
 mod receivers;
 mod sampling;
@@ -545,11 +546,28 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates YAML text.
+    /// Parses and validates YAML text, after expanding its `${env:NAME}` references from the
+    /// process environment (see the `env` module).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_saphyr::from_str(text).map_err(|err| ConfigError::Parse(err.to_string()))?;
+        Config::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::parse`] with `lookup` as the environment. Messages never carry an expanded
+    /// value: they show the reference instead.
+    pub fn parse_with_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let expanded = env::expand(text, lookup).map_err(|problems| {
+            let problem = |message| ConfigProblem { path: "(environment references)".to_owned(), message };
+            ConfigError::Invalid(problems.into_iter().map(problem).collect())
+        })?;
+        let config: Config = serde_saphyr::from_str(&expanded.text)
+            .map_err(|err| ConfigError::Parse(expanded.redact(&err.to_string())))?;
         let problems = config.validate();
-        if problems.is_empty() { Ok(config) } else { Err(ConfigError::Invalid(problems)) }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            let redact = |p: ConfigProblem| ConfigProblem { message: expanded.redact(&p.message), ..p };
+            Err(ConfigError::Invalid(problems.into_iter().map(redact).collect()))
+        }
     }
 
     /// Every problem at once, each with its path. Empty when the configuration is usable.
@@ -789,6 +807,25 @@ mod tests {
         assert_eq!(config.supervisor.memory_hard_limit_mib, 400);
         assert_eq!(config.exporters.retry_on_failure.initial_interval, Duration::from_secs(1));
         assert_eq!(config.exporters.retry_on_failure.max_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn environment_references_fill_values_and_never_show_in_messages() {
+        let env = |name: &str| match name {
+            "BACKEND" => Some("https://jaeger.example:4317".to_owned()),
+            "TIMEOUT" => Some("hunter2".to_owned()),
+            _ => None,
+        };
+        let text = DEFAULT_CONFIG_YAML.replacen("endpoint: http://127.0.0.1:14317", "endpoint: \"${env:BACKEND}\"", 1);
+        let config = Config::parse_with_env(&text, &env).unwrap();
+        assert_eq!(config.exporters.traces.otlp.endpoint, "https://jaeger.example:4317");
+        // A value that does not parse: the message names the reference, not the value.
+        let bad = text.replacen("timeout: 10s", "timeout: ${env:TIMEOUT}", 1);
+        let message = Config::parse_with_env(&bad, &env).unwrap_err().to_string();
+        assert!(!message.contains("hunter2") && message.contains("${env:TIMEOUT}"), "{message}");
+        let unset = text.replacen("timeout: 10s", "timeout: ${env:UNSET_TIMEOUT}", 1);
+        let message = Config::parse_with_env(&unset, &env).unwrap_err().to_string();
+        assert!(message.contains("the environment variable UNSET_TIMEOUT is not set"), "{message}");
     }
 
     #[test]
