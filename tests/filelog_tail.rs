@@ -437,6 +437,12 @@ fn status_shows_schema_drift_per_file() {
     for want in ["alias: duration:duration=2", "unknown_level: SEVERE=1", "not_json: 1"] {
         assert!(section.iter().any(|l| l == want), "{shown}: no `{want}` in its drift section {section:?}\n{stdout}");
     }
+    // The same counts as self-metrics, by kind (what an alert on drift watches).
+    let metrics = common::http_get(run.tailgate.telemetry, "/metrics").1;
+    for (kind, lines) in [("alias", 2), ("unknown_level", 1), ("not_json", 1)] {
+        let want = format!("tailgate_log_schema_drift_lines_total{{kind=\"{kind}\"}} {lines}");
+        assert!(metrics.lines().any(|l| l == want), "no `{want}` in /metrics:\n{metrics}");
+    }
 }
 
 // Beyond the brief's list: rotation variants whose rotated name still matches `include`.

@@ -4,6 +4,7 @@
 
 pub mod cgroups;
 pub mod control;
+pub mod demo;
 pub mod logging;
 pub mod notify;
 mod proc;

@@ -154,6 +154,42 @@ enum Command {
         /// The configuration file to check.
         file: PathBuf,
     },
+    /// Run the whole pipeline on this machine with no external services: local sinks for OTLP
+    /// traces, Loki and remote write, the field report's load (OTLP traces and JSON log lines),
+    /// a live view, and a summary checked against the load's ground truth (exit 1 on any loss).
+    /// Keys while it runs: c cuts the sinks off and back, k kills a stage, q finishes.
+    Demo {
+        /// How long the load runs.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Virtual users over time, TIME:USERS points (the field report's ramp by default).
+        #[arg(long, default_value = "30s:100,45s:250,60s:500")]
+        ramp: tailgate::workload::Ramp,
+        /// Print the summary as JSON, without the live view.
+        #[arg(long)]
+        json: bool,
+        /// Cut the sinks off at this time (an uplink outage: the backlog waits on disk).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cut_at: Option<std::time::Duration>,
+        /// How long the sinks stay cut off.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        cut_for: std::time::Duration,
+        /// SIGKILL a stage at this time (the supervisor restarts it; nothing is lost).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        kill_at: Option<std::time::Duration>,
+        /// The stage `--kill-at` and the `k` key kill.
+        #[arg(long, default_value = "tail_sample", value_parser = ["receive", "tail_sample", "log_mirror", "spanmetrics", "export"])]
+        kill_stage: String,
+        /// Keep the demo's files (config, queue, log file, tailgate's log) in this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Longest wait after the load for everything kept to arrive.
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        settle: std::time::Duration,
+        /// Seed of the generated load.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Internal: run one stage process (the supervisor starts these).
     #[command(hide = true)]
     Stage {
@@ -173,6 +209,20 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
         Command::CheckConfig { file } => tailgate::check_config(&file),
+        Command::Demo { duration, ramp, json, cut_at, cut_for, kill_at, kill_stage, dir, settle, seed } => {
+            tailgate::demo::main(tailgate::demo::Options {
+                duration,
+                ramp,
+                json,
+                cut_at,
+                cut_for,
+                kill_at,
+                kill_stage,
+                dir,
+                settle,
+                seed,
+            })
+        }
         Command::DeadLetter { action, consumer, config, data_dir } => {
             tailgate::dead_letter(&action, consumer.as_deref(), config, data_dir)
         }

@@ -6,7 +6,8 @@
 //!   summed over its processes, so they never go back at a restart), restarts by reason, up,
 //!   private memory and budgets, heartbeat lateness, shed requests. Per queue edge: batches,
 //!   items, bytes and the oldest batch's age; per consumer its backlog in batches; the queue's
-//!   use, budget and intake state, and the free space of its filesystem.
+//!   use, budget and intake state, and the free space of its filesystem. Log schema drift, by
+//!   kind, summed over the tailed files.
 //! - `/healthz`: 200 while the supervisor answers.
 //! - `/readyz`: 200 when every stage has a running process whose heartbeat is on time and the
 //!   queue admits intake; 503 with the reasons otherwise.
@@ -57,6 +58,8 @@ pub struct Snapshot {
     not_ready: Vec<String>,
     /// Latency thresholds an adaptive policy lifted, per route.
     route_thresholds: tailgate_ipc::decisions::RouteThresholds,
+    /// Log lines that deviated from the expected schema, by kind, summed over the files.
+    drift: std::collections::BTreeMap<String, u64>,
 }
 
 impl Snapshot {
@@ -99,6 +102,11 @@ impl Snapshot {
         };
         if let Err(err) = read() {
             snapshot.not_ready.push(format!("queue unreadable: {err}"));
+        }
+        for (_file, drift) in tailgate_stages::receive::filelog::stored_drift(queue).unwrap_or_default() {
+            for (kind, values) in drift.counts {
+                *snapshot.drift.entry(kind).or_default() += values.values().sum::<u64>();
+            }
         }
         snapshot.capacity_bytes = queue.capacity_bytes();
         if !snapshot.intake_open {
@@ -275,6 +283,19 @@ impl Snapshot {
             let gauge: Gauge = Gauge::default();
             gauge.set(free as i64);
             registry.register("filesystem_free_bytes", "Free space of the queue's filesystem", gauge);
+        }
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct KindLabel {
+            kind: String,
+        }
+        let drift = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "log_schema_drift_lines",
+            "Log lines that deviated from the expected schema (unknown level, missing or malformed field, not JSON...), by kind",
+            drift.clone(),
+        );
+        for (kind, lines) in &self.drift {
+            drift.get_or_create(&KindLabel { kind: kind.clone() }).inc_by(*lines);
         }
         #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
         struct RouteLabel {
