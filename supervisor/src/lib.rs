@@ -5,6 +5,7 @@
 pub mod cgroups;
 pub mod control;
 pub mod demo;
+pub mod import_otel;
 pub mod logging;
 pub mod notify;
 mod proc;

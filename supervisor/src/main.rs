@@ -154,6 +154,16 @@ enum Command {
         /// The configuration file to check.
         file: PathBuf,
     },
+    /// Translate an OpenTelemetry Collector configuration (receivers, tail_sampling,
+    /// spanmetrics, memory_limiter, batch, exporters with sending_queue and file_storage,
+    /// pipelines) into a tailgate configuration; names every key it could not map.
+    ImportOtelConfig {
+        /// The Collector's configuration file.
+        file: PathBuf,
+        /// Write the tailgate configuration here instead of to stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Run the whole pipeline on this machine with no external services: local sinks for OTLP
     /// traces, Loki and remote write, the field report's load (OTLP traces and JSON log lines),
     /// a live view, and a summary checked against the load's ground truth (exit 1 on any loss).
@@ -209,6 +219,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, data_dir } => tailgate::supervisor::main(config, data_dir),
         Command::CheckConfig { file } => tailgate::check_config(&file),
+        Command::ImportOtelConfig { file, output } => tailgate::import_otel::main(&file, output.as_deref()),
         Command::Demo { duration, ramp, json, cut_at, cut_for, kill_at, kill_stage, dir, settle, seed } => {
             tailgate::demo::main(tailgate::demo::Options {
                 duration,
