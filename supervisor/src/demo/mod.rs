@@ -486,7 +486,7 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
             let text = frame.render(keys.is_some());
             // Up to the previous frame's first line, then clear below and draw.
             if drawn_lines > 0 {
-                print!("\x1b[{drawn_lines}F");
+                print!("\x1b[{drawn_lines}A\r");
             }
             print!("\x1b[J{text}");
             drawn_lines = text.lines().count();

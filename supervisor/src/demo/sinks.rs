@@ -55,7 +55,7 @@ impl Received {
 
     /// Spans counted by the span metrics so far.
     pub fn spans_counted(&self) -> f64 {
-        self.calls.values().sum()
+        self.calls.values().fold(0.0, |sum, calls| sum + calls)
     }
 }
 
