@@ -7,7 +7,8 @@
 #   systemd/install.sh [--binary PATH] [--prefix /usr] [--destdir DIR] [--dry-run]
 #   systemd/install.sh --uninstall [--purge] [--prefix /usr] [--destdir DIR] [--dry-run]
 #
-# --binary   the tailgate binary to install (default: target/release/tailgate, built if missing)
+# --binary   the tailgate binary to install (default: target/dist/tailgate, the size-optimised
+#            build: `cargo build --profile dist`, run if it is missing)
 # --prefix   where the binary, unit and system snippets go (default /usr; /etc and /var stay)
 # --destdir  stage into this root instead of / (packaging, tests): nothing is started or reloaded
 # --dry-run  print what would be done, change nothing
@@ -80,9 +81,9 @@ if [ "$uninstall" = 1 ]; then
 fi
 
 if [ -z "$binary" ]; then
-  binary="$repo/target/release/tailgate"
+  binary="$repo/target/dist/tailgate"
   if [ ! -x "$binary" ]; then
-    run cargo build --release --manifest-path "$repo/Cargo.toml" --bin tailgate
+    run cargo build --profile dist --manifest-path "$repo/Cargo.toml" --bin tailgate
   fi
 fi
 if [ "$dry_run" = 0 ] && [ ! -x "$binary" ]; then
