@@ -321,7 +321,6 @@ impl Default for ExemplarsConfig {
     }
 }
 
-
 impl SpanmetricsConfig {
     fn validate(&self, problems: &mut Problems) {
         if self.metrics_flush_interval.is_zero() {
@@ -342,7 +341,6 @@ impl SpanmetricsConfig {
         }
     }
 }
-
 
 /// One problem found in a configuration, with the path of the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]

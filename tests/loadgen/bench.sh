@@ -34,6 +34,9 @@
 # NO_BUILD=1 skips the build (to bench a binary put in target/release by hand, e.g. a profiling
 # build).
 # POLICIES=1 runs the spans scenarios with the sampling policies of issue 9 (see below).
+# PLOTS=DIR writes PNG plots there (w1: CPU and memory per process over the run; drain: the
+# backlog and export's memory while the queue drains), with matplotlib from a virtualenv
+# (target/bench-venv, created on first use).
 # PEER=rotel runs the same scenario against rotel (a Rust OTLP collector; installed with pip
 # into a virtualenv, $ROTEL_VENV or /tmp/tailgate-rotel-venv, on first use) as a pass-through
 # OTLP gRPC receiver -> OTLP gRPC exporter, for comparison.
@@ -44,7 +47,17 @@ bin=target/release
 work=$(mktemp -d /tmp/tailgate-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
-[ -n "$NO_BUILD" ] || cargo build --release --bins --quiet
+[ -n "${NO_BUILD:-}" ] || cargo build --release --bins --quiet
+
+plot() {  # plot KIND CSV PNG TITLE
+  [ -n "${PLOTS:-}" ] || return 0
+  local venv=target/bench-venv
+  if ! "$venv/bin/python3" -c 'import matplotlib' 2>/dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check matplotlib
+  fi
+  mkdir -p "$PLOTS"
+  "$venv/bin/python3" tests/loadgen/plot.py "$@" && echo "plot: $3"
+}
 
 # Backend stand-in on the default export endpoint (127.0.0.1:14317), and a Loki push endpoint.
 "$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --loki-listen 127.0.0.1:13100 --duration 600 > "$work/sink.out" &
@@ -155,9 +168,13 @@ case "$scenario" in
     # traces. Metered over the plateau (the second minute).
     ( sleep 60; "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" ) &
     meter=$!
+    "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 120 --series "$work/w1.csv" > /dev/null &
+    series=$!
     "$bin/tailgate-loadgen" profile --duration 120 --log-file "$work/logs/app.jsonl" --truth-file "$work/truth.jsonl"
-    wait "$meter"
+    wait "$meter"; wait "$series"
     echo "ground truth: $(wc -l < "$work/truth.jsonl") traces must be kept"
+    plot processes "$work/w1.csv" "${PLOTS:-.}/w1-processes.png" "W1: the field report's profile (users ramp to 500 over 60 s)"
+    [ -z "${PLOTS:-}" ] || cp "$work/w1.csv" "$PLOTS/w1-processes.csv"
     ;;
   passthrough)
     # W2: 10k spans/s (SDK-sized requests), everything kept and exported.
@@ -229,9 +246,13 @@ case "$scenario" in
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter-drain.out" &
     meter=$!
     first=""; first_left=""
+    echo "t,kept_spans,export_private_kib" > "$work/drain.csv"
     for i in $(seq 1200); do
       left=$(items kept_spans)
-      echo "drain t=$(python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")s kept_spans $left export RssAnon $(rss) KiB" >> "$work/rss-drain.out"
+      at=$(python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
+      memory=$(rss)
+      echo "drain t=${at}s kept_spans $left export RssAnon $memory KiB" >> "$work/rss-drain.out"
+      echo "$at,$left,$memory" >> "$work/drain.csv"
       if [ -z "$first" ] && [ "$left" != "$backlog_items" ]; then first=$(date +%s.%N); first_left=$left; fi
       [ "$left" = 0 ] && break
       sleep 0.25
@@ -243,6 +264,8 @@ case "$scenario" in
     python3 -c "import sys; s,f,e=map(float,sys.argv[1:4]); b=int(sys.argv[4]); n=int(sys.argv[5]); l=int(sys.argv[6]); print(f'drained {n} spans / {b/1e6:.0f} MB in {e-s:.1f} s after the backend returned ({b/1e6/(e-s):.0f} MB/s); from the first delivery: {l} spans / {b*l/n/1e6:.0f} MB in {e-f:.1f} s = {b*l/n/1e6/(e-f):.0f} MB/s, {l/(e-f):,.0f} spans/s')" "$start" "$first" "$end" "$backlog_bytes" "$backlog_items" "$first_left"
     wait "$meter" || true
     echo "drain window (first 20 s):"; cat "$work/meter-drain.out"
+    plot drain "$work/drain.csv" "${PLOTS:-.}/w4-drain.png" "W4: the backlog of a ${fill} s outage at 100,000 spans/s drains"
+    [ -z "${PLOTS:-}" ] || cp "$work/drain.csv" "$PLOTS/w4-drain.csv"
     ;;
   restart)
     "$bin/tailgate-loadgen" send --rate 2500 --duration 50 --batch 50 --logs > "$work/send.out" &

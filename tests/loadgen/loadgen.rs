@@ -148,6 +148,10 @@ enum Command {
         /// Window, seconds (at most 600).
         #[arg(long, default_value_t = 60)]
         duration: u64,
+        /// Also write one CSV row per process per second (`t,process,cpu_percent,private_mib`)
+        /// to this file, for plots (tests/loadgen/plot.py).
+        #[arg(long)]
+        series: Option<std::path::PathBuf>,
     },
 }
 
@@ -193,7 +197,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sink { listen, duration, loki_listen } => {
             runtime.block_on(sink(&listen, duration.min(MAX_DURATION_SECS), loki_listen))
         }
-        Command::Meter { pid, duration } => meter(pid, duration.min(MAX_DURATION_SECS)),
+        Command::Meter { pid, duration, series } => meter(pid, duration.min(MAX_DURATION_SECS), series),
     }
 }
 
@@ -688,19 +692,49 @@ fn tree(root: u32) -> Vec<u32> {
     pids
 }
 
-fn meter(root: u32, duration: u64) -> anyhow::Result<()> {
+fn meter(root: u32, duration: u64, series: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let start_pids = tree(root);
     let start: HashMap<u32, u64> = start_pids.iter().filter_map(|p| Some((*p, cpu_ticks(*p)?))).collect();
     let started = Instant::now();
     let mut peak_private = 0u64;
     let mut peak_pss = 0u64;
+    let mut csv = match &series {
+        Some(path) => {
+            let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+            writeln!(file, "t,process,cpu_percent,private_mib")?;
+            Some(file)
+        }
+        None => None,
+    };
+    let mut last: HashMap<u32, u64> = start.clone();
+    let mut last_at = Instant::now();
     while started.elapsed() < Duration::from_secs(duration) {
         std::thread::sleep(Duration::from_secs(1));
+        let pids = tree(root);
         let (private, pss) =
-            tree(root).iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
+            pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
         peak_private = peak_private.max(private);
         peak_pss = peak_pss.max(pss);
+        if let Some(file) = csv.as_mut() {
+            let interval = last_at.elapsed().as_secs_f64();
+            last_at = Instant::now();
+            let t = started.elapsed().as_secs_f64();
+            for pid in &pids {
+                let ticks = cpu_ticks(*pid).unwrap_or(0);
+                // A process new since the last sample (a restarted stage) counts from zero.
+                let used = ticks.saturating_sub(last.get(pid).copied().unwrap_or(0));
+                last.insert(*pid, ticks);
+                let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let private_mib = memory_kb(*pid).map_or(0.0, |(private, _)| private as f64 / 1024.0);
+                let cpu = used as f64 / ticks_per_second / interval * 100.0;
+                writeln!(file, "{t:.1},{},{cpu:.2},{private_mib:.2}", name.trim())?;
+            }
+        }
+    }
+    if let Some(mut file) = csv {
+        file.flush()?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let end_pids = tree(root);
