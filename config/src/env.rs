@@ -26,14 +26,30 @@ pub(crate) struct Expanded {
 impl Expanded {
     /// `message` with every expanded value replaced by the reference that produced it.
     pub fn redact(&self, message: &str) -> String {
-        let mut out = message.to_owned();
-        // Longest values first, so a value containing another is replaced whole.
+        // One pass, longest value first at each position, so a reference written in does not
+        // get rewritten by a later, shorter value.
         let mut values: Vec<&(String, String)> = self.values.iter().collect();
         values.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
-        for (value, reference) in values {
-            out = out.replace(value.as_str(), reference);
+        let mut out = String::with_capacity(message.len());
+        let mut rest = message;
+        'scan: while let Some(c) = rest.chars().next() {
+            for (value, reference) in &values {
+                if rest.starts_with(value.as_str()) {
+                    out.push_str(reference);
+                    rest = &rest[value.len()..];
+                    continue 'scan;
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
         }
         out
+    }
+
+    /// Whether any value from the environment went into the text (then parse errors must not
+    /// quote the text: a cropped secret would escape redaction).
+    pub fn has_values(&self) -> bool {
+        !self.values.is_empty()
     }
 }
 
@@ -44,18 +60,56 @@ enum Quoting {
     Double,
 }
 
+/// Values shorter than this are not redacted from messages: they would match ordinary words
+/// (`info`, `1`); secrets are longer.
+const MIN_REDACTED_LEN: usize = 4;
+
+/// Where the scanner stands in the YAML text: in a plain scalar or structure, or inside a
+/// quoted scalar (which may continue over several lines).
+struct Scanner {
+    quoting: Quoting,
+    /// The last non-blank character outside quotes on this line (`None` at the line's start).
+    previous: Option<char>,
+    /// Whether blanks followed `previous`.
+    blank_since: bool,
+}
+
+impl Scanner {
+    /// Whether a scalar would start here: at a line's start (after indentation), after a
+    /// mapping `:` or sequence `-` followed by a blank, or after a flow `[`, `{` or `,`.
+    fn at_scalar_start(&self) -> bool {
+        match self.previous {
+            None => true,
+            Some('[' | '{' | ',') => true,
+            Some(':' | '-') => self.blank_since,
+            _ => false,
+        }
+    }
+
+    fn saw(&mut self, c: char) {
+        if c == ' ' || c == '\t' {
+            self.blank_since = true;
+        } else {
+            self.previous = Some(c);
+            self.blank_since = false;
+        }
+    }
+}
+
 /// Expands `text` with `lookup` for the variables; every problem is listed (line numbers are
 /// 1-based).
 pub(crate) fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Expanded, Vec<String>> {
     let mut out = String::with_capacity(text.len());
     let mut values = Vec::new();
     let mut problems = Vec::new();
+    let mut scanner = Scanner { quoting: Quoting::Plain, previous: None, blank_since: false };
     for (index, line) in text.split_inclusive('\n').enumerate() {
-        if line.trim_start().starts_with('#') || !line.contains('$') {
+        scanner.previous = None;
+        scanner.blank_since = false;
+        if scanner.quoting == Quoting::Plain && line.trim_start().starts_with('#') {
             out.push_str(line);
             continue;
         }
-        let mut quoting = Quoting::Plain;
         let mut rest = line;
         while let Some(c) = rest.chars().next() {
             if c == '$' && rest.starts_with("$$") {
@@ -75,37 +129,67 @@ pub(crate) fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Res
                 let reference = &rest[..=end];
                 match resolve(&reference[2..end], lookup) {
                     Err(problem) => problems.push(format!("line {}: {reference}: {problem}", index + 1)),
-                    Ok(value) => match quote(&value, quoting, out.ends_with([' ', ':'])) {
-                        Ok(quoted) => {
-                            out.push_str(&quoted);
-                            if !value.is_empty() {
-                                values.push((value, reference.to_owned()));
+                    Ok((value, from_environment)) => {
+                        match quote(&value, scanner.quoting, scanner.at_scalar_start()) {
+                            Ok(quoted) => {
+                                if from_environment && value.chars().count() >= MIN_REDACTED_LEN {
+                                    if quoted != value {
+                                        values.push((quoted.clone(), reference.to_owned()));
+                                    }
+                                    values.push((value, reference.to_owned()));
+                                }
+                                out.push_str(&quoted);
+                                if scanner.quoting == Quoting::Plain {
+                                    // The value is part of a plain scalar now.
+                                    scanner.saw('x');
+                                }
                             }
+                            Err(problem) => problems.push(format!("line {}: {reference}: {problem}", index + 1)),
                         }
-                        Err(problem) => problems.push(format!("line {}: {reference}: {problem}", index + 1)),
-                    },
+                    }
                 }
                 rest = &rest[end + 1..];
                 continue;
             }
-            quoting = match (quoting, c) {
-                (Quoting::Plain, '"') => Quoting::Double,
-                (Quoting::Plain, '\'') => Quoting::Single,
-                (Quoting::Double, '"') => Quoting::Plain,
-                (Quoting::Single, '\'') => Quoting::Plain,
-                (Quoting::Plain, '#') if out.ends_with([' ', '\t']) => {
-                    // A comment: the rest of the line is not expanded.
-                    out.push_str(rest);
-                    break;
+            match scanner.quoting {
+                Quoting::Plain => {
+                    if c == '#' && (scanner.previous.is_none() || scanner.blank_since) {
+                        // A comment: the rest of the line is not expanded.
+                        out.push_str(rest);
+                        break;
+                    }
+                    // A quote opens a quoted scalar only where a scalar starts; elsewhere it
+                    // is a character of a plain scalar (`shop's`).
+                    if (c == '"' || c == '\'') && scanner.at_scalar_start() {
+                        scanner.quoting = if c == '"' { Quoting::Double } else { Quoting::Single };
+                    }
+                    scanner.saw(c);
                 }
-                (state, _) => state,
-            };
-            // A backslash escape inside double quotes (`\"` does not end the scalar).
-            if quoting == Quoting::Double && c == '\\' && rest.len() > 1 {
-                let escaped = rest[1..].chars().next().map_or(1, char::len_utf8);
-                out.push_str(&rest[..1 + escaped]);
-                rest = &rest[1 + escaped..];
-                continue;
+                Quoting::Double => {
+                    if c == '\\' && rest.len() > 1 {
+                        // An escape (`\"` does not end the scalar).
+                        let escaped = rest[1..].chars().next().map_or(0, char::len_utf8);
+                        out.push_str(&rest[..1 + escaped]);
+                        rest = &rest[1 + escaped..];
+                        continue;
+                    }
+                    if c == '"' {
+                        scanner.quoting = Quoting::Plain;
+                        scanner.saw(c);
+                    }
+                }
+                Quoting::Single => {
+                    if c == '\'' && rest[1..].starts_with('\'') {
+                        // `''` is a quote inside the scalar.
+                        out.push_str("''");
+                        rest = &rest[2..];
+                        continue;
+                    }
+                    if c == '\'' {
+                        scanner.quoting = Quoting::Plain;
+                        scanner.saw(c);
+                    }
+                }
             }
             out.push(c);
             rest = &rest[c.len_utf8()..];
@@ -115,7 +199,7 @@ pub(crate) fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Res
 }
 
 /// The value of `env:NAME` or `env:NAME:-default`.
-fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(String, bool), String> {
     let Some(spec) = inner.strip_prefix("env:") else {
         return Err("only environment references (`${env:NAME}`) are expanded; write `$$` for a literal `$`".into());
     };
@@ -129,8 +213,8 @@ fn resolve(inner: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         return Err(format!("{name:?} is not a variable name (letters, digits and `_`)"));
     }
     match (lookup(name), default) {
-        (Some(value), _) => Ok(value),
-        (None, Some(default)) => Ok(default.to_owned()),
+        (Some(value), _) => Ok((value, true)),
+        (None, Some(default)) => Ok((default.to_owned(), false)),
         (None, None) => {
             Err(format!("the environment variable {name} is not set (give a default with `${{env:{name}:-...}}`)"))
         }
@@ -162,10 +246,12 @@ fn quote(value: &str, quoting: Quoting, at_start: bool) -> Result<String, String
         Quoting::Plain => {
             let structural = value.contains(['\n', '\r', ',', '[', ']', '{', '}'])
                 || value.contains(": ")
+                || value.contains(":\t")
                 || value.contains(" #")
+                || value.contains("\t#")
                 || value.ends_with(':')
-                || value.starts_with(' ')
-                || value.ends_with(' ')
+                || value.starts_with([' ', '\t'])
+                || value.ends_with([' ', '\t'])
                 || (at_start
                     && value.starts_with(['-', '?', ':', '#', '&', '*', '!', '|', '>', '\'', '"', '%', '@', '`']));
             if structural {
@@ -242,9 +328,31 @@ mod tests {
     }
 
     #[test]
+    fn quotes_inside_plain_scalars_and_multi_line_quoted_scalars_are_read_as_yaml_does() {
+        // `shop's` is a plain scalar: its quote does not open a quoted one, so a value with
+        // structure in it is refused rather than injected.
+        let problems = expand("a: {b: shop's-${env:TRICKY}}\n", &env).unwrap_err();
+        assert!(problems[0].contains("would be read as YAML structure"), "{problems:?}");
+        // A double-quoted scalar continuing on the next line: the value is escaped there too.
+        assert_eq!(expanded("a: \"first\n  ${env:TOKEN}\"\n"), "a: \"first\n  s3cr\\\"et\\\\x\"\n");
+        // Anchors, aliases and tags cannot be injected where a scalar starts in a flow sequence.
+        let env_star = |name: &str| (name == "G").then(|| "*anchor".to_owned());
+        assert!(expand("a: [${env:G}]\n", &env_star).is_err());
+        assert!(expand("${env:G}: 1\n", &env_star).is_err());
+        // ...but inside a plain scalar they are only characters.
+        assert_eq!(expand("a: x${env:G}\n", &env_star).unwrap().text, "a: x*anchor\n");
+        // Tabs count as blanks for structure.
+        let env_tab = |name: &str| (name == "T").then(|| "a:\tb".to_owned());
+        assert!(expand("a: ${env:T}\n", &env_tab).is_err());
+    }
+
+    #[test]
     fn expanded_values_are_redacted_from_messages() {
-        let expanded = expand("a: \"${env:TOKEN}\"\nb: ${env:PLAIN}\nc: \"${env:EMPTY}\"\n", &env).unwrap();
-        let message = "invalid value s3cr\"et\\x near abc123";
-        assert_eq!(expanded.redact(message), "invalid value ${env:TOKEN} near ${env:PLAIN}");
+        let expanded =
+            expand("a: \"${env:TOKEN}\"\nb: ${env:PLAIN}\nc: \"${env:EMPTY}\"\nd: ${env:NO:-info}\n", &env).unwrap();
+        let message = "invalid value s3cr\"et\\x near abc123, info";
+        assert_eq!(expanded.redact(message), "invalid value ${env:TOKEN} near ${env:PLAIN}, info");
+        // The escaped form written into the text is redacted too.
+        assert_eq!(expanded.redact("at `s3cr\\\"et\\\\x`"), "at `${env:TOKEN}`");
     }
 }

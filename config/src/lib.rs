@@ -402,7 +402,11 @@ impl Config {
             let problem = |message| ConfigProblem { path: "(environment references)".to_owned(), message };
             ConfigError::Invalid(problems.into_iter().map(problem).collect())
         })?;
-        let config: Config = serde_saphyr::from_str(&expanded.text)
+        let mut options = serde_saphyr::Options::default();
+        // A parse error normally quotes the lines around it, cropped: a cropped secret would
+        // escape redaction, so with environment values in the text only the location is given.
+        options.with_snippet = !expanded.has_values();
+        let config: Config = serde_saphyr::from_str_with_options(&expanded.text, options)
             .map_err(|err| ConfigError::Parse(expanded.redact(&err.to_string())))?;
         let problems = config.validate();
         if problems.is_empty() {
