@@ -110,3 +110,43 @@ fn a_collector_config_without_a_traces_destination_is_refused_with_the_reason() 
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("no OTLP exporter in a traces pipeline"));
 }
+
+/// The Collector's minimal gateway: one `otlp` exporter serving all three pipelines, receivers
+/// with default settings, no tail_sampling. Every pipeline keeps its destination; sampling keeps
+/// every trace, as the Collector forwarded them, and says so.
+#[test]
+fn one_exporter_for_every_pipeline_and_no_sampling_keep_every_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("collector.yaml");
+    std::fs::write(
+        &input,
+        "receivers:\n  otlp:\n    protocols:\n      grpc:\n      http:\n\
+         exporters:\n  otlp:\n    endpoint: backend:4317\n    tls: {insecure: true}\n    compression: zstd\n\
+         service:\n  pipelines:\n    traces: {receivers: [otlp], exporters: [otlp]}\n\
+         \x20   logs: {receivers: [otlp], exporters: [otlp]}\n    metrics: {receivers: [otlp], exporters: [otlp]}\n",
+    )
+    .unwrap();
+    let output = dir.path().join("tailgate.yaml");
+    let run = Command::new(env!("CARGO_BIN_EXE_tailgate"))
+        .arg("import-otel-config")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    assert!(run.status.success(), "{stderr}");
+    let config = Config::load(&output).unwrap();
+    assert_eq!(config.exporters.traces.otlp.endpoint, "http://backend:4317");
+    let logs = config.exporters.logs.as_ref().and_then(|d| d.otlp.as_ref()).expect("logs destination");
+    let metrics = config.exporters.metrics.as_ref().and_then(|d| d.otlp.as_ref()).expect("metrics destination");
+    assert_eq!((logs.endpoint.as_str(), metrics.endpoint.as_str()), ("http://backend:4317", "http://backend:4317"));
+    let otlp = config.receivers.otlp.as_ref().unwrap();
+    assert_eq!(otlp.protocols.grpc.as_ref().unwrap().endpoint, "127.0.0.1:4317");
+    assert_eq!(otlp.protocols.http.as_ref().unwrap().endpoint, "127.0.0.1:4318");
+    let kinds: Vec<String> = config.tail_sample.policies.iter().map(|p| format!("{:?}", p.kind)).collect();
+    assert_eq!(kinds, ["AlwaysSample"]);
+    assert!(stderr.contains("every trace is kept"), "{stderr}");
+    // A value without a tailgate counterpart is named, not dropped in silence.
+    assert!(stderr.contains("not mapped: exporters.otlp.compression"), "{stderr}");
+}

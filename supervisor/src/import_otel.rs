@@ -95,10 +95,16 @@ fn take(object: &mut Value, key: &str) -> Option<Value> {
 fn put(target: &mut Value, path: &[&str], value: Value) {
     let mut at = target;
     for part in &path[..path.len() - 1] {
+        if !at.is_object() {
+            *at = json!({});
+        }
         if !at.get(*part).is_some_and(Value::is_object) {
             at[*part] = json!({});
         }
         at = &mut at[*part];
+    }
+    if !at.is_object() {
+        *at = json!({});
     }
     at[path[path.len() - 1]] = value;
 }
@@ -111,10 +117,12 @@ fn carry(
     to: &[&str],
     convert: impl FnOnce(Value) -> Option<Value>,
 ) {
-    if let Some(value) = take(source, from)
-        && let Some(value) = convert(value)
-    {
-        put(target, to, value);
+    if let Some(value) = take(source, from) {
+        match convert(value.clone()) {
+            Some(converted) => put(target, to, converted),
+            // Left where it was: the leftovers name it as not mapped.
+            None => put(source, &[from], value),
+        }
     }
 }
 
@@ -163,6 +171,13 @@ struct Importer {
     /// Components (`exporters.otlp/jaeger`) that were carried over: their leftover keys are
     /// listed one by one, other components as a whole.
     mapped: std::collections::BTreeSet<String>,
+    /// Whether tail_sampling policies were carried over.
+    sampling: bool,
+    /// Each exporter as the Collector's file has it, taken once: a destination maps from a
+    /// copy, so one exporter can serve several pipelines.
+    exporters: std::collections::BTreeMap<String, Value>,
+    /// What no destination used of each exporter.
+    exporter_leftovers: std::collections::BTreeMap<String, Value>,
 }
 
 impl Importer {
@@ -173,15 +188,24 @@ impl Importer {
     fn receivers(&mut self, used: &[String]) {
         let Some(mut receivers) = self.input.get_mut("receivers").map(Value::take) else { return };
         let ids: Vec<String> = receivers.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-        let mut otlp_done = false;
+        let (mut otlp_done, mut filelog_done) = (false, false);
         for id in ids {
             if !used.contains(&id) {
                 continue;
             }
             let path = format!("receivers.{id}");
             let Some(mut receiver) = take(&mut receivers, &id) else { continue };
-            if matches!(kind_of(&id), "otlp" | "filelog") {
+            let first = match kind_of(&id) {
+                "otlp" => !otlp_done,
+                "filelog" => !filelog_done,
+                _ => false,
+            };
+            if first {
                 self.mapped.insert(path.clone());
+            } else if matches!(kind_of(&id), "otlp" | "filelog") {
+                self.note(&path, "a second receiver of this kind is not mapped (one per kind)");
+                put(&mut receivers, &[&id], json!({}));
+                continue;
             }
             match kind_of(&id) {
                 "otlp" if !otlp_done => {
@@ -191,7 +215,8 @@ impl Importer {
                     put(out, &["receivers", "otlp", "protocols"], json!({}));
                     if let Some(mut grpc) = take(&mut protocols, "grpc") {
                         let to = ["receivers", "otlp", "protocols", "grpc"];
-                        put(out, &to, json!({}));
+                        // `grpc:` with no settings: the Collector's default port, on loopback.
+                        put(out, &to, json!({"endpoint": "127.0.0.1:4317"}));
                         carry(&mut grpc, "endpoint", out, &[&to[..], &["endpoint"]].concat(), same);
                         carry(
                             &mut grpc,
@@ -205,7 +230,7 @@ impl Importer {
                     }
                     if let Some(mut http) = take(&mut protocols, "http") {
                         let to = ["receivers", "otlp", "protocols", "http"];
-                        put(out, &to, json!({}));
+                        put(out, &to, json!({"endpoint": "127.0.0.1:4318"}));
                         carry(&mut http, "endpoint", out, &[&to[..], &["endpoint"]].concat(), same);
                         carry(
                             &mut http,
@@ -219,7 +244,8 @@ impl Importer {
                     }
                     put(&mut receiver, &["protocols"], protocols);
                 }
-                "filelog" => {
+                "filelog" if !filelog_done => {
+                    filelog_done = true;
                     let to = ["receivers", "filelog"];
                     for key in [
                         "include",
@@ -280,11 +306,18 @@ impl Importer {
         }
         for (section, list) in [("and", "and_sub_policy"), ("drop", "drop_sub_policy")] {
             if let Some(Value::Array(subs)) = policy.get_mut(section).and_then(|s| take(s, list)) {
+                let count = subs.len();
                 let mapped: Vec<Value> = subs
                     .into_iter()
                     .enumerate()
                     .filter_map(|(i, sub)| self.policy(&format!("{path}.{section}.{list}[{i}]"), sub))
                     .collect();
+                if mapped.len() < count {
+                    // Fewer conditions would match more traces: an `and` would keep, a `drop`
+                    // would drop, traces the Collector does not.
+                    self.note(path, &format!("policy {name:?} not mapped: not every sub-policy could be"));
+                    return None;
+                }
                 put(&mut policy, &[section, list], Value::Array(mapped));
             }
         }
@@ -315,6 +348,10 @@ impl Importer {
                             .enumerate()
                             .filter_map(|(i, p)| self.policy(&format!("{path}.policies[{i}]"), p))
                             .collect();
+                        if mapped.is_empty() {
+                            continue;
+                        }
+                        self.sampling = true;
                         put(&mut self.output, &["tail_sample", "policies"], Value::Array(mapped));
                         // Policies replace the shorthand.
                         put(&mut self.output, &["tail_sample", "keep_errors"], Value::Null);
@@ -384,22 +421,22 @@ impl Importer {
     /// Moves one exporter into `exporters.<signal>.<kind>`.
     fn exporter(&mut self, id: &str, signal: &str, file_storage: &mut Option<String>) {
         let path = format!("exporters.{id}");
-        let Some(mut exporter) = self.input.get_mut("exporters").and_then(|e| take(e, id)) else { return };
         let kind = kind_of(id);
         let target = match kind {
             "otlp" => "otlp",
             "loki" if signal == "logs" => "loki",
             "prometheusremotewrite" if signal == "metrics" => "prometheusremotewrite",
-            _ => {
-                put(&mut self.input, &["exporters", id], exporter);
-                return;
-            }
+            _ => return,
         };
+        if !self.exporters.contains_key(id) {
+            let Some(original) = self.input.get_mut("exporters").and_then(|e| take(e, id)) else { return };
+            self.exporters.insert(id.to_owned(), original);
+        }
         if self.output.pointer(&format!("/exporters/{signal}/{target}")).is_some_and(|d| !d.is_null()) {
             self.note(&path, &format!("a second `{target}` destination for {signal} is not mapped (one per kind)"));
-            put(&mut self.input, &["exporters", id], exporter);
             return;
         }
+        let mut exporter = self.exporters[id].clone();
         self.mapped.insert(path.clone());
         let to = ["exporters", signal, target];
         let mut out = json!({});
@@ -474,7 +511,7 @@ impl Importer {
             put(&mut exporter, &["retry_on_failure"], retry);
         }
         put(&mut self.output, &to, out);
-        put(&mut self.input, &["exporters", id], exporter);
+        self.exporter_leftovers.insert(id.to_owned(), exporter);
     }
 
     fn service(&mut self) -> Result<(), String> {
@@ -530,8 +567,24 @@ impl Importer {
             self.output["exporters"][signal] = Value::Null;
         }
         let mut file_storage = None;
+        destinations.sort();
+        destinations.dedup();
         for (id, signal) in &destinations {
             self.exporter(id, signal, &mut file_storage);
+        }
+        for (id, leftover) in std::mem::take(&mut self.exporter_leftovers) {
+            put(&mut self.input, &["exporters", &id], leftover);
+        }
+        if !self.sampling {
+            // The Collector's traces pipeline without a (mappable) tail_sampling processor
+            // forwards every trace; tailgate's default would drop most of them.
+            put(&mut self.output, &["tail_sample", "policies"], json!([{"name": "all", "type": "always_sample"}]));
+            put(&mut self.output, &["tail_sample", "keep_errors"], Value::Null);
+            put(&mut self.output, &["tail_sample", "latency_threshold"], Value::Null);
+            self.note(
+                "processors.tail_sampling",
+                "no tail_sampling policy was mapped: every trace is kept, as the Collector forwarded them (an `always_sample` policy); write tail_sample.policies to cut",
+            );
         }
         if self.output.pointer("/exporters/traces/otlp").is_none() {
             return Err("no OTLP exporter in a traces pipeline: tailgate needs exporters.traces.otlp".into());
@@ -585,10 +638,18 @@ pub fn translate(collector: &str) -> Result<Translation, String> {
     env_references(&mut input);
     let defaults = serde_json::to_value(Config::embedded_default().map_err(|err| err.to_string())?)
         .map_err(|err| err.to_string())?;
-    let mut importer = Importer { input, output: defaults, unmapped: Vec::new(), mapped: Default::default() };
+    let mut importer = Importer {
+        input,
+        output: defaults,
+        unmapped: Vec::new(),
+        mapped: Default::default(),
+        sampling: false,
+        exporters: Default::default(),
+        exporter_leftovers: Default::default(),
+    };
     importer.service()?;
     // Defaults that only make sense with the default backends.
-    let Importer { input, mut output, mut unmapped, mapped } = importer;
+    let Importer { input, mut output, mut unmapped, mapped, .. } = importer;
     // What is left: a component nothing carried over is named as a whole (with a hint where
     // tailgate covers it differently); a carried-over one by each key left in it.
     if let Value::Object(sections) = &input {
