@@ -116,18 +116,34 @@ pub fn status_body(code: i32, message: &str) -> Vec<u8> {
     RpcStatus { code, message: message.to_owned(), details: Vec::new() }.encode_to_vec()
 }
 
-/// The retry delay a server asked for in the `google.rpc.Status` of its error answer (the
-/// `grpc-status-details-bin` trailer, or an OTLP/HTTP error body): the first `RetryInfo` detail's
-/// `retry_delay`. `None` when the bytes are not a status, carry no `RetryInfo`, or the delay is
-/// negative or malformed; a `RetryInfo` without a delay means "retry, at your own pace" (zero).
+/// What a server's `google.rpc.Status` (the `grpc-status-details-bin` trailer, or an OTLP/HTTP
+/// error body) says about retrying: `None` without a `RetryInfo` detail (or bytes that are not
+/// a status); `Some(None)` for a `RetryInfo` whose delay is absent, negative or malformed
+/// ("retry, at your own pace"); `Some(Some(delay))` otherwise. The detail is matched on its type
+/// name, whatever the host in its `type_url`.
+pub fn retry_info(status: &[u8]) -> Option<Option<Duration>> {
+    // Only the details: a status whose message is not UTF-8 must not hide its RetryInfo.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Details {
+        #[prost(message, repeated, tag = "3")]
+        details: Vec<AnyDetail>,
+    }
+    let status = Details::decode(status).ok()?;
+    let detail = status
+        .details
+        .iter()
+        .find(|detail| detail.type_url == RETRY_INFO_TYPE || detail.type_url.ends_with("/google.rpc.RetryInfo"))?;
+    let delay = RetryInfo::decode(detail.value.as_slice()).ok().and_then(|info| info.retry_delay).and_then(|delay| {
+        let seconds = u64::try_from(delay.seconds).ok()?;
+        let nanos = u32::try_from(delay.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+        Some(Duration::new(seconds, nanos))
+    });
+    Some(delay)
+}
+
+/// The retry delay of [`retry_info`], when the server named a valid one.
 pub fn retry_delay(status: &[u8]) -> Option<Duration> {
-    let status = RpcStatus::decode(status).ok()?;
-    let detail = status.details.iter().find(|detail| detail.type_url == RETRY_INFO_TYPE)?;
-    let info = RetryInfo::decode(detail.value.as_slice()).ok()?;
-    let Some(delay) = info.retry_delay else { return Some(Duration::ZERO) };
-    let seconds = u64::try_from(delay.seconds).ok()?;
-    let nanos = u32::try_from(delay.nanos).ok().filter(|n| *n < 1_000_000_000)?;
-    Some(Duration::new(seconds, nanos))
+    retry_info(status).flatten()
 }
 
 #[cfg(test)]
@@ -145,19 +161,24 @@ mod tests {
             details: vec![other, AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: fraction.encode_to_vec() }],
         };
         assert_eq!(retry_delay(&status.encode_to_vec()), Some(Duration::from_millis(1500)));
-        // RetryInfo without a delay: retry, no wait asked for.
+        // RetryInfo without a delay: retry, at the client's own pace.
         let bare = RpcStatus {
             code: 8,
             message: String::new(),
-            details: vec![AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: Vec::new() }],
+            details: vec![AnyDetail { type_url: "types.example.com/google.rpc.RetryInfo".into(), value: Vec::new() }],
         };
-        assert_eq!(retry_delay(&bare.encode_to_vec()), Some(Duration::ZERO));
+        assert_eq!(retry_info(&bare.encode_to_vec()), Some(None));
+        // A message that is not UTF-8 does not hide the detail.
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&[0x12, 2, 0xff, 0xfe]); // message: 2 bytes that are not UTF-8
+        raw.extend_from_slice(&status_with_retry_info(8, "", 2)[2..]);
+        assert_eq!(retry_delay(&raw), Some(Duration::from_secs(2)));
     }
 
     #[test]
     fn no_retry_delay_without_a_valid_retry_info() {
-        assert_eq!(retry_delay(&status_body(8, "too big")), None);
-        assert_eq!(retry_delay(b"x"), None);
+        assert_eq!(retry_info(&status_body(8, "too big")), None);
+        assert_eq!(retry_info(b"x"), None);
         for (seconds, nanos) in [(-1, 0), (1, -1), (1, 1_000_000_000)] {
             let info = RetryInfo { retry_delay: Some(ProtoDuration { seconds, nanos }) };
             let status = RpcStatus {
@@ -165,7 +186,8 @@ mod tests {
                 message: String::new(),
                 details: vec![AnyDetail { type_url: RETRY_INFO_TYPE.into(), value: info.encode_to_vec() }],
             };
-            assert_eq!(retry_delay(&status.encode_to_vec()), None, "{seconds} {nanos}");
+            // Still a RetryInfo: retryable, with no delay to honour.
+            assert_eq!(retry_info(&status.encode_to_vec()), Some(None), "{seconds} {nanos}");
         }
     }
 }

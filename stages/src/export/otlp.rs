@@ -22,7 +22,7 @@ use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::grpc_raw::{RawCodec, retry_delay};
+use crate::grpc_raw::{RawCodec, retry_delay, retry_info};
 use crate::otlp_wire::{self, Signal};
 
 /// The result of one attempt.
@@ -313,8 +313,8 @@ pub fn classify(status: &tonic::Status) -> SendOutcome {
         | Code::FailedPrecondition
         | Code::OutOfRange
         | Code::Unimplemented => SendOutcome::Permanent(message),
-        Code::ResourceExhausted => match retry_delay(status.details()) {
-            Some(after) => SendOutcome::Retryable(message, Some(after)),
+        Code::ResourceExhausted => match retry_info(status.details()) {
+            Some(after) => SendOutcome::Retryable(message, after),
             None => SendOutcome::Permanent(message),
         },
         Code::Internal | Code::Unknown | Code::DataLoss if from_server => SendOutcome::Failed(message),
