@@ -187,7 +187,9 @@ enum Command {
         /// SIGKILL a stage at this time (the supervisor restarts it; nothing is lost).
         #[arg(long, value_parser = humantime::parse_duration)]
         kill_at: Option<std::time::Duration>,
-        /// The stage `--kill-at` and the `k` key kill.
+        /// The stage `--kill-at` and the `k` key kill. Killing receive loses the answers to requests
+        /// in flight: the load generator resends them, as OTLP clients do, which can show as
+        /// duplicates.
         #[arg(long, default_value = "tail_sample", value_parser = ["receive", "tail_sample", "log_mirror", "spanmetrics", "export"])]
         kill_stage: String,
         /// Keep the demo's files (config, queue, log file, tailgate's log) in this directory.

@@ -88,7 +88,7 @@ pub async fn run(load: Load, counts: Arc<Counts>, stop: Arc<AtomicBool>) -> anyh
             at = until;
             let end = SystemTime::now().duration_since(UNIX_EPOCH)?;
             counts.traces.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            if !send(&mut client, request(chunk, end.as_nanos() as u64)).await {
+            if !send(&mut client, request(chunk, end.as_nanos() as u64), &stop).await {
                 counts.refused_spans.fetch_add(spans as u64, Ordering::Relaxed);
                 continue;
             }
@@ -113,18 +113,27 @@ pub async fn run(load: Load, counts: Arc<Counts>, stop: Arc<AtomicBool>) -> anyh
     Ok(truth)
 }
 
-/// Exports one request, retrying while the receiver pushes back; whether it was accepted.
+/// Exports one request as an SDK does: retried (with a deadline per attempt) on push-back and
+/// on transport failures, given up on a refusal of the request itself; whether it was
+/// accepted. A retry after a lost answer can deliver a request twice (at-least-once, as with
+/// any OTLP client): only a killed receive loses answers.
 async fn send(
     client: &mut TraceServiceClient<tonic::transport::Channel>,
     request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    stop: &AtomicBool,
 ) -> bool {
     for _ in 0..ATTEMPTS {
-        match client.export(request.clone()).await {
-            Ok(_) => return true,
-            Err(status) if matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable) => {
+        match tokio::time::timeout(Duration::from_secs(5), client.export(request.clone())).await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(status)) if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::Unimplemented) => {
+                return false;
+            }
+            Ok(Err(_)) | Err(_) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(_) => return false,
         }
     }
     false

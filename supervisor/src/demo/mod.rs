@@ -381,7 +381,13 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
     };
     let config = dir.join("tailgate.yaml");
     std::fs::write(&config, config_text(&dir, &ports, &sinks))?;
-    let pipeline = Pipeline::start(&config, &dir, ports.telemetry).await?;
+    // Ctrl-C from here on stops tailgate before the demo ends (during start-up the child is
+    // dropped, which kills it; its stages follow their parent).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let pipeline = tokio::select! {
+        pipeline = Pipeline::start(&config, &dir, ports.telemetry) => pipeline?,
+        _ = interrupt.recv() => anyhow::bail!("interrupted while tailgate started"),
+    };
 
     let live = !options.json && std::io::stdout().is_terminal();
     let mut keys = if live { Keys::open() } else { None };
@@ -405,7 +411,9 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
     let mut truth = None;
     let mut settle_started = None::<Instant>;
     let mut settled = false;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // The first `q` / Ctrl-C ends the load and waits for delivery; the second ends at once.
+    let mut stop_requests = 0u32;
+    let mut expected_ids: Option<std::collections::HashSet<sinks::ItemId>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut drawn_lines = 0usize;
     loop {
@@ -420,13 +428,20 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
             Some(key) = key => match key {
                 b'c' | b'C' => toggle_cut(&sinks, &mut cut_since, &mut cut_total, &mut frame, started),
                 b'k' | b'K' => kill(&pipeline, &options.kill_stage, &mut killed, &mut frame, started),
-                b'q' | b'Q' => stop.store(true, Ordering::Relaxed),
+                b'q' | b'Q' => {
+                    stop.store(true, Ordering::Relaxed);
+                    stop_requests += 1;
+                }
                 _ => {}
             },
-            _ = interrupt.recv() => stop.store(true, Ordering::Relaxed),
+            _ = interrupt.recv() => {
+                stop.store(true, Ordering::Relaxed);
+                stop_requests += 1;
+            }
             result = &mut generator, if truth.is_none() => {
                 truth = Some(result??);
                 settle_started = Some(Instant::now());
+                expected_ids = truth.as_ref().map(|t| t.kept_ids().collect());
                 if sinks.is_cut() {
                     toggle_cut(&sinks, &mut cut_since, &mut cut_total, &mut frame, started);
                 }
@@ -483,7 +498,7 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
         frame.cut = sinks.is_cut();
         frame.phase = if truth.is_none() { "load".into() } else { "delivering the rest".into() };
         if live {
-            let text = frame.render(keys.is_some());
+            let text = frame.render(keys.is_some().then_some(options.kill_stage.as_str()));
             // Up to the previous frame's first line, then clear below and draw.
             if drawn_lines > 0 {
                 print!("\x1b[{drawn_lines}A\r");
@@ -493,19 +508,19 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
         }
-        if let (Some(truth), Some(since)) = (&truth, settle_started) {
-            let expected = truth.kept_ids().count();
-            let done = frame.spans_delivered as usize >= expected
-                && frame.lines_delivered as usize >= expected
-                && frame.spans_counted >= truth.spans_sent as f64
+        if stop_requests >= 2 {
+            break;
+        }
+        if let (Some(truth), Some(since), Some(expected)) = (&truth, settle_started, &expected_ids) {
+            let done = sinks.with_received(|received| {
+                expected.iter().all(|id| received.spans.contains_key(id) && received.log_lines.contains_key(id))
+            }) && frame.spans_counted >= truth.spans_sent as f64
                 && queue_items == 0.0;
             if done {
                 settled = true;
                 break;
             }
-            if since.elapsed() > options.settle
-                || stop.load(Ordering::Relaxed) && since.elapsed() > Duration::from_secs(5)
-            {
+            if since.elapsed() > options.settle {
                 break;
             }
         }
@@ -520,7 +535,6 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
         })
         .collect();
     pipeline.stop().await;
-    // A short grace for requests in flight when the pipeline stopped.
     let delivered_traces = sinks.with_received(|r| r.trace_ids());
     let summary = sinks.with_received(|received| {
         let exemplars: u64 = received.exemplars.values().sum();

@@ -39,8 +39,8 @@ pub struct Received {
     pub log_lines: HashMap<ItemId, u32>,
     /// Loki entries that named no trace.
     pub untraced_lines: u64,
-    /// Latest value of each `calls` series (by its label set).
-    pub calls: HashMap<String, f64>,
+    /// Newest sample (timestamp, value) of each `calls` series (by its label set).
+    pub calls: HashMap<String, (i64, f64)>,
     /// Exemplars received: (trace id, how many).
     pub exemplars: HashMap<[u8; 16], u64>,
     /// Requests answered with an error while cut off.
@@ -55,7 +55,7 @@ impl Received {
 
     /// Spans counted by the span metrics so far.
     pub fn spans_counted(&self) -> f64 {
-        self.calls.values().fold(0.0, |sum, calls| sum + calls)
+        self.calls.values().fold(0.0, |sum, (_, calls)| sum + calls)
     }
 }
 
@@ -256,7 +256,11 @@ async fn remote_write(State(shared): State<Arc<Shared>>, body: bytes::Bytes) -> 
             && let Some(latest) = series.samples.iter().max_by_key(|s| s.timestamp)
         {
             let key: Vec<String> = series.labels.iter().map(|l| format!("{}={}", l.name, l.value)).collect();
-            received.calls.insert(key.join(","), latest.value);
+            // Requests may arrive out of order (retries): an older sample never replaces a newer.
+            let slot = received.calls.entry(key.join(",")).or_insert((i64::MIN, 0.0));
+            if latest.timestamp >= slot.0 {
+                *slot = (latest.timestamp, latest.value);
+            }
         }
         for exemplar in &series.exemplars {
             if let Some(trace) =

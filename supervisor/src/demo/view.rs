@@ -114,8 +114,8 @@ fn percent(part: f64, whole: f64) -> String {
 }
 
 impl Frame {
-    /// The frame as lines of text.
-    pub fn render(&self, keys: bool) -> String {
+    /// The frame as lines of text; with `kill` (the stage the `k` key kills), the keys line.
+    pub fn render(&self, kill: Option<&str>) -> String {
         let mut out = String::new();
         let secs = self.elapsed.as_secs();
         let _ = writeln!(
@@ -165,8 +165,8 @@ impl Frame {
         for event in self.events.iter().rev().take(3).rev() {
             let _ = writeln!(out, "  * {event}");
         }
-        if keys {
-            let _ = writeln!(out, "keys: c cut/restore the sinks, k kill tail_sample (SIGKILL), q finish");
+        if let Some(stage) = kill {
+            let _ = writeln!(out, "keys: c cut/restore the sinks, k kill {stage} (SIGKILL), q finish (twice: now)");
         }
         out
     }
