@@ -7,6 +7,7 @@
 #   - iptables and conntrack (Debian packages) for the chaos drill (tests/chaos_drill.rs), which
 #     cuts a link between two network namespaces it creates; it and the full-filesystem test
 #     (a tmpfs mount) need root, as CI runs them;
+#   - g++ for the fuzz targets (libFuzzer is built from source), if missing;
 #   - cargo-nextest, if missing.
 # Then every test (extra arguments go to `cargo nextest run`), then the fuzz targets for a bounded
 # time each (tests/fuzz/run.sh; TAILGATE_FUZZ_SECONDS per target, default 30, 0 skips them).
@@ -30,6 +31,8 @@ command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v conntrack >/dev/null 2>&1 || missing+=(conntrack)
 # systemd-analyze (tests/systemd.rs verifies the unit; no running systemd needed).
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# A C++ compiler: the fuzz targets build libFuzzer from source (libfuzzer-sys).
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" \
     || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"; }
