@@ -213,34 +213,26 @@ impl Importer {
                     let mut protocols = take(&mut receiver, "protocols").unwrap_or(json!({}));
                     let out = &mut self.output;
                     put(out, &["receivers", "otlp", "protocols"], json!({}));
-                    if let Some(mut grpc) = take(&mut protocols, "grpc") {
-                        let to = ["receivers", "otlp", "protocols", "grpc"];
-                        // `grpc:` with no settings: the Collector's default port, on loopback.
-                        put(out, &to, json!({"endpoint": "127.0.0.1:4317"}));
-                        carry(&mut grpc, "endpoint", out, &[&to[..], &["endpoint"]].concat(), same);
-                        carry(
-                            &mut grpc,
+                    // The size limit's key and conversion differ: gRPC in MiB, HTTP in bytes.
+                    let mib = |v: Value| v.as_u64().map(|bytes| json!(bytes.div_ceil(1 << 20).max(1)));
+                    for (name, default_endpoint, size_from, size_to, size) in [
+                        (
+                            "grpc",
+                            "127.0.0.1:4317",
                             "max_recv_msg_size_mib",
-                            out,
-                            &[&to[..], &["max_recv_msg_size_mib"]].concat(),
-                            same,
-                        );
-                        server_tls(&mut grpc, out, &to);
-                        put(&mut protocols, &["grpc"], grpc);
-                    }
-                    if let Some(mut http) = take(&mut protocols, "http") {
-                        let to = ["receivers", "otlp", "protocols", "http"];
-                        put(out, &to, json!({"endpoint": "127.0.0.1:4318"}));
-                        carry(&mut http, "endpoint", out, &[&to[..], &["endpoint"]].concat(), same);
-                        carry(
-                            &mut http,
-                            "max_request_body_size",
-                            out,
-                            &[&to[..], &["max_request_body_size_mib"]].concat(),
-                            |v| v.as_u64().map(|bytes| json!(bytes.div_ceil(1 << 20).max(1))),
-                        );
-                        server_tls(&mut http, out, &to);
-                        put(&mut protocols, &["http"], http);
+                            "max_recv_msg_size_mib",
+                            same as fn(Value) -> Option<Value>,
+                        ),
+                        ("http", "127.0.0.1:4318", "max_request_body_size", "max_request_body_size_mib", mib),
+                    ] {
+                        let Some(mut settings) = take(&mut protocols, name) else { continue };
+                        let to = ["receivers", "otlp", "protocols", name];
+                        // `grpc:` with no settings: the Collector's default port, on loopback.
+                        put(out, &to, json!({"endpoint": default_endpoint}));
+                        carry(&mut settings, "endpoint", out, &[&to[..], &["endpoint"]].concat(), same);
+                        carry(&mut settings, size_from, out, &[&to[..], &[size_to]].concat(), size);
+                        server_tls(&mut settings, out, &to);
+                        put(&mut protocols, &[name], settings);
                     }
                     put(&mut receiver, &["protocols"], protocols);
                 }

@@ -262,11 +262,11 @@ fn queue_report(config: &Config) -> anyhow::Result<serde_json::Value> {
             "summary": describe_incident(&window),
         })
     });
-    drop(txn);
-    let drift: serde_json::Map<String, serde_json::Value> = tailgate_stages::receive::filelog::stored_drift(&queue)?
-        .into_iter()
-        .map(|(path, counts)| (path, json!(counts.summary())))
-        .collect();
+    let drift: serde_json::Map<String, serde_json::Value> =
+        tailgate_stages::receive::filelog::stored_drift(&queue, &txn)?
+            .into_iter()
+            .map(|(path, counts)| (path, json!(counts.summary())))
+            .collect();
     let mut report = report;
     report["log_schema_drift"] = serde_json::Value::Object(drift);
     report["incident"] = incident.unwrap_or(serde_json::Value::Null);

@@ -49,3 +49,18 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks = rustix::param::clock_ticks_per_second();
     Some((utime + stime) as f64 / ticks as f64)
 }
+
+/// The stage processes a supervisor started, by stage name (its children whose command is
+/// `tg-<stage>`).
+pub(crate) fn stage_children(supervisor: u32) -> Vec<(String, u32)> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((comm.trim().strip_prefix("tg-")?.to_owned(), pid))
+        })
+        .collect()
+}

@@ -98,16 +98,17 @@ impl Snapshot {
             snapshot.used_bytes = queue.used_bytes(&txn)?;
             snapshot.intake_open = queue.admits(&txn)?;
             snapshot.route_thresholds = queue.route_thresholds(&txn)?;
+            for (_file, drift) in tailgate_stages::receive::filelog::stored_drift(queue, &txn)? {
+                for (kind, values) in drift.counts {
+                    *snapshot.drift.entry(kind).or_default() += values.values().sum::<u64>();
+                }
+            }
             Ok(())
         };
         if let Err(err) = read() {
             snapshot.not_ready.push(format!("queue unreadable: {err}"));
         }
-        for (_file, drift) in tailgate_stages::receive::filelog::stored_drift(queue).unwrap_or_default() {
-            for (kind, values) in drift.counts {
-                *snapshot.drift.entry(kind).or_default() += values.values().sum::<u64>();
-            }
-        }
+
         snapshot.capacity_bytes = queue.capacity_bytes();
         if !snapshot.intake_open {
             snapshot.not_ready.push("the queue is at its disk budget (intake refused)".to_string());

@@ -186,10 +186,7 @@ impl Pipeline {
 
     /// The pid of a stage process (its `tg-<stage>` child).
     fn stage_pid(&self, stage: &str) -> Option<u32> {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid)).ok()?;
-        children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == format!("tg-{stage}"))
-        })
+        crate::proc::stage_children(self.pid).into_iter().find(|(name, _)| name == stage).map(|(_, pid)| pid)
     }
 
     fn kill_stage(&self, stage: &str) -> Option<u32> {
@@ -469,13 +466,13 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
         frame.stages = std::iter::once("supervisor")
             .chain(STAGES)
             .map(|name| {
-                let (ticks, private) = now_cpu.1.get(name).copied().unwrap_or_default();
-                // A restarted stage is a new process: its ticks start again from zero.
-                let before = last_cpu.1.get(name).map_or(0, |(t, _)| *t);
-                let used = if ticks >= before { ticks - before } else { ticks };
+                let (seconds, private) = now_cpu.1.get(name).copied().unwrap_or_default();
+                // A restarted stage is a new process: its CPU time starts again from zero.
+                let before = last_cpu.1.get(name).map_or(0.0, |(s, _)| *s);
+                let used = if seconds >= before { seconds - before } else { seconds };
                 let restarts = (name != "supervisor")
                     .then(|| metrics.sum("tailgate_stage_restarts_total", &format!("stage=\"{name}\"")));
-                (name.to_owned(), used as f64 / interval, private as f64 / 1_048_576.0, restarts)
+                (name.to_owned(), 100.0 * used / interval, private as f64 / 1_048_576.0, restarts)
             })
             .collect();
         last_cpu = now_cpu;

@@ -56,31 +56,17 @@ impl Metrics {
 /// The five stages, in pipeline order.
 pub const STAGES: [&str; 5] = ["receive", "tail_sample", "log_mirror", "spanmetrics", "export"];
 
-/// CPU ticks (utime + stime, USER_HZ = 100 per second) and private memory (anonymous resident
-/// bytes) of the supervisor and of each stage process, by name.
-pub fn processes(supervisor: u32) -> BTreeMap<String, (u64, u64)> {
+/// CPU time used (seconds) and private memory (bytes) of the supervisor and of each stage
+/// process, by name.
+pub fn processes(supervisor: u32) -> BTreeMap<String, (f64, u64)> {
+    let usage = |pid: u32| Some((crate::proc::cpu_seconds(pid)?, crate::proc::private_memory_bytes(pid).unwrap_or(0)));
     let mut out = BTreeMap::new();
-    let read = |pid: u32| -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-        let anonymous_kib = rollup
-            .lines()
-            .find_map(|line| line.strip_prefix("Anonymous:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        Some((ticks, anonymous_kib * 1024))
-    };
-    if let Some(usage) = read(supervisor) {
-        out.insert("supervisor".to_owned(), usage);
+    if let Some(own) = usage(supervisor) {
+        out.insert("supervisor".to_owned(), own);
     }
-    let children =
-        std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children")).unwrap_or_default();
-    for pid in children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if let (Some(stage), Some(usage)) = (comm.trim().strip_prefix("tg-"), read(pid)) {
-            out.insert(stage.to_owned(), usage);
+    for (stage, pid) in crate::proc::stage_children(supervisor) {
+        if let Some(stage_usage) = usage(pid) {
+            out.insert(stage, stage_usage);
         }
     }
     out

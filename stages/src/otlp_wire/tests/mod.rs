@@ -752,57 +752,6 @@ fn untraced_log_records_carry_their_duration_attribute() {
 }
 
 #[test]
-fn attributes_are_found_in_place_and_bad_bytes_find_nothing() {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    use opentelemetry_proto::tonic::trace::v1::Span;
-    let kv = |key: &str, value: Value| opentelemetry_proto::tonic::common::v1::KeyValue {
-        key: key.into(),
-        value: Some(opentelemetry_proto::tonic::common::v1::AnyValue { value: Some(value) }),
-        ..Default::default()
-    };
-    let span_message = Span {
-        name: "GET".into(),
-        attributes: vec![
-            kv("http.route", Value::StringValue("/checkout".into())),
-            kv("retries", Value::IntValue(-3)),
-            kv("ok", Value::BoolValue(true)),
-        ],
-        ..Default::default()
-    };
-    let span = span_message.encode_to_vec();
-    assert_eq!(find_attribute(&span, 9, "http.route"), Some(AttributeValue::Str("/checkout")));
-    assert_eq!(find_attribute(&span, 9, "retries"), Some(AttributeValue::Int(-3)));
-    assert_eq!(find_attribute(&span, 9, "ok"), Some(AttributeValue::Other));
-    assert_eq!(find_attribute(&span, 9, "missing"), None);
-    for cut in 0..span.len() {
-        // Truncated bytes never panic; they find the key only if it lies before the cut.
-        let _ = find_attribute(&span[..cut], 9, "retries");
-    }
-    assert_eq!(find_attribute(&[0xff, 0xff, 0xff], 9, "http.route"), None);
-    // A string field rewritten in place of every occurrence, the rest of the bytes kept.
-    let with_state = Span { trace_state: "a=1".into(), ..span_message.clone() }.encode_to_vec();
-    let rewritten = with_string_field(&with_state, 3, 0, |old| format!("ot=th:8,{old}")).unwrap();
-    let decoded = Span::decode(rewritten.as_slice()).unwrap();
-    assert_eq!(decoded.trace_state, "ot=th:8,a=1");
-    assert_eq!(decoded.attributes, span_message.attributes);
-    let mut twice = with_state.clone();
-    twice.extend_from_slice(&Span { trace_state: "b=2".into(), ..Default::default() }.encode_to_vec());
-    let rewritten = with_string_field(&twice, 3, 0, |old| format!("[{old}]")).unwrap();
-    assert_eq!(Span::decode(rewritten.as_slice()).unwrap().trace_state, "[b=2]");
-    assert_eq!(rewritten.windows(3).filter(|w| *w == b"a=1").count(), 0);
-    let rewritten = with_string_field(&span, 3, 0, |old| format!("[{old}]")).unwrap();
-    assert_eq!(Span::decode(rewritten.as_slice()).unwrap().trace_state, "[]");
-    assert_eq!(with_string_field(&[0xff, 0xff, 0xff], 3, 0, |_| String::new()), None);
-    // Several keys in one walk; a slot already filled (a span's own value) is left alone.
-    let mut found = [None, Some(AttributeValue::Int(7)), None];
-    find_attributes(&span, 9, &["retries", "http.route", "missing"], &mut found);
-    assert_eq!(found, [Some(AttributeValue::Int(-3)), Some(AttributeValue::Int(7)), None]);
-    let mut found = [None, None];
-    find_attributes(&span, 9, &["ok", "http.route"], &mut found);
-    assert_eq!(found, [Some(AttributeValue::Other), Some(AttributeValue::Str("/checkout"))]);
-}
-
-#[test]
 fn items_over_a_cap_are_cut_down_and_counted_and_the_others_kept_byte_for_byte() {
     let limits = Limits { attributes: 128, value_length: Some(8), events: 128, links: 128 };
     let within = test_span(1);

@@ -503,11 +503,14 @@ fn string_kv(key: &str, value: &str) -> KeyValue {
     }
 }
 
-/// Drift counts per file as stored in the queue (for `tailgate status`).
-pub fn stored_drift(queue: &Queue) -> Result<Vec<(String, Drift)>, QueueError> {
-    let rtxn = queue.read()?;
+/// Drift counts per file as stored in the queue (for `tailgate status` and the self-metrics),
+/// read in the caller's transaction.
+pub fn stored_drift(
+    queue: &Queue,
+    rtxn: &tailgate_ipc::queue::ReadTxn<'_>,
+) -> Result<Vec<(String, Drift)>, QueueError> {
     let mut out = Vec::new();
-    for (key, value) in queue.state_prefix(&rtxn, DRIFT_PREFIX)? {
+    for (key, value) in queue.state_prefix(rtxn, DRIFT_PREFIX)? {
         let Some(path) = key.strip_prefix(DRIFT_PREFIX).and_then(|p| std::str::from_utf8(p).ok()) else { continue };
         if let Ok(drift) = serde_json::from_slice::<Drift>(value) {
             out.push((path.to_owned(), drift));
