@@ -394,6 +394,48 @@ pub fn access_spans(value: &[u8]) -> Result<&ArchivedSpanBatch, BatchError> {
         .map_err(|err| BatchError::Archive(err.to_string()))
 }
 
+/// What identifies a stored span batch this process has checked in full: its length and its
+/// header (kind, items and the checksum of the archive). Only [`access_spans_seen`] makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeenBatch {
+    len: usize,
+    header: [u8; HEADER_LEN],
+}
+
+impl SeenBatch {
+    fn of(value: &[u8]) -> Option<SeenBatch> {
+        Some(SeenBatch { len: value.len(), header: value.get(..HEADER_LEN)?.try_into().ok()? })
+    }
+}
+
+/// [`access_spans`], plus what lets [`access_spans_again`] skip the checks when the same
+/// stored batch is read again.
+pub fn access_spans_seen(value: &[u8]) -> Result<(&ArchivedSpanBatch, Option<SeenBatch>), BatchError> {
+    let batch = access_spans(value)?;
+    let seen = (u16::from_le_bytes([value[0], value[1]]) == BATCH_FORMAT_VERSION).then(|| SeenBatch::of(value));
+    Ok((batch, seen.flatten()))
+}
+
+/// A stored span batch read again (a later step deciding traces whose spans it holds): when it
+/// is the batch `seen` was taken from — same length, same header, so the same checksum over
+/// the same archive — the checksum and the archive's validation, both done when it was first
+/// read, are not repeated; anything else is checked in full. LMDB never changes a committed
+/// value, and a batch stays in the queue, at its sequence number, until every consumer has
+/// passed it.
+pub fn access_spans_again<'v>(value: &'v [u8], seen: &SeenBatch) -> Result<&'v ArchivedSpanBatch, BatchError> {
+    if SeenBatch::of(value).as_ref() != Some(seen) {
+        return access_spans(value);
+    }
+    let body = &value[HEADER_LEN..];
+    // SAFETY: `seen` exists only for a value that passed `access_spans` (checksum and rkyv
+    // validation, alignment included) in this process; this value has that value's length
+    // and header, so its checksum covers the same archive bytes. A stored value is immutable
+    // while it is in the queue.
+    #[allow(unsafe_code)]
+    let batch = unsafe { rkyv::access_unchecked::<ArchivedSpanBatch>(body) };
+    Ok(batch)
+}
+
 /// Checked, zero-copy view of a stored log batch.
 pub fn access_logs(value: &[u8]) -> Result<&ArchivedLogBatch, BatchError> {
     rkyv::access::<ArchivedLogBatch, rancor::Error>(body_of(value, BatchKind::Logs)?)
@@ -562,6 +604,27 @@ mod tests {
         assert!(matches!(access_spans(&header_flip), Err(BatchError::Checksum { .. })));
         let truncated = &bytes[..bytes.len() - 3];
         assert!(access_spans(truncated).is_err());
+    }
+
+    #[test]
+    fn a_batch_read_again_is_checked_unless_it_is_the_one_seen() {
+        let bytes = encode_spans(&sample()).unwrap();
+        let (_, seen) = access_spans_seen(&bytes).unwrap();
+        let seen = seen.unwrap();
+        assert_eq!(access_spans_again(&bytes, &seen).unwrap().spans[0].name.as_str(), "GET /");
+        // Any other value (another header or length) is checked in full.
+        let other = encode_spans(&SpanBatch { received_unix_nano: 8, ..sample() }).unwrap();
+        assert_eq!(access_spans_again(&other, &seen).unwrap().received_unix_nano.to_native(), 8);
+        let mut damaged = other.clone();
+        damaged[HEADER_LEN + 3] ^= 0xff;
+        assert!(matches!(access_spans_again(&damaged, &seen), Err(BatchError::Checksum { .. })));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(access_spans_again(&longer, &seen).is_err());
+        // A damaged value never passes the first read, so nothing vouches for it.
+        let mut damaged = bytes.clone();
+        damaged[HEADER_LEN] ^= 1;
+        assert!(access_spans_seen(&damaged).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod context;
 pub mod credentials;
 pub mod events;
 pub mod export;
+pub mod fast_map;
 pub mod fault;
 pub mod grpc_raw;
 pub mod limits;

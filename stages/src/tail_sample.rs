@@ -19,7 +19,7 @@
 //! Every time here (receive stamps, due times, decision stamps) is pipeline time
 //! ([`tailgate_ipc::clock`]): it never jumps when the wall clock is stepped.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedSpanBatch, SubsetBuilder};
@@ -27,6 +27,7 @@ use tailgate_ipc::decisions::{Decision, PruneRule, SAMPLER_READ_POS_KEY, Sampler
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, wait_if_full};
+use crate::fast_map::FastMap;
 use summaries::Summaries;
 use tailgate_ipc::clock::{pipeline_now, wall_now};
 
@@ -117,13 +118,16 @@ pub struct Sampler {
     policies: policies::Policies,
     /// The open incident window, read at every step.
     incident: Option<incident::Incident>,
-    traces: HashMap<[u8; 16], PendingTrace>,
+    traces: FastMap<[u8; 16], PendingTrace>,
     /// (due time, trace id) of every pending trace.
     due: BTreeSet<(u64, [u8; 16])>,
     /// Pending traces per receive time of their first span: the watermark's oldest pending.
     first_received: BTreeMap<u64, u32>,
     /// Undecided spans per ingested batch; the cursor passes a batch when its count is 0.
     undecided: BTreeMap<u64, u32>,
+    /// Batches past the cursor this process has checked in full when it ingested them: read
+    /// again (to decide their traces in a later step), they are not checked again.
+    checked: BTreeMap<u64, batch::SeenBatch>,
     cursor: u64,
     read_pos: u64,
     /// `read_pos` as persisted at start: batches up to it were handled before a restart.
@@ -192,11 +196,13 @@ struct StepOutput<'t> {
     /// Bytes of spans emitted in the step.
     emitted: usize,
     /// Decisions made or extended in this step, by trace id, and whether one is stored already.
-    decisions: HashMap<[u8; 16], (Decision, bool)>,
+    decisions: FastMap<[u8; 16], (Decision, bool)>,
     /// What spanmetrics gets of every span decided in this step.
     summaries: Summaries<'t>,
     /// Batches opened (checked) in this step, by sequence number: each is checked once a step.
-    sources: HashMap<u64, &'t ArchivedSpanBatch>,
+    sources: FastMap<u64, &'t ArchivedSpanBatch>,
+    /// The spans of the trace being decided (reused from trace to trace).
+    scratch: Vec<(&'t ArchivedSpanBatch, u32)>,
 }
 
 /// A step's output, encoded and owned: what the write transaction appends and records.
@@ -204,7 +210,7 @@ struct EncodedOutput {
     kept_spans: Vec<Vec<u8>>,
     summaries: Vec<Vec<u8>>,
     summarized: u64,
-    decisions: HashMap<[u8; 16], (Decision, bool)>,
+    decisions: FastMap<[u8; 16], (Decision, bool)>,
 }
 
 impl<'t> StepOutput<'t> {
@@ -267,10 +273,11 @@ impl Sampler {
             policies,
             incident: None,
             policy,
-            traces: HashMap::new(),
+            traces: FastMap::default(),
             due: BTreeSet::new(),
             first_received: BTreeMap::new(),
             undecided: BTreeMap::new(),
+            checked: BTreeMap::new(),
             cursor,
             read_pos: cursor,
             replay_until,
@@ -512,8 +519,11 @@ impl Sampler {
             }
             let (seq, value) = entry?;
             bytes += value.len();
-            let batch = batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
+            let (batch, seen) = batch::access_spans_seen(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
             output.sources.insert(seq, batch);
+            if let Some(seen) = seen {
+                self.checked.insert(seq, seen);
+            }
             let replaying = seq <= self.replay_until;
             // A trace due before this batch was received is decided before the batch is read,
             // as it would have been had the sampler been running then: a backlog (after downtime
@@ -650,20 +660,32 @@ impl Sampler {
                 }
             }
             let mut last_seq = 0;
-            for &(seq, _) in &trace.spans {
+            let mut spans = std::mem::take(&mut output.scratch);
+            spans.clear();
+            // A trace's spans mostly sit in one batch or a few, one after another: each run of
+            // spans in the same batch costs one lookup.
+            let mut run: Option<(u64, &'t ArchivedSpanBatch, u32)> = None;
+            for &(seq, index) in &trace.spans {
+                let source = match &mut run {
+                    Some((at, source, count)) if *at == seq => {
+                        *count += 1;
+                        *source
+                    }
+                    _ => {
+                        if let Some((at, _, count)) = run {
+                            self.settle(at, count);
+                        }
+                        let source = self.source(queue, rtxn, &mut output.sources, seq)?;
+                        run = Some((seq, source, 1));
+                        source
+                    }
+                };
                 last_seq = last_seq.max(seq);
-                if let Some(count) = self.undecided.get_mut(&seq) {
-                    *count = count.saturating_sub(1);
-                }
-                if let std::collections::hash_map::Entry::Vacant(slot) = output.sources.entry(seq) {
-                    let value = queue
-                        .get(rtxn, Edge::Spans, seq)?
-                        .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
-                    slot.insert(batch::access_spans(value).map_err(QueueError::corrupt_at(Edge::Spans, seq))?);
-                }
+                spans.push((source, index));
             }
-            let spans: Vec<(&ArchivedSpanBatch, u32)> =
-                trace.spans.iter().filter_map(|&(seq, index)| Some((*output.sources.get(&seq)?, index))).collect();
+            if let Some((at, _, count)) = run {
+                self.settle(at, count);
+            }
             let kept_by = self.policies.decide_during(&trace_id, &spans, self.incident.as_ref());
             let keep = kept_by.is_some();
             let mark = kept_by.and_then(|policy| self.policies.mark(policy));
@@ -673,6 +695,7 @@ impl Sampler {
                     output.emit(seq, source, index, mark);
                 }
             }
+            output.scratch = spans;
             let spans = trace.spans.len() as u64;
             if keep {
                 report.kept += spans
@@ -687,6 +710,37 @@ impl Sampler {
         Ok(true)
     }
 
+    /// `count` spans of batch `seq` were decided.
+    fn settle(&mut self, seq: u64, count: u32) {
+        if let Some(undecided) = self.undecided.get_mut(&seq) {
+            *undecided = undecided.saturating_sub(count);
+        }
+    }
+
+    /// Batch `seq`, opened once per step: checked in full the first time this process reads it
+    /// (when it is ingested), not again after that ([`batch::access_spans_again`]).
+    fn source<'t>(
+        &self,
+        queue: &Queue,
+        rtxn: &'t ReadTxn<'_>,
+        sources: &mut FastMap<u64, &'t ArchivedSpanBatch>,
+        seq: u64,
+    ) -> Result<&'t ArchivedSpanBatch, StageError> {
+        if let Some(source) = sources.get(&seq) {
+            return Ok(source);
+        }
+        let value = queue
+            .get(rtxn, Edge::Spans, seq)?
+            .ok_or_else(|| StageError::Other(format!("spans batch {seq} vanished while referenced")))?;
+        let source = match self.checked.get(&seq) {
+            Some(seen) => batch::access_spans_again(value, seen),
+            None => batch::access_spans(value),
+        }
+        .map_err(QueueError::corrupt_at(Edge::Spans, seq))?;
+        sources.insert(seq, source);
+        Ok(source)
+    }
+
     fn advance_cursor(&mut self) {
         while let Some((&seq, &count)) = self.undecided.first_key_value() {
             if count > 0 {
@@ -694,6 +748,9 @@ impl Sampler {
             }
             self.undecided.pop_first();
             self.cursor = seq;
+        }
+        while self.checked.first_key_value().is_some_and(|(&seq, _)| seq <= self.cursor) {
+            self.checked.pop_first();
         }
     }
 }

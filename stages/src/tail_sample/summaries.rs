@@ -4,7 +4,7 @@
 //! counts every span exactly once (a crash before the commit writes neither), and a summary
 //! marked kept is backed by a durable keep decision: an exemplar taken from it always resolves.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -20,7 +20,7 @@ const MAX_SUMMARIES_PER_BATCH: usize = 16_384;
 /// Summaries of one step, borrowing the names from the spans read in the step's transaction.
 #[derive(Debug, Default)]
 pub struct Summaries<'t> {
-    services: HashMap<&'t str, u32>,
+    services: FastMap<&'t str, u32>,
     current: SummaryBatchRef<'t>,
     full: Vec<SummaryBatchRef<'t>>,
 }

@@ -379,7 +379,13 @@ fn sampler_throughput() {
         let fields: Vec<&str> = text.rsplit(')').next().unwrap().split_whitespace().collect();
         fields[7].parse::<u64>().unwrap()
     };
+    let written = || {
+        let text = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        let line = text.lines().find(|line| line.starts_with("wchar:")).unwrap();
+        line["wchar:".len()..].trim().parse::<u64>().unwrap()
+    };
     let faults_before = faults();
+    let written_before = written();
     let before = cpu();
     let mut sampler = Sampler::open(&queue, policy).unwrap();
     let (mut ingested, mut kept) = (0, 0);
@@ -395,9 +401,10 @@ fn sampler_throughput() {
     }
     let seconds = (cpu() - before) as f64 / 1e9;
     eprintln!(
-        "{ingested} spans ({kept} kept), policies: {with_policies}: {seconds:.2} CPU-s, {:.2} M spans per CPU-second, {} minor faults",
+        "{ingested} spans ({kept} kept), policies: {with_policies}: {seconds:.2} CPU-s, {:.2} M spans per CPU-second, {} minor faults, {:.0} bytes written per span",
         ingested as f64 / seconds / 1e6,
-        faults() - faults_before
+        faults() - faults_before,
+        (written() - written_before) as f64 / ingested as f64
     );
 }
 
