@@ -17,7 +17,9 @@
 //! by scanning its decision-time index from the newest time seen (tail_sample's clock only moves
 //! forward across its commits), and a record is looked up once more before it times out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::fast_map::FastMap;
 use std::time::Duration;
 
 use tailgate_ipc::batch::{self, ArchivedLogBatch, LogBatch, SEVERITY_NUMBER_ERROR, SubsetBuilder};
@@ -177,7 +179,7 @@ pub struct Mirror {
     /// Read batches the cursor has not passed.
     pending: BTreeMap<u64, Pending>,
     /// Waiting records by trace.
-    waiting: HashMap<[u8; 16], Vec<(u64, u32)>>,
+    waiting: FastMap<[u8; 16], Vec<(u64, u32)>>,
     /// Decision time (Unix ms) up to which new decisions were looked at.
     decisions_seen_ms: u64,
     /// Stored bitmaps of batches the cursor passed in this step, to delete.
@@ -199,7 +201,7 @@ impl Mirror {
             read_pos,
             persisted_read_pos: read_pos,
             pending: BTreeMap::new(),
-            waiting: HashMap::new(),
+            waiting: FastMap::default(),
             decisions_seen_ms: 0,
             passed_stored: Vec::new(),
             step_limit: queue.max_step_bytes(),
@@ -394,7 +396,7 @@ impl Mirror {
         let mut changed = false;
         // Each batch is opened (its checksum and structure checked) once, not once per record
         // resolved in it: that was half of the stage's CPU at the field report's load.
-        let mut opened: HashMap<u64, &ArchivedLogBatch> = HashMap::new();
+        let mut opened: FastMap<u64, &ArchivedLogBatch> = FastMap::default();
         for (decided_ms, trace_id) in queue.decisions_since(rtxn, self.decisions_seen_ms)? {
             self.decisions_seen_ms = self.decisions_seen_ms.max(decided_ms);
             let Some(records) = self.waiting.remove(&trace_id) else { continue };

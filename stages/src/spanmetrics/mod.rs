@@ -20,7 +20,10 @@
 pub mod output;
 pub mod series;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use crate::fast_map::FastMap;
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -70,7 +73,9 @@ pub struct Accumulator {
     deltas: Vec<(SeriesKey, Delta)>,
     /// Hash of a series' fields (computed from the summary, without allocating) -> positions in
     /// `deltas`: the per-span lookup allocates only for a series new since the last flush.
-    index: HashMap<u64, Vec<usize>>,
+    index: FastMap<u64, Vec<usize>>,
+    /// Hashes a summary's series fields (seeded at random, like the index).
+    hasher: foldhash::fast::RandomState,
     /// Encoded keys of the durable series (loaded at the first read).
     known: Option<HashSet<Vec<u8>>>,
     /// The cursor as this process last committed (or found) it; `None` before the first read.
@@ -89,7 +94,8 @@ impl Accumulator {
             config: config.clone(),
             bounds,
             deltas: Vec::new(),
-            index: HashMap::new(),
+            index: FastMap::default(),
+            hasher: foldhash::fast::RandomState::default(),
             known: None,
             cursor: None,
             read_pos: 0,
@@ -157,7 +163,7 @@ impl Accumulator {
                 Some((dimension.name.as_str(), value))
             })
         };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        let mut hasher = self.hasher.build_hasher();
         (service, summary.name.as_str(), summary.kind, summary.status_code).hash(&mut hasher);
         for dimension in dimensions() {
             dimension.hash(&mut hasher);
