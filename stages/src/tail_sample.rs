@@ -43,6 +43,9 @@ use crate::limits::{
 /// The trace map is left alone below this capacity (a steady load's index).
 const COMPACT_ABOVE_CAPACITY: usize = 16_384;
 
+/// Due traces taken out of the index together (see [`Sampler::decide`]).
+const DECIDE_CHUNK: usize = 16;
+
 /// How often the stage, when it has caught up, shrinks an index a burst left oversized.
 const COMPACT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -203,6 +206,8 @@ struct StepOutput<'t> {
     sources: FastMap<u64, &'t ArchivedSpanBatch>,
     /// The spans of the trace being decided (reused from trace to trace).
     scratch: Vec<(&'t ArchivedSpanBatch, u32)>,
+    /// The policies' buffers (reused from trace to trace).
+    policy_scratch: policies::Scratch<'t>,
 }
 
 /// A step's output, encoded and owned: what the write transaction appends and records.
@@ -383,8 +388,13 @@ impl Sampler {
     pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<StepReport, StageError> {
         let mut report = StepReport::default();
         let step_limit = self.step_limit;
-        let mut output =
-            StepOutput { batch_limit: step_limit.min(MAX_OUTPUT_BATCH_BYTES), step_limit, ..StepOutput::default() };
+        let mut output = StepOutput {
+            batch_limit: step_limit.min(MAX_OUTPUT_BATCH_BYTES),
+            step_limit,
+            // Sized once for the step's bound instead of grown (and rehashed) seven times.
+            decisions: FastMap::with_capacity_and_hasher(MAX_DECISIONS_PER_STEP, Default::default()),
+            ..StepOutput::default()
+        };
         let rtxn = queue.read()?;
         if !queue.stage_may_write(&rtxn)? {
             report.blocked = true;
@@ -642,72 +652,107 @@ impl Sampler {
         output: &mut StepOutput<'t>,
         report: &mut StepReport,
     ) -> Result<bool, StageError> {
-        while let Some(&(due, trace_id)) = self.due.first() {
-            if due > due_by {
-                break;
+        let mut taken: Vec<([u8; 16], PendingTrace)> = Vec::new();
+        loop {
+            let due_now = self.due.first().is_some_and(|&(due, _)| due <= due_by);
+            if !due_now {
+                return Ok(true);
             }
             if output.emitted >= output.step_limit || output.decisions.len() >= MAX_DECISIONS_PER_STEP {
                 report.more_input = true;
                 return Ok(false);
             }
-            self.due.pop_first();
-            let Some(trace) = self.traces.remove(&trace_id) else { continue };
-            self.pending_spans = self.pending_spans.saturating_sub(trace.spans.len() as u64);
-            if let Some(count) = self.first_received.get_mut(&trace.first_received) {
-                *count -= 1;
-                if *count == 0 {
-                    self.first_received.remove(&trace.first_received);
-                }
+            // The due traces leave the index a few at a time, before any is decided: the
+            // removals do not depend on one another, so the processor overlaps their cache
+            // misses (the index is far larger than the caches; a trace is removed seconds after
+            // it was inserted).
+            let room = (MAX_DECISIONS_PER_STEP - output.decisions.len()).min(DECIDE_CHUNK);
+            let mut ids = [[0u8; 16]; DECIDE_CHUNK];
+            let mut count = 0;
+            while count < room
+                && let Some(&(due, trace_id)) = self.due.first()
+                && due <= due_by
+            {
+                self.due.pop_first();
+                ids[count] = trace_id;
+                count += 1;
             }
-            let mut last_seq = 0;
-            let mut spans = std::mem::take(&mut output.scratch);
-            spans.clear();
-            // A trace's spans mostly sit in one batch or a few, one after another: each run of
-            // spans in the same batch costs one lookup.
-            let mut run: Option<(u64, &'t ArchivedSpanBatch, u32)> = None;
-            for &(seq, index) in &trace.spans {
-                let source = match &mut run {
-                    Some((at, source, count)) if *at == seq => {
-                        *count += 1;
-                        *source
-                    }
-                    _ => {
-                        if let Some((at, _, count)) = run {
-                            self.settle(at, count);
-                        }
-                        let source = self.source(queue, rtxn, &mut output.sources, seq)?;
-                        run = Some((seq, source, 1));
-                        source
-                    }
-                };
-                last_seq = last_seq.max(seq);
-                spans.push((source, index));
+            taken.extend(ids[..count].iter().filter_map(|id| Some((*id, self.traces.remove(id)?))));
+            for (trace_id, trace) in taken.drain(..) {
+                self.decide_trace(queue, rtxn, trace_id, trace, now_unix_nano, output, report)?;
             }
-            if let Some((at, _, count)) = run {
-                self.settle(at, count);
-            }
-            let kept_by = self.policies.decide_during(&trace_id, &spans, self.incident.as_ref());
-            let keep = kept_by.is_some();
-            let mark = kept_by.and_then(|policy| self.policies.mark(policy));
-            for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
-                output.summarize(source, index, keep, &self.policy.dimensions);
-                if keep {
-                    output.emit(seq, source, index, mark);
-                }
-            }
-            output.scratch = spans;
-            let spans = trace.spans.len() as u64;
-            if keep {
-                report.kept += spans
-            } else {
-                report.dropped += spans
-            }
-            report.decided += 1;
-            let policy = kept_by.and_then(|index| u8::try_from(index).ok());
-            let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq, policy };
-            output.decisions.insert(trace_id, (decision, false));
         }
-        Ok(true)
+    }
+
+    /// Decides one trace taken out of the index: its spans' summaries, the kept ones emitted,
+    /// the decision recorded.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_trace<'t>(
+        &mut self,
+        queue: &Queue,
+        rtxn: &'t ReadTxn<'_>,
+        trace_id: [u8; 16],
+        trace: PendingTrace,
+        now_unix_nano: u64,
+        output: &mut StepOutput<'t>,
+        report: &mut StepReport,
+    ) -> Result<(), StageError> {
+        self.pending_spans = self.pending_spans.saturating_sub(trace.spans.len() as u64);
+        if let Some(count) = self.first_received.get_mut(&trace.first_received) {
+            *count -= 1;
+            if *count == 0 {
+                self.first_received.remove(&trace.first_received);
+            }
+        }
+        let mut last_seq = 0;
+        let mut spans = std::mem::take(&mut output.scratch);
+        spans.clear();
+        // A trace's spans mostly sit in one batch or a few, one after another: each run of
+        // spans in the same batch costs one lookup.
+        let mut run: Option<(u64, &'t ArchivedSpanBatch, u32)> = None;
+        for &(seq, index) in &trace.spans {
+            let source = match &mut run {
+                Some((at, source, count)) if *at == seq => {
+                    *count += 1;
+                    *source
+                }
+                _ => {
+                    if let Some((at, _, count)) = run {
+                        self.settle(at, count);
+                    }
+                    let source = self.source(queue, rtxn, &mut output.sources, seq)?;
+                    run = Some((seq, source, 1));
+                    source
+                }
+            };
+            last_seq = last_seq.max(seq);
+            spans.push((source, index));
+        }
+        if let Some((at, _, count)) = run {
+            self.settle(at, count);
+        }
+        let kept_by =
+            self.policies.decide_during(&trace_id, &spans, self.incident.as_ref(), &mut output.policy_scratch);
+        let keep = kept_by.is_some();
+        let mark = kept_by.and_then(|policy| self.policies.mark(policy));
+        for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
+            output.summarize(source, index, keep, &self.policy.dimensions);
+            if keep {
+                output.emit(seq, source, index, mark);
+            }
+        }
+        output.scratch = spans;
+        let spans = trace.spans.len() as u64;
+        if keep {
+            report.kept += spans
+        } else {
+            report.dropped += spans
+        }
+        report.decided += 1;
+        let policy = kept_by.and_then(|index| u8::try_from(index).ok());
+        let decision = Decision { keep, decided_unix_ms: now_unix_nano / 1_000_000, last_seq, policy };
+        output.decisions.insert(trace_id, (decision, false));
+        Ok(())
     }
 
     /// `count` spans of batch `seq` were decided.

@@ -160,7 +160,7 @@ impl Rule {
         }
     }
 
-    fn evaluate(&self, trace: &TraceFacts<'_>) -> Verdict {
+    fn evaluate(&self, trace: &TraceFacts<'_, '_>) -> Verdict {
         let sampled = |matched: bool| if matched { Verdict::Sampled } else { Verdict::NotSampled };
         let inverted = |matched: bool, invert: bool| match (matched, invert) {
             (matched, false) => sampled(matched),
@@ -215,8 +215,8 @@ pub fn randomness(trace_id: &[u8; 16]) -> u64 {
 
 /// What the rules look at, gathered once per trace; attributes are decoded only when a rule
 /// needs them.
-struct TraceFacts<'a> {
-    trace_id: &'a [u8; 16],
+struct TraceFacts<'a, 'k> {
+    trace_id: &'k [u8; 16],
     /// Bit `c` set when a span has status code `c`.
     statuses: u8,
     first_start: u64,
@@ -225,13 +225,23 @@ struct TraceFacts<'a> {
     /// Each span's encoded bytes and its resource's, where attributes are looked up in place.
     attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
     /// The attribute keys the rules read ([`Policies::keys`]).
-    keys: &'a [String],
+    keys: &'k [String],
     /// Per span, the value of each key (its own attribute, else its resource's): found in one
     /// walk of each span the first time a rule asks.
     values: std::cell::OnceCell<Vec<Option<AttributeValue<'a>>>>,
+    /// The buffer `values` is built in (from [`Scratch`]).
+    spare_values: std::cell::Cell<Vec<Option<AttributeValue<'a>>>>,
 }
 
-impl<'a> TraceFacts<'a> {
+/// Buffers of [`Policies::decide_during`], kept by the caller for the batches' lifetime `'a`
+/// and reused from trace to trace instead of allocated for each.
+#[derive(Debug, Default)]
+pub struct Scratch<'a> {
+    attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
+    values: Vec<Option<AttributeValue<'a>>>,
+}
+
+impl<'a> TraceFacts<'a, '_> {
     fn duration_nanos(&self) -> u64 {
         self.last_end.saturating_sub(self.first_start)
     }
@@ -240,7 +250,9 @@ impl<'a> TraceFacts<'a> {
     fn attribute_values(&self, key: usize) -> impl Iterator<Item = AttributeValue<'a>> + '_ {
         let width = self.keys.len().max(1);
         let values = self.values.get_or_init(|| {
-            let mut values = vec![None; self.attributes.len() * width];
+            let mut values = self.spare_values.take();
+            values.clear();
+            values.resize(self.attributes.len() * width, None);
             for ((span, resource), found) in self.attributes.iter().zip(values.chunks_mut(width)) {
                 find_attributes(span, SPAN_ATTRIBUTES, self.keys, found);
                 if let Some(resource) = resource
@@ -397,30 +409,49 @@ impl Policies {
     /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
     /// it, or `None` when it is dropped.
     pub fn decide(&mut self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
-        self.decide_during(trace_id, spans, None)
+        self.decide_during(trace_id, spans, None, &mut Scratch::default())
     }
 
     /// Like [`Policies::decide`], with an open incident window: a trace it covers is kept
     /// (reason [`Policies::incident_index`]) unless a `drop` policy vetoes it.
     pub fn decide_during<'a>(
         &mut self,
-        trace_id: &'a [u8; 16],
+        trace_id: &[u8; 16],
         spans: &[(&'a ArchivedSpanBatch, u32)],
         incident: Option<&super::incident::Incident>,
+        scratch: &mut Scratch<'a>,
     ) -> Option<usize> {
-        let needs_route = self.adaptive.is_some() || incident.is_some_and(|i| !i.routes.is_empty());
-        let needs_attributes = self.needs_attributes;
-        let mut root_route: Option<String> = None;
+        let mut attributes = std::mem::take(&mut scratch.attributes);
+        attributes.clear();
+        // The rules' keys, lent to the facts while the rules run.
+        let keys = std::mem::take(&mut self.keys);
         let mut facts = TraceFacts {
             trace_id,
             statuses: 0,
             first_start: u64::MAX,
             last_end: 0,
             longest_span: 0,
-            attributes: Vec::new(),
-            keys: &self.keys,
+            attributes,
+            keys: &keys,
             values: std::cell::OnceCell::new(),
+            spare_values: std::cell::Cell::new(std::mem::take(&mut scratch.values)),
         };
+        let kept_by = self.judge(&mut facts, spans, incident);
+        scratch.values = facts.values.into_inner().unwrap_or_else(|| facts.spare_values.take());
+        scratch.attributes = facts.attributes;
+        self.keys = keys;
+        kept_by
+    }
+
+    fn judge<'a>(
+        &mut self,
+        facts: &mut TraceFacts<'a, '_>,
+        spans: &[(&'a ArchivedSpanBatch, u32)],
+        incident: Option<&super::incident::Incident>,
+    ) -> Option<usize> {
+        let needs_route = self.adaptive.is_some() || incident.is_some_and(|i| !i.routes.is_empty());
+        let needs_attributes = self.needs_attributes;
+        let mut root_route: Option<String> = None;
         for (batch, index) in spans {
             let Some(span) = batch.spans.get(*index as usize) else { continue };
             facts.statuses |= 1u8 << (span.status_code & 7);
