@@ -499,7 +499,7 @@ impl Policies {
                 (Some((at, over)), Rule::Latency { max_nanos, .. }) if at == index => {
                     if over && facts.duration_nanos() <= *max_nanos { Verdict::Sampled } else { Verdict::NotSampled }
                 }
-                _ => rule.evaluate(&facts),
+                _ => rule.evaluate(facts),
             };
             dropped |= verdict == Verdict::Dropped;
             inverted_out |= verdict == Verdict::InvertNotSampled;
