@@ -267,6 +267,13 @@ pub struct HistogramConfig {
     pub explicit: ExplicitBuckets,
 }
 
+impl HistogramConfig {
+    /// The bucket bounds in milliseconds, what span durations are bucketed by.
+    pub fn bounds_ms(&self) -> Vec<f64> {
+        self.explicit.buckets.iter().map(|b| b.0.as_secs_f64() * 1000.0).collect()
+    }
+}
+
 impl Default for HistogramConfig {
     fn default() -> Self {
         HistogramConfig { unit: "ms".into(), explicit: ExplicitBuckets::default() }

@@ -45,8 +45,11 @@ pub enum BatchKind {
     Logs = 2,
     /// [`MetricBatch`]
     Metrics = 3,
-    /// [`SummaryBatch`]
+    /// [`SummaryBatch`] (written before span metrics were counted per series in tail_sample;
+    /// still read)
     Summaries = 4,
+    /// [`SeriesDeltaBatch`]
+    SeriesDeltas = 5,
 }
 
 impl BatchKind {
@@ -56,6 +59,7 @@ impl BatchKind {
             2 => Some(BatchKind::Logs),
             3 => Some(BatchKind::Metrics),
             4 => Some(BatchKind::Summaries),
+            5 => Some(BatchKind::SeriesDeltas),
             _ => None,
         }
     }
@@ -304,6 +308,89 @@ pub struct SummaryBatch {
     pub summaries: Vec<SpanSummary>,
 }
 
+/// An exemplar of a span metric: a kept span (its keep decision is durable in the transaction
+/// that writes it, so it always resolves to a trace that was exported).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct SpanExemplar {
+    /// 16-byte trace id.
+    pub trace_id: [u8; 16],
+    /// 8-byte span id.
+    pub span_id: [u8; 8],
+    /// The span's duration, milliseconds.
+    pub value_ms: f64,
+    /// The span's end time, Unix nanoseconds.
+    pub time_unix_nano: u64,
+}
+
+/// What the spans of one series decided in one tail_sample step add to span metrics.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct SeriesDelta {
+    /// `service.name` of the spans' resource.
+    pub service: String,
+    /// Span name.
+    pub name: String,
+    /// OTLP `SpanKind`.
+    pub kind: u8,
+    /// OTLP `Status.code`.
+    pub status_code: u8,
+    /// Values of the configured spanmetrics dimensions, in configuration order (empty: absent).
+    pub dimensions: Vec<String>,
+    /// Spans counted.
+    pub calls: u64,
+    /// Sum of their durations, milliseconds.
+    pub sum_ms: f64,
+    /// Spans per histogram bucket ([`SeriesDeltaBatch::bounds_ms`], then +Inf).
+    pub buckets: Vec<u64>,
+    /// The first kept spans of the series in the step (at most the configured exemplars per
+    /// data point; none when exemplars are off).
+    pub exemplars: Vec<SpanExemplar>,
+}
+
+/// Span metrics of the spans one tail_sample step decided, counted per series (edge
+/// `span_summaries`): written in the transaction of the decisions, so every span is counted
+/// exactly once.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct SeriesDeltaBatch {
+    /// When tail_sample decided these spans, Unix nanoseconds.
+    pub decided_unix_nano: u64,
+    /// Upper bounds of the histogram buckets the counts are in, milliseconds (the last bucket,
+    /// beyond them, is +Inf).
+    pub bounds_ms: Vec<f64>,
+    /// The series.
+    pub series: Vec<SeriesDelta>,
+}
+
+/// The histogram bucket of a value: the first bound at or above it, or the +Inf bucket.
+pub fn bucket_of(bounds_ms: &[f64], value_ms: f64) -> usize {
+    bounds_ms.iter().position(|bound| value_ms <= *bound).unwrap_or(bounds_ms.len())
+}
+
+/// Serializes a series delta batch with its header; the item count is the spans counted.
+pub fn encode_series_deltas(batch: &SeriesDeltaBatch) -> Result<Vec<u8>, BatchError> {
+    let spans = batch.series.iter().map(|s| s.calls).sum::<u64>().min(u64::from(u32::MAX)) as usize;
+    let size = HEADER_LEN
+        + 64
+        + batch.bounds_ms.len() * 8
+        + batch
+            .series
+            .iter()
+            .map(|s| {
+                128 + s.service.len()
+                    + s.name.len()
+                    + s.dimensions.iter().map(|d| d.len() + 8).sum::<usize>()
+                    + s.buckets.len() * 8
+                    + s.exemplars.len() * 48
+            })
+            .sum::<usize>();
+    encode(BatchKind::SeriesDeltas, spans, batch, size)
+}
+
+/// Checked, zero-copy view of a stored series delta batch.
+pub fn access_series_deltas(value: &[u8]) -> Result<&ArchivedSeriesDeltaBatch, BatchError> {
+    rkyv::access::<ArchivedSeriesDeltaBatch, rancor::Error>(body_of(value, BatchKind::SeriesDeltas)?)
+        .map_err(|err| BatchError::Archive(err.to_string()))
+}
+
 /// Serializes a summary batch with its header.
 pub fn encode_summaries(batch: &SummaryBatch) -> Result<Vec<u8>, BatchError> {
     let size = batch.summaries.iter().map(|s| summary_payload(&s.name, &s.dimensions));
@@ -456,6 +543,7 @@ pub fn verify(value: &[u8]) -> Result<BatchHeader, BatchError> {
         BatchKind::Logs => access_logs(value).map(|_| ())?,
         BatchKind::Metrics => access_metrics(value).map(|_| ())?,
         BatchKind::Summaries => access_summaries(value).map(|_| ())?,
+        BatchKind::SeriesDeltas => access_series_deltas(value).map(|_| ())?,
     }
     Ok(header)
 }
@@ -468,6 +556,7 @@ pub fn received_unix_nano(value: &[u8]) -> Option<u64> {
         BatchKind::Logs => access_logs(value).ok()?.received_unix_nano.to_native(),
         BatchKind::Metrics => access_metrics(value).ok()?.received_unix_nano.to_native(),
         BatchKind::Summaries => access_summaries(value).ok()?.decided_unix_nano.to_native(),
+        BatchKind::SeriesDeltas => access_series_deltas(value).ok()?.decided_unix_nano.to_native(),
     })
 }
 

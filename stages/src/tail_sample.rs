@@ -67,8 +67,8 @@ pub struct Policy {
     pub decision_cache_ttl: Duration,
     /// Remember keep decisions this long.
     pub kept_decision_ttl: Duration,
-    /// Attribute names spanmetrics uses as dimensions (their values go into span summaries).
-    pub dimensions: Vec<String>,
+    /// How the decided spans are counted for spanmetrics.
+    pub spanmetrics: summaries::SeriesSettings,
     /// A trace with this many pending spans is decided at once.
     pub max_spans_per_trace: u32,
     /// Estimated heap of the pending index above which the traces due soonest are decided early.
@@ -95,7 +95,7 @@ impl Policy {
             policies: sampling.policies.clone(),
             decision_cache_ttl: sampling.decision_cache_ttl,
             kept_decision_ttl: sampling.kept_decision_ttl,
-            dimensions: config.spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
+            spanmetrics: summaries::SeriesSettings::from_config(config),
             max_spans_per_trace: sampling.max_spans_per_trace,
             max_pending_bytes: sampling.max_pending_bytes.0,
         }
@@ -179,9 +179,6 @@ pub struct StepReport {
     pub late: u64,
 }
 
-/// Stored size of a span summary besides its name (ids, times, kind, status, archive framing).
-const SUMMARY_OVERHEAD_BYTES: usize = 72;
-
 /// The spans one step emits and the decisions it records, committed together. The spans and
 /// summaries borrow from the batches read in the step's read transaction (`'t`) and are encoded
 /// from there ([`StepOutput::finish`]) before it ends: no span is copied but into its output.
@@ -237,12 +234,16 @@ impl<'t> StepOutput<'t> {
         }
     }
 
-    /// Writes the span's summary for spanmetrics; it counts against the step's output limit like
-    /// an emitted span, so a step deciding many dropped traces stays bounded too.
-    fn summarize(&mut self, source: &'t ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
-        self.summaries.add(source, index, kept, dimensions);
-        let name = source.spans.get(index as usize).map_or(0, |span| span.name.len());
-        self.emitted += SUMMARY_OVERHEAD_BYTES + name;
+    /// Counts the span for spanmetrics; a new series counts against the step's output limit
+    /// like an emitted span.
+    fn summarize(
+        &mut self,
+        settings: &summaries::SeriesSettings,
+        source: &'t ArchivedSpanBatch,
+        index: u32,
+        kept: bool,
+    ) {
+        self.emitted += self.summaries.add(settings, source, index, kept);
     }
 
     /// Closes the batch being built.
@@ -258,10 +259,14 @@ impl<'t> StepOutput<'t> {
 
     /// Encodes the output batches (summaries stamped `decided_unix_nano`), ending the borrow of
     /// the read transaction.
-    fn finish(mut self, decided_unix_nano: u64) -> Result<EncodedOutput, StageError> {
+    fn finish(
+        mut self,
+        settings: &summaries::SeriesSettings,
+        decided_unix_nano: u64,
+    ) -> Result<EncodedOutput, StageError> {
         self.seal();
         let kept_spans = self.full.iter().map(batch::encode_span_refs).collect::<Result<_, _>>()?;
-        let (summaries, summarized) = self.summaries.finish(decided_unix_nano)?;
+        let (summaries, summarized) = self.summaries.finish(settings, decided_unix_nano)?;
         Ok(EncodedOutput { kept_spans, summaries, summarized, decisions: self.decisions })
     }
 }
@@ -436,7 +441,7 @@ impl Sampler {
             // Stops at the step's output limit and asks for another step (more_input).
             self.decide(queue, &rtxn, decide_at, now_unix_nano, &mut output, &mut report)?;
         }
-        let output = output.finish(now_unix_nano)?;
+        let output = output.finish(&self.policy.spanmetrics, now_unix_nano)?;
         drop(rtxn);
         let old_cursor = self.cursor;
         self.advance_cursor();
@@ -567,7 +572,7 @@ impl Sampler {
                         } else {
                             report.dropped += 1;
                         }
-                        output.summarize(batch, index as u32, decision.keep, &self.policy.dimensions);
+                        output.summarize(&self.policy.spanmetrics, batch, index as u32, decision.keep);
                         decision.last_seq = decision.last_seq.max(seq);
                         output.decisions.insert(trace_id, (decision, stored));
                     }
@@ -736,7 +741,7 @@ impl Sampler {
         let keep = kept_by.is_some();
         let mark = kept_by.and_then(|policy| self.policies.mark(policy));
         for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
-            output.summarize(source, index, keep, &self.policy.dimensions);
+            output.summarize(&self.policy.spanmetrics, source, index, keep);
             if keep {
                 output.emit(seq, source, index, mark);
             }

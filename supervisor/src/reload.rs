@@ -76,9 +76,13 @@ pub fn changed_stages(old: &Config, new: &Config) -> Result<Vec<StageId>, String
     if differs(json(&old.receivers), json(&new.receivers)) || old.queue.write_timeout != new.queue.write_timeout {
         stages.push(StageId::Receive);
     }
-    if differs(json(&old.tail_sample), json(&new.tail_sample))
-        || differs(json(&old.spanmetrics.dimensions), json(&new.spanmetrics.dimensions))
-    {
+    // tail_sample counts the decided spans into span metrics' series: by their dimensions,
+    // buckets, source and exemplars.
+    let counting = |c: &Config| {
+        let s = &c.spanmetrics;
+        json(&(&s.dimensions, &s.histogram, &s.source, &s.exemplars))
+    };
+    if differs(json(&old.tail_sample), json(&new.tail_sample)) || differs(counting(old), counting(new)) {
         stages.push(StageId::TailSample);
     }
     if differs(json(&old.log_mirror), json(&new.log_mirror)) || differs(json(&old.tail_sample), json(&new.tail_sample))
@@ -121,5 +125,12 @@ mod tests {
         let mut exporters = base.clone();
         exporters.exporters.batch.send_batch_size += 1;
         assert_eq!(changed_stages(&base, &exporters).unwrap(), vec![StageId::Export]);
+        // tail_sample counts span metrics by the histogram's buckets; spanmetrics alone flushes.
+        let mut buckets = base.clone();
+        buckets.spanmetrics.histogram.explicit.buckets.pop();
+        assert_eq!(changed_stages(&base, &buckets).unwrap(), vec![StageId::TailSample, StageId::Spanmetrics]);
+        let mut flush = base.clone();
+        flush.spanmetrics.metrics_flush_interval = std::time::Duration::from_secs(7);
+        assert_eq!(changed_stages(&base, &flush).unwrap(), vec![StageId::Spanmetrics]);
     }
 }

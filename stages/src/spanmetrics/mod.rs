@@ -3,8 +3,9 @@
 //! points at a trace that was exported. `spanmetrics.source: kept` counts kept spans only.
 //!
 //! Input is the `span_summaries` edge, which tail_sample writes in the transaction of each
-//! decision: a summary exists iff its span was decided, once, and `kept` is backed by a durable
-//! keep decision.
+//! decision: per step, what the decided spans add to each series (calls, sum, buckets, the
+//! first kept spans as exemplars, backed by durable keep decisions), so every span is counted
+//! once. Batches of per-span summaries written by earlier versions are still read.
 //!
 //! Metrics, as the Collector's spanmetrics connector names them: `traces.span.metrics.calls`
 //! (cumulative monotonic sum) and `traces.span.metrics.duration` (cumulative histogram, ms,
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tailgate_config::{SpanmetricsConfig, SpanmetricsSource};
-use tailgate_ipc::batch::{self, ArchivedSpanSummary, MetricBatch};
+use tailgate_ipc::batch::{self, ArchivedSeriesDelta, ArchivedSpanSummary, BatchKind, MetricBatch};
 use tailgate_ipc::clock::wall_now;
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError};
 
@@ -119,25 +120,70 @@ impl Accumulator {
                 return Ok((read, true));
             }
             let (seq, value) = entry?;
-            let source = batch::access_summaries(value).map_err(QueueError::corrupt_at(Edge::SpanSummaries, seq))?;
-            for summary in source.summaries.iter() {
-                let service =
-                    source.services.get(summary.service.to_native() as usize).map(|s| s.as_str()).unwrap_or("");
-                self.count(service, summary);
+            let corrupt = || QueueError::corrupt_at(Edge::SpanSummaries, seq);
+            if batch::BatchHeader::parse(value).map_err(corrupt())?.kind == BatchKind::SeriesDeltas {
+                let source = batch::access_series_deltas(value).map_err(corrupt())?;
+                let bounds: Vec<f64> = source.bounds_ms.iter().map(|b| b.to_native()).collect();
+                for delta in source.series.iter() {
+                    read += self.add_delta(&bounds, delta);
+                }
+            } else {
+                let source = batch::access_summaries(value).map_err(corrupt())?;
+                for summary in source.summaries.iter() {
+                    let service =
+                        source.services.get(summary.service.to_native() as usize).map(|s| s.as_str()).unwrap_or("");
+                    self.count(service, summary);
+                }
+                read += source.summaries.len() as u64;
             }
-            read += source.summaries.len() as u64;
             self.read_pos = seq;
         }
         Ok((read, false))
+    }
+
+    /// Adds what tail_sample counted for one series in one step; returns the spans it counts.
+    /// Counts bucketed under other bounds (the histogram changed while they waited in the
+    /// queue) go to the bucket that holds their old bucket's upper bound.
+    fn add_delta(&mut self, bounds: &[f64], delta: &ArchivedSeriesDelta) -> u64 {
+        let dimensions: Vec<&str> = delta.dimensions.iter().map(|d| d.as_str()).collect();
+        let slot =
+            self.slot_of(delta.service.as_str(), delta.name.as_str(), delta.kind, delta.status_code, &dimensions);
+        let same_bounds = bounds == self.bounds.as_slice();
+        let calls = delta.calls.to_native();
+        let counts = &mut self.deltas[slot].1;
+        counts.calls += calls;
+        counts.sum_ms += delta.sum_ms.to_native();
+        for (index, count) in delta.buckets.iter().enumerate() {
+            let bucket = if same_bounds {
+                index
+            } else {
+                bounds.get(index).map_or(self.bounds.len(), |upper| batch::bucket_of(&self.bounds, *upper))
+            };
+            if let Some(total) = counts.buckets.get_mut(bucket) {
+                *total += count.to_native();
+            }
+        }
+        let exemplars = &self.config.exemplars;
+        if exemplars.enabled {
+            let room = (exemplars.max_per_data_point as usize).saturating_sub(counts.exemplars.len());
+            counts.exemplars.extend(delta.exemplars.iter().take(room).map(|e| Exemplar {
+                trace_id: e.trace_id,
+                span_id: e.span_id,
+                value_ms: e.value_ms.to_native(),
+                time_unix_nano: e.time_unix_nano.to_native(),
+            }));
+        }
+        calls
     }
 
     fn count(&mut self, service: &str, summary: &ArchivedSpanSummary) {
         if self.config.source == SpanmetricsSource::Kept && !summary.kept {
             return;
         }
-        let slot = self.slot_of(service, summary);
+        let dimensions: Vec<&str> = summary.dimensions.iter().map(|d| d.as_str()).collect();
+        let slot = self.slot_of(service, summary.name.as_str(), summary.kind, summary.status_code, &dimensions);
         let value_ms = summary.duration_nanos.to_native() as f64 / 1e6;
-        let bucket = self.bounds.iter().position(|bound| value_ms <= *bound).unwrap_or(self.bounds.len());
+        let bucket = batch::bucket_of(&self.bounds, value_ms);
         let delta = &mut self.deltas[slot].1;
         delta.calls += 1;
         delta.sum_ms += value_ms;
@@ -155,16 +201,16 @@ impl Accumulator {
 
     /// The position in `deltas` of the summary's series (created if new, the overflow series if
     /// the cardinality limit is reached).
-    fn slot_of(&mut self, service: &str, summary: &ArchivedSpanSummary) -> usize {
+    fn slot_of(&mut self, service: &str, name: &str, kind: u8, status_code: u8, values: &[&str]) -> usize {
         use std::hash::{Hash, Hasher};
         let dimensions = || {
-            self.config.dimensions.iter().zip(summary.dimensions.iter()).filter_map(|(dimension, value)| {
-                let value = Some(value.as_str()).filter(|v| !v.is_empty()).or(dimension.default.as_deref())?;
+            self.config.dimensions.iter().zip(values.iter()).filter_map(|(dimension, value)| {
+                let value = Some(*value).filter(|v| !v.is_empty()).or(dimension.default.as_deref())?;
                 Some((dimension.name.as_str(), value))
             })
         };
         let mut hasher = self.hasher.build_hasher();
-        (service, summary.name.as_str(), summary.kind, summary.status_code).hash(&mut hasher);
+        (service, name, kind, status_code).hash(&mut hasher);
         for dimension in dimensions() {
             dimension.hash(&mut hasher);
         }
@@ -173,9 +219,9 @@ impl Accumulator {
             let mut wanted = dimensions();
             !key.overflow
                 && key.service == service
-                && key.span_name == summary.name.as_str()
-                && key.kind == summary.kind
-                && key.status == summary.status_code
+                && key.span_name == name
+                && key.kind == kind
+                && key.status == status_code
                 && key.dimensions.iter().all(|(n, v)| wanted.next().is_some_and(|(wn, wv)| wn == n && wv == v))
                 && wanted.next().is_none()
         };
@@ -185,9 +231,9 @@ impl Accumulator {
         }
         let key = SeriesKey {
             service: service.to_owned(),
-            span_name: summary.name.as_str().to_owned(),
-            kind: summary.kind,
-            status: summary.status_code,
+            span_name: name.to_owned(),
+            kind,
+            status: status_code,
             dimensions: dimensions().map(|(n, v)| (n.to_owned(), v.to_owned())).collect(),
             overflow: false,
         };

@@ -197,3 +197,99 @@ fn dimensions_take_span_values_then_defaults_and_split_series() {
         ]
     );
 }
+
+fn append_deltas(queue: &Queue, bounds_ms: Vec<f64>, series: Vec<batch::SeriesDelta>) {
+    let batch = batch::SeriesDeltaBatch { decided_unix_nano: 1, bounds_ms, series };
+    let mut wtxn = queue.write().unwrap();
+    queue.append(&mut wtxn, Edge::SpanSummaries, &batch::encode_series_deltas(&batch).unwrap()).unwrap();
+    queue.commit(wtxn).unwrap();
+}
+
+/// tail_sample's count of `summaries` (one series per name), as it writes it.
+fn deltas_of(summaries: &[SpanSummary], bounds_ms: &[f64]) -> Vec<batch::SeriesDelta> {
+    let mut out: Vec<batch::SeriesDelta> = Vec::new();
+    for summary in summaries {
+        let at = match out.iter().position(|d| d.name == summary.name) {
+            Some(at) => at,
+            None => {
+                out.push(batch::SeriesDelta {
+                    service: "checkout".into(),
+                    name: summary.name.clone(),
+                    kind: summary.kind,
+                    status_code: summary.status_code,
+                    buckets: vec![0; bounds_ms.len() + 1],
+                    ..Default::default()
+                });
+                out.len() - 1
+            }
+        };
+        let value_ms = summary.duration_nanos as f64 / 1e6;
+        let delta = &mut out[at];
+        delta.calls += 1;
+        delta.sum_ms += value_ms;
+        delta.buckets[batch::bucket_of(bounds_ms, value_ms)] += 1;
+        if summary.kept {
+            delta.exemplars.push(batch::SpanExemplar {
+                trace_id: summary.trace_id,
+                span_id: summary.span_id,
+                value_ms,
+                time_unix_nano: summary.end_unix_nano,
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn series_deltas_count_like_the_summaries_of_the_same_spans() {
+    let mut config = SpanmetricsConfig::default();
+    config.exemplars.enabled = true;
+    config.exemplars.max_per_data_point = 2;
+    let bounds = config.histogram.bounds_ms();
+    let first = vec![summary("GET /", 3, false, 1), summary("GET /", 350, true, 2), summary("POST /", 7, true, 3)];
+    let second = vec![summary("GET /", 30, true, 4), summary("GET /", 1, true, 5), summary("POST /", 70, false, 6)];
+    // Earlier versions' per-span summaries only.
+    let (_a, summaries_only) = open_queue();
+    append(&summaries_only, first.clone());
+    append(&summaries_only, second.clone());
+    // An upgrade: summaries still queued, then tail_sample's per-series deltas.
+    let (_b, mixed) = open_queue();
+    append(&mixed, first);
+    append_deltas(&mixed, bounds.clone(), deltas_of(&second, &bounds));
+    let mut got = Vec::new();
+    for queue in [&summaries_only, &mixed] {
+        let mut accumulator = Accumulator::new(&config);
+        assert_eq!(accumulator.read(queue).unwrap(), (6, false), "every span counted once");
+        accumulator.flush(queue, 100).unwrap();
+        got.push(series_of(&last_request(queue)));
+    }
+    assert_eq!(got[0], got[1]);
+    let get = got[0].iter().find(|s| s.0.contains("GET /")).unwrap();
+    assert_eq!(get.1, 4);
+    assert_eq!(get.4, vec![vec![2u8; 16], vec![4u8; 16]], "the first kept spans, at most max_per_data_point");
+}
+
+#[test]
+fn deltas_bucketed_under_other_bounds_land_in_the_bucket_of_their_upper_bound() {
+    let (_dir, queue) = open_queue();
+    let config = SpanmetricsConfig::default();
+    let delta = batch::SeriesDelta {
+        service: "checkout".into(),
+        name: "GET /".into(),
+        kind: 2,
+        calls: 6,
+        sum_ms: 600.0,
+        buckets: vec![1, 2, 3],
+        ..Default::default()
+    };
+    append_deltas(&queue, vec![5.0, 100.0], vec![delta]);
+    let mut accumulator = Accumulator::new(&config);
+    accumulator.read(&queue).unwrap();
+    accumulator.flush(&queue, 100).unwrap();
+    let series = series_of(&last_request(&queue));
+    let mut expected = vec![0u64; 17];
+    expected[2] = 1; // (4, 6] holds 5 ms
+    expected[6] = 2; // (50, 100]
+    expected[16] = 3; // +Inf
+    assert_eq!((series[0].1, series[0].2, &series[0].3), (6, 6, &expected));
+}

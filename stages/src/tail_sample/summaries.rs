@@ -1,52 +1,96 @@
-//! What spanmetrics learns of every decided span: a compact summary (service, name, kind,
-//! status, duration, ids, kept or not, configured dimension values), written to the
-//! `span_summaries` edge in the transaction that records the span's decision. So spanmetrics
-//! counts every span exactly once (a crash before the commit writes neither), and a summary
-//! marked kept is backed by a durable keep decision: an exemplar taken from it always resolves.
-
-use crate::fast_map::FastMap;
+//! What spanmetrics learns of the decided spans, counted here per series (service, span name,
+//! kind, status, configured dimension values): calls, the sum and the histogram of durations,
+//! and the first kept spans as exemplars. One [`SeriesDeltaBatch`] per step goes to the
+//! `span_summaries` edge in the transaction that records the spans' decisions, so spanmetrics
+//! counts every span exactly once (a crash before the commit writes neither), and every
+//! exemplar is a kept span whose keep decision is durable: it always resolves. (A summary of
+//! every span, ~86 bytes each, went there before and was counted by spanmetrics; it still reads
+//! such batches.)
 
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tailgate_ipc::batch::{
-    ArchivedSpanBatch, BatchError, SpanSummaryRef, SummaryBatchRef, encode_summary_refs, span_duration,
+    ArchivedSpanBatch, BatchError, SeriesDelta, SeriesDeltaBatch, SpanExemplar, bucket_of, encode_series_deltas,
+    span_duration,
 };
 
-/// Summaries sealed into batches of at most this many.
-const MAX_SUMMARIES_PER_BATCH: usize = 16_384;
+use crate::fast_map::FastMap;
 
-/// Summaries of one step, borrowing the names from the spans read in the step's transaction.
-#[derive(Debug, Default)]
-pub struct Summaries<'t> {
-    services: FastMap<&'t str, u32>,
-    current: SummaryBatchRef<'t>,
-    full: Vec<SummaryBatchRef<'t>>,
+/// How tail_sample counts spans for spanmetrics (from the `spanmetrics` configuration).
+#[derive(Debug, Clone, Default)]
+pub struct SeriesSettings {
+    /// Histogram bucket bounds, milliseconds.
+    pub bounds_ms: Vec<f64>,
+    /// Count only the spans of kept traces (`source: kept`).
+    pub kept_only: bool,
+    /// Exemplars per series per step (0: exemplars off).
+    pub exemplars: usize,
+    /// Attribute names of the extra dimensions.
+    pub dimensions: Vec<String>,
 }
 
+impl SeriesSettings {
+    /// The settings of `config.spanmetrics`.
+    pub fn from_config(config: &tailgate_config::Config) -> SeriesSettings {
+        let spanmetrics = &config.spanmetrics;
+        SeriesSettings {
+            bounds_ms: spanmetrics.histogram.bounds_ms(),
+            kept_only: spanmetrics.source == tailgate_config::SpanmetricsSource::Kept,
+            exemplars: if spanmetrics.exemplars.enabled {
+                spanmetrics.exemplars.max_per_data_point as usize
+            } else {
+                0
+            },
+            dimensions: spanmetrics.dimensions.iter().map(|d| d.name.clone()).collect(),
+        }
+    }
+}
+
+/// A series, borrowing its names from the spans read in the step's transaction.
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct SeriesKey<'t> {
+    service: &'t str,
+    name: &'t str,
+    kind: u8,
+    status_code: u8,
+    dimensions: Vec<String>,
+}
+
+/// What a series gained in the step.
+#[derive(Debug)]
+struct Counts {
+    calls: u64,
+    sum_ms: f64,
+    buckets: Vec<u64>,
+    exemplars: Vec<SpanExemplar>,
+}
+
+/// The span metrics of one step.
+#[derive(Debug, Default)]
+pub struct Summaries<'t> {
+    index: FastMap<SeriesKey<'t>, usize>,
+    series: Vec<(SeriesKey<'t>, Counts)>,
+}
+
+/// Stored size of a series besides its names (counts, buckets, framing), for the step's
+/// output bound.
+pub const SERIES_OVERHEAD_BYTES: usize = 256;
+
 impl<'t> Summaries<'t> {
-    /// Summarizes span `index` of `source`; `dimensions` are the configured attribute names.
-    pub fn add(&mut self, source: &'t ArchivedSpanBatch, index: u32, kept: bool, dimensions: &[String]) {
-        let Some(span) = source.spans.get(index as usize) else { return };
-        if self.current.summaries.len() >= MAX_SUMMARIES_PER_BATCH {
-            self.seal();
+    /// Counts span `index` of `source`; returns the stored bytes it added (a new series), for
+    /// the step's output bound.
+    pub fn add(&mut self, settings: &SeriesSettings, source: &'t ArchivedSpanBatch, index: u32, kept: bool) -> usize {
+        let Some(span) = source.spans.get(index as usize) else { return 0 };
+        if settings.kept_only && !kept {
+            return 0;
         }
         let resource = source
             .scopes
             .get(span.scope.to_native() as usize)
             .and_then(|scope| source.resources.get(scope.resource.to_native() as usize));
-        let service_name = resource.map(|r| r.service_name.as_str()).unwrap_or("");
-        let service = match self.services.get(service_name) {
-            Some(service) => *service,
-            None => {
-                let next = self.current.services.len() as u32;
-                self.current.services.push(service_name.to_owned());
-                self.services.insert(service_name, next);
-                next
-            }
-        };
-        let dimensions = if dimensions.is_empty() {
+        let dimensions = if settings.dimensions.is_empty() {
             Vec::new()
         } else {
             let span_attributes = Span::decode(span.body.as_slice()).map(|s| s.attributes).unwrap_or_default();
@@ -54,7 +98,8 @@ impl<'t> Summaries<'t> {
                 .and_then(|r| Resource::decode(r.resource.as_slice()).ok())
                 .map(|r| r.attributes)
                 .unwrap_or_default();
-            dimensions
+            settings
+                .dimensions
                 .iter()
                 .map(|name| {
                     attribute_text(&span_attributes, name)
@@ -63,43 +108,86 @@ impl<'t> Summaries<'t> {
                 })
                 .collect()
         };
-        let (start, end) = (span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
-        self.current.summaries.push(SpanSummaryRef {
-            trace_id: span.trace_id,
-            span_id: span.span_id,
-            end_unix_nano: end,
-            duration_nanos: span_duration(start, end),
+        let key = SeriesKey {
+            service: resource.map(|r| r.service_name.as_str()).unwrap_or(""),
+            name: span.name.as_str(),
             kind: span.kind,
             status_code: span.status_code,
-            kept,
-            service,
-            name: span.name.as_str(),
             dimensions,
-        });
-    }
-
-    fn seal(&mut self) {
-        if self.current.summaries.is_empty() {
-            return;
+        };
+        let mut added = 0;
+        let slot = match self.index.get(&key) {
+            Some(slot) => *slot,
+            None => {
+                added = SERIES_OVERHEAD_BYTES
+                    + key.service.len()
+                    + key.name.len()
+                    + key.dimensions.iter().map(String::len).sum::<usize>();
+                let counts = Counts {
+                    calls: 0,
+                    sum_ms: 0.0,
+                    buckets: vec![0; settings.bounds_ms.len() + 1],
+                    exemplars: Vec::new(),
+                };
+                let slot = self.series.len();
+                self.index.insert(
+                    SeriesKey {
+                        service: key.service,
+                        name: key.name,
+                        kind: key.kind,
+                        status_code: key.status_code,
+                        dimensions: key.dimensions.clone(),
+                    },
+                    slot,
+                );
+                self.series.push((key, counts));
+                slot
+            }
+        };
+        let end = span.end_unix_nano.to_native();
+        let value_ms = span_duration(span.start_unix_nano.to_native(), end) as f64 / 1e6;
+        let counts = &mut self.series[slot].1;
+        counts.calls += 1;
+        counts.sum_ms += value_ms;
+        counts.buckets[bucket_of(&settings.bounds_ms, value_ms)] += 1;
+        if kept && counts.exemplars.len() < settings.exemplars {
+            counts.exemplars.push(SpanExemplar {
+                trace_id: span.trace_id,
+                span_id: span.span_id,
+                value_ms,
+                time_unix_nano: end,
+            });
         }
-        self.services.clear();
-        self.full.push(std::mem::take(&mut self.current));
+        added
     }
 
-    /// The batches to append, stamped with the decision time and encoded, and how many
-    /// summaries they hold.
-    pub fn finish(mut self, decided_unix_nano: u64) -> Result<(Vec<Vec<u8>>, u64), BatchError> {
-        self.seal();
-        let count = self.full.iter().map(|batch| batch.summaries.len() as u64).sum();
-        let encoded = self
-            .full
-            .iter_mut()
-            .map(|batch| {
-                batch.decided_unix_nano = decided_unix_nano;
-                encode_summary_refs(batch)
-            })
-            .collect::<Result<_, _>>()?;
-        Ok((encoded, count))
+    /// The batch to append (none when nothing was counted), stamped with the decision time and
+    /// encoded, and how many spans it counts.
+    pub fn finish(self, settings: &SeriesSettings, decided_unix_nano: u64) -> Result<(Vec<Vec<u8>>, u64), BatchError> {
+        if self.series.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let spans = self.series.iter().map(|(_, counts)| counts.calls).sum();
+        let batch = SeriesDeltaBatch {
+            decided_unix_nano,
+            bounds_ms: settings.bounds_ms.clone(),
+            series: self
+                .series
+                .into_iter()
+                .map(|(key, counts)| SeriesDelta {
+                    service: key.service.to_owned(),
+                    name: key.name.to_owned(),
+                    kind: key.kind,
+                    status_code: key.status_code,
+                    dimensions: key.dimensions,
+                    calls: counts.calls,
+                    sum_ms: counts.sum_ms,
+                    buckets: counts.buckets,
+                    exemplars: counts.exemplars,
+                })
+                .collect(),
+        };
+        Ok((vec![encode_series_deltas(&batch)?], spans))
     }
 }
 

@@ -14,7 +14,7 @@ fn policy() -> Policy {
         policies: Vec::new(),
         decision_cache_ttl: Duration::from_secs(120),
         kept_decision_ttl: Duration::from_secs(1800),
-        dimensions: Vec::new(),
+        spanmetrics: super::summaries::SeriesSettings::default(),
         max_spans_per_trace: 10_000,
         max_pending_bytes: 64 << 20,
     }
@@ -478,4 +478,95 @@ fn a_span_without_a_start_time_is_not_slow() {
     append(&queue, vec![unset(1, false), unset(2, true), backwards]);
     run_until_idle(&queue, T0 + 60_000_000_000);
     assert_eq!(kept(&queue), vec![([2; 16], [1; 8])], "only the error span's trace is kept");
+}
+
+/// What each series gained, as tail_sample wrote it: (name, status) -> (calls, sum_ms,
+/// buckets, exemplar trace ids).
+type Written = std::collections::BTreeMap<(String, u8), (u64, f64, Vec<u64>, Vec<[u8; 16]>)>;
+
+fn series_written(queue: &Queue) -> Written {
+    let rtxn = queue.read().unwrap();
+    let mut out = Written::new();
+    for entry in queue.entries_after(&rtxn, Edge::SpanSummaries, 0).unwrap() {
+        let (_, value) = entry.unwrap();
+        let batch = batch::access_series_deltas(value).unwrap();
+        for delta in batch.series.iter() {
+            let entry = out
+                .entry((delta.name.to_string(), delta.status_code))
+                .or_insert_with(|| (0, 0.0, vec![0; delta.buckets.len()], Vec::new()));
+            entry.0 += delta.calls.to_native();
+            entry.1 += delta.sum_ms.to_native();
+            for (total, count) in entry.2.iter_mut().zip(delta.buckets.iter()) {
+                *total += count.to_native();
+            }
+            assert!(delta.exemplars.len() <= 2, "at most the configured exemplars per series and step");
+            entry.3.extend(delta.exemplars.iter().map(|e| e.trace_id));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_decided_span_is_counted_once_in_its_series_and_exemplars_are_kept_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    let mut policy = policy();
+    policy.spanmetrics =
+        super::summaries::SeriesSettings { bounds_ms: vec![2.0, 10.0], exemplars: 2, ..Default::default() };
+    // 30 traces of a root ("GET /", 1 ms) and a child ("SELECT", 5 ms; in ERROR in every third
+    // trace, which keeps it), in two batches; a late span of trace 3 (kept) after the decisions.
+    let traces: Vec<u8> = (1..=30).collect();
+    let fill = |queue: &Queue| {
+        for half in traces.chunks(15) {
+            let spans = half
+                .iter()
+                .flat_map(|&t| {
+                    let root = SpanRecord { name: "GET /".into(), ..span(t, 1, true, false) };
+                    let child = SpanRecord {
+                        name: "SELECT".into(),
+                        end_unix_nano: T0 + 5_000_000,
+                        ..span(t, 2, false, t.is_multiple_of(3))
+                    };
+                    [root, child]
+                })
+                .collect();
+            append(queue, spans);
+        }
+    };
+    let late = || SpanRecord { name: "SELECT".into(), end_unix_nano: T0 + 20_000_000, ..span(3, 9, false, false) };
+    fill(&queue);
+    let mut sampler = Sampler::open(&queue, policy.clone()).unwrap();
+    while sampler.step(&queue, T0 + 60_000_000_000).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), 0);
+    append(&queue, vec![late()]);
+    while sampler.step(&queue, T0 + 61_000_000_000).unwrap().more_input {}
+    let written = series_written(&queue);
+    let kept_traces: Vec<[u8; 16]> = traces.iter().filter(|t| t.is_multiple_of(3)).map(|t| [*t; 16]).collect();
+    // Roots: 30 calls of 1 ms, all in (0, 2]; kept roots give exemplars, two per step at most.
+    let root = &written[&("GET /".to_string(), 0)];
+    assert_eq!((root.0, root.2.clone()), (30, vec![30, 0, 0]));
+    assert!((root.1 - 30.0).abs() < 1e-9);
+    // Children: 20 fast successes + the late one (20 ms, over every bound), 10 errors.
+    let ok = &written[&("SELECT".to_string(), 0)];
+    assert_eq!((ok.0, ok.2.clone()), (21, vec![0, 20, 1]));
+    assert!((ok.1 - 120.0).abs() < 1e-9);
+    let errors = &written[&("SELECT".to_string(), batch::STATUS_CODE_ERROR)];
+    assert_eq!((errors.0, errors.2.clone()), (10, vec![0, 10, 0]));
+    for (_, _, _, exemplars) in written.values() {
+        assert!(!exemplars.is_empty());
+        assert!(exemplars.iter().all(|e| kept_traces.contains(e)), "an exemplar from a dropped trace: {exemplars:?}");
+    }
+    // `source: kept` counts the kept traces' spans only.
+    let dir = tempfile::tempdir().unwrap();
+    let kept_only = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+    fill(&kept_only);
+    append(&kept_only, vec![late()]);
+    policy.spanmetrics.kept_only = true;
+    let mut sampler = Sampler::open(&kept_only, policy).unwrap();
+    while sampler.step(&kept_only, T0 + 60_000_000_000).unwrap().more_input {}
+    assert_eq!(sampler.pending_traces(), 0);
+    let written = series_written(&kept_only);
+    assert_eq!(written[&("GET /".to_string(), 0)].0, 10);
+    assert_eq!(written[&("SELECT".to_string(), batch::STATUS_CODE_ERROR)].0, 10);
+    assert_eq!(written.get(&("SELECT".to_string(), 0)).map(|w| w.0), Some(1), "the late span of kept trace 3");
 }
