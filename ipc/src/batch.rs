@@ -22,9 +22,7 @@ use rkyv::rancor;
 use rkyv::{Archive, Deserialize, Serialize};
 
 mod borrowed;
-pub use borrowed::{
-    SpanBatchRef, SpanBody, SpanRecordRef, SpanSummaryRef, SummaryBatchRef, encode_span_refs, encode_summary_refs,
-};
+pub use borrowed::{SpanBatchRef, SpanBody, SpanRecordRef, encode_span_refs};
 
 /// Format version written into every header; a reader rejects any other.
 pub const BATCH_FORMAT_VERSION: u16 = 3;

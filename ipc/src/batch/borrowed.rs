@@ -1,9 +1,8 @@
 //! Batches written from borrowed parts: a stage that passes spans on (tail_sample's kept spans)
-//! or summarizes them serializes straight from the archived input it reads, instead of copying
-//! every span into an owned record first. The borrowed types archive *as* the owned types'
-//! archived forms ([`ArchivedSpanRecord`], [`ArchivedSpanBatch`], [`ArchivedSpanSummary`],
-//! [`ArchivedSummaryBatch`]), so the bytes are the same format and readers do not change; the
-//! tests pin that the encodings are byte for byte equal.
+//! serializes straight from the archived input it reads, instead of copying every span into an
+//! owned record first. The borrowed types archive *as* the owned types' archived forms
+//! ([`ArchivedSpanRecord`], [`ArchivedSpanBatch`]), so the bytes are the same format and
+//! readers do not change; the tests pin that the encodings are byte for byte equal.
 
 use std::sync::Arc;
 
@@ -14,10 +13,7 @@ use rkyv::string::{ArchivedString, StringResolver};
 use rkyv::vec::{ArchivedVec, VecResolver};
 use rkyv::{Archive, Place, Serialize};
 
-use super::{
-    ArchivedSpanBatch, ArchivedSpanRecord, ArchivedSpanSummary, ArchivedSummaryBatch, BatchError, BatchKind,
-    ResourceBlock, ScopeBlock,
-};
+use super::{ArchivedSpanBatch, ArchivedSpanRecord, BatchError, BatchKind, ResourceBlock, ScopeBlock};
 
 /// The serializer batches are written with (the one [`super::encode`] uses). The borrowed types
 /// implement `Serialize` for it alone: generic bounds would hide that their archived types are
@@ -182,117 +178,11 @@ impl<'x> Serialize<Ser<'x>> for SpanBatchRef<'_> {
     }
 }
 
-/// A span summary whose name is borrowed; archives as [`ArchivedSpanSummary`].
-#[derive(Debug, Clone)]
-pub struct SpanSummaryRef<'a> {
-    /// 16-byte trace id.
-    pub trace_id: [u8; 16],
-    /// 8-byte span id.
-    pub span_id: [u8; 8],
-    /// End time, Unix nanoseconds.
-    pub end_unix_nano: u64,
-    /// End minus start, nanoseconds.
-    pub duration_nanos: u64,
-    /// OTLP `SpanKind`.
-    pub kind: u8,
-    /// OTLP `Status.code`.
-    pub status_code: u8,
-    /// Whether the span's trace was kept.
-    pub kept: bool,
-    /// Index into the batch's `services`.
-    pub service: u32,
-    /// Span name.
-    pub name: &'a str,
-    /// Values of the configured dimensions.
-    pub dimensions: Vec<String>,
-}
-
-/// Where a [`SpanSummaryRef`]'s out-of-line parts were written.
-pub struct SpanSummaryRefResolver {
-    name: StringResolver,
-    dimensions: VecResolver,
-}
-
-impl Archive for SpanSummaryRef<'_> {
-    type Archived = ArchivedSpanSummary;
-    type Resolver = SpanSummaryRefResolver;
-
-    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
-        munge!(let ArchivedSpanSummary {
-            trace_id, span_id, end_unix_nano, duration_nanos, kind, status_code, kept, service, name, dimensions
-        } = out);
-        self.trace_id.resolve([(); 16], trace_id);
-        self.span_id.resolve([(); 8], span_id);
-        self.end_unix_nano.resolve((), end_unix_nano);
-        self.duration_nanos.resolve((), duration_nanos);
-        self.kind.resolve((), kind);
-        self.status_code.resolve((), status_code);
-        self.kept.resolve((), kept);
-        self.service.resolve((), service);
-        ArchivedString::resolve_from_str(self.name, resolver.name, name);
-        ArchivedVec::resolve_from_slice(&self.dimensions, resolver.dimensions, dimensions);
-    }
-}
-
-impl<'x> Serialize<Ser<'x>> for SpanSummaryRef<'_> {
-    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
-        Ok(SpanSummaryRefResolver {
-            name: ArchivedString::serialize_from_str(self.name, serializer)?,
-            dimensions: ArchivedVec::serialize_from_slice(&self.dimensions, serializer)?,
-        })
-    }
-}
-
-/// A summary batch of borrowed summaries; archives as [`ArchivedSummaryBatch`].
-#[derive(Debug, Clone, Default)]
-pub struct SummaryBatchRef<'a> {
-    /// When the spans were decided, Unix nanoseconds.
-    pub decided_unix_nano: u64,
-    /// Service names the summaries point into.
-    pub services: Vec<String>,
-    /// The summaries.
-    pub summaries: Vec<SpanSummaryRef<'a>>,
-}
-
-/// Where a [`SummaryBatchRef`]'s vectors were written.
-pub struct SummaryBatchRefResolver {
-    services: VecResolver,
-    summaries: VecResolver,
-}
-
-impl Archive for SummaryBatchRef<'_> {
-    type Archived = ArchivedSummaryBatch;
-    type Resolver = SummaryBatchRefResolver;
-
-    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
-        munge!(let ArchivedSummaryBatch { decided_unix_nano, services, summaries } = out);
-        self.decided_unix_nano.resolve((), decided_unix_nano);
-        ArchivedVec::resolve_from_slice(&self.services, resolver.services, services);
-        ArchivedVec::resolve_from_slice(&self.summaries, resolver.summaries, summaries);
-    }
-}
-
-impl<'x> Serialize<Ser<'x>> for SummaryBatchRef<'_> {
-    fn serialize(&self, serializer: &mut Ser<'x>) -> Result<Self::Resolver, rancor::Error> {
-        Ok(SummaryBatchRefResolver {
-            services: ArchivedVec::serialize_from_slice(&self.services, serializer)?,
-            summaries: ArchivedVec::serialize_from_slice(&self.summaries, serializer)?,
-        })
-    }
-}
-
 /// Serializes a borrowed span batch with its header: the same bytes as
 /// [`super::encode_spans`] of the owned batch.
 pub fn encode_span_refs(batch: &SpanBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
     let size = batch.spans.iter().map(|span| span.span.name.len() + span.body.len());
     super::encode(BatchKind::Spans, batch.spans.len(), batch, super::spans_size(size, &batch.resources, &batch.scopes))
-}
-
-/// Serializes a borrowed summary batch with its header: the same bytes as
-/// [`super::encode_summaries`] of the owned batch.
-pub fn encode_summary_refs(batch: &SummaryBatchRef<'_>) -> Result<Vec<u8>, BatchError> {
-    let size = batch.summaries.iter().map(|s| super::summary_payload(s.name, &s.dimensions));
-    super::encode(BatchKind::Summaries, batch.summaries.len(), batch, super::summaries_size(size, &batch.services))
 }
 
 #[cfg(test)]
@@ -362,52 +252,5 @@ mod tests {
         assert!(encode_spans(&expected).unwrap().len() <= spans_size(payload, &expected.resources, &expected.scopes));
         let read = access_spans(&encode_span_refs(&borrowed).unwrap()).unwrap().spans[1].body.as_slice().to_vec();
         assert_eq!(read, expected.spans[1].body);
-    }
-
-    #[test]
-    fn borrowed_summaries_encode_to_the_owned_bytes() {
-        let summary = |n: u8, name: &str, dimensions: Vec<String>| SpanSummary {
-            trace_id: [n; 16],
-            span_id: [n; 8],
-            end_unix_nano: 77,
-            duration_nanos: 5,
-            kind: 1,
-            status_code: 2,
-            kept: n.is_multiple_of(2),
-            service: 0,
-            name: name.to_string(),
-            dimensions,
-        };
-        let owned = SummaryBatch {
-            decided_unix_nano: 99,
-            services: vec!["orders".into(), "a service name longer than eight".into()],
-            summaries: vec![
-                summary(1, "GET", vec![]),
-                summary(2, "SELECT orders by id", vec!["eu".into(), String::new()]),
-            ],
-        };
-        let borrowed = SummaryBatchRef {
-            decided_unix_nano: 99,
-            services: owned.services.clone(),
-            summaries: owned
-                .summaries
-                .iter()
-                .map(|s| SpanSummaryRef {
-                    trace_id: s.trace_id,
-                    span_id: s.span_id,
-                    end_unix_nano: s.end_unix_nano,
-                    duration_nanos: s.duration_nanos,
-                    kind: s.kind,
-                    status_code: s.status_code,
-                    kept: s.kept,
-                    service: s.service,
-                    name: &s.name,
-                    dimensions: s.dimensions.clone(),
-                })
-                .collect(),
-        };
-        assert_eq!(encode_summary_refs(&borrowed).unwrap(), encode_summaries(&owned).unwrap());
-        let payload = owned.summaries.iter().map(|s| summary_payload(&s.name, &s.dimensions));
-        assert!(encode_summaries(&owned).unwrap().len() <= summaries_size(payload, &owned.services));
     }
 }
