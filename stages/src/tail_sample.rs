@@ -625,9 +625,12 @@ impl Sampler {
         let root_due = received.saturating_add(policy.root_grace.as_nanos() as u64);
         let trace_id = span.trace_id;
         let trace = self.traces.entry(trace_id).or_insert_with(|| {
-            self.due.insert((wait_due, trace_id));
+            // A trace that starts with its root is due by the root's grace from the start (one
+            // place in the due set, not one taken and given up at once).
+            let due = if is_root { wait_due.min(root_due) } else { wait_due };
+            self.due.insert((due, trace_id));
             *self.first_received.entry(received).or_default() += 1;
-            PendingTrace { due_unix_nano: wait_due, first_received: received, interesting: false, spans: Vec::new() }
+            PendingTrace { due_unix_nano: due, first_received: received, interesting: false, spans: Vec::new() }
         });
         trace.interesting |= interesting;
         trace.spans.push((seq, index));
