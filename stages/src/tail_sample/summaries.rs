@@ -16,8 +16,6 @@ use tailgate_ipc::batch::{
     span_duration,
 };
 
-use crate::fast_map::FastMap;
-
 /// How tail_sample counts spans for spanmetrics (from the `spanmetrics` configuration).
 #[derive(Debug, Clone, Default)]
 pub struct SeriesSettings {
@@ -67,11 +65,10 @@ struct Counts {
     exemplars: Vec<SpanExemplar>,
 }
 
-/// The span metrics of one step.
+/// The span metrics of one step, per series in the order the series first appeared.
 #[derive(Debug, Default)]
 pub struct Summaries<'t> {
-    index: FastMap<SeriesKey<'t>, usize>,
-    series: Vec<(SeriesKey<'t>, Counts)>,
+    series: indexmap::IndexMap<SeriesKey<'t>, Counts, foldhash::fast::RandomState>,
 }
 
 /// Stored size of a series besides its names (counts, buckets, framing), for the step's
@@ -115,38 +112,25 @@ impl<'t> Summaries<'t> {
             status_code: span.status_code,
             dimensions,
         };
-        let mut added = 0;
-        let slot = match self.index.get(&key) {
-            Some(slot) => *slot,
-            None => {
-                added = SERIES_OVERHEAD_BYTES
+        let entry = self.series.entry(key);
+        let added = match &entry {
+            indexmap::map::Entry::Occupied(_) => 0,
+            indexmap::map::Entry::Vacant(new) => {
+                let key = new.key();
+                SERIES_OVERHEAD_BYTES
                     + key.service.len()
                     + key.name.len()
-                    + key.dimensions.iter().map(String::len).sum::<usize>();
-                let counts = Counts {
-                    calls: 0,
-                    sum_ms: 0.0,
-                    buckets: vec![0; settings.bounds_ms.len() + 1],
-                    exemplars: Vec::new(),
-                };
-                let slot = self.series.len();
-                self.index.insert(
-                    SeriesKey {
-                        service: key.service,
-                        name: key.name,
-                        kind: key.kind,
-                        status_code: key.status_code,
-                        dimensions: key.dimensions.clone(),
-                    },
-                    slot,
-                );
-                self.series.push((key, counts));
-                slot
+                    + key.dimensions.iter().map(String::len).sum::<usize>()
             }
         };
+        let counts = entry.or_insert_with(|| Counts {
+            calls: 0,
+            sum_ms: 0.0,
+            buckets: vec![0; settings.bounds_ms.len() + 1],
+            exemplars: Vec::new(),
+        });
         let end = span.end_unix_nano.to_native();
         let value_ms = span_duration(span.start_unix_nano.to_native(), end) as f64 / 1e6;
-        let counts = &mut self.series[slot].1;
         counts.calls += 1;
         counts.sum_ms += value_ms;
         counts.buckets[bucket_of(&settings.bounds_ms, value_ms)] += 1;
