@@ -22,23 +22,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use tailgate_ipc::batch::{self, ArchivedSpanBatch, SubsetBuilder};
+use tailgate_ipc::batch::{self, ArchivedSpanBatch};
 use tailgate_ipc::decisions::{Decision, PruneRule, SAMPLER_READ_POS_KEY, SamplerWatermark};
 use tailgate_ipc::{Consumer, Edge, Queue, QueueError, ReadTxn, StageId};
 
 use crate::context::{StageContext, StageError, wait_if_full};
 use crate::fast_map::FastMap;
-use summaries::Summaries;
 use tailgate_ipc::clock::{pipeline_now, wall_now};
 
 pub mod adaptive;
 pub mod incident;
+mod output;
 pub mod policies;
 pub mod summaries;
-use crate::limits::{
-    MAX_BATCHES_PER_STEP, MAX_DECISIONS_PER_STEP, MAX_OUTPUT_BATCH_BYTES, MAX_PRUNE_PER_STEP, MIN_STEP_INTERVAL,
-    StepSizer,
-};
+use crate::limits::{MAX_BATCHES_PER_STEP, MAX_DECISIONS_PER_STEP, MAX_PRUNE_PER_STEP, MIN_STEP_INTERVAL, StepSizer};
+use output::StepOutput;
 
 /// The trace map is left alone below this capacity (a steady load's index).
 const COMPACT_ABOVE_CAPACITY: usize = 16_384;
@@ -179,98 +177,6 @@ pub struct StepReport {
     pub late: u64,
 }
 
-/// The spans one step emits and the decisions it records, committed together. The spans and
-/// summaries borrow from the batches read in the step's read transaction (`'t`) and are encoded
-/// from there ([`StepOutput::finish`]) before it ends: no span is copied but into its output.
-#[derive(Default)]
-struct StepOutput<'t> {
-    builder: SubsetBuilder,
-    spans: Vec<batch::SpanRecordRef<'t>>,
-    span_bytes: usize,
-    /// Finished output batches, each at most about `batch_limit` bytes of spans.
-    full: Vec<batch::SpanBatchRef<'t>>,
-    /// Seal output batches at this many bytes of spans.
-    batch_limit: usize,
-    /// Stop deciding once this many bytes of spans were emitted in the step.
-    step_limit: usize,
-    /// Bytes of spans emitted in the step.
-    emitted: usize,
-    /// Decisions made or extended in this step, by trace id, and whether one is stored already.
-    decisions: FastMap<[u8; 16], (Decision, bool)>,
-    /// What spanmetrics gets of every span decided in this step.
-    summaries: Summaries<'t>,
-    /// Batches opened (checked) in this step, by sequence number: each is checked once a step.
-    sources: FastMap<u64, &'t ArchivedSpanBatch>,
-    /// The spans of the trace being decided (reused from trace to trace).
-    scratch: Vec<(&'t ArchivedSpanBatch, u32)>,
-    /// The policies' buffers (reused from trace to trace).
-    policy_scratch: policies::Scratch<'t>,
-}
-
-/// A step's output, encoded and owned: what the write transaction appends and records.
-struct EncodedOutput {
-    kept_spans: Vec<Vec<u8>>,
-    summaries: Vec<Vec<u8>>,
-    summarized: u64,
-    decisions: FastMap<[u8; 16], (Decision, bool)>,
-}
-
-impl<'t> StepOutput<'t> {
-    fn emit(&mut self, seq: u64, source: &'t ArchivedSpanBatch, index: u32, mark: Option<&policies::Mark>) {
-        if let Some(span) = source.spans.get(index as usize) {
-            // Seal before a span would take the batch past the limit (a span above the limit on
-            // its own still gets a batch of its own).
-            if self.span_bytes + span.body.len() > self.batch_limit {
-                self.seal();
-            }
-            let scope = self.builder.scope(seq, span.scope.to_native(), &source.resources, &source.scopes);
-            self.span_bytes += span.body.len();
-            self.emitted += span.body.len();
-            let body = match mark {
-                Some(mark) => mark.body(span.body.as_slice()),
-                None => batch::SpanBody::Borrowed { body: span.body.as_slice(), tail: None },
-            };
-            self.spans.push(batch::SpanRecordRef::of(span, scope, body));
-        }
-    }
-
-    /// Counts the span for spanmetrics; a new series counts against the step's output limit
-    /// like an emitted span.
-    fn summarize(
-        &mut self,
-        settings: &summaries::SeriesSettings,
-        source: &'t ArchivedSpanBatch,
-        index: u32,
-        kept: bool,
-    ) {
-        self.emitted += self.summaries.add(settings, source, index, kept);
-    }
-
-    /// Closes the batch being built.
-    fn seal(&mut self) {
-        if self.spans.is_empty() {
-            return;
-        }
-        let (resources, scopes) = self.builder.take();
-        let spans = std::mem::take(&mut self.spans);
-        self.span_bytes = 0;
-        self.full.push(batch::SpanBatchRef { received_unix_nano: pipeline_now(), resources, scopes, spans });
-    }
-
-    /// Encodes the output batches (summaries stamped `decided_unix_nano`), ending the borrow of
-    /// the read transaction.
-    fn finish(
-        mut self,
-        settings: &summaries::SeriesSettings,
-        decided_unix_nano: u64,
-    ) -> Result<EncodedOutput, StageError> {
-        self.seal();
-        let kept_spans = self.full.iter().map(batch::encode_span_refs).collect::<Result<_, _>>()?;
-        let (summaries, summarized) = self.summaries.finish(settings, decided_unix_nano)?;
-        Ok(EncodedOutput { kept_spans, summaries, summarized, decisions: self.decisions })
-    }
-}
-
 impl Sampler {
     /// Loads the cursor and ingestion position from the queue.
     pub fn open(queue: &Queue, policy: Policy) -> Result<Sampler, StageError> {
@@ -392,14 +298,7 @@ impl Sampler {
     /// rebuild from the queue (the supervisor restarts it).
     pub fn step(&mut self, queue: &Queue, now_unix_nano: u64) -> Result<StepReport, StageError> {
         let mut report = StepReport::default();
-        let step_limit = self.step_limit;
-        let mut output = StepOutput {
-            batch_limit: step_limit.min(MAX_OUTPUT_BATCH_BYTES),
-            step_limit,
-            // Sized once for the step's bound instead of grown (and rehashed) seven times.
-            decisions: FastMap::with_capacity_and_hasher(MAX_DECISIONS_PER_STEP, Default::default()),
-            ..StepOutput::default()
-        };
+        let mut output = StepOutput::new(self.step_limit);
         let rtxn = queue.read()?;
         if !queue.stage_may_write(&rtxn)? {
             report.blocked = true;
