@@ -109,6 +109,10 @@ impl Default for QueueConfig {
     }
 }
 
+/// Most `string_attribute` and `numeric_attribute` policies, sub-policies included: tail_sample
+/// keeps which of them a pending trace matched in one 64-bit word.
+pub const MAX_ATTRIBUTE_POLICIES: usize = 64;
+
 /// Tail-based sampling policies and timing.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -476,6 +480,16 @@ impl Config {
             if adaptive.count() > 1 {
                 problems.add("tail_sample.policies", "at most one latency policy can be adaptive");
             }
+            let tests: usize = sampling.policies.iter().map(PolicyConfig::attribute_tests).sum();
+            if tests > MAX_ATTRIBUTE_POLICIES {
+                problems.add(
+                    "tail_sample.policies",
+                    &format!(
+                        "{tests} string_attribute/numeric_attribute policies (sub-policies included): at most \
+                         {MAX_ATTRIBUTE_POLICIES}; match several values in one policy (`values`, or a regex)"
+                    ),
+                );
+            }
         }
         if sampling.max_spans_per_trace == 0 {
             problems.add("tail_sample.max_spans_per_trace", "must be above zero");
@@ -690,6 +704,25 @@ mod tests {
         config.supervisor.max_restarts = 20;
         let paths: Vec<String> = config.validate().into_iter().map(|p| p.path).collect();
         assert_eq!(paths, vec!["supervisor.max_restarts"]);
+    }
+
+    #[test]
+    fn more_attribute_policies_than_a_trace_can_track_are_refused() {
+        let policy = |i: usize| {
+            format!("    - {{name: p{i}, type: string_attribute, string_attribute: {{key: k, values: [v{i}]}}}}\n")
+        };
+        let nested = "    - {name: n, type: drop, drop: {drop_sub_policy: [{name: a, type: numeric_attribute, numeric_attribute: {key: n, min_value: 1, max_value: 2}}]}}\n";
+        let yaml = |count: usize| {
+            let mut policies = String::from("  policies:\n");
+            (0..count).for_each(|i| policies.push_str(&policy(i)));
+            policies.push_str(nested);
+            let start = DEFAULT_CONFIG_YAML.find("  # Shorthand:").unwrap();
+            let end = DEFAULT_CONFIG_YAML.find("  decision_cache_ttl").unwrap();
+            format!("{}{policies}{}", &DEFAULT_CONFIG_YAML[..start], &DEFAULT_CONFIG_YAML[end..])
+        };
+        Config::parse(&yaml(MAX_ATTRIBUTE_POLICIES - 1)).unwrap();
+        let err = Config::parse(&yaml(MAX_ATTRIBUTE_POLICIES)).unwrap_err().to_string();
+        assert!(err.contains("tail_sample.policies") && err.contains("at most 64"), "{err}");
     }
 
     #[test]

@@ -220,6 +220,15 @@ pub struct DropPolicy {
 }
 
 impl PolicyConfig {
+    /// Attribute tests (`string_attribute` and `numeric_attribute`) in this policy and its
+    /// sub-policies.
+    pub fn attribute_tests(&self) -> usize {
+        let own = usize::from(matches!(self.kind, PolicyType::StringAttribute | PolicyType::NumericAttribute));
+        let subs = self.and.iter().flat_map(|a| a.and_sub_policy.iter());
+        let subs = subs.chain(self.drop.iter().flat_map(|d| d.drop_sub_policy.iter()));
+        own + subs.map(PolicyConfig::attribute_tests).sum::<usize>()
+    }
+
     fn section_present(&self) -> bool {
         match self.kind {
             PolicyType::StatusCode => self.status_code.is_some(),

@@ -69,14 +69,17 @@ const COUNTER_NAME_BYTES: usize = 40;
 pub const MAX_COUNTERS: usize = (SLOT_BYTES - COUNTERS_AT) / COUNTER_BYTES;
 
 /// Words of a slot: pid, due, shed requests, shed requests handled, intake paused (receive),
-/// started (the process has stamped from its own loop, not only the startup promise).
-const WORDS: usize = 6;
+/// started (the process has stamped from its own loop, not only the startup promise), busy and
+/// the wake-up epoch ([`crate::wake`]).
+const WORDS: usize = 8;
 const PID: usize = 0;
 const DUE: usize = 1;
 const SHED_REQUESTED: usize = 2;
 const SHED_HANDLED: usize = 3;
 const INTAKE_PAUSED: usize = 4;
 const STARTED: usize = 5;
+const BUSY: usize = 6;
+const WAKE_EPOCH: usize = 7;
 
 // SAFETY: the mapping is only accessed through atomics, and it lives as long as the handle.
 unsafe impl Send for Heartbeat {}
@@ -95,6 +98,8 @@ impl Heartbeat {
         let requested = slot.words()[SHED_REQUESTED].load(Ordering::Acquire);
         slot.words()[SHED_HANDLED].store(requested, Ordering::Release);
         slot.counters_len().store(0, Ordering::Release);
+        // Until it says otherwise, the new process is sent every wake-up.
+        slot.words()[BUSY].store(0, Ordering::SeqCst);
         slot.words()[PID].store(u64::from(std::process::id()), Ordering::Release);
         slot.promise(startup);
         Ok(slot)
@@ -183,6 +188,28 @@ impl Heartbeat {
     pub fn overdue(&self, pid: u32) -> Option<Duration> {
         let (claimed_by, due) = self.read();
         (claimed_by == pid).then(|| monotonic_now().saturating_sub(due))
+    }
+}
+
+/// The wake-up words ([`crate::wake`]): a producer that committed to an edge counts the commit
+/// in the consumer's epoch and sends a wake-up only when the consumer is not busy; a busy
+/// consumer has promised to read the queue again before it sleeps, and checks the epoch before
+/// it does. Sequentially consistent on both sides, so one of the two always sees the other.
+impl Heartbeat {
+    /// Producer: counts a commit the stage consumes; whether the stage needs a wake-up for it.
+    pub fn commit_needs_wake(&self) -> bool {
+        self.words()[WAKE_EPOCH].fetch_add(1, Ordering::SeqCst);
+        self.words()[BUSY].load(Ordering::SeqCst) == 0
+    }
+
+    /// Consumer: marks the stage busy (it reads the queue before it waits again) or not.
+    pub fn set_busy(&self, busy: bool) {
+        self.words()[BUSY].store(u64::from(busy), Ordering::SeqCst);
+    }
+
+    /// Consumer: the commits counted so far.
+    pub fn wake_epoch(&self) -> u64 {
+        self.words()[WAKE_EPOCH].load(Ordering::SeqCst)
     }
 }
 

@@ -33,10 +33,13 @@ use tailgate_ipc::clock::{pipeline_now, wall_now};
 pub mod adaptive;
 pub mod incident;
 mod output;
+mod pending;
 pub mod policies;
 pub mod summaries;
 use crate::limits::{MAX_BATCHES_PER_STEP, MAX_DECISIONS_PER_STEP, MAX_PRUNE_PER_STEP, MIN_STEP_INTERVAL, StepSizer};
 use output::StepOutput;
+use pending::PendingTrace;
+use summaries::{COUNTING_KEY, Counting};
 
 /// The trace map is left alone below this capacity (a steady load's index).
 const COMPACT_ABOVE_CAPACITY: usize = 16_384;
@@ -100,18 +103,6 @@ impl Policy {
     }
 }
 
-#[derive(Debug)]
-struct PendingTrace {
-    /// When this trace must be decided, Unix nanoseconds.
-    due_unix_nano: u64,
-    /// Receive time of its first span, Unix nanoseconds.
-    first_received: u64,
-    /// Whether a span makes it worth keeping.
-    interesting: bool,
-    /// References to its spans in the `spans` edge.
-    spans: Vec<(u64, u32)>,
-}
-
 /// The sampler's in-memory index, rebuilt from the queue at start.
 #[derive(Debug)]
 pub struct Sampler {
@@ -149,6 +140,9 @@ pub struct Sampler {
     decided_early: u64,
     /// Where the last scan for expired drop decisions stopped.
     prune_frontier: Option<Vec<u8>>,
+    /// Where spans are counted for spanmetrics, and whether that is stored yet.
+    counting: Counting,
+    counting_stored: bool,
 }
 
 /// What one step did.
@@ -164,8 +158,10 @@ pub struct StepReport {
     pub decided: u64,
     /// Whether more input is waiting (the step stopped at its batch limit).
     pub more_input: bool,
-    /// Span summaries written for spanmetrics.
+    /// Spans counted for spanmetrics.
     pub summarized: u64,
+    /// Whether span metrics (counts or exemplars) were written for spanmetrics.
+    pub metrics_written: bool,
     /// The queue is above the stage threshold: nothing was done.
     pub blocked: bool,
     /// The step committed a write transaction.
@@ -185,7 +181,11 @@ impl Sampler {
         let replay_until = queue.meta_u64(&rtxn, SAMPLER_READ_POS_KEY)?.unwrap_or(0).max(cursor);
         let mut policies = policies::Policies::new(&policy.policies, policy.keep_errors, policy.latency_threshold);
         policies.resume_thresholds(&queue.route_thresholds(&rtxn)?, &policy.policies);
+        let stored_counting = queue.meta_u64(&rtxn, COUNTING_KEY)?;
+        let counting = Counting::resume(&policy.spanmetrics, stored_counting, replay_until);
         Ok(Sampler {
+            counting_stored: stored_counting == Some(counting.encode()),
+            counting,
             policies,
             incident: None,
             policy,
@@ -256,7 +256,7 @@ impl Sampler {
         if estimate <= max {
             return;
         }
-        let bytes_of = |trace: &PendingTrace| PENDING_TRACE_BYTES + trace.spans.len() as u64 * PENDING_SPAN_BYTES;
+        let bytes_of = |trace: &PendingTrace| PENDING_TRACE_BYTES + u64::from(trace.span_count) * PENDING_SPAN_BYTES;
         let mut early = Vec::new();
         for &(due, trace_id) in &self.due {
             if estimate <= max {
@@ -349,6 +349,7 @@ impl Sampler {
         let read_pos = self.read_pos.max(self.replay_until);
         let thresholds_changed = self.policies.adaptive().is_some_and(|a| a.is_dirty());
         if output.decisions.is_empty()
+            && output.summaries.is_empty()
             && old_cursor == self.cursor
             && read_pos == self.persisted_read_pos
             && !thresholds_changed
@@ -363,6 +364,9 @@ impl Sampler {
         if read_pos != self.persisted_read_pos {
             queue.set_meta_u64(&mut wtxn, SAMPLER_READ_POS_KEY, read_pos)?;
         }
+        if !self.counting_stored {
+            queue.set_meta_u64(&mut wtxn, COUNTING_KEY, self.counting.encode())?;
+        }
         // Only ingesting and deciding change the watermark, and both lead here.
         queue.set_sampler_watermark(&mut wtxn, &self.watermark())?;
         if let Some(thresholds) = self.policies.adaptive().and_then(|a| a.take_dirty()) {
@@ -375,6 +379,7 @@ impl Sampler {
             queue.append(&mut wtxn, Edge::SpanSummaries, summaries)?;
         }
         report.summarized = output.summarized;
+        report.metrics_written = !output.summaries.is_empty();
         // In key order: neighbouring puts touch the same pages.
         let mut decisions: Vec<(&[u8; 16], &(Decision, bool))> = output.decisions.iter().collect();
         decisions.sort_unstable_by_key(|(trace_id, _)| **trace_id);
@@ -402,6 +407,7 @@ impl Sampler {
         queue.prune_decisions_by(&mut wtxn, &rule, &mut self.prune_frontier)?;
         queue.commit(wtxn)?;
         self.persisted_read_pos = read_pos;
+        self.counting_stored = true;
         report.wrote = true;
         Ok(report)
     }
@@ -453,35 +459,66 @@ impl Sampler {
             }
             // A clock stepped backwards must not postpone decisions by the size of the step.
             let received = batch.received_unix_nano.to_native().min(now);
+            let count_here = !replaying && self.counting.counted_at_ingest(seq);
+            let mut observer = self.policies.observer(batch);
             let mut undecided = 0u32;
             for (index, span) in batch.spans.iter().enumerate() {
+                let index = index as u32;
                 let trace_id = span.trace_id;
-                if !self.traces.contains_key(&trace_id)
-                    && let Some((mut decision, stored)) = self.decided(queue, rtxn, output, &trace_id)?
-                {
-                    // A late span (or, when replaying, one handled before the restart).
-                    if replaying {
-                        self.replay_skipped += 1;
-                    } else {
-                        report.late += 1;
-                        if decision.keep {
-                            let mark = decision.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
-                            output.emit(seq, batch, index as u32, mark);
-                            report.kept += 1;
-                        } else {
-                            report.dropped += 1;
-                        }
-                        output.summarize(&self.policy.spanmetrics, batch, index as u32, decision.keep);
-                        decision.last_seq = decision.last_seq.max(seq);
-                        output.decisions.insert(trace_id, (decision, stored));
+                let trace = match self.traces.entry(trace_id) {
+                    std::collections::hash_map::Entry::Occupied(entry) => {
+                        let trace = entry.into_mut();
+                        trace.push(seq, index);
+                        trace
                     }
-                    continue;
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        if let Some((mut decision, stored)) = Self::decided(queue, rtxn, output, &trace_id)? {
+                            // A late span (or, when replaying, one handled before the restart).
+                            if replaying {
+                                self.replay_skipped += 1;
+                            } else {
+                                report.late += 1;
+                                if decision.keep {
+                                    let mark =
+                                        decision.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
+                                    output.emit(seq, batch, index, mark);
+                                    report.kept += 1;
+                                } else {
+                                    report.dropped += 1;
+                                }
+                                // Decided as it is ingested: counted under the rule of both.
+                                let count = !self.policy.spanmetrics.kept_only || decision.keep;
+                                output.summarize(&self.policy.spanmetrics, batch, index, count, decision.keep);
+                                decision.last_seq = decision.last_seq.max(seq);
+                                output.decisions.insert(trace_id, (decision, stored));
+                            }
+                            continue;
+                        }
+                        let wait_due = received.saturating_add(self.policy.decision_wait.as_nanos() as u64);
+                        // A trace that starts with its root is due by the root's grace from the
+                        // start (one place in the due set, not one taken and given up at once).
+                        let due = if span.parent_span_id == [0u8; 8] {
+                            wait_due.min(received.saturating_add(self.policy.root_grace.as_nanos() as u64))
+                        } else {
+                            wait_due
+                        };
+                        self.due.insert((due, trace_id));
+                        *self.first_received.entry(received).or_default() += 1;
+                        entry.insert(PendingTrace::new(due, received, seq, index))
+                    }
+                };
+                observer.observe(&mut trace.facts, index);
+                if count_here {
+                    output.summarize(&self.policy.spanmetrics, batch, index, true, false);
                 }
                 undecided += 1;
                 if replaying {
                     self.replay_buffered += 1;
                 }
-                self.buffer(seq, index as u32, received, span);
+                self.pending_spans += 1;
+                if Self::buffered(&self.policy, &mut self.due, trace, received, span) {
+                    self.decided_early += 1;
+                }
             }
             self.undecided.insert(seq, undecided);
             self.read_pos = seq;
@@ -502,7 +539,6 @@ impl Sampler {
 
     /// The decision for a trace not in the index: one made in this step, or a stored one.
     fn decided(
-        &self,
         queue: &Queue,
         rtxn: &ReadTxn<'_>,
         output: &StepOutput<'_>,
@@ -514,38 +550,33 @@ impl Sampler {
         Ok(queue.decision(rtxn, trace_id)?.map(|decision| (decision, true)))
     }
 
-    fn buffer(&mut self, seq: u64, index: u32, received: u64, span: &batch::ArchivedSpanRecord) {
-        let policy = &self.policy;
-        let duration = batch::span_duration(span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
-        let interesting = (policy.keep_errors && span.status_code == batch::STATUS_CODE_ERROR)
-            || duration > policy.latency_threshold.as_nanos() as u64;
-        let is_root = span.parent_span_id == [0u8; 8];
-        let wait_due = received.saturating_add(policy.decision_wait.as_nanos() as u64);
-        let root_due = received.saturating_add(policy.root_grace.as_nanos() as u64);
+    /// Updates a trace's due time for the span just added to it (received at `received`): a
+    /// root makes it due by the root's grace, `max_spans_per_trace` makes it due now. Returns
+    /// whether it was made due early.
+    fn buffered(
+        policy: &Policy,
+        due: &mut BTreeSet<(u64, [u8; 16])>,
+        trace: &mut PendingTrace,
+        received: u64,
+        span: &batch::ArchivedSpanRecord,
+    ) -> bool {
         let trace_id = span.trace_id;
-        let trace = self.traces.entry(trace_id).or_insert_with(|| {
-            // A trace that starts with its root is due by the root's grace from the start (one
-            // place in the due set, not one taken and given up at once).
-            let due = if is_root { wait_due.min(root_due) } else { wait_due };
-            self.due.insert((due, trace_id));
-            *self.first_received.entry(received).or_default() += 1;
-            PendingTrace { due_unix_nano: due, first_received: received, interesting: false, spans: Vec::new() }
-        });
-        trace.interesting |= interesting;
-        trace.spans.push((seq, index));
-        self.pending_spans += 1;
-        if trace.spans.len() as u64 >= u64::from(policy.max_spans_per_trace) && trace.due_unix_nano > 0 {
-            self.due.remove(&(trace.due_unix_nano, trace_id));
+        let duration = batch::span_duration(span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
+        trace.interesting |= (policy.keep_errors && span.status_code == batch::STATUS_CODE_ERROR)
+            || duration > policy.latency_threshold.as_nanos() as u64;
+        if trace.span_count >= policy.max_spans_per_trace && trace.due_unix_nano > 0 {
+            due.remove(&(trace.due_unix_nano, trace_id));
             trace.due_unix_nano = 0;
-            self.due.insert((0, trace_id));
-            self.decided_early += 1;
-            return;
+            due.insert((0, trace_id));
+            return true;
         }
-        if is_root && root_due < trace.due_unix_nano {
-            self.due.remove(&(trace.due_unix_nano, trace_id));
+        let root_due = received.saturating_add(policy.root_grace.as_nanos() as u64);
+        if span.parent_span_id == [0u8; 8] && root_due < trace.due_unix_nano {
+            due.remove(&(trace.due_unix_nano, trace_id));
             trace.due_unix_nano = root_due;
-            self.due.insert((root_due, trace_id));
+            due.insert((root_due, trace_id));
         }
+        false
     }
 
     /// Decides every pending trace due by `due_by` (receive-time clock); decisions are stamped
@@ -591,8 +622,8 @@ impl Sampler {
         }
     }
 
-    /// Decides one trace taken out of the index: its spans' summaries, the kept ones emitted,
-    /// the decision recorded.
+    /// Decides one trace taken out of the index: the kept spans emitted and offered as
+    /// exemplars, the decision recorded.
     #[allow(clippy::too_many_arguments)]
     fn decide_trace<'t>(
         &mut self,
@@ -604,7 +635,7 @@ impl Sampler {
         output: &mut StepOutput<'t>,
         report: &mut StepReport,
     ) -> Result<(), StageError> {
-        self.pending_spans = self.pending_spans.saturating_sub(trace.spans.len() as u64);
+        self.pending_spans = self.pending_spans.saturating_sub(u64::from(trace.span_count));
         if let Some(count) = self.first_received.get_mut(&trace.first_received) {
             *count -= 1;
             if *count == 0 {
@@ -612,44 +643,41 @@ impl Sampler {
             }
         }
         let mut last_seq = 0;
-        let mut spans = std::mem::take(&mut output.scratch);
-        spans.clear();
-        // A trace's spans mostly sit in one batch or a few, one after another: each run of
-        // spans in the same batch costs one lookup.
-        let mut run: Option<(u64, &'t ArchivedSpanBatch, u32)> = None;
-        for &(seq, index) in &trace.spans {
-            let source = match &mut run {
-                Some((at, source, count)) if *at == seq => {
-                    *count += 1;
-                    *source
-                }
-                _ => {
-                    if let Some((at, _, count)) = run {
-                        self.settle(at, count);
-                    }
-                    let source = self.source(queue, rtxn, &mut output.sources, seq)?;
-                    run = Some((seq, source, 1));
-                    source
-                }
-            };
-            last_seq = last_seq.max(seq);
-            spans.push((source, index));
+        for run in trace.spans.runs() {
+            self.settle(run.seq, run.count);
+            last_seq = last_seq.max(run.seq);
         }
-        if let Some((at, _, count)) = run {
-            self.settle(at, count);
-        }
-        let kept_by =
-            self.policies.decide_during(&trace_id, &spans, self.incident.as_ref(), &mut output.policy_scratch);
-        let keep = kept_by.is_some();
-        let mark = kept_by.and_then(|policy| self.policies.mark(policy));
-        for (&(seq, index), (source, _)) in trace.spans.iter().zip(&spans) {
-            output.summarize(&self.policy.spanmetrics, source, index, keep);
-            if keep {
-                output.emit(seq, source, index, mark);
+        // The policies judge the facts gathered as the spans were ingested; the spans are read
+        // again only for a route, or when the trace is kept (emitted, exemplars) or its spans
+        // are counted now ([`Counting`]).
+        let mut root_route = None;
+        if self.policies.needs_route(self.incident.as_ref()) {
+            for (seq, index) in trace.spans.spans() {
+                let source = self.source(queue, rtxn, &mut output.sources, seq)?;
+                if let Some(span) = source.spans.get(index as usize).filter(|s| s.parent_span_id == [0u8; 8]) {
+                    root_route = Some(policies::root_route(span));
+                }
             }
         }
-        output.scratch = spans;
-        let spans = trace.spans.len() as u64;
+        let kept_by = self.policies.decide_during(&trace_id, &trace.facts, root_route, self.incident.as_ref());
+        let keep = kept_by.is_some();
+        let mark = kept_by.and_then(|policy| self.policies.mark(policy));
+        let settings = &self.policy.spanmetrics;
+        let count_now = |seq: u64| !self.counting.counted_at_ingest(seq) && (keep || !settings.kept_only);
+        for run in trace.spans.runs() {
+            let count = count_now(run.seq);
+            if !keep && !count {
+                continue;
+            }
+            let source = self.source(queue, rtxn, &mut output.sources, run.seq)?;
+            for index in run.index..run.index + run.count {
+                output.summarize(settings, source, index, count, keep);
+                if keep {
+                    output.emit(run.seq, source, index, mark);
+                }
+            }
+        }
+        let spans = u64::from(trace.span_count);
         if keep {
             report.kept += spans
         } else {
@@ -770,7 +798,7 @@ pub async fn run(mut ctx: StageContext) -> Result<(), StageError> {
         if report.decided > 0 {
             ctx.waker.wake(StageId::LogMirror);
         }
-        if report.summarized > 0 {
+        if report.metrics_written {
             ctx.waker.edge_written(Edge::SpanSummaries);
         }
         if report.more_input {

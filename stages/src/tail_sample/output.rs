@@ -1,6 +1,6 @@
 //! What one tail_sample step writes: the kept spans (borrowed from the batches read in the
-//! step's read transaction and encoded from there), the span metrics of the decided spans and
-//! the decisions, committed together.
+//! step's read transaction and encoded from there), the span metrics of the spans it ingested
+//! and decided, and the decisions, committed together.
 
 use tailgate_ipc::batch::{self, ArchivedSpanBatch, SubsetBuilder};
 use tailgate_ipc::clock::pipeline_now;
@@ -30,14 +30,10 @@ pub(super) struct StepOutput<'t> {
     pub(super) emitted: usize,
     /// Decisions made or extended in this step, by trace id, and whether one is stored already.
     pub(super) decisions: FastMap<[u8; 16], (Decision, bool)>,
-    /// What spanmetrics gets of every span decided in this step.
+    /// What spanmetrics gets of the spans ingested and decided in this step.
     pub(super) summaries: Summaries<'t>,
     /// Batches opened (checked) in this step, by sequence number: each is checked once a step.
     pub(super) sources: FastMap<u64, &'t ArchivedSpanBatch>,
-    /// The spans of the trace being decided (reused from trace to trace).
-    pub(super) scratch: Vec<(&'t ArchivedSpanBatch, u32)>,
-    /// The policies' buffers (reused from trace to trace).
-    pub(super) policy_scratch: policies::Scratch<'t>,
 }
 
 /// A step's output, encoded and owned: what the write transaction appends and records.
@@ -78,16 +74,18 @@ impl<'t> StepOutput<'t> {
         }
     }
 
-    /// Counts the span for spanmetrics; a new series counts against the step's output limit
-    /// like an emitted span.
+    /// Counts the span for spanmetrics when `count`, offers it as an exemplar when `kept`
+    /// ([`Summaries::add`]); a new series counts against the step's output limit like an
+    /// emitted span.
     pub(super) fn summarize(
         &mut self,
         settings: &summaries::SeriesSettings,
         source: &'t ArchivedSpanBatch,
         index: u32,
+        count: bool,
         kept: bool,
     ) {
-        self.emitted += self.summaries.add(settings, source, index, kept);
+        self.emitted += self.summaries.add(settings, source, index, count, kept);
     }
 
     /// Closes the batch being built.

@@ -12,7 +12,7 @@
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use tailgate_config::{PolicyConfig, PolicyType};
+use tailgate_config::{MAX_ATTRIBUTE_POLICIES, PolicyConfig, PolicyType};
 use tailgate_ipc::batch::{ArchivedSpanBatch, SpanBody, span_duration};
 
 use crate::otlp_wire::{
@@ -49,17 +49,11 @@ enum Rule {
     SpanLatency {
         over_nanos: u64,
     },
-    StringAttribute {
-        /// Index into [`Policies::keys`].
-        key: usize,
-        matcher: Matcher,
-        invert: bool,
-    },
-    NumericAttribute {
-        /// Index into [`Policies::keys`].
-        key: usize,
-        min: i64,
-        max: i64,
+    /// A `string_attribute` or `numeric_attribute` policy: whether some span matched its
+    /// test is bit `test` of [`Facts::matched`].
+    Attribute {
+        /// Index into [`Policies::tests`].
+        test: u8,
         invert: bool,
     },
     Probabilistic {
@@ -79,16 +73,64 @@ enum Verdict {
     Dropped,
 }
 
-impl Rule {
-    /// The rule of `config`; the attribute keys it reads are interned in `keys`.
-    fn new(config: &PolicyConfig, keys: &mut Vec<String>) -> Rule {
-        let mut intern = |key: &str| match keys.iter().position(|k| k == key) {
+/// What an attribute policy tests on each span: the value of `key` ([`Tests::keys`]), the span's
+/// own else its resource's.
+#[derive(Debug)]
+enum Test {
+    /// `string_attribute`: a string value the matcher accepts.
+    Text { key: usize, matcher: Matcher },
+    /// `numeric_attribute`: an integer value in `min..=max`.
+    Number { key: usize, min: i64, max: i64 },
+}
+
+impl Test {
+    fn key(&self) -> usize {
+        match self {
+            Test::Text { key, .. } | Test::Number { key, .. } => *key,
+        }
+    }
+
+    fn matches(&self, value: AttributeValue<'_>) -> bool {
+        match (self, value) {
+            (Test::Text { matcher, .. }, AttributeValue::Str(text)) => matcher.matches(text),
+            (Test::Number { min, max, .. }, AttributeValue::Int(number)) => (*min..=*max).contains(&number),
+            _ => false,
+        }
+    }
+}
+
+/// The attribute tests of the rules and the keys they read, each key once.
+#[derive(Debug, Default)]
+struct Tests {
+    keys: Vec<String>,
+    tests: Vec<Test>,
+}
+
+impl Tests {
+    fn intern(&mut self, key: &str) -> usize {
+        match self.keys.iter().position(|k| k == key) {
             Some(index) => index,
             None => {
-                keys.push(key.to_string());
-                keys.len() - 1
+                self.keys.push(key.to_string());
+                self.keys.len() - 1
             }
-        };
+        }
+    }
+
+    /// Adds a test; its bit in [`Facts::matched`]. Tests past [`MAX_ATTRIBUTE_POLICIES`]
+    /// (refused by `check-config`) share the last bit.
+    fn add(&mut self, test: Test) -> u8 {
+        let bit = self.tests.len().min(MAX_ATTRIBUTE_POLICIES - 1) as u8;
+        if self.tests.len() < MAX_ATTRIBUTE_POLICIES {
+            self.tests.push(test);
+        }
+        bit
+    }
+}
+
+impl Rule {
+    /// The rule of `config`; its attribute tests are added to `tests`.
+    fn new(config: &PolicyConfig, tests: &mut Tests) -> Rule {
         match config.kind {
             PolicyType::StatusCode => Rule::StatusCode(
                 config.status_code.iter().flat_map(|s| s.status_codes.iter().map(|c| c.wire())).collect(),
@@ -112,31 +154,32 @@ impl Rule {
                 } else {
                     Matcher::Exact(values)
                 };
-                Rule::StringAttribute {
-                    key: intern(policy.map_or("", |p| p.key.as_str())),
-                    matcher,
+                let key = tests.intern(policy.map_or("", |p| p.key.as_str()));
+                Rule::Attribute {
+                    test: tests.add(Test::Text { key, matcher }),
                     invert: policy.is_some_and(|p| p.invert_match),
                 }
             }
             PolicyType::NumericAttribute => {
                 let policy = config.numeric_attribute.as_ref();
-                Rule::NumericAttribute {
-                    key: intern(policy.map_or("", |p| p.key.as_str())),
+                let key = tests.intern(policy.map_or("", |p| p.key.as_str()));
+                let test = Test::Number {
+                    key,
                     min: policy.map_or(0, |p| p.min_value),
                     max: policy.map_or(-1, |p| p.max_value),
-                    invert: policy.is_some_and(|p| p.invert_match),
-                }
+                };
+                Rule::Attribute { test: tests.add(test), invert: policy.is_some_and(|p| p.invert_match) }
             }
             PolicyType::Probabilistic => {
                 let percentage = config.probabilistic.as_ref().map_or(0.0, |p| p.sampling_percentage).clamp(0.0, 100.0);
                 Rule::Probabilistic { threshold: threshold_for(percentage) }
             }
             PolicyType::AlwaysSample => Rule::Always,
-            PolicyType::And => {
-                Rule::And(config.and.iter().flat_map(|a| a.and_sub_policy.iter()).map(|c| Rule::new(c, keys)).collect())
-            }
+            PolicyType::And => Rule::And(
+                config.and.iter().flat_map(|a| a.and_sub_policy.iter()).map(|c| Rule::new(c, tests)).collect(),
+            ),
             PolicyType::Drop => Rule::Drop(
-                config.drop.iter().flat_map(|d| d.drop_sub_policy.iter()).map(|c| Rule::new(c, keys)).collect(),
+                config.drop.iter().flat_map(|d| d.drop_sub_policy.iter()).map(|c| Rule::new(c, tests)).collect(),
             ),
         }
     }
@@ -147,52 +190,30 @@ impl Rule {
     fn can_overrule(&self) -> bool {
         match self {
             Rule::Drop(_) => true,
-            Rule::StringAttribute { invert, .. } | Rule::NumericAttribute { invert, .. } => *invert,
+            Rule::Attribute { invert, .. } => *invert,
             _ => false,
         }
     }
 
-    fn needs_attributes(&self) -> bool {
-        match self {
-            Rule::StringAttribute { .. } | Rule::NumericAttribute { .. } => true,
-            Rule::And(subs) | Rule::Drop(subs) => subs.iter().any(Rule::needs_attributes),
-            _ => false,
-        }
-    }
-
-    fn evaluate(&self, trace: &TraceFacts<'_, '_>) -> Verdict {
+    fn evaluate(&self, trace_id: &[u8; 16], facts: &Facts) -> Verdict {
         let sampled = |matched: bool| if matched { Verdict::Sampled } else { Verdict::NotSampled };
-        let inverted = |matched: bool, invert: bool| match (matched, invert) {
-            (matched, false) => sampled(matched),
-            (true, true) => Verdict::InvertNotSampled,
-            (false, true) => Verdict::InvertSampled,
-        };
         match self {
-            Rule::StatusCode(codes) => sampled(codes.iter().any(|c| trace.statuses & (1u8 << (c & 7)) != 0)),
+            Rule::StatusCode(codes) => sampled(codes.iter().any(|c| facts.statuses & (1u8 << (c & 7)) != 0)),
             Rule::Latency { min_nanos, max_nanos } => {
-                let duration = trace.duration_nanos();
+                let duration = facts.duration_nanos();
                 sampled(duration >= *min_nanos && duration <= *max_nanos)
             }
-            Rule::SpanLatency { over_nanos } => sampled(trace.longest_span > *over_nanos),
-            Rule::StringAttribute { key, matcher, invert } => {
-                let matched = trace.attribute_values(*key).any(|value| match value {
-                    AttributeValue::Str(text) => matcher.matches(text),
-                    _ => false,
-                });
-                inverted(matched, *invert)
-            }
-            Rule::NumericAttribute { key, min, max, invert } => {
-                let matched = trace.attribute_values(*key).any(|value| match value {
-                    AttributeValue::Int(number) => (*min..=*max).contains(&number),
-                    _ => false,
-                });
-                inverted(matched, *invert)
-            }
-            Rule::Probabilistic { threshold } => sampled(randomness(trace.trace_id) >= *threshold),
+            Rule::SpanLatency { over_nanos } => sampled(facts.longest_span > *over_nanos),
+            Rule::Attribute { test, invert } => match (facts.matched & (1u64 << test) != 0, invert) {
+                (matched, false) => sampled(matched),
+                (true, true) => Verdict::InvertNotSampled,
+                (false, true) => Verdict::InvertSampled,
+            },
+            Rule::Probabilistic { threshold } => sampled(randomness(trace_id) >= *threshold),
             Rule::Always => Verdict::Sampled,
-            Rule::And(subs) => sampled(subs.iter().all(|s| is_kept(s.evaluate(trace)))),
+            Rule::And(subs) => sampled(subs.iter().all(|s| is_kept(s.evaluate(trace_id, facts)))),
             Rule::Drop(subs) => {
-                if subs.iter().all(|s| is_kept(s.evaluate(trace))) {
+                if subs.iter().all(|s| is_kept(s.evaluate(trace_id, facts))) {
                     Verdict::Dropped
                 } else {
                     Verdict::NotSampled
@@ -213,57 +234,109 @@ pub fn randomness(trace_id: &[u8; 16]) -> u64 {
     u64::from_be_bytes(last) & (RANDOMNESS_RANGE - 1)
 }
 
-/// What the rules look at, gathered once per trace; attributes are decoded only when a rule
-/// needs them.
-struct TraceFacts<'a, 'k> {
-    trace_id: &'k [u8; 16],
+/// What the rules look at of a trace, gathered span by span as its spans are read (when they
+/// are ingested, while their bytes are in the cache), so deciding the trace reads none of them
+/// again unless it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
     /// Bit `c` set when a span has status code `c`.
     statuses: u8,
     first_start: u64,
     last_end: u64,
     longest_span: u64,
-    /// Each span's encoded bytes and its resource's, where attributes are looked up in place.
-    attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
-    /// The attribute keys the rules read ([`Policies::keys`]).
-    keys: &'k [String],
-    /// Per span, the value of each key (its own attribute, else its resource's): found in one
-    /// walk of each span the first time a rule asks.
-    values: std::cell::OnceCell<Vec<Option<AttributeValue<'a>>>>,
-    /// The buffer `values` is built in (from [`Scratch`]).
-    spare_values: std::cell::Cell<Vec<Option<AttributeValue<'a>>>>,
+    /// Bit `i` set when a span matched attribute test `i`.
+    matched: u64,
 }
 
-/// Buffers of [`Policies::decide_during`], kept by the caller for the batches' lifetime `'a`
-/// and reused from trace to trace instead of allocated for each.
-#[derive(Debug, Default)]
-pub struct Scratch<'a> {
-    attributes: Vec<(&'a [u8], Option<&'a [u8]>)>,
-    values: Vec<Option<AttributeValue<'a>>>,
+impl Default for Facts {
+    fn default() -> Facts {
+        Facts { statuses: 0, first_start: u64::MAX, last_end: 0, longest_span: 0, matched: 0 }
+    }
 }
 
-impl<'a> TraceFacts<'a, '_> {
+impl Facts {
     fn duration_nanos(&self) -> u64 {
         self.last_end.saturating_sub(self.first_start)
     }
+}
 
-    /// The value of key `key` ([`Policies::keys`]) on each span that has it.
-    fn attribute_values(&self, key: usize) -> impl Iterator<Item = AttributeValue<'a>> + '_ {
-        let width = self.keys.len().max(1);
-        let values = self.values.get_or_init(|| {
-            let mut values = self.spare_values.take();
-            values.clear();
-            values.resize(self.attributes.len() * width, None);
-            for ((span, resource), found) in self.attributes.iter().zip(values.chunks_mut(width)) {
-                find_attributes(span, SPAN_ATTRIBUTES, self.keys, found);
-                if let Some(resource) = resource
-                    && found.iter().any(Option::is_none)
-                {
-                    find_attributes(resource, RESOURCE_ATTRIBUTES, self.keys, found);
-                }
+/// Gathers [`Facts`] from the spans of one batch: each resource's attribute values are looked
+/// up once per batch, not once per span.
+pub struct Observer<'p, 'a> {
+    policies: &'p Policies,
+    batch: &'a ArchivedSpanBatch,
+    /// Per resource of the batch, once looked up: the keys it has (bit per key) and the tests
+    /// its values match (bit per test).
+    resources: Vec<Option<(u64, u64)>>,
+    found: Vec<Option<AttributeValue<'a>>>,
+}
+
+impl<'a> Observer<'_, 'a> {
+    /// Adds span `index` of the batch to `facts`.
+    pub fn observe(&mut self, facts: &mut Facts, index: u32) {
+        let Some(span) = self.batch.spans.get(index as usize) else { return };
+        facts.statuses |= 1u8 << (span.status_code & 7);
+        let (start, end) = (span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
+        // A span without a start time says nothing about the trace's extent.
+        if start != 0 {
+            facts.first_start = facts.first_start.min(start);
+            facts.last_end = facts.last_end.max(end);
+        }
+        facts.longest_span = facts.longest_span.max(span_duration(start, end));
+        let tests = &self.policies.tests;
+        if tests.tests.is_empty() {
+            return;
+        }
+        self.found.clear();
+        self.found.resize(tests.keys.len(), None);
+        find_attributes(span.body.as_slice(), SPAN_ATTRIBUTES, &tests.keys, &mut self.found);
+        let resource = self.batch.scopes.get(span.scope.to_native() as usize).map(|scope| scope.resource.to_native());
+        let (resource_keys, resource_matched) = match resource {
+            Some(resource) if self.found.iter().any(Option::is_none) => self.resource(resource as usize),
+            _ => (0, 0),
+        };
+        for (bit, test) in tests.tests.iter().enumerate() {
+            let matched = match self.found[test.key()] {
+                Some(value) => test.matches(value),
+                None => resource_keys & (1u64 << test.key()) != 0 && resource_matched & (1u64 << bit) != 0,
+            };
+            if matched {
+                facts.matched |= 1u64 << bit;
             }
-            values
-        });
-        values.chunks(width).filter_map(move |found| found.get(key).copied().flatten())
+        }
+    }
+
+    /// The keys resource `index` has and the tests its values match (looked up once).
+    fn resource(&mut self, index: usize) -> (u64, u64) {
+        if let Some(Some(known)) = self.resources.get(index) {
+            return *known;
+        }
+        let tests = &self.policies.tests;
+        let mut values = vec![None; tests.keys.len()];
+        if let Some(resource) = self.batch.resources.get(index) {
+            find_attributes(resource.resource.as_slice(), RESOURCE_ATTRIBUTES, &tests.keys, &mut values);
+        }
+        let keys = values.iter().enumerate().filter(|(_, v)| v.is_some()).fold(0u64, |bits, (k, _)| bits | 1 << k);
+        let matched = tests
+            .tests
+            .iter()
+            .enumerate()
+            .filter(|(_, test)| values[test.key()].is_some_and(|value| test.matches(value)))
+            .fold(0u64, |bits, (bit, _)| bits | 1 << bit);
+        if self.resources.len() <= index {
+            self.resources.resize(index + 1, None);
+        }
+        self.resources[index] = Some((keys, matched));
+        (keys, matched)
+    }
+}
+
+/// The route a root span stands for (its `http.route`, else its name): what the adaptive
+/// threshold and an incident window's routes are kept per.
+pub fn root_route(span: &tailgate_ipc::batch::ArchivedSpanRecord) -> &str {
+    match find_attribute(span.body.as_slice(), SPAN_ATTRIBUTES, "http.route") {
+        Some(AttributeValue::Str(route)) => route,
+        _ => span.name.as_str(),
     }
 }
 
@@ -355,10 +428,9 @@ pub struct Policies {
     rules: Vec<(String, Rule)>,
     /// Per rule, whether it can overrule a keep ([`Rule::can_overrule`]).
     overrules: Vec<bool>,
-    /// The attribute keys the rules read, each once.
-    keys: Vec<String>,
+    /// The attribute tests of the rules and the keys they read.
+    tests: Tests,
     marks: Vec<Mark>,
-    needs_attributes: bool,
     /// The adaptive `latency` policy: its index and its per-route thresholds.
     adaptive: Option<(usize, super::adaptive::Adaptive)>,
 }
@@ -369,16 +441,15 @@ impl Policies {
     /// lasting longer than `latency_threshold`: the product's rule before policies, which the
     /// golden sets pin; the `latency` policy type measures the whole trace, as the Collector).
     pub fn new(configs: &[PolicyConfig], keep_errors: bool, latency_threshold: std::time::Duration) -> Policies {
-        let mut keys = Vec::new();
+        let mut tests = Tests::default();
         let mut rules: Vec<(String, Rule)> =
-            configs.iter().map(|c| (c.name.clone(), Rule::new(c, &mut keys))).collect();
+            configs.iter().map(|c| (c.name.clone(), Rule::new(c, &mut tests))).collect();
         if configs.is_empty() {
             if keep_errors {
                 rules.push(("errors".to_string(), Rule::StatusCode(vec![tailgate_ipc::batch::STATUS_CODE_ERROR])));
             }
             rules.push(("slow".to_string(), Rule::SpanLatency { over_nanos: latency_threshold.as_nanos() as u64 }));
         }
-        let needs_attributes = rules.iter().any(|(_, rule)| rule.needs_attributes());
         let overrules = rules.iter().map(|(_, rule)| rule.can_overrule()).collect();
         let mut marks: Vec<Mark> = rules.iter().map(|(name, rule)| Mark::new(name, rule)).collect();
         marks.push(Mark::new(super::incident::INCIDENT_REASON, &Rule::Always));
@@ -388,7 +459,7 @@ impl Policies {
             let stored = tailgate_ipc::decisions::RouteThresholds::default();
             Some((index, super::adaptive::Adaptive::new(latency.threshold_ms, adaptive, &stored)))
         });
-        Policies { rules, overrules, keys, marks, needs_attributes, adaptive }
+        Policies { rules, overrules, tests, marks, adaptive }
     }
 
     /// Resumes the adaptive thresholds stored in the queue.
@@ -406,85 +477,47 @@ impl Policies {
         self.adaptive.as_mut().map(|(_, adaptive)| adaptive)
     }
 
+    /// Gathers the facts of spans of `batch` ([`Observer::observe`]).
+    pub fn observer<'p, 'a>(&'p self, batch: &'a ArchivedSpanBatch) -> Observer<'p, 'a> {
+        Observer { policies: self, batch, resources: Vec::new(), found: Vec::new() }
+    }
+
+    /// Whether deciding a trace needs its root's route ([`root_route`]): an adaptive
+    /// threshold, or an incident window for some routes.
+    pub fn needs_route(&self, incident: Option<&super::incident::Incident>) -> bool {
+        self.adaptive.is_some() || incident.is_some_and(|i| !i.routes.is_empty())
+    }
+
     /// Decides a trace on its spans (`(batch, index)` pairs): the index of the policy that kept
     /// it, or `None` when it is dropped.
     pub fn decide(&mut self, trace_id: &[u8; 16], spans: &[(&ArchivedSpanBatch, u32)]) -> Option<usize> {
-        self.decide_during(trace_id, spans, None, &mut Scratch::default())
-    }
-
-    /// Like [`Policies::decide`], with an open incident window: a trace it covers is kept
-    /// (reason [`Policies::incident_index`]) unless a `drop` policy vetoes it.
-    pub fn decide_during<'a>(
-        &mut self,
-        trace_id: &[u8; 16],
-        spans: &[(&'a ArchivedSpanBatch, u32)],
-        incident: Option<&super::incident::Incident>,
-        scratch: &mut Scratch<'a>,
-    ) -> Option<usize> {
-        let mut attributes = std::mem::take(&mut scratch.attributes);
-        attributes.clear();
-        // The rules' keys, lent to the facts while the rules run.
-        let keys = std::mem::take(&mut self.keys);
-        let mut facts = TraceFacts {
-            trace_id,
-            statuses: 0,
-            first_start: u64::MAX,
-            last_end: 0,
-            longest_span: 0,
-            attributes,
-            keys: &keys,
-            values: std::cell::OnceCell::new(),
-            spare_values: std::cell::Cell::new(std::mem::take(&mut scratch.values)),
-        };
-        let kept_by = self.judge(&mut facts, spans, incident);
-        scratch.values = facts.values.into_inner().unwrap_or_else(|| facts.spare_values.take());
-        scratch.attributes = facts.attributes;
-        self.keys = keys;
-        kept_by
-    }
-
-    fn judge<'a>(
-        &mut self,
-        facts: &mut TraceFacts<'a, '_>,
-        spans: &[(&'a ArchivedSpanBatch, u32)],
-        incident: Option<&super::incident::Incident>,
-    ) -> Option<usize> {
-        let needs_route = self.adaptive.is_some() || incident.is_some_and(|i| !i.routes.is_empty());
-        let needs_attributes = self.needs_attributes;
-        let mut root_route: Option<String> = None;
+        let mut facts = Facts::default();
+        let mut root = None;
         for (batch, index) in spans {
-            let Some(span) = batch.spans.get(*index as usize) else { continue };
-            facts.statuses |= 1u8 << (span.status_code & 7);
-            let (start, end) = (span.start_unix_nano.to_native(), span.end_unix_nano.to_native());
-            // A span without a start time says nothing about the trace's extent.
-            if start != 0 {
-                facts.first_start = facts.first_start.min(start);
-                facts.last_end = facts.last_end.max(end);
-            }
-            let duration = span_duration(start, end);
-            facts.longest_span = facts.longest_span.max(duration);
-            let body = span.body.as_slice();
-            if needs_route && span.parent_span_id == [0u8; 8] {
-                let route = match find_attribute(body, SPAN_ATTRIBUTES, "http.route") {
-                    Some(AttributeValue::Str(route)) => route,
-                    _ => span.name.as_str(),
-                };
-                root_route = Some(route.to_owned());
-            }
-            if needs_attributes {
-                let resource = batch
-                    .scopes
-                    .get(span.scope.to_native() as usize)
-                    .and_then(|scope| batch.resources.get(scope.resource.to_native() as usize))
-                    .map(|resource| resource.resource.as_slice());
-                facts.attributes.push((body, resource));
+            self.observer(batch).observe(&mut facts, *index);
+            if let Some(span) = batch.spans.get(*index as usize).filter(|s| s.parent_span_id == [0u8; 8]) {
+                root = Some(root_route(span));
             }
         }
+        self.decide_during(trace_id, &facts, root, None)
+    }
+
+    /// Decides a trace on its gathered facts and its root's route (when [`Policies::needs_route`]),
+    /// with an open incident window: a trace it covers is kept (reason
+    /// [`Policies::incident_index`]) unless a `drop` policy vetoes it. Returns the index of the
+    /// policy that kept it, or `None` when it is dropped.
+    pub fn decide_during(
+        &mut self,
+        trace_id: &[u8; 16],
+        facts: &Facts,
+        root_route: Option<&str>,
+        incident: Option<&super::incident::Incident>,
+    ) -> Option<usize> {
         // The adaptive policy judges by its route's current threshold, then counts the trace.
         let adaptive = self.adaptive.as_mut().map(|(index, adaptive)| {
             let duration = facts.duration_nanos();
-            let threshold = adaptive.threshold_ms(root_route.as_deref()).saturating_mul(1_000_000);
-            if let Some(route) = &root_route {
+            let threshold = adaptive.threshold_ms(root_route).saturating_mul(1_000_000);
+            if let Some(route) = root_route {
                 adaptive.observe(route, duration);
             }
             (*index, duration >= threshold)
@@ -499,7 +532,7 @@ impl Policies {
                 (Some((at, over)), Rule::Latency { max_nanos, .. }) if at == index => {
                     if over && facts.duration_nanos() <= *max_nanos { Verdict::Sampled } else { Verdict::NotSampled }
                 }
-                _ => rule.evaluate(facts),
+                _ => rule.evaluate(trace_id, facts),
             };
             dropped |= verdict == Verdict::Dropped;
             inverted_out |= verdict == Verdict::InvertNotSampled;
@@ -511,7 +544,7 @@ impl Policies {
             return None;
         }
         if let Some(incident) = incident
-            && incident.covers(root_route.as_deref())
+            && incident.covers(root_route)
             && (incident.keep_all || incident.latency_ms.is_some_and(|ms| facts.duration_nanos() >= ms * 1_000_000))
         {
             return Some(self.incident_index());

@@ -1,9 +1,10 @@
-//! What spanmetrics learns of the decided spans, counted here per series (service, span name,
-//! kind, status, configured dimension values): calls, the sum and the histogram of durations,
-//! and the first kept spans as exemplars. One [`SeriesDeltaBatch`] per step goes to the
-//! `span_summaries` edge in the transaction that records the spans' decisions, so spanmetrics
-//! counts every span exactly once (a crash before the commit writes neither), and every
-//! exemplar is a kept span whose keep decision is durable: it always resolves. (A summary of
+//! What spanmetrics learns of the spans, counted here per series (service, span name, kind,
+//! status, configured dimension values): calls, the sum and the histogram of durations, and the
+//! first kept spans as exemplars. One [`SeriesDeltaBatch`] per step goes to the `span_summaries`
+//! edge in the transaction that ingests the spans it counts ([`Counting`]) and records the
+//! decisions of its exemplars, so spanmetrics counts every span exactly once (a crash before
+//! the commit writes neither), and every exemplar is a kept span whose keep decision is
+//! durable: it always resolves. (A summary of
 //! every span, ~86 bytes each, went there before and was counted by spanmetrics; it still reads
 //! such batches.)
 
@@ -46,6 +47,65 @@ impl SeriesSettings {
     }
 }
 
+/// Meta key of [`Counting`]: where tail_sample counts the spans of which batches.
+pub const COUNTING_KEY: &str = "tail_sample/span_counting";
+
+/// Where tail_sample counts a span for spanmetrics. With `source: all` a span is counted when
+/// it is ingested (its bytes are in the cache then, and a trace that is dropped is not read
+/// again when it is decided); with `source: kept` only the spans of kept traces count, when
+/// their trace is decided. Exemplars always come from kept traces, when they are decided.
+/// Either way a span is counted in the transaction that ingests or decides it: once.
+///
+/// Spans ingested before a change of rule (a new `source`, or an upgrade from a version that
+/// counted every span when it was decided) may still be pending when it takes effect: the
+/// batches up to `boundary` (the ingestion position at the change) keep the rule they were
+/// ingested under, so none of their spans is counted twice or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counting {
+    /// Spans of batches after `boundary` are counted when ingested.
+    pub at_ingest: bool,
+    /// The last batch ingested under the previous rule.
+    pub boundary: u64,
+    /// Spans of batches up to `boundary` were counted when ingested.
+    pub before_at_ingest: bool,
+}
+
+impl Counting {
+    const AT_INGEST: u64 = 1 << 63;
+    const BEFORE_AT_INGEST: u64 = 1 << 62;
+
+    /// The rule for `settings`, given the one stored (`None`: spans were counted when decided)
+    /// and the ingestion position `read_pos` at which a new rule would take effect.
+    pub fn resume(settings: &SeriesSettings, stored: Option<u64>, read_pos: u64) -> Counting {
+        let at_ingest = !settings.kept_only;
+        match stored.map(Counting::decode) {
+            Some(stored) if stored.at_ingest == at_ingest => stored,
+            stored => Counting { at_ingest, boundary: read_pos, before_at_ingest: stored.is_some_and(|s| s.at_ingest) },
+        }
+    }
+
+    /// Whether the spans of batch `seq` are (or were) counted when ingested.
+    pub fn counted_at_ingest(&self, seq: u64) -> bool {
+        if seq > self.boundary { self.at_ingest } else { self.before_at_ingest }
+    }
+
+    /// As stored under [`COUNTING_KEY`].
+    pub fn encode(&self) -> u64 {
+        let flag = |set: bool, bit: u64| if set { bit } else { 0 };
+        (self.boundary & (Self::BEFORE_AT_INGEST - 1))
+            | flag(self.at_ingest, Self::AT_INGEST)
+            | flag(self.before_at_ingest, Self::BEFORE_AT_INGEST)
+    }
+
+    fn decode(raw: u64) -> Counting {
+        Counting {
+            at_ingest: raw & Self::AT_INGEST != 0,
+            boundary: raw & (Self::BEFORE_AT_INGEST - 1),
+            before_at_ingest: raw & Self::BEFORE_AT_INGEST != 0,
+        }
+    }
+}
+
 /// A series, borrowing its names from the spans read in the step's transaction.
 #[derive(Debug, Hash, PartialEq, Eq)]
 struct SeriesKey<'t> {
@@ -76,13 +136,22 @@ pub struct Summaries<'t> {
 pub const SERIES_OVERHEAD_BYTES: usize = 256;
 
 impl<'t> Summaries<'t> {
-    /// Counts span `index` of `source`; returns the stored bytes it added (a new series), for
-    /// the step's output bound.
-    pub fn add(&mut self, settings: &SeriesSettings, source: &'t ArchivedSpanBatch, index: u32, kept: bool) -> usize {
-        let Some(span) = source.spans.get(index as usize) else { return 0 };
-        if settings.kept_only && !kept {
+    /// Counts span `index` of `source` in its series when `count`, and offers it as an
+    /// exemplar when it is `kept`; returns the stored bytes it added (a new series), for the
+    /// step's output bound.
+    pub fn add(
+        &mut self,
+        settings: &SeriesSettings,
+        source: &'t ArchivedSpanBatch,
+        index: u32,
+        count: bool,
+        kept: bool,
+    ) -> usize {
+        let exemplar = kept && settings.exemplars > 0;
+        if !count && !exemplar {
             return 0;
         }
+        let Some(span) = source.spans.get(index as usize) else { return 0 };
         let resource = source
             .scopes
             .get(span.scope.to_native() as usize)
@@ -131,10 +200,12 @@ impl<'t> Summaries<'t> {
         });
         let end = span.end_unix_nano.to_native();
         let value_ms = span_duration(span.start_unix_nano.to_native(), end) as f64 / 1e6;
-        counts.calls += 1;
-        counts.sum_ms += value_ms;
-        counts.buckets[bucket_of(&settings.bounds_ms, value_ms)] += 1;
-        if kept && counts.exemplars.len() < settings.exemplars {
+        if count {
+            counts.calls += 1;
+            counts.sum_ms += value_ms;
+            counts.buckets[bucket_of(&settings.bounds_ms, value_ms)] += 1;
+        }
+        if exemplar && counts.exemplars.len() < settings.exemplars {
             counts.exemplars.push(SpanExemplar {
                 trace_id: span.trace_id,
                 span_id: span.span_id,

@@ -570,3 +570,49 @@ fn every_decided_span_is_counted_once_in_its_series_and_exemplars_are_kept_spans
     assert_eq!(written[&("SELECT".to_string(), batch::STATUS_CODE_ERROR)].0, 10);
     assert_eq!(written.get(&("SELECT".to_string(), 0)).map(|w| w.0), Some(1), "the late span of kept trace 3");
 }
+
+/// Spans are counted for spanmetrics when ingested (`source: all`) or when their trace is kept
+/// (`source: kept`): spans still pending when the rule changes are counted once, never twice.
+#[test]
+fn a_change_of_counting_rule_counts_every_pending_span_once() {
+    let settings = |kept_only| super::summaries::SeriesSettings {
+        bounds_ms: vec![2.0, 10.0],
+        exemplars: 2,
+        kept_only,
+        ..Default::default()
+    };
+    // 30 traces of a root and a child (in ERROR in every third trace, which keeps it).
+    let fill = |queue: &Queue| {
+        let spans = (1..=30u8)
+            .flat_map(|t| {
+                let root = SpanRecord { name: "GET /".into(), ..span(t, 1, true, false) };
+                let child = SpanRecord { name: "SELECT".into(), ..span(t, 2, false, t.is_multiple_of(3)) };
+                [root, child]
+            })
+            .collect();
+        append(queue, spans);
+    };
+    let calls = |queue: &Queue| -> u64 { series_written(queue).values().map(|w| w.0).sum() };
+    for (before, after, counted) in [(false, true, 60), (true, false, 60), (false, false, 60), (true, true, 20)] {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 64 << 20, ..Default::default() }).unwrap();
+        fill(&queue);
+        // Ingested under the first rule, nothing due yet; then a restart under the second.
+        let mut sampler = Sampler::open(&queue, Policy { spanmetrics: settings(before), ..policy() }).unwrap();
+        while sampler.step(&queue, T0 + 1).unwrap().more_input {}
+        assert_eq!(sampler.pending_traces(), 30);
+        assert_eq!(calls(&queue), if before { 0 } else { 60 }, "source: all counts spans as they come in");
+        drop(sampler);
+        let mut sampler = Sampler::open(&queue, Policy { spanmetrics: settings(after), ..policy() }).unwrap();
+        while sampler.step(&queue, T0 + 60_000_000_000).unwrap().more_input {}
+        assert_eq!(sampler.pending_traces(), 0);
+        // New spans after the change follow the new rule.
+        fill(&queue);
+        while sampler.step(&queue, T0 + 120_000_000_000).unwrap().more_input {}
+        let new = if after { 20 } else { 60 };
+        assert_eq!(calls(&queue), counted + new, "kept_only {before} -> {after}");
+        let written = series_written(&queue);
+        let exemplars: Vec<[u8; 16]> = written.values().flat_map(|w| w.3.iter().copied()).collect();
+        assert!(!exemplars.is_empty() && exemplars.iter().all(|t| t[0] % 3 == 0), "{exemplars:?}");
+    }
+}
