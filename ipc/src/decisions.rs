@@ -253,7 +253,9 @@ impl Queue {
         decision: &Decision,
     ) -> Result<(), QueueError> {
         self.put_sealed(self.decisions, wtxn, trace_id, &decision.encode())?;
-        self.put_sealed(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
+        // Decisions are stamped with the pipeline clock, which only moves forward, and a step
+        // records its new ones in key order: the expiry index grows at its end.
+        self.put_sealed_last(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
         Ok(())
     }
 

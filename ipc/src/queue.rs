@@ -412,6 +412,23 @@ impl Queue {
         Ok(table.put(wtxn, key, &seal(key, value))?)
     }
 
+    /// Like [`Queue::put_sealed`] for a key expected to sort after every key in `table` (a
+    /// time-ordered index): appended to the last page without a search of the tree; a key that
+    /// does not sort last is put in place.
+    pub(crate) fn put_sealed_last(
+        &self,
+        table: Table,
+        wtxn: &mut RwTxn<'_>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), QueueError> {
+        let sealed = seal(key, value);
+        match table.put_with_flags(wtxn, PutFlags::APPEND, key, &sealed) {
+            Err(heed::Error::Mdb(heed::MdbError::KeyExist)) => Ok(table.put(wtxn, key, &sealed)?),
+            other => Ok(other?),
+        }
+    }
+
     /// Reads a sealed u64 (wrong length is damage too).
     fn get_sealed_u64(
         &self,

@@ -338,6 +338,30 @@ fn full_map_keeps_committed_data_and_recovers() {
 // ---------------------------------------------------------------------------------------------
 // 4. Decisions.
 
+/// New decisions go to the end of the expiry index without a search when they sort last, and
+/// in place when they do not (a step's ids after a later one's at the same millisecond): the
+/// index stays in decision order either way.
+#[test]
+fn new_decisions_in_any_order_keep_the_expiry_index_ordered() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path(), 64 * MIB);
+    let decision = |decided_unix_ms| Decision { keep: false, decided_unix_ms, last_seq: 1, policy: None };
+    let puts: [(u8, u64); 6] = [(5, 100), (9, 100), (2, 100), (7, 200), (1, 200), (3, 150)];
+    let mut wtxn = q.write().unwrap();
+    for (id, ms) in puts {
+        q.put_new_decision(&mut wtxn, &[id; 16], &decision(ms)).unwrap();
+    }
+    q.commit(wtxn).unwrap();
+    let txn = q.read().unwrap();
+    let order: Vec<(u64, u8)> = q.decisions_since(&txn, 0).unwrap().into_iter().map(|(ms, id)| (ms, id[0])).collect();
+    assert_eq!(order, vec![(100, 2), (100, 5), (100, 9), (150, 3), (200, 1), (200, 7)]);
+    assert_eq!(q.decisions_since(&txn, 150).unwrap().len(), 3);
+    assert_eq!(q.last_decision_ms(&txn).unwrap(), Some(200));
+    for (id, ms) in puts {
+        assert_eq!(q.decision(&txn, &[id; 16]).unwrap(), Some(decision(ms)));
+    }
+}
+
 #[test]
 fn decisions_round_trip_and_prune() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,17 +14,20 @@ use tailgate_ipc::Queue;
 /// Most input batches read in one step (one write transaction).
 pub const MAX_BATCHES_PER_STEP: usize = 64;
 
-/// Most traces tail_sample decides, and most stale decisions it prunes, in one step. Trace ids
-/// are random, so each decision put or prune lands on its own page of the decisions table, and
-/// LMDB copies every page a transaction dirties into a buffer of the process it keeps for reuse
-/// until the environment closes: the largest step's page count stays in the stage's private
-/// memory for good. 256 + 256 pages bound that to 2 MiB; a step's fixed cost is small next to
-/// 256 page copies, so under a burst more, smaller steps cost nothing measurable (BENCHMARKS.md).
-pub const MAX_DECISIONS_PER_STEP: usize = 256;
+/// Most traces tail_sample decides in one step. Trace ids are random, so each decision put or
+/// prune lands on its own page of the decisions table, and LMDB copies every page a transaction
+/// dirties into a buffer of the process it keeps for reuse until the environment closes: the
+/// largest step's page count stays in the stage's private memory for good. 512 decisions and
+/// 512 prunes bound that to 4 MiB. Under load a step's fixed cost (its commit, the watermark and
+/// cursor, the span-metric batch, wake-ups) is paid per 512 decisions: 256 cost 3% more CPU per
+/// span at 500k spans/s; tail_sample was back at 3.4 MiB a minute after a 20 s burst at that
+/// rate (BENCHMARKS.md).
+pub const MAX_DECISIONS_PER_STEP: usize = 512;
 
-/// See [`MAX_DECISIONS_PER_STEP`]: pruning runs in every writing step, so it keeps pace with
-/// decisions made at the same bound.
-pub const MAX_PRUNE_PER_STEP: usize = 256;
+/// Most stale decisions tail_sample prunes in one step (see [`MAX_DECISIONS_PER_STEP`]): pruning
+/// runs in every writing step at the same bound, so under a sustained load it keeps pace with
+/// the decisions made.
+pub const MAX_PRUNE_PER_STEP: usize = MAX_DECISIONS_PER_STEP;
 
 /// tail_sample's steps are at least this far apart unless input is backing up: decisions take
 /// seconds anyway, and every step's transaction copies the pages its decisions land on (trace
