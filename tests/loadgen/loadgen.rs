@@ -746,16 +746,17 @@ fn meter(root: u32, duration: u64, series: Option<std::path::PathBuf>) -> anyhow
         used += delta;
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let private_mib = memory_kb(*pid).map_or(0.0, |(private, _)| private as f64 / 1024.0);
+        let seconds = delta as f64 / ticks_per_second;
         per_process.push(format!(
-            "{} {:.2}% ({private_mib:.1} MiB)",
+            "{} {:.2}% ({seconds:.2} CPU-s, {private_mib:.1} MiB)",
             name.trim(),
-            delta as f64 / ticks_per_second / elapsed * 100.0
+            seconds / elapsed * 100.0
         ));
     }
     let (private, pss) =
         end_pids.iter().filter_map(|p| memory_kb(*p)).fold((0, 0), |acc, m| (acc.0 + m.0, acc.1 + m.1));
     println!(
-        "processes {}: cpu {:.2}% of one core over {elapsed:.0} s; private memory {:.1} MiB (peak {:.1}); pss {:.1} MiB (peak {:.1})",
+        "processes {}: cpu {:.2}% of one core over {elapsed:.1} s; private memory {:.1} MiB (peak {:.1}); pss {:.1} MiB (peak {:.1})",
         end_pids.len(),
         used as f64 / ticks_per_second / elapsed * 100.0,
         private as f64 / 1024.0,
