@@ -132,7 +132,8 @@ pub struct TailSampleConfig {
     /// `policies`, write that policy instead.
     #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub latency_threshold: Option<Duration>,
-    /// Sampling policies (OTel `tail_sampling` shape); empty: the shorthand above.
+    /// Sampling policies (OTel `tail_sampling` shape); empty: the shorthand above. At most 64
+    /// `string_attribute` and `numeric_attribute` policies, sub-policies included.
     pub policies: Vec<PolicyConfig>,
     /// How long decisions are remembered so late spans and logs follow their trace.
     #[serde(with = "humantime_serde")]
