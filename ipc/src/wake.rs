@@ -83,17 +83,16 @@ impl Waker {
             // Busy: it reads the queue before it sleeps again.
             return;
         }
-        let slot = &mut target.socket;
-        if let Some(socket) = slot.as_ref() {
+        if let Some(socket) = target.socket.as_ref() {
             match socket.send(&[1]) {
                 Ok(_) => return,
                 // Buffer full: a wake-up is already pending.
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(_) => *slot = None,
+                Err(_) => target.socket = None,
             }
         }
-        *slot = self.connect(stage);
-        if let Some(socket) = slot.as_ref() {
+        target.socket = self.connect(stage);
+        if let Some(socket) = target.socket.as_ref() {
             let _ignored = socket.send(&[1]);
         }
         // A stage's slot exists once it has started (it claims it before binding its socket).

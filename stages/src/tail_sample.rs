@@ -78,14 +78,26 @@ pub struct Policy {
 }
 
 /// Estimated heap of one pending trace in the index, besides its span references: its map
-/// entry (id, due, receive time, flags, span vector header), its place in the due set, and
-/// allocator overhead. Measured: 183 bytes per trace of 3 spans in all (BENCHMARKS.md), against
+/// entry (id, due, receive time, the policies' facts, flags, its first run of spans), its place
+/// in the due set, and allocator overhead. Measured: 183 bytes per trace of 3 spans in all (BENCHMARKS.md), against
 /// 232 estimated.
 pub const PENDING_TRACE_BYTES: u64 = 160;
-/// Estimated heap of one pending span reference (batch sequence and index, vector growth).
+/// Estimated heap of one pending span reference: nothing while a trace's spans come in one run,
+/// a run (batch sequence, first index, count) and vector growth for a span that starts another;
+/// counted for every span, so the estimate errs on the safe side.
 pub const PENDING_SPAN_BYTES: u64 = 24;
 
 impl Policy {
+    /// When a trace whose first span was received at `received` is due without its root.
+    fn wait_due(&self, received: u64) -> u64 {
+        received.saturating_add(self.decision_wait.as_nanos() as u64)
+    }
+
+    /// When a trace is due once its root arrived (received at `received`).
+    fn root_due(&self, received: u64) -> u64 {
+        received.saturating_add(self.root_grace.as_nanos() as u64)
+    }
+
     /// The policy configured in `config.tail_sample` (and spanmetrics' dimensions).
     pub fn from_config(config: &tailgate_config::Config) -> Policy {
         let sampling = &config.tail_sample;
@@ -159,8 +171,6 @@ pub struct StepReport {
     pub decided: u64,
     /// Whether more input is waiting (the step stopped at its batch limit).
     pub more_input: bool,
-    /// Spans counted for spanmetrics.
-    pub summarized: u64,
     /// Whether span metrics (counts or exemplars) were written for spanmetrics.
     pub metrics_written: bool,
     /// The queue is above the stage threshold: nothing was done.
@@ -379,7 +389,6 @@ impl Sampler {
         for summaries in &output.summaries {
             queue.append(&mut wtxn, Edge::SpanSummaries, summaries)?;
         }
-        report.summarized = output.summarized;
         report.metrics_written = !output.summaries.is_empty();
         // In key order: neighbouring puts touch the same pages.
         let mut decisions: Vec<(&[u8; 16], &(Decision, bool))> = output.decisions.iter().collect();
@@ -483,35 +492,28 @@ impl Sampler {
                         trace
                     }
                     std::collections::hash_map::Entry::Vacant(entry) => {
-                        if let Some((mut decision, stored)) = Self::decided(queue, rtxn, output, &trace_id)? {
-                            // A late span (or, when replaying, one handled before the restart).
+                        // A late span (or, when replaying, one handled before the restart).
+                        if let Some(decided) = Self::decided(queue, rtxn, output, &trace_id)? {
                             if replaying {
                                 self.replay_skipped += 1;
+                                continue;
+                            }
+                            report.late += 1;
+                            let mark = decided.0.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
+                            let settings = &self.policy.spanmetrics;
+                            if output.follow(settings, seq, batch, index, trace_id, decided, mark) {
+                                report.kept += 1;
                             } else {
-                                report.late += 1;
-                                if decision.keep {
-                                    let mark =
-                                        decision.policy.and_then(|policy| self.policies.mark(usize::from(policy)));
-                                    output.emit(seq, batch, index, mark);
-                                    report.kept += 1;
-                                } else {
-                                    report.dropped += 1;
-                                }
-                                // Decided as it is ingested: counted under the rule of both.
-                                let count = !self.policy.spanmetrics.kept_only || decision.keep;
-                                output.summarize(&self.policy.spanmetrics, batch, index, count, decision.keep);
-                                decision.last_seq = decision.last_seq.max(seq);
-                                output.decisions.insert(trace_id, (decision, stored));
+                                report.dropped += 1;
                             }
                             continue;
                         }
-                        let wait_due = received.saturating_add(self.policy.decision_wait.as_nanos() as u64);
                         // A trace that starts with its root is due by the root's grace from the
                         // start (one place in the due set, not one taken and given up at once).
                         let due = if span.parent_span_id == [0u8; 8] {
-                            wait_due.min(received.saturating_add(self.policy.root_grace.as_nanos() as u64))
+                            self.policy.wait_due(received).min(self.policy.root_due(received))
                         } else {
-                            wait_due
+                            self.policy.wait_due(received)
                         };
                         self.due.insert((due, trace_id));
                         *self.first_received.entry(received).or_default() += 1;
@@ -581,7 +583,7 @@ impl Sampler {
             due.insert((0, trace_id));
             return true;
         }
-        let root_due = received.saturating_add(policy.root_grace.as_nanos() as u64);
+        let root_due = policy.root_due(received);
         if span.parent_span_id == [0u8; 8] && root_due < trace.due_unix_nano {
             due.remove(&(trace.due_unix_nano, trace_id));
             trace.due_unix_nano = root_due;

@@ -40,7 +40,6 @@ pub(super) struct StepOutput<'t> {
 pub(super) struct EncodedOutput {
     pub(super) kept_spans: Vec<Vec<u8>>,
     pub(super) summaries: Vec<Vec<u8>>,
-    pub(super) summarized: u64,
     pub(super) decisions: FastMap<[u8; 16], (Decision, bool)>,
 }
 
@@ -72,6 +71,30 @@ impl<'t> StepOutput<'t> {
             };
             self.spans.push(batch::SpanRecordRef::of(span, scope, body));
         }
+    }
+
+    /// A span whose trace was decided before it arrived (a late span) follows the decision: it
+    /// is emitted when the trace was kept (with the mark of the policy that kept it), counted
+    /// under the rule of both ingest and decision, and extends the decision's `last_seq`.
+    /// Returns whether it was kept.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn follow(
+        &mut self,
+        settings: &summaries::SeriesSettings,
+        seq: u64,
+        source: &'t ArchivedSpanBatch,
+        index: u32,
+        trace_id: [u8; 16],
+        (mut decision, stored): (Decision, bool),
+        mark: Option<&policies::Mark>,
+    ) -> bool {
+        if decision.keep {
+            self.emit(seq, source, index, mark);
+        }
+        self.summarize(settings, source, index, !settings.kept_only || decision.keep, decision.keep);
+        decision.last_seq = decision.last_seq.max(seq);
+        self.decisions.insert(trace_id, (decision, stored));
+        decision.keep
     }
 
     /// Counts the span for spanmetrics when `count`, offers it as an exemplar when `kept`
@@ -108,7 +131,7 @@ impl<'t> StepOutput<'t> {
     ) -> Result<EncodedOutput, StageError> {
         self.seal();
         let kept_spans = self.full.iter().map(batch::encode_span_refs).collect::<Result<_, _>>()?;
-        let (summaries, summarized) = self.summaries.finish(settings, decided_unix_nano)?;
-        Ok(EncodedOutput { kept_spans, summaries, summarized, decisions: self.decisions })
+        let summaries = self.summaries.finish(settings, decided_unix_nano)?;
+        Ok(EncodedOutput { kept_spans, summaries, decisions: self.decisions })
     }
 }

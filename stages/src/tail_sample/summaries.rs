@@ -216,13 +216,12 @@ impl<'t> Summaries<'t> {
         added
     }
 
-    /// The batch to append (none when nothing was counted), stamped with the decision time and
-    /// encoded, and how many spans it counts.
-    pub fn finish(self, settings: &SeriesSettings, decided_unix_nano: u64) -> Result<(Vec<Vec<u8>>, u64), BatchError> {
+    /// The batch to append (none when nothing was counted or offered), stamped with the
+    /// decision time and encoded.
+    pub fn finish(self, settings: &SeriesSettings, decided_unix_nano: u64) -> Result<Vec<Vec<u8>>, BatchError> {
         if self.series.is_empty() {
-            return Ok((Vec::new(), 0));
+            return Ok(Vec::new());
         }
-        let spans = self.series.iter().map(|(_, counts)| counts.calls).sum();
         let batch = SeriesDeltaBatch {
             decided_unix_nano,
             bounds_ms: settings.bounds_ms.clone(),
@@ -242,7 +241,7 @@ impl<'t> Summaries<'t> {
                 })
                 .collect(),
         };
-        Ok((vec![encode_series_deltas(&batch)?], spans))
+        Ok(vec![encode_series_deltas(&batch)?])
     }
 }
 
