@@ -359,6 +359,14 @@ impl Mirror {
                     state.resolve(index);
                     continue;
                 }
+                if !timed_out && let Some(records) = self.waiting.get_mut(&log.trace_id) {
+                    // An earlier record of this trace waits: its decision was not made when that
+                    // record was looked up, so it is either not made yet or made since the last
+                    // scan, and `resolve_new_decisions` (later in this step, same snapshot)
+                    // resolves every waiting record of the trace. No lookup needed.
+                    records.push((seq, index));
+                    continue;
+                }
                 match queue.decision(rtxn, &log.trace_id)? {
                     Some(decision) => self.follow(decision.keep, seq, source, index, output, report),
                     None if timed_out => {

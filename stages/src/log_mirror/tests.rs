@@ -103,6 +103,30 @@ fn logs_follow_decisions_and_a_waiting_record_holds_up_nobody() {
 }
 
 #[test]
+fn later_records_of_a_waiting_trace_follow_its_decision_whenever_it_came() {
+    // A record of a trace that already waits is indexed without a lookup: its decision is
+    // found by the scan of new decisions, also when it was made before the record arrived or in
+    // the same millisecond as the previous scan.
+    let (_dir, queue) = open_queue();
+    sampler_stuck_at(&queue, T0);
+    append(&queue, vec![log(7, 9, 70), log(8, 9, 80)]);
+    let mut mirror = Mirror::open(&queue, rule()).unwrap();
+    assert_eq!(mirror.step(&queue, T0 + 1).unwrap().waiting, 2);
+    // Trace 7 is decided, then another of its records arrives.
+    decide(&queue, 7, true, 5);
+    decide(&queue, 9, false, 6);
+    append(&queue, vec![log(7, 9, 71)]);
+    let second = mirror.step(&queue, T0 + 2).unwrap();
+    assert_eq!((second.kept, second.waiting), (2, 1));
+    // Trace 8 is decided in the millisecond the last scan ended at, after it.
+    decide(&queue, 8, true, 6);
+    append(&queue, vec![log(8, 9, 81), log(8, 9, 82)]);
+    let third = mirror.step(&queue, T0 + 3).unwrap();
+    assert_eq!((third.kept, third.waiting), (3, 0));
+    assert_eq!(kept_tags(&queue), vec![70, 71, 80, 81, 82]);
+}
+
+#[test]
 fn waiting_follows_the_sampler_not_the_clock() {
     let (_dir, queue) = open_queue();
     // The sampler is behind: it has decided only what was received up to T0.

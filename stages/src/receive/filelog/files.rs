@@ -111,8 +111,9 @@ pub struct Tracked {
 /// Lines read from one file, and where the file will stand once they are committed.
 #[derive(Debug, Default)]
 pub struct Chunk {
-    /// Complete (or force-flushed, or cut) lines, without their newline.
-    pub lines: Vec<Vec<u8>>,
+    /// Complete (or force-flushed, or cut) lines, without their newline: ranges of the read
+    /// buffer passed to [`Tracked::read`].
+    pub lines: Vec<std::ops::Range<usize>>,
     /// Lines cut at `max_log_size`.
     pub cut: u64,
     /// The offset after these lines.
@@ -134,7 +135,16 @@ pub struct ReadLimits {
 
 impl Tracked {
     /// Reads lines after the checkpoint (nothing is committed here).
-    pub fn read(&mut self, size: u64, limits: ReadLimits, now: Instant) -> std::io::Result<Chunk> {
+    ///
+    /// The bytes are read into `buffer` (reused across reads: it grows to the largest read and
+    /// is only zeroed as it grows); the chunk's lines are ranges of it.
+    pub fn read(
+        &mut self,
+        size: u64,
+        limits: ReadLimits,
+        now: Instant,
+        buffer: &mut Vec<u8>,
+    ) -> std::io::Result<Chunk> {
         let start = self.checkpoint.offset;
         let mut chunk = Chunk { offset: start, skipping: self.checkpoint.skipping, ..Chunk::default() };
         if size <= start {
@@ -143,9 +153,11 @@ impl Tracked {
         }
         let want =
             usize::try_from(size - start).unwrap_or(usize::MAX).min(limits.max_bytes.max(limits.max_log_size + 1));
-        let mut buffer = vec![0u8; want];
-        let got = read_full_at(&self.file, &mut buffer, start)?;
-        buffer.truncate(got);
+        if buffer.len() < want {
+            buffer.resize(want, 0);
+        }
+        let got = read_full_at(&self.file, &mut buffer[..want], start)?;
+        let buffer = &buffer[..got];
         let at_eof = start + got as u64 >= size;
         let mut position = 0usize;
         while position < buffer.len() {
@@ -155,22 +167,22 @@ impl Tracked {
                     if chunk.skipping {
                         chunk.skipping = false;
                     } else {
-                        let mut line = &rest[..newline];
-                        if line.last() == Some(&b'\r') {
-                            line = &line[..line.len() - 1];
+                        let mut end = newline;
+                        if rest[..end].last() == Some(&b'\r') {
+                            end -= 1;
                         }
-                        if line.len() > limits.max_log_size {
+                        if end > limits.max_log_size {
                             chunk.cut += 1;
-                            line = &line[..limits.max_log_size];
+                            end = limits.max_log_size;
                         }
-                        chunk.lines.push(line.to_vec());
+                        chunk.lines.push(position..position + end);
                     }
                     position += newline + 1;
                 }
                 None if chunk.skipping => position = buffer.len(),
                 None if rest.len() >= limits.max_log_size => {
                     chunk.cut += 1;
-                    chunk.lines.push(rest[..limits.max_log_size].to_vec());
+                    chunk.lines.push(position..position + limits.max_log_size);
                     chunk.skipping = true;
                     position += limits.max_log_size;
                 }
@@ -185,7 +197,7 @@ impl Tracked {
                         }
                     };
                     if now.duration_since(since) >= limits.force_flush_period {
-                        chunk.lines.push(rest.to_vec());
+                        chunk.lines.push(position..buffer.len());
                         position = buffer.len();
                         self.partial = None;
                     }
@@ -305,6 +317,10 @@ mod tests {
         }
     }
 
+    fn lines<'a>(chunk: &Chunk, buffer: &'a [u8]) -> Vec<&'a [u8]> {
+        chunk.lines.iter().map(|line| &buffer[line.clone()]).collect()
+    }
+
     const LIMITS: ReadLimits =
         ReadLimits { max_log_size: 16, max_bytes: 1 << 20, force_flush_period: Duration::from_millis(500) };
 
@@ -317,18 +333,18 @@ mod tests {
         let mut file = tracked(&path);
         let size = std::fs::metadata(&path).unwrap().len();
         let t0 = Instant::now();
-        let chunk = file.read(size, LIMITS, t0).unwrap();
-        assert_eq!(
-            chunk.lines,
-            vec![b"one".to_vec(), b"two".to_vec(), b"this line is far".to_vec(), b"three".to_vec()]
-        );
+        let mut buffer = Vec::new();
+        let chunk = file.read(size, LIMITS, t0, &mut buffer).unwrap();
+        assert_eq!(lines(&chunk, &buffer), vec![&b"one"[..], b"two", b"this line is far", b"three"]);
         assert_eq!(chunk.cut, 1);
         assert_eq!(chunk.offset, size - 4, "the partial line waits");
         file.checkpoint.offset = chunk.offset;
         // Still unterminated after the flush period: emitted.
         let later = t0 + Duration::from_secs(1);
-        let chunk = file.read(size, LIMITS, later).unwrap();
-        assert_eq!(chunk.lines, vec![b"part".to_vec()]);
+        // A longer buffer left from an earlier read holds stale bytes past this read.
+        buffer.resize(4096, b'#');
+        let chunk = file.read(size, LIMITS, later, &mut buffer).unwrap();
+        assert_eq!(lines(&chunk, &buffer), vec![&b"part"[..]]);
         assert_eq!(chunk.offset, size);
     }
 
@@ -339,13 +355,14 @@ mod tests {
         let mut writer = File::create(&path).unwrap();
         writer.write_all(&[b'x'; 40]).unwrap();
         let mut file = tracked(&path);
-        let chunk = file.read(40, LIMITS, Instant::now()).unwrap();
+        let mut buffer = Vec::new();
+        let chunk = file.read(40, LIMITS, Instant::now(), &mut buffer).unwrap();
         assert_eq!((chunk.lines.len(), chunk.skipping, chunk.cut), (1, true, 1));
         file.checkpoint.offset = chunk.offset;
         file.checkpoint.skipping = chunk.skipping;
         writer.write_all(b"yy\nnext\n").unwrap();
-        let chunk = file.read(48, LIMITS, Instant::now()).unwrap();
-        assert_eq!(chunk.lines, vec![b"next".to_vec()]);
+        let chunk = file.read(48, LIMITS, Instant::now(), &mut buffer).unwrap();
+        assert_eq!(lines(&chunk, &buffer), vec![&b"next"[..]]);
         assert!(!chunk.skipping);
     }
 

@@ -55,7 +55,13 @@ pub struct Tailer {
     unreadable: HashSet<String>,
     /// Whether a full queue was already reported.
     full_reported: bool,
+    /// The bytes of the current read, reused across reads (see [`READ_BUFFER_KEEP`]).
+    read_buffer: Vec<u8>,
 }
+
+/// The read buffer kept between polls: a poll that caught up shrinks it back to this, so a
+/// backlog's 1 MiB reads do not stay in memory while a steady tail reads a few hundred KiB.
+const READ_BUFFER_KEEP: usize = 256 * 1024;
 
 impl std::fmt::Debug for Tailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,6 +116,7 @@ impl Tailer {
             initialized,
             unreadable: HashSet::new(),
             full_reported: false,
+            read_buffer: Vec::new(),
         })
     }
 
@@ -339,6 +346,7 @@ impl Tailer {
         let observed = wall_now();
         let now = Instant::now();
         let ids: Vec<FileId> = self.tracked.keys().copied().collect();
+        let mut buffer = std::mem::take(&mut self.read_buffer);
         for id in ids {
             if output.bytes >= MAX_OUTPUT_BATCH_BYTES {
                 output.more = true;
@@ -350,7 +358,7 @@ impl Tailer {
                 continue;
             }
             let Ok((_, size)) = files::identity(&tracked.file) else { continue };
-            let chunk = match tracked.read(size, limits, now) {
+            let chunk = match tracked.read(size, limits, now, &mut buffer) {
                 Ok(chunk) => chunk,
                 Err(err) => {
                     tracing::warn!(file = %tracked.path, error = %err, "cannot read log file");
@@ -369,10 +377,14 @@ impl Tailer {
             }
             let path = tracked.path.clone();
             for line in &chunk.lines {
-                let text = String::from_utf8_lossy(line);
-                if matches!(text, std::borrow::Cow::Owned(_)) {
-                    drift.count("invalid_utf8", None);
-                }
+                let bytes = &buffer[line.clone()];
+                let text = match std::str::from_utf8(bytes) {
+                    Ok(text) => std::borrow::Cow::Borrowed(text),
+                    Err(_) => {
+                        drift.count("invalid_utf8", None);
+                        String::from_utf8_lossy(bytes)
+                    }
+                };
                 let parsed = self.parser.parse(&text, &path, observed, drift);
                 let service =
                     parsed.service.as_deref().or_else(|| self.config.resource.get("service.name").map(String::as_str));
@@ -390,13 +402,19 @@ impl Tailer {
             }
             output.moved.push((id, chunk.offset, chunk.skipping));
         }
+        if !output.more && buffer.len() > READ_BUFFER_KEEP {
+            buffer.truncate(READ_BUFFER_KEEP);
+            buffer.shrink_to_fit();
+        }
+        self.read_buffer = buffer;
         output
     }
 
     /// Commits records, checkpoints, drift counts and the start marker in one transaction.
-    fn commit(&mut self, output: PollOutput) -> Result<(), StageError> {
+    fn commit(&mut self, mut output: PollOutput) -> Result<(), StageError> {
         let records = output.logs.len() as u64;
-        let batch = (!output.logs.is_empty()).then(|| self.batch_of(&output));
+        let logs = std::mem::take(&mut output.logs);
+        let batch = (!logs.is_empty()).then(|| self.batch_of(&output.services, logs));
         let encoded = batch.as_ref().map(batch::encode_logs).transpose()?;
         // Counted only if the lines are committed: a refused commit reads them again.
         let before = self.drift.clone();
@@ -462,10 +480,10 @@ impl Tailer {
         Ok(())
     }
 
-    fn batch_of(&self, output: &PollOutput) -> LogBatch {
-        let mut resources = Vec::with_capacity(output.services.len());
-        let mut scopes = Vec::with_capacity(output.services.len());
-        let mut by_scope: Vec<(&String, u32)> = output.services.iter().map(|(s, i)| (s, *i)).collect();
+    fn batch_of(&self, services: &BTreeMap<String, u32>, logs: Vec<LogEntry>) -> LogBatch {
+        let mut resources = Vec::with_capacity(services.len());
+        let mut scopes = Vec::with_capacity(services.len());
+        let mut by_scope: Vec<(&String, u32)> = services.iter().map(|(s, i)| (s, *i)).collect();
         by_scope.sort_by_key(|(_, index)| *index);
         for (service, _) in by_scope {
             let mut attributes: Vec<KeyValue> = self
@@ -482,7 +500,7 @@ impl Tailer {
             scopes.push(ScopeBlock { resource: resources.len() as u32, scope: Vec::new(), schema_url: String::new() });
             resources.push(ResourceBlock { resource, schema_url: String::new(), service_name: service.clone() });
         }
-        LogBatch { received_unix_nano: pipeline_now(), resources, scopes, logs: output.logs.clone() }
+        LogBatch { received_unix_nano: pipeline_now(), resources, scopes, logs }
     }
 }
 
