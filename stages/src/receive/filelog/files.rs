@@ -162,7 +162,7 @@ impl Tracked {
         let mut position = 0usize;
         while position < buffer.len() {
             let rest = &buffer[position..];
-            match rest.iter().position(|b| *b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 Some(newline) => {
                     if chunk.skipping {
                         chunk.skipping = false;
