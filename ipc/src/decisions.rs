@@ -2,8 +2,10 @@
 //! tail_sample's own recovery.
 //!
 //! Layout: `decisions`: `trace_id (16 bytes) -> decided_unix_ms (u64 BE) ++ last_seq (u64 BE) ++
-//! keep (u8)`; `decision_expiry`: `decided_unix_ms (u64 BE) ++ trace_id -> ()`, an index in
-//! decision order so pruning is a scan from the front.
+//! keep (u8)`; `decision_expiry`: `decided_unix_ms (u64 BE) ++ trace_id -> keep (u8)`, an index
+//! in decision order so pruning is a scan from the front, and log_mirror's feed of new decisions
+//! (the verdict in the entry spares it a lookup per decided trace; entries written before the
+//! verdict was carried are empty, and their reader looks the decision up).
 //!
 //! Invariants:
 //! - A decision is written in the same transaction that emits (or drops) the trace's spans.
@@ -167,6 +169,17 @@ impl Decision {
     }
 }
 
+/// An entry of the decision-time index, as [`Queue::decisions_since`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewDecision {
+    /// When the trace was decided, Unix milliseconds.
+    pub decided_unix_ms: u64,
+    /// The trace.
+    pub trace_id: [u8; 16],
+    /// The verdict, when the entry carries it.
+    pub keep: Option<bool>,
+}
+
 fn expiry_key(decided_unix_ms: u64, trace_id: &[u8; 16]) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..8].copy_from_slice(&decided_unix_ms.to_be_bytes());
@@ -197,17 +210,23 @@ impl Queue {
         Ok(mark.oldest_pending.saturating_sub(1).min(input_bound))
     }
 
-    /// Trace ids decided at or after `from_unix_ms`, in decision order, with the decision time.
-    pub fn decisions_since(&self, txn: &RoTxn<'_>, from_unix_ms: u64) -> Result<Vec<(u64, [u8; 16])>, QueueError> {
+    /// Trace ids decided at or after `from_unix_ms`, in decision order, with the decision time
+    /// and the verdict (`None` for an entry that does not carry it: look the decision up).
+    pub fn decisions_since(&self, txn: &RoTxn<'_>, from_unix_ms: u64) -> Result<Vec<NewDecision>, QueueError> {
         let start = expiry_key(from_unix_ms, &[0u8; 16]);
         let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Unbounded);
         let mut out = Vec::new();
         for entry in self.decision_expiry.range(txn, &range)? {
-            let (key, _) = entry?;
+            let (key, stored) = entry?;
             if key.len() != 24 {
                 continue;
             }
-            out.push(split_expiry_key(key));
+            let (decided_unix_ms, trace_id) = split_expiry_key(key);
+            let keep = match crate::queue::unseal(key, stored) {
+                Some([verdict]) => Some(*verdict != 0),
+                _ => None,
+            };
+            out.push(NewDecision { decided_unix_ms, trace_id, keep });
         }
         Ok(out)
     }
@@ -240,7 +259,8 @@ impl Queue {
             self.decision_expiry.delete(wtxn, &expiry_key(previous.decided_unix_ms, trace_id))?;
         }
         self.put_sealed(self.decisions, wtxn, trace_id, &decision.encode())?;
-        self.put_sealed(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
+        let verdict = [u8::from(decision.keep)];
+        self.put_sealed(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &verdict)?;
         Ok(())
     }
 
@@ -255,7 +275,8 @@ impl Queue {
         self.put_sealed(self.decisions, wtxn, trace_id, &decision.encode())?;
         // Decisions are stamped with the pipeline clock, which only moves forward, and a step
         // records its new ones in key order: the expiry index grows at its end.
-        self.put_sealed_last(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &[])?;
+        let verdict = [u8::from(decision.keep)];
+        self.put_sealed_last(self.decision_expiry, wtxn, &expiry_key(decision.decided_unix_ms, trace_id), &verdict)?;
         Ok(())
     }
 
@@ -365,4 +386,40 @@ fn split_expiry_key(key: &[u8]) -> (u64, [u8; 16]) {
     let mut trace_id = [0u8; 16];
     trace_id.copy_from_slice(&key[8..24]);
     (u64::from_be_bytes(stamp), trace_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QueueOptions;
+
+    #[test]
+    fn the_decision_time_index_carries_the_verdict_and_older_entries_fall_back_to_a_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::open(dir.path(), &QueueOptions { max_size_bytes: 16 << 20, ..Default::default() }).unwrap();
+        let decision = |keep, decided_unix_ms| Decision { keep, decided_unix_ms, last_seq: 1, policy: None };
+        let mut wtxn = queue.write().unwrap();
+        queue.put_new_decision(&mut wtxn, &[1; 16], &decision(true, 10)).unwrap();
+        queue.put_new_decision(&mut wtxn, &[2; 16], &decision(false, 11)).unwrap();
+        // Updated: the index entry moves with the decision and carries the new verdict.
+        queue.put_decision(&mut wtxn, &[2; 16], &decision(true, 12)).unwrap();
+        // An entry as written before the verdict was carried (empty value).
+        queue.put_sealed(queue.decisions, &mut wtxn, &[3; 16], &decision(false, 13).encode()).unwrap();
+        queue.put_sealed(queue.decision_expiry, &mut wtxn, &expiry_key(13, &[3; 16]), &[]).unwrap();
+        queue.commit(wtxn).unwrap();
+        let rtxn = queue.read().unwrap();
+        let seen: Vec<(u64, u8, Option<bool>)> = queue
+            .decisions_since(&rtxn, 0)
+            .unwrap()
+            .into_iter()
+            .map(|new| (new.decided_unix_ms, new.trace_id[0], new.keep))
+            .collect();
+        assert_eq!(seen, vec![(10, 1, Some(true)), (12, 2, Some(true)), (13, 3, None)]);
+        drop(rtxn);
+        // Both shapes are whole to the repair pass: nothing is deleted.
+        let report = queue.repair().unwrap();
+        assert!(report.records.is_empty(), "{report:?}");
+        let rtxn = queue.read().unwrap();
+        assert_eq!(queue.decisions_since(&rtxn, 0).unwrap().len(), 3);
+    }
 }

@@ -259,7 +259,8 @@ impl Queue {
         match table {
             "cursors" => len == 8,
             "decisions" => key.len() == 16 && len == 17,
-            "decision_expiry" => key.len() == 24 && len == 0,
+            // The verdict (one byte); empty in entries written before it was carried.
+            "decision_expiry" => key.len() == 24 && len <= 1,
             "meta" if key.starts_with(b"depth/") => len == 32,
             _ => true,
         }

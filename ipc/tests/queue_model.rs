@@ -353,7 +353,8 @@ fn new_decisions_in_any_order_keep_the_expiry_index_ordered() {
     }
     q.commit(wtxn).unwrap();
     let txn = q.read().unwrap();
-    let order: Vec<(u64, u8)> = q.decisions_since(&txn, 0).unwrap().into_iter().map(|(ms, id)| (ms, id[0])).collect();
+    let order: Vec<(u64, u8)> =
+        q.decisions_since(&txn, 0).unwrap().into_iter().map(|new| (new.decided_unix_ms, new.trace_id[0])).collect();
     assert_eq!(order, vec![(100, 2), (100, 5), (100, 9), (150, 3), (200, 1), (200, 7)]);
     assert_eq!(q.decisions_since(&txn, 150).unwrap().len(), 3);
     assert_eq!(q.last_decision_ms(&txn).unwrap(), Some(200));

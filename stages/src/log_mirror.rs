@@ -405,10 +405,13 @@ impl Mirror {
         // Each batch is opened (its checksum and structure checked) once, not once per record
         // resolved in it: that was half of the stage's CPU at the field report's load.
         let mut opened: FastMap<u64, &ArchivedLogBatch> = FastMap::default();
-        for (decided_ms, trace_id) in queue.decisions_since(rtxn, self.decisions_seen_ms)? {
-            self.decisions_seen_ms = self.decisions_seen_ms.max(decided_ms);
-            let Some(records) = self.waiting.remove(&trace_id) else { continue };
-            let keep = queue.decision(rtxn, &trace_id)?.is_some_and(|d| d.keep);
+        for new in queue.decisions_since(rtxn, self.decisions_seen_ms)? {
+            self.decisions_seen_ms = self.decisions_seen_ms.max(new.decided_unix_ms);
+            let Some(records) = self.waiting.remove(&new.trace_id) else { continue };
+            let keep = match new.keep {
+                Some(keep) => keep,
+                None => queue.decision(rtxn, &new.trace_id)?.is_some_and(|d| d.keep),
+            };
             for (seq, index) in records {
                 let source = match opened.get(&seq) {
                     Some(source) => *source,

@@ -467,6 +467,7 @@ async fn send(
             .collect(),
     );
     let log_template = Arc::new(Template::new(logs.encode_to_vec(), run_id, traces_per_request, spans_per_request));
+    let cpu_before = cpu_ticks(std::process::id()).unwrap_or(0);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(duration);
     let sequence = Arc::new(AtomicU64::new(0));
@@ -487,14 +488,17 @@ async fn send(
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 interval
             });
+            let mut latencies = Latencies::default();
             while Instant::now() < deadline {
                 if let Some(tick) = tick.as_mut() {
                     tick.tick().await;
                 }
                 let n = sequence.fetch_add(1, Ordering::Relaxed);
                 let body = trace_templates[(n % trace_templates.len() as u64) as usize].render(n);
+                let sent_at = Instant::now();
                 match export_raw(&mut grpc, "/opentelemetry.proto.collector.trace.v1.TraceService/Export", body).await {
                     Ok(()) => {
+                        latencies.add(sent_at.elapsed());
                         stats.spans_accepted.fetch_add(trace_template.items, Ordering::Relaxed);
                         stats.spans_keep_worthy.fetch_add(keep_worthy, Ordering::Relaxed);
                     }
@@ -520,22 +524,58 @@ async fn send(
                     }
                 }
             }
+            latencies
         }));
     }
+    let mut latencies = Latencies::default();
     for task in tasks {
-        task.await?;
+        latencies.merge(task.await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_ticks(std::process::id()).unwrap_or(0).saturating_sub(cpu_before);
     let accepted = stats.spans_accepted.load(Ordering::Relaxed);
     println!(
-        "sent for {elapsed:.1} s: spans accepted {accepted} ({:.0}/s), keep-worthy {}, refused {}, logs accepted {}, failed requests {}",
+        "sent for {elapsed:.1} s: spans accepted {accepted} ({:.0}/s), keep-worthy {}, refused {}, logs accepted {}, failed requests {}; generator cpu {:.2}% of one core",
         accepted as f64 / elapsed,
         stats.spans_keep_worthy.load(Ordering::Relaxed),
         stats.spans_refused.load(Ordering::Relaxed),
         stats.logs_accepted.load(Ordering::Relaxed),
         stats.requests_failed.load(Ordering::Relaxed),
+        cpu as f64 / elapsed,
     );
+    latencies.print();
     Ok(())
+}
+
+/// Round trips of accepted trace requests: the receiver answers after the request's commit to
+/// the durable queue, so this is the receive-to-durable latency as a client sees it.
+#[derive(Default)]
+pub(crate) struct Latencies(Vec<u32>);
+
+impl Latencies {
+    pub(crate) fn add(&mut self, elapsed: Duration) {
+        self.0.push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX));
+    }
+
+    fn merge(&mut self, other: Latencies) {
+        self.0.extend(other.0);
+    }
+
+    /// `request latency (answered after the commit): p50 X ms, p99 Y ms, max Z ms over N requests`.
+    pub(crate) fn print(mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        self.0.sort_unstable();
+        let at = |q: f64| f64::from(self.0[((self.0.len() - 1) as f64 * q).round() as usize]) / 1000.0;
+        println!(
+            "request latency (answered after the commit): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} requests",
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            self.0.len()
+        );
+    }
 }
 
 #[derive(Clone, Default)]

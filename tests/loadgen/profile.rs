@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{cpu_ticks, export_raw};
+use super::{Latencies, cpu_ticks, export_raw};
 
 pub struct ProfileOptions {
     pub duration: Duration,
@@ -39,6 +39,7 @@ pub async fn profile(
     let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let mut workload = Workload::new(run_id, options.seed);
     let cpu_before = cpu_ticks(std::process::id()).unwrap_or(0);
+    let mut latencies = Latencies::default();
     let started = Instant::now();
     let mut interval = tokio::time::interval(options.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,8 +73,10 @@ pub async fn profile(
             let chunk = &traces[at..until];
             at = until;
             let body = bytes::Bytes::from(request(chunk, end.as_nanos() as u64).encode_to_vec());
+            let sent_at = Instant::now();
             match export_raw(&mut grpc, "/opentelemetry.proto.collector.trace.v1.TraceService/Export", body).await {
                 Ok(()) => {
+                    latencies.add(sent_at.elapsed());
                     accepted += spans as u64;
                     for trace in chunk {
                         if let Some(line) = truth_line(trace) {
@@ -100,5 +103,6 @@ pub async fn profile(
         accepted as f64 / elapsed,
         cpu as f64 / elapsed
     );
+    latencies.print();
     Ok(())
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The bench command: runs the workloads of BENCHMARKS.md's report (W1 the field report's
+# profile, W2 pass-through at 10,000 spans/s, W3 saturation, W4 drain, stage restarts), W2 and W3
+# side by side with rotel, RUNS times each (default 3; W4 and restarts once), alternating
+# tailgate and rotel so a drifting machine hits both alike; then writes the tables
+# (tests/loadgen/report.py: medians, every run, tailgate/rotel ratios, command, machine, date).
+#   tests/loadgen/report.sh                 # the tables go to target/bench-report/<stamp>/report.md
+#   WRITE=1 tests/loadgen/report.sh         # ... and replace the report section of BENCHMARKS.md
+#   SCENARIOS="w1 passthrough" RUNS=1 tests/loadgen/report.sh   # a subset
+# About 25 minutes for everything with RUNS=3 on two cores. Every load is bounded (bench.sh).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+runs=${RUNS:-3}
+scenarios=${SCENARIOS:-w1 passthrough max drain restart}
+dir=target/bench-report/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$dir"
+[ -n "${NO_BUILD:-}" ] || cargo build --release --bins --quiet
+export NO_BUILD=1
+
+bench() {  # scenario peer run args...
+  local scenario=$1 peer=$2 run=$3
+  shift 3
+  local out="$dir/$scenario-$peer-$run.out"
+  echo "$(date -u +%H:%M:%S) $scenario ($peer, run $run)"
+  if [ "$peer" = rotel ]; then
+    PEER=rotel tests/loadgen/bench.sh "$scenario" "$@" > "$out" 2>&1
+  else
+    tests/loadgen/bench.sh "$scenario" "$@" > "$out" 2>&1
+  fi
+}
+
+for run in $(seq "$runs"); do
+  for scenario in $scenarios; do
+    case "$scenario" in
+      w1) bench w1 tailgate "$run" ;;
+      passthrough)
+        bench passthrough tailgate "$run" 10000
+        bench passthrough rotel "$run" 10000 ;;
+      max)
+        bench max tailgate "$run" 500000
+        bench max rotel "$run" 500000 ;;
+      drain) [ "$run" = 1 ] && bench drain tailgate "$run" ;;
+      restart) [ "$run" = 1 ] && bench restart tailgate "$run" ;;
+      *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+  done
+done
+
+command="tests/loadgen/report.sh"
+[ "$runs" = 3 ] || command="RUNS=$runs $command"
+[ "$scenarios" = "w1 passthrough max drain restart" ] || command="SCENARIOS=\"$scenarios\" $command"
+python3 tests/loadgen/report.py "$dir" "$command" > "$dir/report.md"
+echo "report: $dir/report.md"
+if [ -n "${WRITE:-}" ]; then
+  # Replace what lies between the report markers in BENCHMARKS.md.
+  python3 - "$dir/report.md" <<'PY'
+import sys
+begin, end = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
+text = open("BENCHMARKS.md").read()
+report = open(sys.argv[1]).read().strip()
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+open("BENCHMARKS.md", "w").write(f"{head}{begin}\n{report}\n{end}{tail}")
+PY
+  echo "BENCHMARKS.md updated"
+fi
