@@ -65,6 +65,12 @@ fn a_full_filesystem_is_pushback_not_a_crash() {
         ..Timing::default()
     };
     fill_then_drain(&timing, |tailgate| {
+        // LMDB's lock file (the reader table every process maps) is backed whole, so a process
+        // taking a reader slot on a page not used before cannot fault a hole once the
+        // filesystem is full.
+        let lock = std::fs::metadata(tailgate.data_dir().join("queue/lock.mdb")).unwrap();
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&lock) * 512;
+        assert!(allocated >= lock.len(), "lock.mdb: {allocated} of {} bytes allocated", lock.len());
         // Take every block the queue did not reserve.
         let filler = tailgate.data_dir().join("filler");
         let _ = std::process::Command::new("dd")

@@ -42,10 +42,25 @@ pub(crate) fn open_queue(config: &Config) -> anyhow::Result<Queue> {
         }
     };
     reserve_disk(&queue_dir, queue.capacity_bytes())?;
+    reserve_lock_file(&queue_dir)?;
     let anchor = tailgate_ipc::clock::establish(&queue)?;
     tracing::debug!(anchor_unix_nano = anchor.wall, "pipeline clock anchored");
     write_durably(&marker, std::process::id().to_string().as_bytes())?;
     Ok(queue)
+}
+
+/// Backs every page of LMDB's lock file (its reader table, shared by every process through a
+/// memory map) with disk blocks. LMDB sizes the file for `max_readers` slots but writes only the
+/// pages it uses: a process taking a slot on a page never written before would fault a hole,
+/// which on a full filesystem (tmpfs) is a SIGBUS. A few KiB, allocated once.
+fn reserve_lock_file(queue_dir: &Path) -> anyhow::Result<()> {
+    let path = queue_dir.join("lock.mdb");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let length = file.metadata()?.len();
+    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, length) {
+        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
+        Err(err) => Err(anyhow::anyhow!("cannot reserve the disk space of {}: {err}", path.display())),
+    }
 }
 
 /// Backs the whole map with disk blocks before any stage writes. The map's file is sparse: a
