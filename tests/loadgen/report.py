@@ -215,8 +215,9 @@ def main():
     )
     out += side_by_side(
         "max",
-        "**W3, saturation** (`bench.sh max 500000`, and `PEER=rotel`: 500,000 spans/s offered for 20 s, "
-        "512-span requests, 4 in flight, a 30 s window; tailgate samples, rotel passes through).",
+        "**W3, saturation** (`bench.sh max 500000`, and `PEER=rotel`: 500,000 spans/s offered for 20 s in "
+        "512-span requests, one stream paced by the generator (a request waits for the previous answer, so "
+        "the accepted rate is bounded by the round trip), a 30 s window; tailgate samples, rotel passes through).",
         [
             ("spans accepted", lambda r: r.get("accepted"), 0),
             ("spans refused (retryable)", lambda r: r.get("refused"), 0),
