@@ -242,22 +242,23 @@ case "$scenario" in
     backlog_bytes=$(bytes kept_spans); backlog_items=$(items kept_spans)
     "$bin/tailgate-loadgen" sink --listen 127.0.0.1:14317 --duration 600 > "$work/sink.out" &
     sink=$!
-    start=$(date +%s.%N)
+    # Times from bash's clock: a python3 or date per sample costs the machine the drain is using.
+    start=$EPOCHREALTIME
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 20 > "$work/meter-drain.out" &
     meter=$!
     first=""; first_left=""
     echo "t,kept_spans,export_private_kib" > "$work/drain.csv"
     for i in $(seq 1200); do
       left=$(items kept_spans)
-      at=$(python3 -c "import sys; print(f'{float(sys.argv[2])-float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
+      now=$EPOCHREALTIME; at=$(( ${now/./} / 100000 - ${start/./} / 100000 )); at=$((at / 10)).$((at % 10))
       memory=$(rss)
       echo "drain t=${at}s kept_spans $left export RssAnon $memory KiB" >> "$work/rss-drain.out"
       echo "$at,$left,$memory" >> "$work/drain.csv"
-      if [ -z "$first" ] && [ "$left" != "$backlog_items" ]; then first=$(date +%s.%N); first_left=$left; fi
+      if [ -z "$first" ] && [ "$left" != "$backlog_items" ]; then first=$EPOCHREALTIME; first_left=$left; fi
       [ "$left" = 0 ] && break
       sleep 0.25
     done
-    end=$(date +%s.%N)
+    end=$EPOCHREALTIME
     awk 'NR % 4 == 1' "$work/rss-drain.out"
     # From the sink's start (includes waiting for the circuit's next probe, up to 5 s), and from
     # the first delivered batch (the drain proper: what was left then, over the time it took).
