@@ -44,6 +44,24 @@ fn slot_path(run_dir: &Path, stage: StageId) -> PathBuf {
     run_dir.join(format!("{}.beat", stage.as_str()))
 }
 
+/// Makes a slot file SLOT_BYTES long with every block allocated. A length set with `set_len`
+/// alone is a hole: the first store through the shared map then allocates the page, and on a full
+/// filesystem that store is a SIGBUS. `fallocate` allocates up front (a full filesystem is an
+/// ENOSPC error here, which the caller reports) and leaves existing contents as they are.
+fn back_with_blocks(file: &std::fs::File) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, SLOT_BYTES as u64) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: the length at least, as before.
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+            if file.metadata()?.len() < SLOT_BYTES as u64 {
+                file.set_len(SLOT_BYTES as u64)?;
+            }
+            Ok(())
+        }
+        Err(err) => Err(std::io::Error::from(err)),
+    }
+}
+
 /// Now on the system-wide monotonic clock.
 pub fn monotonic_now() -> Duration {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
@@ -105,6 +123,20 @@ impl Heartbeat {
         Ok(slot)
     }
 
+    /// Creates the slot file of `stage` with its disk blocks allocated, without claiming it:
+    /// the supervisor does this for every stage at start, so a stage (re)started after the
+    /// filesystem filled up finds its slot backed instead of faulting a hole (SIGBUS on tmpfs).
+    pub fn reserve(run_dir: &Path, stage: StageId) -> std::io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(slot_path(run_dir, stage))?;
+        back_with_blocks(&file)
+    }
+
     /// Opens the slot of `stage` to read it (the supervisor); `None` while no stage created it.
     pub fn open(run_dir: &Path, stage: StageId) -> Option<Heartbeat> {
         Heartbeat::map(run_dir, stage, false).ok()
@@ -118,8 +150,11 @@ impl Heartbeat {
             .truncate(false)
             .mode(0o600)
             .open(slot_path(run_dir, stage))?;
-        if file.metadata()?.len() < SLOT_BYTES as u64 {
-            file.set_len(SLOT_BYTES as u64)?;
+        if create {
+            back_with_blocks(&file)?;
+        } else if file.metadata()?.len() < SLOT_BYTES as u64 {
+            // Not (yet) a whole slot: mapping past the end would fault on the first read.
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "heartbeat slot not created yet"));
         }
         // SAFETY: a fresh shared mapping of a file at least SLOT_BYTES long; the kernel picks the
         // address. The mapping outlives the file handle, and is unmapped in Drop.
@@ -337,6 +372,44 @@ impl Drop for Heartbeat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slot claimed for the first time on a full filesystem is an ENOSPC error, not a SIGBUS
+    /// through the map; a slot reserved before the filesystem filled is claimed and stamped.
+    /// Mounts a small tmpfs, so it runs as root (as CI does).
+    #[test]
+    fn on_a_full_filesystem_a_reserved_slot_works_and_an_unreserved_one_is_an_error() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = dir.path().join("fs");
+        std::fs::create_dir_all(&fs).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&fs)
+            .status()
+            .expect("mount(8) runs");
+        assert!(mounted.success(), "mounting a tmpfs needs root (CI runs the tests as root)");
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(fs.clone());
+        Heartbeat::reserve(&fs, StageId::Export).unwrap();
+        let mut filler = std::fs::File::create(fs.join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let refused = Heartbeat::claim(&fs, StageId::LogMirror, Duration::from_secs(60)).err();
+        assert_eq!(
+            refused.as_ref().and_then(std::io::Error::raw_os_error),
+            Some(rustix::io::Errno::NOSPC.raw_os_error()),
+            "{refused:?}"
+        );
+        assert!(Heartbeat::open(&fs, StageId::LogMirror).is_none(), "a slot that was never made is not read");
+        let slot = Heartbeat::claim(&fs, StageId::Export, Duration::from_secs(60)).unwrap();
+        slot.beat_within(Duration::from_secs(60));
+        let reader = Heartbeat::open(&fs, StageId::Export).unwrap();
+        assert!(reader.started_by(std::process::id()));
+    }
 
     #[test]
     fn a_claimed_slot_is_read_by_another_handle_and_falls_due() {

@@ -43,6 +43,7 @@ pub(crate) fn open_queue(config: &Config) -> anyhow::Result<Queue> {
     };
     reserve_disk(&queue_dir, queue.capacity_bytes())?;
     reserve_lock_file(&queue_dir)?;
+    reserve_heartbeat_slots(&config.data_dir)?;
     let anchor = tailgate_ipc::clock::establish(&queue)?;
     tracing::debug!(anchor_unix_nano = anchor.wall, "pipeline clock anchored");
     write_durably(&marker, std::process::id().to_string().as_bytes())?;
@@ -61,6 +62,20 @@ fn reserve_lock_file(queue_dir: &Path) -> anyhow::Result<()> {
         Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
         Err(err) => Err(anyhow::anyhow!("cannot reserve the disk space of {}: {err}", path.display())),
     }
+}
+
+/// Creates every stage's heartbeat slot with its blocks allocated, before any stage starts: a
+/// stage claiming its slot for the first time after the filesystem filled up would otherwise
+/// fault a hole through the slot's map (SIGBUS, again at every restart).
+fn reserve_heartbeat_slots(data_dir: &Path) -> anyhow::Result<()> {
+    let run_dir = tailgate_ipc::wake::socket_dir(data_dir);
+    std::fs::create_dir_all(&run_dir)?;
+    for stage in tailgate_ipc::topology::StageId::ALL {
+        tailgate_ipc::heartbeat::Heartbeat::reserve(&run_dir, stage).map_err(|err| {
+            anyhow::anyhow!("cannot reserve the heartbeat slot of {stage} in {}: {err}", run_dir.display())
+        })?;
+    }
+    Ok(())
 }
 
 /// Backs the whole map with disk blocks before any stage writes. The map's file is sparse: a

@@ -294,6 +294,13 @@ supervisor:
 
 impl Drop for Tailgate {
     fn drop(&mut self) {
+        // A failing test keeps the run's log (the assertion shows only an excerpt).
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!("tailgate-failed-{}.log", self.pid()));
+            if std::fs::copy(self.dir.path().join("tailgate.log"), &kept).is_ok() {
+                eprintln!("the run's log: {}", kept.display());
+            }
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let children: Vec<u32> = stage_pids(self.pid()).values().copied().collect();
             self.stop();
