@@ -18,6 +18,9 @@ use crate::context::{StageContext, StageError};
 use intake::Intake;
 
 const MIB: usize = 1024 * 1024;
+/// The largest HTTP/2 frame the gRPC server accepts (SETTINGS_MAX_FRAME_SIZE; HTTP/2 default
+/// 16 KiB): clients send a request body in fewer, larger DATA frames.
+const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
 /// Runs the receive stage until shutdown: stops accepting and finishes in-flight requests (each
 /// answered after its commit).
@@ -47,6 +50,7 @@ pub async fn run(ctx: StageContext) -> Result<(), StageError> {
         let mut shutdown = ctx.shutdown.clone();
         let expected = expected_authorization(grpc.auth.as_ref())?;
         let router = tonic::transport::Server::builder()
+            .max_frame_size(Some(MAX_FRAME_BYTES))
             .add_service(
                 grpc::OtlpGrpcService::<grpc::Traces>::new(intake.clone(), max).with_authorization(expected.clone()),
             )
