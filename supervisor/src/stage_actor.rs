@@ -117,10 +117,15 @@ pub struct StageState {
     /// Event counters of the stage's finished processes (read from the slot at each exit), so
     /// the exposed counters never go back at a restart.
     counter_base: std::collections::BTreeMap<String, u64>,
+    /// The running process's PSS as last read: (pid, when, bytes).
+    pss: Option<(u32, Instant, u64)>,
 }
 
 /// Rates in `status` are over about this long.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// `status` reads a stage's PSS at most this often (see [`StageActor::pss`]).
+const PSS_REFRESH: Duration = Duration::from_secs(5);
 
 /// A stage that stays over its soft budget is asked to shed again this often.
 const SHED_REPEAT: Duration = Duration::from_secs(10);
@@ -331,6 +336,22 @@ impl StageActor {
         ))
     }
 
+    /// The running process's PSS, read at most every [`PSS_REFRESH`]: `smaps_rollup` walks
+    /// every page the process maps, the whole queue included (a GiB of backlog makes one read
+    /// milliseconds), and a status poller asking every second must not cost a core's percent.
+    fn pss(state: &mut StageState) -> Option<u64> {
+        let pid = state.pid?;
+        if let Some((seen_pid, at, bytes)) = state.pss
+            && seen_pid == pid
+            && at.elapsed() < PSS_REFRESH
+        {
+            return Some(bytes);
+        }
+        let bytes = crate::proc::pss_bytes(pid)?;
+        state.pss = Some((pid, Instant::now(), bytes));
+        Some(bytes)
+    }
+
     fn describe(state: &mut StageState) -> StageStatus {
         StageActor::open_slot(state);
         let process_state = state.pid.and_then(crate::proc::process_state);
@@ -352,7 +373,7 @@ impl StageActor {
             state: run_state.to_string(),
             uptime_seconds: if state.pid.is_some() { state.started_at.elapsed().as_secs_f64() } else { 0.0 },
             private_bytes: state.pid.and_then(crate::proc::private_memory_bytes),
-            pss_bytes: state.pid.and_then(crate::proc::pss_bytes),
+            pss_bytes: StageActor::pss(state),
             cpu_seconds: state.pid.and_then(crate::proc::cpu_seconds),
             memory_soft_budget_bytes: state.policy.stage_memory(state.stage.as_str()).soft_mib * 1024 * 1024,
             memory_hard_budget_bytes: state.policy.stage_memory(state.stage.as_str()).hard_mib * 1024 * 1024,
@@ -517,6 +538,7 @@ impl Actor for StageActor {
             counter_base: Default::default(),
             cpu_base: 0.0,
             cpu_last: 0.0,
+            pss: None,
         };
         StageActor::spawn_process(&myself, &mut state)?;
         Ok(state)
