@@ -338,7 +338,7 @@ impl StageActor {
 
     /// The running process's PSS, read at most every [`PSS_REFRESH`]: `smaps_rollup` walks
     /// every page the process maps, the whole queue included (a GiB of backlog makes one read
-    /// milliseconds), and a status poller asking every second must not cost a core's percent.
+    /// milliseconds), and a status poller asking every second must not cost percents of a core.
     fn pss(state: &mut StageState) -> Option<u64> {
         let pid = state.pid?;
         if let Some((seen_pid, at, bytes)) = state.pss
