@@ -44,6 +44,11 @@ fn slot_path(run_dir: &Path, stage: StageId) -> PathBuf {
     run_dir.join(format!("{}.beat", stage.as_str()))
 }
 
+/// Opens the slot file of `stage` for reading and writing, creating it (owner-only) if asked.
+fn open_slot_file(run_dir: &Path, stage: StageId, create: bool) -> std::io::Result<std::fs::File> {
+    OpenOptions::new().read(true).write(true).create(create).truncate(false).mode(0o600).open(slot_path(run_dir, stage))
+}
+
 /// Makes a slot file SLOT_BYTES long with every block allocated. A length set with `set_len`
 /// alone is a hole: the first store through the shared map then allocates the page, and on a full
 /// filesystem that store is a SIGBUS. `fallocate` allocates up front (a full filesystem is an
@@ -127,14 +132,7 @@ impl Heartbeat {
     /// the supervisor does this for every stage at start, so a stage (re)started after the
     /// filesystem filled up finds its slot backed instead of faulting a hole (SIGBUS on tmpfs).
     pub fn reserve(run_dir: &Path, stage: StageId) -> std::io::Result<()> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(slot_path(run_dir, stage))?;
-        back_with_blocks(&file)
+        back_with_blocks(&open_slot_file(run_dir, stage, true)?)
     }
 
     /// Opens the slot of `stage` to read it (the supervisor); `None` while no stage created it.
@@ -143,13 +141,7 @@ impl Heartbeat {
     }
 
     fn map(run_dir: &Path, stage: StageId, create: bool) -> std::io::Result<Heartbeat> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .mode(0o600)
-            .open(slot_path(run_dir, stage))?;
+        let file = open_slot_file(run_dir, stage, create)?;
         if create {
             back_with_blocks(&file)?;
         } else if file.metadata()?.len() < SLOT_BYTES as u64 {
