@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs one benchmark scenario against a release build and prints the figures BENCHMARKS.md
+# Runs one benchmark scenario against a build (PROFILE, default release) and prints the figures BENCHMARKS.md
 # quotes. Usage:
 #   tests/loadgen/bench.sh reference [BATCH]  # 2,500 spans/s + one log per span for 60 s,
 #                                             # BATCH spans per request (default 50: 100 requests/s)
@@ -31,7 +31,9 @@
 #                                                  # time from the signal to the stage ready again;
 #                                                  # then the supervisor's CPU while idle
 # Everything runs on loopback; every loop is bounded by --duration.
-# NO_BUILD=1 skips the build (to bench a binary put in target/release by hand, e.g. a profiling
+# PROFILE=dist benches the build that ships (fat LTO, one codegen unit: what install.sh and the
+# .deb install; report.sh uses it); the default is the release build (faster to rebuild).
+# NO_BUILD=1 skips the build (to bench a binary put in target/$PROFILE by hand, e.g. a profiling
 # build).
 # POLICIES=1 runs the spans scenarios with the sampling policies of issue 9 (see below).
 # PLOTS=DIR writes PNG plots there (w1: CPU and memory per process over the run; drain: the
@@ -43,11 +45,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scenario=${1:-reference}
-bin=target/release
+profile=${PROFILE:-release}
+bin=target/$profile
 work=$(mktemp -d /tmp/tailgate-bench.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
-[ -n "${NO_BUILD:-}" ] || cargo build --release --bins --quiet
+[ -n "${NO_BUILD:-}" ] || cargo build --profile "$profile" --bins --quiet
 
 plot() {  # plot KIND CSV PNG TITLE
   [ -n "${PLOTS:-}" ] || return 0

@@ -145,7 +145,8 @@ def main():
     runs = load(directory)
     date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
     out = [
-        f"Written by `{command}` on {date}, commit {git_head()}; machine: {machine()}. Medians of the runs, "
+        f"Written by `{command}` on {date}, commit {git_head()}; machine: {machine()}; tailgate's "
+        f"`{os.environ.get('PROFILE', 'dist')}` build. Medians of the runs, "
         "every run's figure after it. CPU is utime + stime of every process of the collector (tailgate: "
         "the supervisor and its five stages) as a percentage of one core over the window; memory is "
         "`Anonymous` (private) and `Pss` of `/proc/PID/smaps_rollup`, summed; latency is the client's round "
@@ -259,11 +260,13 @@ def main():
             out.append(row(f"{label} (ms)", values, 0))
         out.append("")
 
+    measured = os.environ.get("PROFILE", "dist")
     sizes = [
-        f"`{path}` {os.path.getsize(path) / 1e6:.1f} MB ({profile})"
-        for path, profile in [
-            ("target/release/tailgate", "release profile, stripped: what was measured"),
-            ("target/dist/tailgate", "dist profile, fat LTO: what install.sh and the .deb ship"),
+        f"`{path}` {os.path.getsize(path) / 1e6:.1f} MB ({what}"
+        + ("; what was measured)" if profile == measured else ")")
+        for path, profile, what in [
+            ("target/dist/tailgate", "dist", "dist profile, fat LTO, stripped: what install.sh and the .deb ship"),
+            ("target/release/tailgate", "release", "release profile, stripped"),
         ]
         if os.path.exists(path)
     ]

@@ -7,14 +7,17 @@
 #   tests/loadgen/report.sh                 # the tables go to target/bench-report/<stamp>/report.md
 #   WRITE=1 tests/loadgen/report.sh         # ... and replace the report section of BENCHMARKS.md
 #   SCENARIOS="w1 passthrough" RUNS=1 tests/loadgen/report.sh   # a subset
-# About 30 minutes for everything with RUNS=3 on two cores. Every load is bounded (bench.sh).
+# About 30 minutes for everything with RUNS=3 on two cores (plus ~6 minutes for a dist build). Every load is bounded (bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${RUNS:-3}
 scenarios=${SCENARIOS:-w1 passthrough max drain restart}
 dir=target/bench-report/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$dir"
-[ -n "${NO_BUILD:-}" ] || cargo build --release --bins --quiet
+# The shipped build (fat LTO, one codegen unit: what install.sh and the .deb install) unless
+# PROFILE says otherwise (PROFILE=release is faster to rebuild while iterating).
+export PROFILE=${PROFILE:-dist}
+[ -n "${NO_BUILD:-}" ] || cargo build --profile "$PROFILE" --bins --quiet
 export NO_BUILD=1
 
 bench() {  # scenario peer run args...

@@ -237,8 +237,35 @@ impl LineParser {
         }
     }
 
+    /// The attributes every record read from `path` carries, encoded: the configured
+    /// `attributes`, then `log.file.name` and `log.file.path` when included. The tailer encodes
+    /// them once per file and read, not once per line.
+    pub fn file_attributes(&self, path: &str) -> Vec<u8> {
+        let mut out = self.static_attributes.clone();
+        if self.include_file_name {
+            let name = std::path::Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or(path);
+            wire::string_attribute(&mut out, "log.file.name", name);
+        }
+        if self.include_file_path {
+            wire::string_attribute(&mut out, "log.file.path", path);
+        }
+        out
+    }
+
     /// Parses one line (without its newline) read from `path` at `observed_unix_nano`.
     pub fn parse<'a>(&self, line: &'a str, path: &str, observed_unix_nano: u64, drift: &mut Drift) -> Parsed<'a> {
+        self.parse_with(line, &self.file_attributes(path), observed_unix_nano, drift)
+    }
+
+    /// [`LineParser::parse`] with the file's attributes already encoded
+    /// ([`LineParser::file_attributes`]).
+    pub fn parse_with<'a>(
+        &self,
+        line: &'a str,
+        attributes: &[u8],
+        observed_unix_nano: u64,
+        drift: &mut Drift,
+    ) -> Parsed<'a> {
         let mut parsed = Parsed {
             trace_id: [0; 16],
             span_id: [0; 8],
@@ -254,7 +281,7 @@ impl LineParser {
             Err(_) => drift.count("not_json", None),
         }
         let out = &mut parsed.record;
-        out.reserve(line.len() + severity_text.len() + self.static_attributes.len() + 2 * path.len() + 96);
+        out.reserve(line.len() + severity_text.len() + attributes.len() + 96);
         if parsed.time_unix_nano != 0 {
             wire::fixed64(out, wire::TIME_UNIX_NANO, parsed.time_unix_nano);
         }
@@ -266,14 +293,7 @@ impl LineParser {
             wire::bytes(out, wire::SEVERITY_TEXT, severity_text.as_bytes());
         }
         wire::any_string(out, wire::BODY, line);
-        out.extend_from_slice(&self.static_attributes);
-        if self.include_file_name {
-            let name = std::path::Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or(path);
-            wire::string_attribute(out, "log.file.name", name);
-        }
-        if self.include_file_path {
-            wire::string_attribute(out, "log.file.path", path);
-        }
+        out.extend_from_slice(attributes);
         if parsed.trace_id != [0; 16] {
             wire::bytes(out, wire::TRACE_ID, &parsed.trace_id);
         }

@@ -375,7 +375,7 @@ impl Tailer {
             for _ in 0..chunk.cut {
                 drift.count("line_truncated", None);
             }
-            let path = tracked.path.clone();
+            let attributes = self.parser.file_attributes(&tracked.path);
             for line in &chunk.lines {
                 let bytes = &buffer[line.clone()];
                 let text = match std::str::from_utf8(bytes) {
@@ -385,7 +385,7 @@ impl Tailer {
                         String::from_utf8_lossy(bytes)
                     }
                 };
-                let parsed = self.parser.parse(&text, &path, observed, drift);
+                let parsed = self.parser.parse_with(&text, &attributes, observed, drift);
                 let service =
                     parsed.service.as_deref().or_else(|| self.config.resource.get("service.name").map(String::as_str));
                 let scope = scope_of(&mut output.services, service.unwrap_or_default());
