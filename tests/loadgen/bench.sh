@@ -21,8 +21,9 @@
 #                                                  # spans, two hours of the reference's kept
 #                                                  # rate); then the backend returns and the
 #                                                  # backlog drains (rate, memory over time)
-#   tests/loadgen/bench.sh sdk [grpc|http] [BATCH]  # the OpenTelemetry Python SDK exporter, 100
-#                                                  # requests/s of BATCH spans (50), 60 s
+#   tests/loadgen/bench.sh sdk [grpc|http] [BATCH] [RPS]  # the OpenTelemetry Python SDK
+#                                                  # exporter, RPS requests/s (100) of BATCH spans
+#                                                  # (50), 60 s
 #   tests/loadgen/bench.sh burst                   # reference spans for 150 s, 500,000 spans/s
 #                                                  # from 40 s to 60 s: tail_sample's memory
 #   tests/loadgen/bench.sh restart                 # the reference load (50-span requests) while
@@ -311,9 +312,9 @@ PY
     ;;
   sdk)
     # The official OpenTelemetry Python SDK's OTLP exporter (tests/sdk/load.py, in the test
-    # virtualenv) at 100 requests/s of BATCH spans (default 50) for 60 s, over PROTOCOL (grpc or
-    # http): what an instrumented service sends, which costs the server more than the
-    # generator's pre-encoded requests.
+    # virtualenv) at RPS requests/s (default 100) of BATCH spans (default 50) for 60 s, over
+    # PROTOCOL (grpc or http): what an instrumented service sends, which costs the server more
+    # than the generator's pre-encoded requests.
     protocol=${2:-grpc}
     endpoint=127.0.0.1:4317
     [ "$protocol" = http ] && endpoint=http://127.0.0.1:4318/v1/traces
@@ -321,7 +322,7 @@ PY
     [ -x "$python" ] || { python3 -m venv target/sdk-venv && "$python" -m pip install --quiet -r tests/sdk/requirements.txt; }
     "$bin/tailgate-loadgen" meter --pid "$tailgate" --duration 60 > "$work/meter.out" &
     meter=$!
-    "$python" tests/sdk/load.py "$protocol" "$endpoint" 100 "${3:-50}" 60
+    "$python" tests/sdk/load.py "$protocol" "$endpoint" "${4:-100}" "${3:-50}" 60
     wait "$meter"
     ;;
   burst)

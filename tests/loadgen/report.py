@@ -31,6 +31,7 @@ LATENCY = re.compile(r"request latency \(answered after the commit\): p50 ([\d.]
 DRAIN = re.compile(r"from the first delivery: ([\d]+) spans / (\d+) MB in ([\d.]+) s = (\d+) MB/s")
 DRAIN_RSS = re.compile(r"drain t=[\d.]+s kept_spans \d+ export RssAnon (\d+) KiB")
 READY = re.compile(r"(\w+): ready (\d+) ms after the signal")
+SDK = re.compile(r"sdk \w+: requests (\d+), spans (\d+), failed (\d+)")
 
 
 def parse(path):
@@ -57,6 +58,8 @@ def parse(path):
     if m := PROFILE.search(text):
         out["accepted"], out["refused"], out["keep_worthy"] = int(m[1]), int(m[2]), int(m[3])
         out["generator_cpu"] = float(m[6])
+    if m := SDK.search(text):
+        out["requests"], out["accepted"], out["failed"] = int(m[1]), int(m[2]), int(m[3])
     if m := LATENCY.search(text):
         out["p50"], out["p99"] = float(m[1]), float(m[2])
     if m := DRAIN.search(text):
@@ -204,6 +207,20 @@ def main():
         lines.append("")
         return lines
 
+    for label, size, rate in [("sdk512", 512, 5), ("sdk50", 50, 50)]:
+        out += side_by_side(
+            label,
+            f"**The OpenTelemetry SDK's exporter, {size}-span requests** (`bench.sh sdk grpc {size} {rate}`, and "
+            f"`PEER=rotel`: the official Python SDK's `OTLPSpanExporter` over gRPC, {rate} requests/s of {size} "
+            "spans, ~2,500 spans/s for 60 s, traces of 5 spans; tailgate samples with its default configuration "
+            "(a fifth of the spans exported), rotel passes everything through; spans only: the client is not "
+            "measured, and rotel has no file input).",
+            [
+                ("requests sent", lambda r: r.get("requests"), 0),
+                ("exports that failed", lambda r: r.get("failed"), 0),
+                ("spans delivered to the sink", lambda r: r.get("sink_spans"), 0),
+            ],
+        )
     out += side_by_side(
         "passthrough",
         "**W2, pass-through at 10,000 spans/s** (`bench.sh passthrough 10000`, and `PEER=rotel`: 512-span "
