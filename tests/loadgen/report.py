@@ -195,15 +195,17 @@ def main():
                 f"**{fmt(mb, digits)}**; {', '.join(fmt(v, digits) for v in b)} | {ratio(ma, mb)} |"
             )
 
-        lines += [
-            line("CPU, all processes (% of one core)", lambda r: r.get("cpu")),
-            line("private memory (MiB)", lambda r: r.get("private"), 1),
-            line("PSS (MiB)", lambda r: r.get("pss"), 1),
-            line("request p50 (ms)", lambda r: r.get("p50")),
-            line("request p99 (ms)", lambda r: r.get("p99")),
+        rows = [
+            ("CPU, all processes (% of one core)", lambda r: r.get("cpu"), 2),
+            ("private memory (MiB)", lambda r: r.get("private"), 1),
+            ("PSS (MiB)", lambda r: r.get("pss"), 1),
+            ("request p50 (ms)", lambda r: r.get("p50"), 2),
+            ("request p99 (ms)", lambda r: r.get("p99"), 2),
+            *extra,
+            ("generator's CPU (% of one core)", lambda r: r.get("generator_cpu"), 2),
         ]
-        lines += [line(label, get, digits) for label, get, digits in extra]
-        lines.append(line("generator's CPU (% of one core)", lambda r: r.get("generator_cpu")))
+        # A figure no run of either peer reports (the SDK client prints no latencies) is left out.
+        lines += [line(label, get, digits) for label, get, digits in rows if any(get(r) is not None for r in ours + theirs)]
         lines.append("")
         return lines
 
