@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs one benchmark scenario against a build (PROFILE, default release) and prints the figures BENCHMARKS.md
-# quotes. Usage:
+# Runs one benchmark scenario against a build (PROFILE, default release) and prints the figures
+# BENCHMARKS.md quotes. Usage:
 #   tests/loadgen/bench.sh reference [BATCH]  # 2,500 spans/s + one log per span for 60 s,
 #                                             # BATCH spans per request (default 50: 100 requests/s)
 #   tests/loadgen/bench.sh w1                      # the field report's profile (users ramp to

@@ -147,9 +147,10 @@ def main():
     directory, command = sys.argv[1], sys.argv[2]
     runs = load(directory)
     date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
+    measured = os.environ.get("PROFILE", "dist")  # the build report.sh measured
     out = [
         f"Written by `{command}` on {date}, commit {git_head()}; machine: {machine()}; tailgate's "
-        f"`{os.environ.get('PROFILE', 'dist')}` build. Medians of the runs, "
+        f"`{measured}` build. Medians of the runs, "
         "every run's figure after it. CPU is utime + stime of every process of the collector (tailgate: "
         "the supervisor and its five stages) as a percentage of one core over the window; memory is "
         "`Anonymous` (private) and `Pss` of `/proc/PID/smaps_rollup`, summed; latency is the client's round "
@@ -279,7 +280,6 @@ def main():
             out.append(row(f"{label} (ms)", values, 0))
         out.append("")
 
-    measured = os.environ.get("PROFILE", "dist")
     sizes = [
         f"`{path}` {os.path.getsize(path) / 1e6:.1f} MB ({what}"
         + ("; what was measured)" if profile == measured else ")")
